@@ -1,0 +1,160 @@
+"""A small reader for YAML mappings that collects every problem with its file, line and field.
+
+Validation never stops at the first mistake: each getter records a Problem and returns a
+placeholder so the rest of the document is still checked, and the caller raises once at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from harness.errors import Problem
+from harness.yamlsource import PathKey, Source, format_path
+
+T = TypeVar("T")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class Invalid(Exception):
+    """Raised inside parsers to report a value problem (message only)."""
+
+
+class Reader:
+    """Reads one mapping of the document; records problems into a shared list."""
+
+    def __init__(self, source: Source, path: PathKey, value: Any, problems: list[Problem],
+                 allowed: set[str] | None = None, what: str = "a mapping"):
+        self.source = source
+        self.path = path
+        self.problems = problems
+        self.ok = isinstance(value, dict)
+        self.data: dict[str, Any] = value if isinstance(value, dict) else {}
+        if not self.ok and value is not MISSING:
+            self.problem((), f"expected {what}, got {describe(value)}")
+        if allowed is not None and self.ok:
+            for key in self.data:
+                if key not in allowed:
+                    hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                    suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (expected one of: {', '.join(sorted(allowed))})"
+                    self.problem((key,), f"unknown key '{key}'{suggestion}")
+
+    def problem(self, sub: PathKey, message: str) -> None:
+        path = self.path + sub
+        self.problems.append(Problem(self.source.file, self.source.line(path), format_path(path), message))
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, parse: Callable[[Any], T], default: Any = MISSING, required: bool = False) -> T:
+        if key not in self.data:
+            if required:
+                self.problem((), f"missing required field '{key}'")
+            return default
+        try:
+            return parse(self.data[key])
+        except (Invalid, ValueError) as exc:
+            self.problem((key,), str(exc))
+            return default
+
+    def child(self, key: str, allowed: set[str] | None = None, what: str = "a mapping",
+              required: bool = False) -> "Reader":
+        if key not in self.data and required:
+            self.problem((), f"missing required section '{key}'")
+        return Reader(self.source, self.path + (key,), self.data.get(key, MISSING), self.problems, allowed, what)
+
+    def items(self, key: str) -> list[tuple[PathKey, Any]]:
+        """Elements of a list field, each with its path; a non-list is a problem."""
+        value = self.data.get(key, MISSING)
+        if value is MISSING or value is None:
+            return []
+        if not isinstance(value, list):
+            self.problem((key,), f"expected a list, got {describe(value)}")
+            return []
+        return [(self.path + (key, index), item) for index, item in enumerate(value)]
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+# Scalar parsers usable with Reader.get ------------------------------------------------------
+
+def as_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a non-empty string, got {describe(value)}")
+    return value
+
+
+def as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected a whole number, got {describe(value)}")
+    return value
+
+
+def as_positive_int(value: Any) -> int:
+    number = as_int(value)
+    if number < 1:
+        raise Invalid(f"expected a whole number of at least 1, got {number}")
+    return number
+
+
+def as_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"expected a number, got {describe(value)}")
+    return float(value)
+
+
+def as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected true or false, got {describe(value)}")
+    return value
+
+
+def as_argv(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise Invalid("expected a list of arguments like [make, -C, targets/echo], not a shell string")
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"expected a non-empty list of arguments, got {describe(value)}")
+    if not all(isinstance(arg, (str, int, float)) and not isinstance(arg, bool) for arg in value):
+        raise Invalid("every argument must be a string or number")
+    return tuple(str(arg) for arg in value)
+
+
+def as_str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping of names to values, got {describe(value)}")
+    result = {}
+    for key, item in value.items():
+        if isinstance(item, (dict, list)) or item is None:
+            raise Invalid(f"value of '{key}' must be a string or number")
+        result[str(key)] = str(item).lower() if isinstance(item, bool) else str(item)
+    return result
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise Invalid(f"expected one of {', '.join(choices)}, got {describe(value)}")
+        return value
+    return parse

@@ -1,0 +1,298 @@
+"""The fleet supervisor: one task per host that starts it, waits until it is ready, watches it
+die, records why, and restarts it per the restart policy, as a container runtime would."""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from harness.errors import HarnessError
+from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, wait_exit
+from harness.scenario import Target
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    UP = "up"
+    PAUSED = "paused"
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Host:
+    index: int
+    name: str
+    port: int
+    dir: Path
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    state: State = State.DOWN
+    child: Child | None = None
+    started_at: float = 0.0           # monotonic, of the current incarnation
+    incarnation: int = 0
+    restarts: int = 0
+    consecutive_failures: int = 0
+    kill_expected: str | None = None  # why the harness itself killed it (host-loss), if it did
+    down_until: float = 0.0
+    crashes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child and not self.child.reaped else None
+
+    @property
+    def stdout(self) -> Path:
+        return self.dir / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.dir / "stderr.log"
+
+
+class Recorder(Protocol):
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, **detail: Any) -> None: ...
+    def crash(self, record: dict[str, Any]) -> None: ...
+    def now(self) -> float: ...
+
+
+class Listener(Protocol):
+    def host_ready(self, host: Host) -> None: ...
+    def host_gone(self, host: Host) -> None: ...
+
+
+CrashHook = Callable[[Host, ExitInfo, dict[str, Any]], "trio.lowlevel.Task | Any"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
+               extra_env: dict[str, str]) -> list[Host]:
+    hosts = []
+    for index in range(count):
+        name = f"h{index}"
+        directory = hosts_dir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        values = {"port": str(port), "host": name, "index": str(index), "dir": str(directory),
+                  "root": str(target.root), "addr": "127.0.0.1"}
+        argv = [render(arg, values) for arg in command]
+        if "/" in argv[0] and not os.path.isabs(argv[0]):
+            argv[0] = str(target.root / argv[0])
+        env = dict(os.environ)
+        env.update({k: render(v, values) for k, v in target.env.items()})
+        env.update(extra_env)
+        cwd = Path(render(target.cwd, values))
+        if not cwd.is_absolute():
+            cwd = target.root / cwd
+        hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd))
+    return hosts
+
+
+class FleetSupervisor:
+    def __init__(self, hosts: list[Host], target: Target, spawner: Spawner, recorder: Recorder,
+                 listener: Listener, on_crash: Callable[[Host, ExitInfo, dict[str, Any]], None] | None = None):
+        self.hosts = hosts
+        self.target = target
+        self.spawner = spawner
+        self.recorder = recorder
+        self.listener = listener
+        self.on_crash = on_crash
+        self.first_start_failed: str | None = None
+        self._ready_once = [trio.Event() for _ in hosts]
+
+    def alive_count(self) -> int:
+        return sum(1 for h in self.hosts if h.state in (State.UP, State.PAUSED, State.STARTING))
+
+    def up_count(self) -> int:
+        return sum(1 for h in self.hosts if h.state == State.UP)
+
+    async def wait_all_started(self) -> None:
+        """Until every host has been ready once (or failed its first start)."""
+        for event in self._ready_once:
+            await event.wait()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for host in self.hosts:
+                nursery.start_soon(self._supervise, host)
+
+    # --- host-loss actions ------------------------------------------------------------------
+
+    def kill(self, host: Host, why: str, down_for: float) -> bool:
+        if host.child is None or host.child.reaped:
+            return False
+        host.kill_expected = why
+        host.down_until = time.monotonic() + down_for
+        host.child.signal_group(signal.SIGCONT)
+        return host.child.signal_group(signal.SIGKILL)
+
+    async def pause(self, host: Host, duration: float) -> bool:
+        """SIGSTOP the host for `duration`, then SIGCONT. The balancer is not told: like a real
+        stalled machine, it is found out by timeouts."""
+        child = host.child
+        if child is None or child.reaped or host.state != State.UP:
+            return False
+        child.signal_group(signal.SIGSTOP)
+        host.state = State.PAUSED
+        self.recorder.event("pause", host.index, child.pid, duration=duration)
+        try:
+            await trio.sleep(duration)
+        finally:
+            if child is host.child and not child.reaped:
+                child.signal_group(signal.SIGCONT)
+                if host.state == State.PAUSED:
+                    host.state = State.UP
+                with trio.CancelScope(shield=True):
+                    self.recorder.event("resume", host.index, child.pid)
+        return True
+
+    # --- the per-host loop ------------------------------------------------------------------
+
+    async def _supervise(self, host: Host) -> None:
+        policy = self.target.restart
+        try:
+            while True:
+                delay = host.down_until - time.monotonic()
+                if delay > 0:
+                    await trio.sleep(delay)
+                info = await self._run_once(host)
+                self._ready_once[host.index].set()
+                expected = host.kill_expected not in (None, "ready-timeout")
+                if info is not None and time.monotonic() - host.started_at >= policy.reset_after:
+                    host.consecutive_failures = 0
+                if not expected:
+                    host.consecutive_failures += 1
+                if policy.policy == "never" or (policy.policy == "on-failure" and info is not None
+                                                and info.exit_code == 0 and host.kill_expected is None):
+                    host.state = State.STOPPED
+                    self.recorder.event("no-restart", host.index, policy=policy.policy)
+                    return
+                failures = max(1, host.consecutive_failures)
+                backoff = min(policy.backoff * (2 ** (failures - 1)), policy.max_backoff)
+                host.kill_expected = None
+                host.down_until = max(host.down_until, time.monotonic() + backoff)
+                host.restarts += 1
+        finally:
+            host.state = State.STOPPED
+
+    async def _run_once(self, host: Host) -> ExitInfo | None:
+        host.state = State.STARTING
+        host.incarnation += 1
+        try:
+            child = await self.spawner.spawn(host.argv, cwd=host.cwd, env=host.env, stdout=host.stdout,
+                                             stderr=host.stderr)
+        except OSError as exc:
+            message = f"cannot start {host.argv[0]}: {exc.strerror or exc}"
+            self.recorder.event("start-failed", host.index, error=message)
+            if host.incarnation == 1:
+                self.first_start_failed = message
+            host.state = State.DOWN
+            return None
+        host.child = child
+        host.started_at = time.monotonic()
+        self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv)
+        status: int | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._become_ready, host, child, nursery.cancel_scope)
+                status = await wait_exit(child)
+                nursery.cancel_scope.cancel()
+        finally:
+            was_up = host.state in (State.UP, State.PAUSED)
+            host.state = State.DOWN
+            if was_up:
+                self.listener.host_gone(host)
+            if status is None:  # cancelled: the run is stopping
+                with trio.CancelScope(shield=True):
+                    status = await stop(child, self.target.stop_grace)
+                    self.recorder.event("stop", host.index, child.pid, how=ExitInfo.from_status(status).describe())
+        info = ExitInfo.from_status(status)
+        with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
+            await self._record_exit(host, child, info)
+        return info
+
+    async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:
+        port = int(render(self.target.ready.port, {"port": str(host.port)}))
+        deadline = trio.current_time() + self.target.ready.timeout
+        while trio.current_time() < deadline:
+            if await _tcp_accepts(port, self.target.ready.interval):
+                host.state = State.UP
+                self.recorder.event("ready", host.index, child.pid,
+                                    after=round(time.monotonic() - host.started_at, 4))
+                self._ready_once[host.index].set()
+                self.listener.host_ready(host)
+                return
+            await trio.sleep(self.target.ready.interval)
+        self.recorder.event("ready-timeout", host.index, child.pid, timeout=self.target.ready.timeout)
+        if host.incarnation == 1 and self.first_start_failed is None:
+            self.first_start_failed = (f"{host.name} did not accept connections on port {port} within "
+                                       f"{self.target.ready.timeout:g}s")
+        host.kill_expected = "ready-timeout"
+        child.signal_group(signal.SIGKILL)
+
+    async def _record_exit(self, host: Host, child: Child, info: ExitInfo) -> None:
+        uptime = time.monotonic() - host.started_at
+        why = host.kill_expected
+        detail: dict[str, Any] = {"status": info.describe(), "uptime": round(uptime, 4)}
+        if why:
+            detail["cause"] = why
+        self.recorder.event("exit", host.index, child.pid, signal=info.signal, exit_code=info.exit_code,
+                            core_dumped=info.core_dumped, **detail)
+        # A death by signal that the harness did not cause is a crash (SIGTERM/SIGKILL from elsewhere too).
+        if info.signal is not None and why is None:
+            host.crashes += 1
+            record = {"host": host.index, "pid": child.pid, "signal": info.signal,
+                      "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
+                      "executable": host.argv[0]}
+            if self.on_crash is not None:
+                await self.on_crash(host, info, record)  # type: ignore[misc]
+            self.recorder.crash(record)
+
+
+async def _tcp_accepts(port: int, timeout: float) -> bool:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(max(timeout, 0.05)):
+            await sock.connect(("127.0.0.1", port))
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def check_command(argv: list[str]) -> None:
+    """Before a run: the executable must exist and be executable (a clear error, not a restart loop)."""
+    exe = argv[0]
+    if "/" in exe:
+        if not os.path.exists(exe):
+            raise HarnessError(f"target command not found: {exe}")
+        if not os.access(exe, os.X_OK):
+            raise HarnessError(f"target command is not executable: {exe}")
+    else:
+        from shutil import which
+        if which(exe) is None:
+            raise HarnessError(f"target command not found on PATH: {exe}")

@@ -1,0 +1,476 @@
+"""Scenario YAML -> Scenario, with every problem reported as file:line: field: message."""
+
+from __future__ import annotations
+
+import errno as errno_module
+import re
+from pathlib import Path
+from typing import Any
+
+from harness import units
+from harness.errors import Problem, ScenarioError
+from harness.fields import (
+    MISSING, Invalid, Reader, as_argv, as_bool, as_int, as_number, as_positive_int, as_str, as_str_map,
+    describe, one_of,
+)
+from harness.loadshape import LoadShape, PhaseSpec
+from harness.scenario import (
+    ALLOCATORS, Client, Expectation, Fault, Fleet, HostLoss, HostSelection, Keys, Ready, Restart, Scenario,
+    ShimFault, Target, Variant, Window,
+)
+from harness.yamlsource import PathKey, Source, load_file, load_source
+
+TOP_KEYS = {"name", "description", "seed", "duration", "target", "fleet", "load", "client", "faults",
+            "variants", "trials", "expect"}
+TEMPLATE_FIELDS = {"port", "host", "index", "dir", "root", "addr"}
+LOCK_ERRNOS = ("EDEADLK", "EAGAIN", "EBUSY", "EINVAL", "EOWNERDEAD", "ETIMEDOUT", "EPERM")
+ALLOC_FUNCTIONS = ("malloc", "calloc", "realloc", "reallocarray", "posix_memalign", "aligned_alloc",
+                   "memalign", "valloc", "operator new")
+LOCK_FUNCTIONS = ("pthread_mutex_lock", "pthread_mutex_trylock", "pthread_mutex_timedlock",
+                  "pthread_rwlock_rdlock", "pthread_rwlock_wrlock", "pthread_rwlock_tryrdlock",
+                  "pthread_rwlock_trywrlock")
+LATENCY_METRICS = ("p50_latency", "p90_latency", "p99_latency", "p999_latency", "max_latency")
+EXPECT_METRICS = ("crashes", "error_rate", "timeout_rate", "throughput", "hosts_alive") + LATENCY_METRICS
+
+
+def load_scenario(path: Path | str, *, duration: float | None = None, seed: int | None = None) -> Scenario:
+    """Load and validate; raises ScenarioError listing every problem found."""
+    source = load_file(Path(path))
+    return build_scenario(source, Path(path), duration_override=duration, seed_override=seed)
+
+
+def load_scenario_text(text: str, file: str = "<scenario>", base: Path | None = None) -> Scenario:
+    return build_scenario(load_source(text, file), Path(file) if base is None else base / "scenario.yaml")
+
+
+def build_scenario(source: Source, path: Path, *, duration_override: float | None = None,
+                   seed_override: int | None = None) -> Scenario:
+    problems: list[Problem] = []
+    if source.data is None:
+        raise ScenarioError([Problem(source.file, 1, "(document)", "the scenario is empty")])
+    top = Reader(source, (), source.data, problems, TOP_KEYS, what="a scenario mapping")
+    if not top.ok:
+        raise ScenarioError(problems)
+
+    name = top.get("name", as_str, required=True, default="?")
+    if isinstance(name, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        top.problem(("name",), "use letters, digits, '.', '_' and '-' only (it names the results folder)")
+    seed = top.get("seed", as_int, default=1)
+    duration = top.get("duration", _positive_duration, default=None)
+    if duration_override is not None:
+        duration = duration_override
+    target = _target(top, path)
+    fleet = _fleet(top)
+    load = _load(top, duration)
+    client = _client(top)
+    faults = _faults(top, fleet.hosts if fleet else 1)
+    variants = _variants(top)
+    trials = top.get("trials", as_positive_int, default=1)
+    expect = _expectations(top, load, variants)
+    if problems:
+        raise ScenarioError(problems)
+    assert target is not None and fleet is not None and load is not None
+    return Scenario(
+        name=name, file=source.file, text=_text_of(path, source), seed=seed if seed_override is None else seed_override,
+        load=load, target=target, fleet=fleet, client=client, faults=tuple(faults), variants=tuple(variants),
+        trials=trials, expect=tuple(expect), description=top.get("description", as_str, default=""),
+    )
+
+
+def _text_of(path: Path, source: Source) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+# --- scalar parsers with units ----------------------------------------------------------------
+
+def _positive_duration(value: Any) -> float:
+    seconds = units.parse_duration(value)
+    if seconds <= 0:
+        raise Invalid(f"expected a duration greater than zero, got {value!r}")
+    return seconds
+
+
+def _duration(value: Any) -> float:
+    return units.parse_duration(value)
+
+
+def _templates_ok(reader: Reader, key: str, argv: tuple[str, ...] | None) -> None:
+    if not argv:
+        return
+    for arg in argv:
+        for match in re.finditer(r"\{([^{}]*)\}", arg):
+            if match.group(1) not in TEMPLATE_FIELDS:
+                reader.problem((key,), f"unknown placeholder '{{{match.group(1)}}}' in {arg!r} "
+                                       f"(known: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))})")
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+def _target(top: Reader, path: Path) -> Target | None:
+    r = top.child("target", {"root", "build", "command", "protocol", "request", "terminator", "expect_reply",
+                             "ready", "restart", "env", "cwd", "stop_grace", "log_max"}, required=True)
+    if not r.ok:
+        return None
+    root_text = r.get("root", as_str, default=".")
+    root = (path.parent / root_text).resolve()
+    command = r.get("command", as_argv, required=True, default=None)
+    build = r.get("build", as_argv, default=None)
+    _templates_ok(r, "command", command)
+    protocol = r.get("protocol", one_of("line"), default="line")
+    request = r.get("request", as_str, default="GET {key}\n")
+    if isinstance(request, str) and "\n" not in request and protocol == "line":
+        r.problem(("request",), "a line request must end with a newline (write it as \"GET {key}\\n\")")
+    terminator = r.get("terminator", as_str, default="\n")
+    expect_reply = r.get("expect_reply", as_str, default=None)
+    if expect_reply is not None:
+        try:
+            re.compile(expect_reply)
+        except re.error as exc:
+            r.problem(("expect_reply",), f"not a valid regular expression: {exc}")
+    ready_r = r.child("ready", {"tcp", "timeout", "interval"})
+    ready = Ready(
+        port=str(ready_r.get("tcp", lambda v: str(as_int(v)) if not isinstance(v, str) else v, default="{port}")),
+        timeout=ready_r.get("timeout", _positive_duration, default=5.0),
+        interval=ready_r.get("interval", _positive_duration, default=0.02),
+    )
+    restart_r = r.child("restart", {"policy", "backoff", "max_backoff", "reset_after"})
+    restart = Restart(
+        policy=restart_r.get("policy", one_of("always", "on-failure", "never"), default="always"),
+        backoff=restart_r.get("backoff", _duration, default=1.0),
+        max_backoff=restart_r.get("max_backoff", _duration, default=30.0),
+        reset_after=restart_r.get("reset_after", _duration, default=10.0),
+    )
+    return Target(
+        root=root, command=command or ("?",), build=build, protocol=protocol, request=request,
+        terminator=terminator, expect_reply=expect_reply, ready=ready, restart=restart,
+        env=r.get("env", as_str_map, default={}), cwd=r.get("cwd", as_str, default="{dir}"),
+        stop_grace=r.get("stop_grace", _duration, default=2.0), log_max=r.get("log_max", units.parse_size,
+                                                                              default=16 * 1024 * 1024),
+    )
+
+
+def _fleet(top: Reader) -> Fleet | None:
+    r = top.child("fleet", {"hosts", "balancer", "simulated"}, required=True)
+    if not r.ok:
+        return None
+    if r.has("simulated"):
+        r.problem(("simulated",), "simulated fleets are not supported yet; use hosts: N for a real fleet")
+    hosts = r.get("hosts", as_positive_int, required=True, default=1)
+    if hosts > 512:
+        r.problem(("hosts",), f"{hosts} real hosts is more than one machine can run (at most 512)")
+    return Fleet(hosts=hosts, balancer=r.get("balancer", one_of("round-robin", "least-loaded"), default="least-loaded"))
+
+
+_PHASE_KEYS = {
+    "ramp": {"from", "to", "over", "name"},
+    "hold": {"for", "rate", "name"},
+    "spike": {"factor", "to", "for", "name"},
+    "steps": {"from", "to", "count", "each", "name"},
+}
+
+
+def _load(top: Reader, duration: float | None) -> LoadShape | None:
+    if not top.has("load"):
+        top.problem((), "missing required section 'load'")
+        return None
+    specs: list[PhaseSpec] = []
+    items = top.items("load")
+    if top.has("load") and isinstance(top.data.get("load"), list) and not items:
+        top.problem(("load",), "the load needs at least one phase")
+    for path, item in items:
+        if not isinstance(item, dict) or len(item) != 1:
+            _at(top, path, f"each phase is one of {', '.join(_PHASE_KEYS)} with its settings, "
+                           f"like {{hold: {{for: 30s}}}}; got {describe(item)}")
+            continue
+        kind, body = next(iter(item.items()))
+        if kind not in _PHASE_KEYS:
+            _at(top, path + (kind,), f"unknown phase '{kind}' (expected one of: {', '.join(_PHASE_KEYS)})")
+            continue
+        r = Reader(top.source, path + (kind,), body, top.problems, _PHASE_KEYS[kind])
+        if not r.ok:
+            continue
+        name = r.get("name", as_str, default=None)
+        if kind == "ramp":
+            specs.append(PhaseSpec("ramp", name, r.get("over", _positive_duration, required=True, default=0.0),
+                                   rate_from=r.get("from", units.parse_rate, default=None),
+                                   rate_to=r.get("to", units.parse_rate, required=True, default=0.0)))
+        elif kind == "hold":
+            specs.append(PhaseSpec("hold", name, r.get("for", _positive_duration, required=True, default=0.0),
+                                   rate_to=r.get("rate", units.parse_rate, default=None)))
+        elif kind == "spike":
+            if r.has("factor") == r.has("to"):
+                r.problem((), "a spike needs exactly one of 'factor' (x current rate) or 'to' (a rate)")
+            factor = r.get("factor", as_number, default=None)
+            if factor is not None and factor < 0:
+                r.problem(("factor",), f"factor must not be negative, got {factor}")
+            specs.append(PhaseSpec("spike", name, r.get("for", _positive_duration, required=True, default=0.0),
+                                   factor=factor, rate_to=r.get("to", units.parse_rate, default=None)))
+        else:
+            specs.append(PhaseSpec("steps", name, r.get("each", _positive_duration, required=True, default=0.0),
+                                   rate_from=r.get("from", units.parse_rate, default=None),
+                                   rate_to=r.get("to", units.parse_rate, required=True, default=0.0),
+                                   count=r.get("count", as_positive_int, required=True, default=1)))
+    if not specs:
+        return None
+    return LoadShape.build(specs, duration)
+
+
+def _client(top: Reader) -> Client:
+    r = top.child("client", {"timeout", "connections", "probe_interval", "keys"})
+    keys_r = r.child("keys", {"space", "distribution", "zipf_s"})
+    keys = Keys(
+        space=keys_r.get("space", as_positive_int, default=10000),
+        distribution=keys_r.get("distribution", one_of("uniform", "zipf"), default="uniform"),
+        zipf_s=keys_r.get("zipf_s", as_number, default=1.1),
+    )
+    connections = r.get("connections", as_positive_int, default=2)
+    if connections > 64:
+        r.problem(("connections",), f"at most 64 connections per host, got {connections}")
+    return Client(timeout=r.get("timeout", _positive_duration, default=1.0), connections=connections,
+                  probe_interval=r.get("probe_interval", _positive_duration, default=0.25), keys=keys)
+
+
+def _hosts_selection(r: Reader, fleet_size: int) -> HostSelection:
+    if not r.has("hosts"):
+        return HostSelection()
+    value = r.data["hosts"]
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return HostSelection(fraction=units.parse_fraction(value))
+        except ValueError as exc:
+            r.problem(("hosts",), str(exc))
+            return HostSelection()
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        if value > fleet_size:
+            r.problem(("hosts",), f"{value} hosts asked but the fleet has {fleet_size}")
+        return HostSelection(count=value)
+    if value == "all":
+        return HostSelection()
+    r.problem(("hosts",), f"expected a number of hosts (at least 1), a percentage like '25%' or 'all', "
+                          f"got {describe(value)}")
+    return HostSelection()
+
+
+_WINDOW_KEYS = {"from", "until", "every", "for"}
+_SHIM_COMMON = {"kind", "mode", "hosts", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
+
+
+def _faults(top: Reader, fleet_size: int) -> list[Fault]:
+    faults: list[Fault] = []
+    for index, (path, item) in enumerate(top.items("faults")):
+        if not isinstance(item, dict) or "kind" not in item:
+            _at(top, path, "each fault needs a 'kind' (host-loss, alloc-fail or lock-error)")
+            continue
+        kind = item["kind"]
+        if kind == "host-loss":
+            fault = _host_loss(Reader(top.source, path, item, top.problems,
+                                      {"kind", "at", "how", "hosts"} | _WINDOW_KEYS | {"down_for"}),
+                               index, fleet_size)
+        elif kind == "alloc-fail":
+            fault = _shim_fault(Reader(top.source, path, item, top.problems,
+                                       _SHIM_COMMON | {"budget", "min_size", "max_size", "functions"}), index, kind)
+        elif kind == "lock-error":
+            fault = _shim_fault(Reader(top.source, path, item, top.problems,
+                                       _SHIM_COMMON | {"errno", "function", "functions"}), index, kind)
+        else:
+            _at(top, path + ("kind",), f"unknown fault kind {kind!r} (expected host-loss, alloc-fail or lock-error)")
+            continue
+        if fault is not None:
+            if isinstance(fault, ShimFault):
+                _check_shim_fault(Reader(top.source, path, item, [], None), fault, top.problems)
+            faults.append(fault)
+    return faults
+
+
+def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:
+    how = r.get("how", one_of("kill", "pause"), default="kill")
+    if r.has("at") == r.has("every"):
+        r.problem((), "a host-loss needs exactly one of 'at' (a time) or 'every' (an interval)")
+        return None
+    if r.has("at"):
+        at = r.get("at", _duration, default=0.0)
+        times: tuple[float, ...] = (at,)
+        for key in ("from", "until"):
+            if r.has(key):
+                r.problem((key,), f"'{key}' goes with 'every', not with 'at'")
+    else:
+        every = r.get("every", _positive_duration, default=1.0)
+        start = r.get("from", _duration, default=every)
+        until = r.get("until", _duration, default=start + every * 1000)
+        count = int((until - start) / every) + 1 if until >= start else 0
+        times = tuple(start + i * every for i in range(min(count, 100000)) if start + i * every < until)
+    pause_for = 5.0
+    if how == "pause":
+        pause_for = r.get("for", _positive_duration, default=5.0)
+    elif r.has("for"):
+        r.problem(("for",), "'for' is the pause length; with how: kill use 'down_for'")
+    down_for = r.get("down_for", _duration, default=0.0)
+    if how == "pause" and r.has("down_for"):
+        r.problem(("down_for",), "'down_for' goes with how: kill; a pause lasts 'for'")
+    return HostLoss(index=index, how=how, times=times, hosts=_hosts_selection(r, fleet_size), pause_for=pause_for,
+                    down_for=down_for)
+
+
+def _shim_fault(r: Reader, index: int, kind: str) -> ShimFault | None:
+    mode = r.get("mode", one_of("random", "nth", "after", "budget"), default="random")
+    if kind == "lock-error" and mode == "budget":
+        r.problem(("mode",), "budget mode is for alloc-fail only")
+    window = Window(start=r.get("from", _duration, default=0.0), until=r.get("until", _duration, default=None),
+                    every=r.get("every", _positive_duration, default=None),
+                    active=r.get("for", _positive_duration, default=None))
+    if window.until is not None and window.until <= window.start:
+        r.problem(("until",), f"'until' ({window.until:g}s) must come after 'from' ({window.start:g}s)")
+    if window.active is not None and window.every is None:
+        r.problem(("for",), "'for' (how long each window lasts) goes with 'every'")
+    functions: tuple[str, ...] = ()
+    known = ALLOC_FUNCTIONS if kind == "alloc-fail" else LOCK_FUNCTIONS
+    for key in ("functions", "function"):
+        if r.has(key):
+            value = r.data[key]
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                r.problem((key,), "expected a function name or a list of them")
+                continue
+            for name in names:
+                if name not in known:
+                    r.problem((key,), f"unknown function {name!r} (known: {', '.join(known)})")
+            functions += tuple(names)
+    errno_name = "EDEADLK"
+    if kind == "lock-error":
+        errno_name = r.get("errno", one_of(*LOCK_ERRNOS), default="EDEADLK")
+        if not hasattr(errno_module, errno_name):
+            r.problem(("errno",), f"{errno_name} is not known on this system")
+    callers_value = r.data.get("callers", MISSING)
+    callers: tuple[str, ...] = ()
+    if callers_value is not MISSING:
+        names = [callers_value] if isinstance(callers_value, str) else callers_value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            r.problem(("callers",), "expected 'exe', 'any' or a list of module names")
+        else:
+            callers = tuple(names)
+    probability = r.get("probability", _probability, default=0.0)
+    return ShimFault(
+        index=index, kind=kind, mode=mode, window=window, hosts=_hosts_selection(r, 1 << 30), functions=functions,
+        probability=probability, nth=r.get("nth", as_positive_int, default=0),
+        after=r.get("after", lambda v: max(0, as_int(v)), default=0),
+        budget=r.get("budget", units.parse_size, default=0) if kind == "alloc-fail" else 0,
+        min_size=r.get("min_size", units.parse_size, default=0) if kind == "alloc-fail" else 0,
+        max_size=r.get("max_size", units.parse_size, default=0) if kind == "alloc-fail" else 0,
+        errno_name=errno_name, times=r.get("times", lambda v: as_int(v) if as_int(v) >= -1 else _bad_times(v),
+                                           default=-1),
+        callers=callers,
+    )
+
+
+def _bad_times(value: Any) -> int:
+    raise Invalid(f"expected the number of failures to inject (-1 for unlimited), got {value}")
+
+
+def _probability(value: Any) -> float:
+    return units.parse_fraction(value)
+
+
+def _check_shim_fault(r: Reader, fault: ShimFault, problems: list[Problem]) -> None:
+    """The parameter its mode needs must be there (and nothing of another mode)."""
+    r.problems = problems
+    needs = {"random": "probability", "nth": "nth", "after": "after", "budget": "budget"}
+    needed = needs[fault.mode]
+    if not r.has(needed):
+        r.problem((), f"mode {fault.mode} needs '{needed}'")
+    for mode, key in needs.items():
+        if mode != fault.mode and r.has(key) and not (key == "probability" and fault.mode == "random"):
+            r.problem((key,), f"'{key}' belongs to mode {mode}, but this fault's mode is {fault.mode}")
+    if fault.max_size and fault.min_size > fault.max_size:
+        r.problem(("min_size",), "min_size is larger than max_size")
+
+
+def _variants(top: Reader) -> list[Variant]:
+    variants: list[Variant] = []
+    names: set[str] = set()
+    for path, item in top.items("variants"):
+        r = Reader(top.source, path, item, top.problems, {"name", "args", "env", "command", "build", "allocator"})
+        if not r.ok:
+            continue
+        name = r.get("name", as_str, required=True, default="?")
+        if name in names:
+            r.problem(("name",), f"variant name {name!r} is used twice")
+        names.add(name)
+        allocator = r.get("allocator", as_str, default=None)
+        if allocator is not None and allocator not in ALLOCATORS and "/" not in allocator:
+            r.problem(("allocator",), f"expected one of {', '.join(ALLOCATORS)} or a path to a preloadable "
+                                      f"allocator, got {allocator!r}")
+        command = r.get("command", as_argv, default=None)
+        _templates_ok(r, "command", command)
+        variants.append(Variant(name=name, args=r.get("args", as_str_map, default={}),
+                                env=r.get("env", as_str_map, default={}), command=command,
+                                build=r.get("build", as_argv, default=None), allocator=allocator))
+    return variants
+
+
+_COMPARISON = re.compile(r"^\s*(<=|>=|==|<|>)\s*(.+?)\s*$")
+
+
+def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant]) -> list[Expectation]:
+    result: list[Expectation] = []
+    variant_names = {v.name for v in variants}
+    for index, (path, item) in enumerate(top.items("expect")):
+        r = Reader(top.source, path, item, top.problems, set(EXPECT_METRICS) | {"phase", "variant"})
+        if not r.ok:
+            continue
+        metrics = [key for key in r.data if key in EXPECT_METRICS]
+        if len(metrics) != 1:
+            r.problem((), f"each expectation checks exactly one of: {', '.join(EXPECT_METRICS)}")
+            continue
+        metric = metrics[0]
+        raw = r.data[metric]
+        try:
+            op, value = _threshold(metric, raw)
+        except ValueError as exc:
+            r.problem((metric,), str(exc))
+            continue
+        phase = r.get("phase", as_str, default=None)
+        if phase is not None and load is not None and not load.windows(phase):
+            r.problem(("phase",), f"no load phase named {phase!r} (phases: "
+                                  f"{', '.join(p.name for p in load.phases)})")
+        variant = r.get("variant", as_str, default=None)
+        if variant is not None and variant not in variant_names:
+            r.problem(("variant",), f"no variant named {variant!r}")
+        result.append(Expectation(index=index, line=top.source.line(path), metric=metric, op=op, value=value,
+                                  text=f"{metric} {raw}" if not isinstance(raw, str) or not _COMPARISON.match(raw)
+                                  else f"{metric} {raw.strip()}", phase=phase, variant=variant))
+    return result
+
+
+def _threshold(metric: str, raw: Any) -> tuple[str, float]:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if metric in ("crashes",):
+            return "<=", float(raw)
+        raise ValueError(f"write a comparison like \"< 250ms\" or \"<= 1%\", got {raw!r}")
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a comparison like \"< 250ms\", got {describe(raw)}")
+    match = _COMPARISON.match(raw)
+    if not match:
+        raise ValueError(f"expected a comparison like \"< 250ms\" (operators < <= > >= ==), got {raw!r}")
+    op, text = match.groups()
+    if metric in LATENCY_METRICS:
+        return op, units.parse_duration(text)
+    if metric in ("error_rate", "timeout_rate"):
+        return op, units.parse_fraction(text)
+    if metric == "throughput":
+        return op, units.parse_rate(text)
+    try:
+        return op, float(int(text))
+    except ValueError:
+        raise ValueError(f"expected a whole number after {op!r}, got {text!r}") from None
+
+
+def _at(reader: Reader, path: PathKey, message: str) -> None:
+    from harness.yamlsource import format_path
+    reader.problems.append(Problem(reader.source.file, reader.source.line(path), format_path(path), message))
+
+
+def lock_errno(name: str) -> int:
+    return int(getattr(errno_module, name))

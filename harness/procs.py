@@ -1,0 +1,166 @@
+"""Starting, waiting for and stopping target processes without ever leaving one behind.
+
+- Children get PR_SET_PDEATHSIG=SIGKILL, so they die with the harness even when it is killed
+  with SIGKILL. The kernel ties that signal to the *thread* that forked, not the process, and
+  trio.to_thread's worker threads come and go; so every fork happens on one long-lived
+  spawner thread that lives as long as the harness.
+- Each child leads its own process group (a target that forks is stopped as a whole).
+- Exits are awaited through a pidfd (no SIGCHLD handler, no polling) and reaped with waitpid,
+  which keeps the raw status: signal number and whether a core was dumped.
+- RLIMIT_CORE is raised in the child so crashes leave cores in the host's directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import subprocess
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup(parent_pid: int) -> None:
+    # Runs in the child between fork and exec.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the harness died before prctl took effect
+        os._exit(70)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+
+@dataclass
+class Child:
+    pid: int
+    popen: subprocess.Popen[bytes]
+    reaped: bool = False
+    status: int | None = None
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the whole process group; False when it is already gone."""
+        if self.reaped:
+            return False
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+class Spawner:
+    """Forks children from a single thread that outlives them all (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-spawner")
+        self._parent = os.getpid()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        out_fd = os.open(stdout, flags, 0o644)
+        err_fd = os.open(stderr, flags, 0o644)
+        try:
+            popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                start_new_session=True, close_fds=True, preexec_fn=lambda: _child_setup(self._parent),
+            )
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
+        return Child(pid=popen.pid, popen=popen)
+
+    async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr)
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        # Shielded: once a fork is asked for, we must learn its pid, or we could not stop it.
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return future.result()
+
+
+async def wait_exit(child: Child) -> int:
+    """Wait for the child to exit, kill what is left of its group, reap it; returns the raw status."""
+    if child.reaped:
+        assert child.status is not None
+        return child.status
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+    # The leader is a zombie now, so its pid (= the group id) cannot be reused yet: clean up any
+    # children it forked before reaping it.
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _, status = os.waitpid(child.pid, 0)
+    child.reaped = True
+    child.status = status
+    child.popen.returncode = _returncode(status)  # so Popen never tries to reap a reused pid
+    return status
+
+
+async def stop(child: Child, grace: float) -> int:
+    """SIGTERM the group (resuming it if paused), SIGKILL after `grace`; always reaps."""
+    with trio.CancelScope(shield=True):
+        if not child.reaped:
+            child.signal_group(signal.SIGCONT)
+            child.signal_group(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                return await wait_exit(child)
+            child.signal_group(signal.SIGKILL)
+        return await wait_exit(child)
+
+
+def _returncode(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    status: int
+    signal: int | None
+    exit_code: int | None
+    core_dumped: bool
+
+    @classmethod
+    def from_status(cls, status: int) -> "ExitInfo":
+        if os.WIFSIGNALED(status):
+            return cls(status, os.WTERMSIG(status), None, os.WCOREDUMP(status))
+        return cls(status, None, os.WEXITSTATUS(status), False)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            name = signal_name(self.signal)
+            return f"killed by {name}" + (" (core dumped)" if self.core_dumped else "")
+        return f"exited with code {self.exit_code}"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def spawner_thread_alive() -> bool:
+    return any(t.name.startswith("harness-spawner") for t in threading.enumerate())

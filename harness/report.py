@@ -1,0 +1,207 @@
+"""Analysis over the store only (pure reads), so any past or killed run can be reported.
+
+build_report() returns a plain dict with a documented, versioned schema (docs/report-json.md);
+render_text() prints it as tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.driver import ERROR_KINDS, new_histogram
+from harness.store import RunStore, open_run
+
+REPORT_SCHEMA = 1
+
+
+def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
+    """Samples whose one-second interval [t, t+1) has its middle inside [start, end)."""
+    return [s for s in samples if start <= s["t"] + 0.5 < end]
+
+
+def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]], start: float,
+                   end: float) -> dict[str, Any]:
+    chosen = _window_samples(samples, start, end)
+    seconds = max(len(chosen), 1e-9) if chosen else max(end - start, 1e-9)
+    histogram = new_histogram()
+    for sample in chosen:
+        if sample["hist"]:
+            histogram.decode_and_add(sample["hist"])
+    total = {key: sum(s[key] for s in chosen) for key in ("offered", "sent", "ok") + ERROR_KINDS}
+    errors = sum(total[k] for k in ERROR_KINDS)
+    has = histogram.get_total_count() > 0
+
+    def pct(q: float) -> float | None:
+        return histogram.get_value_at_percentile(q) / 1e6 if has else None
+
+    return {
+        "start": start, "end": end, "seconds": len(chosen),
+        "offered": total["offered"], "sent": total["sent"], "ok": total["ok"],
+        "errors": {k: total[k] for k in ERROR_KINDS}, "error_total": errors,
+        "offered_rate": total["offered"] / seconds if chosen else 0.0,
+        "achieved_rate": total["ok"] / seconds if chosen else 0.0,
+        "error_rate": errors / total["offered"] if total["offered"] else 0.0,
+        "timeout_rate": total["timeout"] / total["offered"] if total["offered"] else 0.0,
+        "latency": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "p999": pct(99.9),
+                    "max": histogram.get_max_value() / 1e6 if has else None},
+        "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
+        "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
+        "crashes": sum(1 for c in crashes if start <= c["t"] < end),
+    }
+
+
+def _rows(store: RunStore, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return [dict(row) for row in store.query(sql, args)]
+
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    store = open_run(run_dir)
+    try:
+        return _build(store, run_dir)
+    finally:
+        store.close()
+
+
+def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
+    run = _rows(store, "SELECT * FROM runs")[0]
+    phases = _rows(store, "SELECT * FROM phases ORDER BY idx")
+    status = run["status"]
+    if status == "running":
+        status = "incomplete"  # the harness died (SIGKILL, power loss) before finishing
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA, "run_id": run["id"], "run_dir": str(run_dir), "scenario": run["scenario"],
+        "scenario_file": run["scenario_file"], "seed": run["seed"], "duration": run["duration"],
+        "hosts": run["hosts"], "started": run["started"], "ended": run["ended"], "status": status,
+        "phases": [{"name": p["name"], "kind": p["kind"], "start": p["start"], "end": p["end"],
+                    "rate_from": p["rate_from"], "rate_to": p["rate_to"]} for p in phases],
+        "trials": [],
+    }
+    for trial in _rows(store, "SELECT * FROM trials ORDER BY id"):
+        report["trials"].append(_trial(store, trial, phases, run))
+    return report
+
+
+def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    tid = trial["id"]
+    samples = _rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (tid,))
+    crashes = _rows(store, "SELECT * FROM crashes WHERE trial=? ORDER BY t", (tid,))
+    events = _rows(store, "SELECT * FROM events WHERE trial=? ORDER BY id", (tid,))
+    for item in crashes + events:
+        item["detail"] = json.loads(item["detail"] or "{}")
+    end = max([run["duration"]] + [s["t"] + 1 for s in samples])
+    phase_rows = []
+    for phase in phases:
+        metrics = window_metrics(samples, crashes, phase["start"], phase["end"])
+        phase_rows.append({"name": phase["name"], **metrics})
+    overall = window_metrics(samples, crashes, -math.inf, math.inf)
+    status = trial["status"]
+    if status == "running":
+        status = "incomplete"
+    return {
+        "id": tid, "variant": trial["variant"], "repeat": trial["repeat"], "seed": trial["seed"], "status": status,
+        "detail": json.loads(trial["detail"] or "{}"),
+        "overall": overall, "phases": phase_rows,
+        "crashes": [{k: c[k] for k in ("t", "host", "pid", "signal", "signal_name", "core_dumped", "uptime",
+                                       "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
+                                       "detail")} for c in crashes],
+        "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
+        "crashes_by_host": {f"h{h}": n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
+        "hosts_alive": _alive_timeline(samples),
+        "host_losses": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "host-loss"],
+        "restarts": sum(1 for e in events if e["kind"] == "start") - run["hosts"],
+        "samples": len(samples),
+        "end": end,
+    }
+
+
+def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of seconds with the same number of hosts alive: [{from, to, alive}]."""
+    timeline: list[dict[str, Any]] = []
+    for sample in samples:
+        if timeline and timeline[-1]["alive"] == sample["hosts_alive"] and timeline[-1]["to"] == sample["t"]:
+            timeline[-1]["to"] = sample["t"] + 1
+        else:
+            timeline.append({"from": sample["t"], "to": sample["t"] + 1, "alive": sample["hosts_alive"]})
+    return timeline
+
+
+def per_second(run_dir: Path, trial: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(samples, host_samples) of one trial, for plots and tests."""
+    store = open_run(run_dir)
+    try:
+        return (_rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (trial,)),
+                _rows(store, "SELECT * FROM host_samples WHERE trial=? ORDER BY t, host", (trial,)))
+    finally:
+        store.close()
+
+
+# --- text ------------------------------------------------------------------------------------
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | None = None) -> str:
+    out = [f"run {report['run_id']}  scenario {report['scenario']}  seed {report['seed']}  "
+           f"status {report['status']}", f"results: {report['run_dir']}"]
+    for trial in report["trials"]:
+        title = f"trial {trial['id']}: variant {trial['variant']} (repeat {trial['repeat'] + 1}) — {trial['status']}"
+        out += ["", title]
+        rows = []
+        for phase in trial["phases"] + [{"name": "all", **trial["overall"]}]:
+            lat = phase["latency"]
+            rows.append([phase["name"], f"{phase['start']:.0f}-{phase['end']:.0f}s" if phase["name"] != "all" else "",
+                         f"{phase['offered_rate']:.0f}", f"{phase['achieved_rate']:.0f}", _ms(lat["p50"]),
+                         _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["p999"]),
+                         " ".join(f"{k}={v}" for k, v in phase["errors"].items() if v) or "0",
+                         phase["crashes"], phase["hosts_alive_min"] if phase["hosts_alive_min"] is not None else "-"])
+        out.append(tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
+                                           "p99.9 ms", "errors", "crashes", "min alive"]))
+        if trial["crashes"]:
+            by_host = ", ".join(f"{h}: {n}" for h, n in trial["crashes_by_host"].items())
+            by_signal = ", ".join(f"{s}: {n}" for s, n in trial["crashes_by_signal"].items())
+            out.append(f"crashes: {len(trial['crashes'])} ({by_signal}; {by_host})")
+            crash_rows = [[f"{c['t']:.2f}", f"h{c['host']}", c["pid"], c["signal_name"],
+                           "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s", f"{c['offered_rate']:.0f}",
+                           c["hosts_alive"], c["core_path"] or "-"] for c in trial["crashes"][:20]]
+            out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "core", "uptime",
+                                                     "offered/s", "alive after", "core file"]))
+            if len(trial["crashes"]) > 20:
+                out.append(f"... and {len(trial['crashes']) - 20} more (harness report --json)")
+        else:
+            out.append("crashes: none")
+        timeline = " ".join(f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"])
+        out.append(f"hosts alive over time: {timeline or '-'}")
+        for loss in trial["host_losses"]:
+            hosts = ", ".join(f"h{h}" for h in loss.get("hosts", [])) or "none available"
+            out.append(f"host-loss at {loss['t']:.2f}s: {loss.get('how')} {hosts}")
+        if trial["restarts"] > 0:
+            out.append(f"restarts: {trial['restarts']}")
+    if expectations:
+        out += ["", "expectations:"]
+        rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (phase {e['phase']})" if e.get("phase") else "")
+                 + (f" (variant {e['variant']})" if e.get("variant") else ""), e["observed_text"]]
+                for e in expectations]
+        out.append(tabulate(rows, headers=["", "expectation", "observed"]))
+    return "\n".join(out)
+
+
+def find_run(arg: str, results: Path = Path("results")) -> Path:
+    """A run directory from a path, a run id, or 'latest'."""
+    path = Path(arg)
+    if path.is_dir() and (path / "run.db").exists():
+        return path
+    if arg == "latest":
+        runs = sorted((p for p in results.glob("*/run.db")), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1].parent
+    candidate = results / arg
+    if (candidate / "run.db").exists():
+        return candidate
+    raise FileNotFoundError(f"no run at {arg} (expected a results/<run-id> directory holding run.db)")

@@ -1,0 +1,379 @@
+"""The trio runner: the one place that schedules I/O.
+
+run_scenario() builds the target, then runs each trial (variant x repeat, interleaved) as a fresh
+fleet: supervisor, load driver, host-loss faults, per-second sampler, store writer and status line,
+all in one nursery. Stopping is cancellation: at the end of the load, on SIGINT/SIGTERM, or on
+error, every host is stopped and reaped, and what was gathered is written before returning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from harness.balancer import Balancer
+from harness.driver import Counters, Driver
+from harness.errors import HarnessError
+from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts
+from harness.plan import arrivals, choose_hosts, loss_events
+from harness.procs import ExitInfo, Spawner
+from harness.scenario import Scenario, Variant
+from harness.store import HostSample, RunStore, Sample
+from harness.variants import apply_variant
+
+FLUSH_INTERVAL = 1.0
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path = Path("results")
+    variant: str | None = None
+    trials: int | None = None
+    status: bool = True
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str                # complete | interrupted
+    signal: int | None = None
+
+
+class Recorder:
+    """Buffers what happens; the writer task commits it every second."""
+
+    def __init__(self) -> None:
+        self.t0 = trio.current_time()
+        self.wall0 = time.time()
+        self.events: list[dict[str, Any]] = []
+        self.crashes: list[dict[str, Any]] = []
+        self.samples: list[Sample] = []
+        self.host_samples: list[HostSample] = []
+        self.crash_count = 0
+        self.offered_rate = 0.0
+        self.last_sample: Sample | None = None
+        self.next_second = 0              # index of the sample being gathered
+
+    def now(self) -> float:
+        return trio.current_time() - self.t0
+
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, **detail: Any) -> None:
+        self.events.append({"t": round(self.now(), 6), "wall": time.time(), "kind": kind, "host": host, "pid": pid,
+                            "detail": detail})
+
+    def crash(self, record: dict[str, Any]) -> None:
+        record.setdefault("t", round(self.now(), 6))
+        record.setdefault("wall", time.time())
+        self.crash_count += 1
+        self.crashes.append(record)
+
+    def take(self) -> dict[str, list[Any]]:
+        batch = {"events": self.events, "crashes": self.crashes, "samples": self.samples,
+                 "host_samples": self.host_samples}
+        self.events, self.crashes, self.samples, self.host_samples = [], [], [], []
+        return batch
+
+
+def new_run_id(name: str) -> str:
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+
+
+def trial_order(scenario: Scenario, only: str | None, repeats: int) -> list[tuple[Variant, int]]:
+    """Variants interleaved: A B C A B C ..., so drift on the machine hits them all alike."""
+    variants = list(scenario.variants) or [Variant(name="default")]
+    if only is not None:
+        chosen = scenario.variant(only)
+        if chosen is None:
+            names = ", ".join(v.name for v in scenario.variants) or "(none defined)"
+            raise HarnessError(f"no variant named {only!r} in {scenario.file} (variants: {names})")
+        variants = [chosen]
+    return [(variant, repeat) for repeat in range(repeats) for variant in variants]
+
+
+async def build_target(argv: tuple[str, ...], root: Path) -> None:
+    def run() -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(list(argv), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    try:
+        result = await trio.to_thread.run_sync(run)
+    except FileNotFoundError:
+        raise HarnessError(f"build command not found: {argv[0]} (in {root})") from None
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"build timed out after 900s: {' '.join(argv)}") from None
+    if result.returncode != 0:
+        lines = [line for line in result.stdout.decode(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()] or lines
+        raise HarnessError(f"build failed ({' '.join(argv)} exited {result.returncode}): "
+                           f"{errors[0].strip() if errors else 'no output'}")
+
+
+class Run:
+    def __init__(self, scenario: Scenario, options: RunOptions):
+        self.scenario = scenario
+        self.options = options
+        self.run_id = new_run_id(scenario.name)
+        self.run_dir = options.out_dir / self.run_id
+        self.store: RunStore | None = None
+        self.store_lock = trio.CapacityLimiter(1)
+        self.interrupted: int | None = None
+        self.main_scope: trio.CancelScope | None = None
+
+    async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
+
+    async def execute(self) -> RunResult:
+        scenario = self.scenario
+        trials = trial_order(scenario, self.options.variant, self.options.trials or scenario.trials)
+        builds = {scenario.target.build} | {v.build for v, _ in trials if v.build}
+        for build in sorted((b for b in builds if b), key=str):
+            await build_target(build, scenario.target.root)
+        for variant, _ in trials:
+            check_command(apply_variant(scenario.target, variant, scenario.target.command)[0])
+
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
+        self.store = RunStore(self.run_dir / "run.db", create=True)
+        await self._store_call(
+            self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
+            seed=scenario.seed, duration=scenario.duration, hosts=scenario.fleet.hosts, argv=self.options.argv,
+            phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to) for p in scenario.load.phases],
+            pid=os.getpid())
+        spawner = Spawner()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._watch_signals, outer.cancel_scope)
+                with trio.CancelScope() as self.main_scope:
+                    for number, (variant, repeat) in enumerate(trials, start=1):
+                        await self._trial(number, variant, repeat, spawner, len(trials))
+                        if self.interrupted:
+                            break
+                outer.cancel_scope.cancel()
+        finally:
+            status = "interrupted" if self.interrupted else "complete"
+            with trio.CancelScope(shield=True):
+                await self._store_call(self.store.end_run, status, 128 + self.interrupted if self.interrupted else 0)
+            await trio.to_thread.run_sync(spawner.close)
+            self.store.close()
+        return RunResult(self.run_id, self.run_dir, status, self.interrupted)
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.interrupted is None:
+                    self.interrupted = signum
+                    print(f"\nharness: {signal.Signals(signum).name} received, stopping the fleet...",
+                          file=sys.stderr)
+                    if self.main_scope is not None:
+                        self.main_scope.cancel()
+
+    async def _trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int) -> None:
+        scenario = self.scenario
+        assert self.store is not None
+        await self._store_call(self.store.begin_trial, number, variant.name, repeat, scenario.seed)
+        argv, env = apply_variant(scenario.target, variant, scenario.target.command)
+        hosts = plan_hosts(scenario.target, scenario.fleet.hosts, self.run_dir / "hosts" / f"t{number}",
+                           tuple(argv), env)
+        recorder = Recorder()
+        balancer = Balancer(len(hosts), scenario.fleet.balancer)
+        driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer)
+        listener = _Listener(driver, recorder)
+        supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash)
+        self._recorder = recorder
+        self._driver = driver
+        self._supervisor = supervisor
+        status = "complete"
+        label = f"trial {number}/{total} ({variant.name})" if total > 1 else ""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(supervisor.run)
+                await nursery.start(driver.serve)
+                with trio.move_on_after(scenario.target.ready.timeout + 5):
+                    await supervisor.wait_all_started()
+                if supervisor.first_start_failed:
+                    raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
+                                       f"(see {hosts[0].stderr})")
+                recorder.t0 = trio.current_time() + 0.05
+                recorder.wall0 = time.time() + 0.05
+                await self._store_call(self.store.trial_load_started, number, recorder.wall0)
+                nursery.start_soon(self._writer, number, recorder)
+                nursery.start_soon(self._sampler, recorder, driver, supervisor)
+                nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
+                if self.options.status:
+                    nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
+                await driver.send_all(arrivals(scenario.load, scenario.client.keys, scenario.seed), recorder.t0)
+                await driver.drain()
+                self._final_sample(recorder, driver, supervisor)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            status = "interrupted" if self.interrupted else "failed"
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                if status != "complete":
+                    self._final_sample(recorder, driver, supervisor)
+                recorder.event("trial-end", status=status)
+                await self._flush(number, recorder)
+                await self._store_call(self.store.end_trial, number, status,
+                                       {"lag_p99_us": driver.lag.get_value_at_percentile(99),
+                                        "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
+                                                   "crashes": h.crashes} for h in hosts]})
+                if self.options.status:
+                    print(file=sys.stderr)
+
+    async def _on_crash(self, host: Host, info: ExitInfo, record: dict[str, Any]) -> None:
+        """Add the load at the moment of death, the stderr tail and the core to a crash record."""
+        recorder = self._recorder
+        record["offered_rate"] = recorder.offered_rate
+        record["host_inflight"] = self._driver.balancer.inflight[host.index]
+        record["hosts_alive"] = self._supervisor.up_count()
+        record["stderr_tail"], record["core_path"] = await trio.to_thread.run_sync(
+            _collect_crash_files, host, record["pid"], info.core_dumped)
+
+    async def _flush(self, trial: int, recorder: Recorder) -> None:
+        batch = recorder.take()
+        if any(batch.values()):
+            assert self.store is not None
+            await self._store_call(self.store.write_batch, trial, **batch)
+
+    async def _writer(self, trial: int, recorder: Recorder) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            await self._flush(trial, recorder)
+
+    async def _sampler(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
+        while True:
+            await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
+            counters = driver.swap_counters()
+            usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
+            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
+            recorder.next_second += 1
+
+    def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
+        """The last, partial second (after the load ends, while draining)."""
+        counters = driver.swap_counters()
+        if counters.offered or counters.ok or counters.timeout or counters.conn_error or counters.no_host:
+            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, {})
+            recorder.next_second += 1
+
+    def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver,
+                    supervisor: FleetSupervisor, usage: dict[int, tuple[int, int]]) -> None:
+        offered_rate = self.scenario.load.rate(second + 0.5)
+        recorder.offered_rate = self.scenario.load.rate(second + 1)
+        has = c.latency.get_total_count() > 0
+        pct = (lambda q: c.latency.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
+        alive = sum(1 for h in supervisor.hosts if h.state in (State.UP, State.PAUSED))
+        recorder.last_sample = Sample(
+            t=second, offered=c.offered, sent=c.sent, ok=c.ok, timeout=c.timeout, conn_error=c.conn_error,
+            no_host=c.no_host, bad_reply=c.bad_reply, p50=pct(50), p90=pct(90), p99=pct(99), p999=pct(99.9),
+            max=c.latency.get_max_value() / 1e6 if has else None, hosts_alive=alive, offered_rate=offered_rate,
+            hist=c.latency.encode() if has else None)
+        recorder.samples.append(recorder.last_sample)
+        for host in supervisor.hosts:
+            state = host.state.value
+            if host.state == State.UP and not driver.balancer.in_rotation[host.index]:
+                state = "ejected"
+            rss, fds = usage.get(host.pid or -1, (None, None))
+            recorder.host_samples.append(HostSample(
+                t=second, host=host.index, state=state, pid=host.pid, sent=c.host_sent[host.index],
+                ok=c.host_ok[host.index], errors=c.host_errors[host.index],
+                inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds))
+
+    async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
+        scenario = self.scenario
+        for event in loss_events(scenario.host_losses, scenario.duration):
+            await trio.sleep_until(recorder.t0 + event.t)
+            fault = event.fault
+            candidates = [h.index for h in supervisor.hosts if h.state == State.UP]
+            count = fault.hosts.resolve(len(supervisor.hosts))
+            chosen = choose_hosts(scenario.seed, event, candidates, count)
+            recorder.event("host-loss", None, None, how=fault.how, fault=fault.index, hosts=chosen,
+                           asked=count, available=len(candidates))
+            for index in chosen:
+                host = supervisor.hosts[index]
+                if fault.how == "kill":
+                    supervisor.kill(host, f"host-loss (faults[{fault.index}])", fault.down_for)
+                else:
+                    nursery.start_soon(supervisor.pause, host, fault.pause_for)
+
+    async def _status_line(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
+                           label: str) -> None:
+        tty = sys.stderr.isatty()
+        interval = 1.0 if tty else 10.0
+        while True:
+            await trio.sleep(interval)
+            elapsed = recorder.now()
+            last = recorder.last_sample
+            achieved = f"{last.ok:6d}/s" if last else "     -  "
+            p99 = f"{last.p99 * 1e3:7.1f}ms" if last and last.p99 is not None else "      -  "
+            errors = (last.timeout + last.conn_error + last.no_host + last.bad_reply) if last else 0
+            line = (f"{label + ' ' if label else ''}[{elapsed:6.1f}/{self.scenario.duration:.0f}s] "
+                    f"offered {self.scenario.load.rate(elapsed):6.0f}/s achieved {achieved} p99 {p99} "
+                    f"errors {errors:4d}/s hosts up {supervisor.up_count()}/{len(supervisor.hosts)} "
+                    f"crashes {recorder.crash_count}")
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
+class _Listener:
+    def __init__(self, driver: Driver, recorder: Recorder):
+        self.driver = driver
+        self.recorder = recorder
+
+    def host_ready(self, host: Host) -> None:
+        self.driver.host_ready(host.index, host.incarnation)
+
+    def host_gone(self, host: Host) -> None:
+        self.driver.host_gone(host.index)
+
+
+def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int]]:
+    usage = {}
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            process = psutil.Process(pid)
+            usage[pid] = (process.memory_info().rss, process.num_fds())
+        except (psutil.Error, OSError):
+            continue
+    return usage
+
+
+def _collect_crash_files(host: Host, pid: int, core_dumped: bool) -> tuple[str, str | None]:
+    tail = ""
+    try:
+        with open(host.stderr, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 2048))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        pass
+    core_path = None
+    if core_dumped:
+        for name in (f"core.{pid}", "core"):
+            candidate = host.cwd / name
+            if candidate.is_file() and not candidate.is_symlink():
+                cores = host.dir / "cores"
+                cores.mkdir(exist_ok=True)
+                destination = cores / f"core.{pid}"
+                os.replace(candidate, destination)
+                os.chmod(destination, 0o600)
+                core_path = str(destination)
+                break
+    return tail, core_path
+
+
+async def run_scenario(scenario: Scenario, options: RunOptions) -> RunResult:
+    return await Run(scenario, options).execute()

@@ -1,0 +1,185 @@
+"""The scenario model: typed, immutable, pure. Built from YAML by harness.loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.loadshape import LoadShape
+
+ALLOCATORS = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
+
+
+@dataclass(frozen=True)
+class Ready:
+    port: str = "{port}"          # template of the TCP port to probe
+    timeout: float = 5.0
+    interval: float = 0.02
+
+
+@dataclass(frozen=True)
+class Restart:
+    policy: str = "always"        # always | on-failure | never
+    backoff: float = 1.0          # first delay; doubles per consecutive quick failure
+    max_backoff: float = 30.0
+    reset_after: float = 10.0     # uptime after which the backoff starts over
+
+
+@dataclass(frozen=True)
+class Target:
+    root: Path                    # relative paths in build/command resolve here
+    command: tuple[str, ...]
+    build: tuple[str, ...] | None = None
+    protocol: str = "line"
+    request: str = "GET {key}\n"
+    terminator: str = "\n"
+    expect_reply: str | None = None   # regex a good reply matches; else counted as bad_reply
+    ready: Ready = field(default_factory=Ready)
+    restart: Restart = field(default_factory=Restart)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "{dir}"
+    stop_grace: float = 2.0
+    log_max: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Fleet:
+    hosts: int
+    balancer: str = "least-loaded"    # round-robin | least-loaded
+
+
+@dataclass(frozen=True)
+class Keys:
+    space: int = 10000
+    distribution: str = "uniform"     # uniform | zipf
+    zipf_s: float = 1.1
+
+
+@dataclass(frozen=True)
+class Client:
+    timeout: float = 1.0              # a request unanswered this long is a timeout
+    connections: int = 2              # per host; requests are pipelined on them
+    probe_interval: float = 0.25      # how often an ejected (timed-out) host is re-probed
+    keys: Keys = field(default_factory=Keys)
+
+
+@dataclass(frozen=True)
+class Window:
+    """When a fault is active: [start, until), optionally repeating `active` out of every `every`."""
+
+    start: float = 0.0
+    until: float | None = None
+    every: float | None = None
+    active: float | None = None
+
+    def intervals(self, end: float) -> list[tuple[float, float]]:
+        stop = end if self.until is None else min(self.until, end)
+        if self.every is None:
+            return [(self.start, stop)] if self.start < stop else []
+        length = self.active if self.active is not None else self.every
+        result, t = [], self.start
+        while t < stop:
+            result.append((t, min(t + length, stop)))
+            t += self.every
+        return result
+
+
+@dataclass(frozen=True)
+class HostSelection:
+    count: int | None = None
+    fraction: float | None = None
+
+    def resolve(self, fleet_size: int) -> int:
+        if self.count is not None:
+            return min(self.count, fleet_size)
+        if self.fraction is not None:
+            return max(1, round(self.fraction * fleet_size)) if self.fraction > 0 else 0
+        return fleet_size
+
+
+@dataclass(frozen=True)
+class HostLoss:
+    index: int                        # position in faults:, for naming and per-event seeding
+    how: str                          # kill | pause
+    times: tuple[float, ...]          # when it strikes (from `at`, or `every` between from and until)
+    hosts: HostSelection
+    pause_for: float = 5.0            # pause: SIGSTOP, then SIGCONT after this long
+    down_for: float = 0.0             # kill: keep the host down at least this long before restart
+
+
+@dataclass(frozen=True)
+class ShimFault:
+    """alloc-fail or lock-error, armed in the host's shim during its window."""
+
+    index: int
+    kind: str                         # alloc-fail | lock-error
+    mode: str                         # random | nth | after | budget
+    window: Window
+    hosts: HostSelection
+    functions: tuple[str, ...] = ()
+    probability: float = 0.0
+    nth: int = 0
+    after: int = 0
+    budget: int = 0
+    min_size: int = 0
+    max_size: int = 0
+    errno_name: str = "EDEADLK"
+    times: int = -1
+    callers: tuple[str, ...] = ()
+
+
+Fault = HostLoss | ShimFault
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    args: dict[str, str] = field(default_factory=dict)     # flag -> new value ("--estats": "off")
+    env: dict[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] | None = None
+    build: tuple[str, ...] | None = None
+    allocator: str | None = None                           # glibc | jemalloc | tcmalloc | mimalloc | path
+
+
+@dataclass(frozen=True)
+class Expectation:
+    index: int
+    line: int
+    metric: str                       # crashes | error_rate | p50_latency ... | throughput | hosts_alive
+    op: str                           # < <= > >= ==
+    value: float
+    text: str                         # as written, for messages
+    phase: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    file: str
+    text: str                         # the YAML as written, saved with the run
+    seed: int
+    load: LoadShape
+    target: Target
+    fleet: Fleet
+    client: Client = field(default_factory=Client)
+    faults: tuple[Fault, ...] = ()
+    variants: tuple[Variant, ...] = ()
+    trials: int = 1
+    expect: tuple[Expectation, ...] = ()
+    description: str = ""
+
+    @property
+    def duration(self) -> float:
+        return self.load.duration
+
+    @property
+    def host_losses(self) -> tuple[HostLoss, ...]:
+        return tuple(f for f in self.faults if isinstance(f, HostLoss))
+
+    @property
+    def shim_faults(self) -> tuple[ShimFault, ...]:
+        return tuple(f for f in self.faults if isinstance(f, ShimFault))
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
