@@ -67,6 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap errors in groups; a user-facing error stays one line.
+        leaves = _leaves(group)
+        user_errors = [e for e in leaves if isinstance(e, HarnessError)]
+        if user_errors and len(user_errors) == len(leaves):
+            print(f"harness: error: {user_errors[0]}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves
 
 
 def _validate(paths: list[Path]) -> int:

@@ -1,0 +1,80 @@
+"""Shared fixtures for end-to-end tests: real targets, real processes, loopback only."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = [sys.executable, "-m", "harness"]
+
+
+@pytest.fixture(scope="session")
+def targets() -> Path:
+    """Build every target once per test session."""
+    for makefile in sorted((REPO / "targets").glob("*/Makefile")):
+        subprocess.run(["make", "-s", "-C", str(makefile.parent)], check=True, capture_output=True)
+    return REPO / "targets"
+
+
+def write_scenario(directory: Path, text: str, name: str = "scenario.yaml") -> Path:
+    path = directory / name
+    path.write_text(text.replace("@REPO@", str(REPO)), encoding="utf-8")
+    return path
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05) -> object:
+    """Poll until condition() is truthy; generous timeouts, since CI machines are busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run_dir_of(results: Path) -> Path | None:
+    runs = [p for p in results.glob("*") if (p / "run.db").exists()]
+    return runs[0] if len(runs) == 1 else None
+
+
+def query(run_dir: Path, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    db = sqlite3.connect(str(run_dir / "run.db"), timeout=10)
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        return []  # tables not created yet
+    finally:
+        db.close()
+
+
+def host_pids(run_dir: Path) -> list[int]:
+    return [row["pid"] for row in query(run_dir, "SELECT pid FROM events WHERE kind='start'")]
+
+
+def start_harness(args: list[str], cwd: Path, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([*HARNESS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)  # type: ignore[call-overload]

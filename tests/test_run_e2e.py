@@ -1,0 +1,235 @@
+"""End-to-end runs on real processes: host loss, rebalancing, restarts, crashes, signals, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import HARNESS, host_pids, pid_alive, query, run_dir_of, start_harness, wait_for, write_scenario
+
+ECHO_FLEET = """
+name: e2e-echo
+seed: 11
+target:
+  root: @REPO@
+  command: [targets/echo/echo-server, --port, "{port}"]
+  restart: {policy: always, backoff: 200ms}
+fleet: {hosts: 4, balancer: round-robin}
+client: {timeout: 400ms, connections: 2}
+"""
+
+
+def run_harness(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HARNESS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_host_loss_moves_share_and_counts_paused_timeouts(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 400, for: 8s}}
+faults:
+  - {kind: host-loss, at: 2s, hosts: 1, how: kill, down_for: 30s}
+  - {kind: host-loss, at: 5s, hosts: 1, how: pause, for: 1500ms}
+expect:
+  - {crashes: 0}
+  - {hosts_alive: ">= 3"}
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "results"), "--quiet", "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "Traceback" not in result.stderr
+    run_dir = Path(report["run_dir"])
+    trial = report["trials"][0]
+    losses = trial["host_losses"]
+    assert [loss["how"] for loss in losses] == ["kill", "pause"]
+    killed = losses[0]["hosts"][0]
+    paused = losses[1]["hosts"][0]
+    assert killed != paused
+
+    rows = query(run_dir, "SELECT t, host, sent, state FROM host_samples WHERE trial=1 ORDER BY t, host")
+    sent = {(r["t"], r["host"]): r["sent"] for r in rows}
+    # Before the kill every host gets its share. Within the second of the kill (t=2s) the killed
+    # host stops getting requests, and from then on the survivors take its share.
+    before = sum(sent[(t, h)] for t in (0, 1) for h in range(4)) / 4  # per host, 2 s
+    assert all(sent[(t, h)] > 30 for t in (0, 1) for h in range(4))
+    assert sent[(2, killed)] < 0.1 * before / 2
+    assert sent[(3, killed)] == 0 and sent[(4, killed)] == 0
+    for host in range(4):
+        if host != killed:
+            after = sent[(3, host)] + sent[(4, host)]
+            assert after > 1.15 * before, (host, after, before)  # expected ratio 4/3
+    # The paused host's requests time out and are counted, not lost.
+    samples = query(run_dir, "SELECT * FROM samples WHERE trial=1 ORDER BY t")
+    timeouts = sum(s["timeout"] for s in samples)
+    assert timeouts > 0
+    offered = sum(s["offered"] for s in samples)
+    accounted = sum(s["ok"] + s["timeout"] + s["conn_error"] + s["no_host"] + s["bad_reply"] for s in samples)
+    assert offered == accounted, "every arrival ends as ok or a counted error"
+    states = {r["state"] for r in rows if r["host"] == paused and r["t"] in (5, 6)}
+    assert states & {"paused", "ejected"}
+    # Expectations evaluated and printed.
+    assert all(e["held"] for e in report["expectations"])
+    assert not any(pid_alive(pid) for pid in host_pids(run_dir))
+
+
+def test_crash_is_recorded_with_core_and_host_restarted(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 100, for: 60s}}
+expect:
+  - {crashes: 0}
+""")
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for(lambda: run_dir_of(results))
+        assert isinstance(run_dir, Path)
+        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+        victim = query(run_dir, "SELECT host, pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]
+        os.kill(victim["pid"], signal.SIGSEGV)  # a real segfault signal, from outside the harness
+        wait_for(lambda: query(run_dir, "SELECT * FROM crashes"), timeout=30)
+        wait_for(lambda: len(query(run_dir, "SELECT * FROM events WHERE kind='ready' AND host=?",
+                                   (victim["host"],))) >= 2, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    crash = query(run_dir, "SELECT * FROM crashes")[0]
+    assert crash["signal"] == signal.SIGSEGV and crash["signal_name"] == "SIGSEGV"
+    assert crash["host"] == victim["host"] and crash["pid"] == victim["pid"]
+    assert crash["core_dumped"] == 1
+    core = Path(crash["core_path"])
+    assert core.is_file() and core.stat().st_size > 0
+    assert oct(core.stat().st_mode & 0o777) == "0o600"
+    assert crash["offered_rate"] > 0
+    # Summary printed even when interrupted, and the expectation {crashes: 0} failed visibly.
+    assert "SIGSEGV" in out and "FAILED" in out
+    assert query(run_dir, "SELECT status FROM runs")[0]["status"] == "interrupted"
+    assert not any(pid_alive(pid) for pid in host_pids(run_dir))
+
+
+def test_sigkill_of_harness_leaves_no_target_and_run_is_reportable(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 200, for: 120s}}
+""")
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for(lambda: run_dir_of(results))
+        assert isinstance(run_dir, Path)
+        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 2)
+        pids = host_pids(run_dir)
+        assert len(pids) == 4 and all(pid_alive(pid) for pid in pids)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=10)
+    result = run_harness(["report", str(run_dir), "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["status"] == "incomplete"
+    assert report["trials"][0]["overall"]["ok"] > 0
+    text = run_harness(["report", str(run_dir)], tmp_path)
+    assert "status incomplete" in text.stdout
+
+
+def test_sigterm_stops_cleanly_with_exit_143(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 100, for: 120s}}
+""")
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for(lambda: run_dir_of(results))
+        assert isinstance(run_dir, Path)
+        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "interrupted" in out
+    assert not any(pid_alive(pid) for pid in host_pids(run_dir))
+    stops = query(run_dir, "SELECT * FROM events WHERE kind='stop'")
+    assert len(stops) == 4
+
+
+def test_build_failure_is_one_clear_line(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, """
+name: broken-build
+target:
+  build: [make, -C, nowhere-at-all]
+  command: [./x, --port, "{port}"]
+fleet: {hosts: 1}
+load: [{hold: {rate: 10, for: 1s}}]
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r")], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: build failed (make -C nowhere-at-all")
+
+
+def test_target_that_never_listens_is_a_clear_error(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, """
+name: never-ready
+target:
+  command: [sleep, "600"]
+  ready: {tcp: "{port}", timeout: 1s}
+fleet: {hosts: 2}
+load: [{hold: {rate: 10, for: 1s}}]
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r")], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "did not accept connections" in result.stderr
+    run_dir = run_dir_of(tmp_path / "r")
+    assert run_dir is not None
+    assert not any(pid_alive(pid) for pid in host_pids(run_dir))
+
+
+@pytest.mark.parametrize("policy,expected_starts", [("never", 1), ("always", 3)])
+def test_restart_policy(targets: Path, tmp_path: Path, policy: str, expected_starts: int) -> None:
+    """A host whose process exits on its own is restarted per policy (with backoff)."""
+    scenario = write_scenario(tmp_path, f"""
+name: restarts
+target:
+  root: @REPO@
+  command: [targets/echo/echo-server, --port, "{{port}}"]
+  restart: {{policy: {policy}, backoff: 100ms, max_backoff: 200ms}}
+fleet: {{hosts: 1}}
+load: [{{hold: {{rate: 20, for: 60s}}}}]
+""")
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for(lambda: run_dir_of(results))
+        assert isinstance(run_dir, Path)
+        for round_ in range(expected_starts):
+            ready = wait_for(lambda: query(run_dir, "SELECT pid FROM events WHERE kind='ready'")[round_:], timeout=30)
+            os.kill(ready[0]["pid"], signal.SIGTERM)  # the target exits 0 on SIGTERM: not a crash
+            wait_for(lambda: len(query(run_dir, "SELECT * FROM events WHERE kind='exit'")) > round_, timeout=30)
+        if policy == "never":
+            wait_for(lambda: query(run_dir, "SELECT * FROM events WHERE kind='no-restart'"), timeout=30)
+        else:
+            wait_for(lambda: len(query(run_dir, "SELECT * FROM events WHERE kind='start'")) >= expected_starts + 1)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    starts = query(run_dir, "SELECT * FROM events WHERE kind='start'")
+    assert len(starts) == (1 if policy == "never" else expected_starts + 1)
+    assert query(run_dir, "SELECT count(*) AS n FROM crashes")[0]["n"] == 0
