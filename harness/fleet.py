@@ -229,6 +229,10 @@ class FleetSupervisor:
                     status = await stop(child, self.target.stop_grace)
                     self.recorder.event("stop", host.index, child.pid, how=ExitInfo.from_status(status).describe())
         info = ExitInfo.from_status(status)
+        if host.incarnation == 1 and not self._ready_once[host.index].is_set() and self.first_start_failed is None \
+                and host.kill_expected is None:
+            self.first_start_failed = f"{host.name} {info.describe()} before accepting connections" + \
+                _last_line(host.stderr)
         with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
             await self._record_exit(host, child, info)
         return info
@@ -282,6 +286,17 @@ async def _tcp_accepts(port: int, timeout: float) -> bool:
         return False
     finally:
         sock.close()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 512))
+            lines = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()}" if lines else ""
 
 
 def check_command(argv: list[str]) -> None:

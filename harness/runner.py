@@ -203,7 +203,7 @@ class Run:
                     await supervisor.wait_all_started()
                 if supervisor.first_start_failed:
                     raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
-                                       f"(see {hosts[0].stderr})")
+                                       f"(see {hosts[0].stderr.parent}/)")
                 recorder.t0 = trio.current_time() + 0.05
                 recorder.wall0 = time.time() + 0.05
                 await self._store_call(self.store.trial_load_started, number, recorder.wall0)
@@ -226,7 +226,8 @@ class Run:
                 recorder.event("trial-end", status=status)
                 await self._flush(number, recorder)
                 await self._store_call(self.store.end_trial, number, status,
-                                       {"lag_p99_us": driver.lag.get_value_at_percentile(99),
+                                       {"send_lag_us": {q: driver.lag.get_value_at_percentile(float(q))
+                                                      for q in ("50", "99", "99.9", "100")},
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts]})
                 if self.options.status:
@@ -257,6 +258,7 @@ class Run:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             counters = driver.swap_counters()
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
+            await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
 
@@ -348,6 +350,25 @@ def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int]]:
         except (psutil.Error, OSError):
             continue
     return usage
+
+
+def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
+    """Keep each host's output within ~1.5x max_bytes, copy-truncate style: the target keeps its
+    O_APPEND descriptor, the newest half of the cap moves to <log>.1, the log restarts empty.
+    A target that floods its output costs disk and a little CPU, never the harness's memory."""
+    for host in hosts:
+        for log in (host.stdout, host.stderr):
+            try:
+                size = log.stat().st_size
+                if size <= max_bytes:
+                    continue
+                keep = max_bytes // 2
+                with open(log, "rb") as source, open(log.with_name(log.name + ".1"), "wb") as rotated:
+                    source.seek(max(0, size - keep))
+                    rotated.write(source.read(keep))
+                os.truncate(log, 0)
+            except OSError:
+                continue
 
 
 def _collect_crash_files(host: Host, pid: int, core_dumped: bool) -> tuple[str, str | None]:

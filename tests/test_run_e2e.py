@@ -182,6 +182,21 @@ load: [{hold: {rate: 10, for: 1s}}]
     assert len(lines) == 1 and lines[0].startswith("harness: error: build failed (make -C nowhere-at-all")
 
 
+def test_target_that_exits_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, """
+name: exits-at-start
+target:
+  command: [sh, -c, "echo 'config error: no such option' >&2; exit 3", "{port}"]
+fleet: {hosts: 2}
+load: [{hold: {rate: 10, for: 1s}}]
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r")], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "exited with code 3 before accepting connections: config error: no such option" in lines[0]
+
+
 def test_target_that_never_listens_is_a_clear_error(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: never-ready
@@ -233,3 +248,31 @@ load: [{{hold: {{rate: 20, for: 60s}}}}]
     starts = query(run_dir, "SELECT * FROM events WHERE kind='start'")
     assert len(starts) == (1 if policy == "never" else expected_starts + 1)
     assert query(run_dir, "SELECT count(*) AS n FROM crashes")[0]["n"] == 0
+
+
+def test_target_flooding_output_is_capped_and_harmless(targets: Path, tmp_path: Path) -> None:
+    # `yes` in the host's process group floods stdout as fast as the disk takes it.
+    scenario = write_scenario(tmp_path, """
+name: flood
+target:
+  root: @REPO@
+  command: [sh, -c, "yes flooding-the-log & exec {root}/targets/echo/echo-server --port {port}"]
+  log_max: 2MiB
+fleet: {hosts: 2}
+load: [{hold: {rate: 100, for: 4s}}]
+expect:
+  - {error_rate: "< 1%"}
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = run_dir_of(tmp_path / "r")
+    assert run_dir is not None
+    for host in ("h0", "h1"):
+        log = run_dir / "hosts" / "t1" / host / "stdout.log"
+        rotated = log.with_name("stdout.log.1")
+        assert rotated.exists(), "the flood reached the cap and was rotated"
+        # Bounded: the cap, plus at most what one second of flooding adds before the next check.
+        assert rotated.stat().st_size <= 1024 * 1024
+    # The flooding `yes` children were stopped with their hosts.
+    ps = subprocess.run(["pgrep", "-f", "flooding-the-log"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
