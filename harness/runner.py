@@ -9,6 +9,7 @@ error, every host is stopped and reaped, and what was gathered is written before
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import secrets
 import signal
@@ -204,6 +205,9 @@ class Run:
                 if supervisor.first_start_failed:
                     raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
                                        f"(see {hosts[0].stderr.parent}/)")
+                # Start-up garbage is long-lived: freeze it so collections during the load stay short.
+                gc.collect()
+                gc.freeze()
                 recorder.t0 = trio.current_time() + 0.05
                 recorder.wall0 = time.time() + 0.05
                 await self._store_call(self.store.trial_load_started, number, recorder.wall0)
