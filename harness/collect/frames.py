@@ -63,8 +63,9 @@ def _strip_params(name: str) -> str:
 
 def _strip_templates(name: str) -> str:
     """Collapse template arguments "<...>" to "<>" so that instantiations share a bucket."""
-    if "operator" in name:  # operator<, operator<<, operator-> : not worth the ambiguity
-        return name
+    op = name.find("operator")
+    if op >= 0:  # operator<, operator<<, operator->: only the scope before the operator is stripped
+        return _strip_templates(name[:op]) + name[op:] if op > 0 else name
     out: list[str] = []
     depth = 0
     for c in name:

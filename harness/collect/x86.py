@@ -28,7 +28,7 @@ _SUBREG["eip"] = ("rip", 0xFFFFFFFF)
 _NO_ACCESS = re.compile(r"^(?:lea[wlq]?|nop[wlq]?|prefetch\w*|endbr64|endbr32)$")
 # Branches take a bare number as a direct target, not as an absolute memory operand.
 _BRANCH = re.compile(r"^(?:j\w+|call[q]?|loop\w*|xbegin)$")
-_READ_ONLY_DEST = re.compile(r"^(?:cmp\w*|test\w*|bt[wlq]?|ucomis[sd]|comis[sd]|vucomis[sd]|vcomis[sd]|ptest|vptest)$")
+_READ_ONLY_DEST = re.compile(r"^(?:cmp(?!xchg)\w*|test\w*|bt[wlq]?|ucomis[sd]|comis[sd]|vucomis[sd]|vcomis[sd]|ptest|vptest)$")
 _PREFIXES = {"lock", "rep", "repz", "repe", "repnz", "repne", "notrack", "bnd", "data16", "addr32", "cs", "ds",
              "es", "ss", "fs", "gs", "rex", "rex.w", "xacquire", "xrelease"}
 
