@@ -7,6 +7,7 @@ the user ("expected a duration like '30s' or '2m'").
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
@@ -26,61 +27,115 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _show(value: object) -> str:
+    """repr() for messages, shortened so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(value: object, what: str, example: str) -> float:
+    """A YAML number as a finite float (rejects .nan, .inf and integers too large for a float)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"{what} {_show(value)} is too large") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected {example}, got {_show(value)}")
+    return number
+
+
+def _negative(text: str) -> bool:
+    return text.startswith("-") and bool(re.match(r"-\s*(?:[0-9]|\.[0-9])", text))
+
+
+_DURATION_TERM = _NUMBER + r"\s*(ns|us|µs|ms|min|s|m|h|d)"
+
+
 def parse_duration(value: object) -> float:
-    """'30s', '1.5m', '250ms', '8h', '1h30m' or a bare number of seconds."""
+    """'30s', '1.5m', '250ms', '8h', '1h30m' or a bare number of seconds (also as a string: '10')."""
+    example = "a duration like '30s', '250ms' or '2m'"
     if _is_number(value):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value}")
-        return float(value)  # type: ignore[arg-type]
-    if not isinstance(value, str):
-        raise ValueError(f"expected a duration like '30s' or '2m', got {value!r}")
-    text = value.strip().lower()
-    parts = re.findall(_NUMBER + r"\s*(ns|us|µs|ms|min|s|m|h|d)", text)
-    if not parts or re.sub(_NUMBER + r"\s*(ns|us|µs|ms|min|s|m|h|d)", "", text).strip():
-        raise ValueError(f"expected a duration like '30s', '250ms' or '2m', got {value!r}")
-    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+        seconds = _finite(value, "duration", example)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if _negative(text):
+            raise ValueError(f"duration must not be negative, got {_show(value)}")
+        if re.fullmatch(_NUMBER, text):
+            seconds = float(text)
+        else:
+            parts = re.findall(_DURATION_TERM, text)
+            if not parts or re.sub(_DURATION_TERM, "", text).strip():
+                raise ValueError(f"expected {example}, got {_show(value)}")
+            seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+        if not math.isfinite(seconds):
+            raise ValueError(f"duration {_show(value)} is too large")
+    else:
+        raise ValueError(f"expected {example}, got {_show(value)}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {_show(value)}")
+    return seconds
 
 
 def parse_size(value: object) -> int:
     """'48MiB', '64k', '1GiB' or a bare number of bytes."""
+    example = "a size like '48MiB' or '64KiB'"
     if _is_number(value):
-        if value < 0:
-            raise ValueError(f"size must not be negative, got {value}")
-        return int(value)  # type: ignore[arg-type]
-    if not isinstance(value, str):
-        raise ValueError(f"expected a size like '48MiB' or '64KiB', got {value!r}")
-    match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)", value.strip())
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size like '48MiB' or '64KiB', got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        size = _finite(value, "size", example)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _negative(text):
+            raise ValueError(f"size must not be negative, got {_show(value)}")
+        match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)", text)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"expected {example}, got {_show(value)}")
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if not math.isfinite(size):
+            raise ValueError(f"size {_show(value)} is too large")
+    else:
+        raise ValueError(f"expected {example}, got {_show(value)}")
+    if size < 0:
+        raise ValueError(f"size must not be negative, got {_show(value)}")
+    return int(size)
 
 
 def parse_rate(value: object) -> float:
     """Arrivals per second: 1200, '1200/s', '1200rps', '600/m'. Must not be negative."""
+    example = "a rate like 1200 or '1200/s'"
     if _is_number(value):
-        rate = float(value)  # type: ignore[arg-type]
+        rate = _finite(value, "rate", example)
     elif isinstance(value, str):
         match = re.fullmatch(r"(-?" + _NUMBER[1:] + r"\s*(/s|/m|/min|/h|rps)?", value.strip().lower())
         if not match:
-            raise ValueError(f"expected a rate like 1200 or '1200/s', got {value!r}")
+            raise ValueError(f"expected {example}, got {_show(value)}")
         rate = float(match.group(1)) * _RATE_UNITS[match.group(2) or ""]
+        if not math.isfinite(rate):
+            raise ValueError(f"rate {_show(value)} is too large")
     else:
-        raise ValueError(f"expected a rate like 1200 or '1200/s', got {value!r}")
+        raise ValueError(f"expected {example}, got {_show(value)}")
     if rate < 0:
-        raise ValueError(f"rate must not be negative, got {value!r}")
+        raise ValueError(f"rate must not be negative, got {_show(value)}")
     return rate
 
 
 def parse_fraction(value: object) -> float:
-    """'1%', '0.5%', 0.01 -> a fraction in [0, 1]."""
+    """'1%', '0.5%', 0.01 (also as a string: '0.01') -> a fraction in [0, 1]."""
+    example = "a fraction like 0.01 or '1%'"
     if _is_number(value):
-        fraction = float(value)  # type: ignore[arg-type]
-    elif isinstance(value, str) and re.fullmatch(_NUMBER + r"\s*%", value.strip()):
-        fraction = float(value.strip()[:-1]) / 100.0
+        fraction = _finite(value, "fraction", example)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _negative(text):
+            raise ValueError(f"expected a fraction between 0 and 1 (or 0% and 100%), got {_show(value)}")
+        if re.fullmatch(_NUMBER + r"\s*%", text):
+            fraction = float(text[:-1]) / 100.0
+        elif re.fullmatch(_NUMBER, text):
+            fraction = float(text)
+        else:
+            raise ValueError(f"expected {example}, got {_show(value)}")
     else:
-        raise ValueError(f"expected a fraction like 0.01 or '1%', got {value!r}")
+        raise ValueError(f"expected {example}, got {_show(value)}")
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"expected a fraction between 0 and 1 (or 0% and 100%), got {value!r}")
+        raise ValueError(f"expected a fraction between 0 and 1 (or 0% and 100%), got {_show(value)}")
     return fraction
 
 
