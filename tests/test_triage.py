@@ -319,7 +319,8 @@ def test_find_core_fallback_and_filters(tmp_path):
     now = time.time()
     _touch(tmp_path / "core", mtime=now - 3600)  # an old core from an earlier run
     assert find_core(tmp_path, 1, now - 60, pattern="core", uses_pid_sysctl=False) is None
-    _touch(tmp_path / "core.weird-name", mtime=now)
+    _touch(tmp_path / "core.log", b"not a core", mtime=now)  # a name match that is not an ELF core
+    _touch(tmp_path / "core.weird-name", b"\x7fELF" + b"\0" * 60, mtime=now - 1)
     # Pattern "core" does not match that name: the fallback takes the newest core* after `since`.
     assert find_core(tmp_path, 1, now - 60, pattern="core", uses_pid_sysctl=False) == tmp_path / "core.weird-name"
     assert find_core(tmp_path, 1, now - 60, pattern="|/usr/lib/systemd/systemd-coredump %P",
@@ -539,6 +540,14 @@ def test_signature_skips_noise_frames():
     assert sig.text == "estats_update < handle_request < serve_loop"
     assert sig.method == "top-frames" and sig.version == SIGNATURE_VERSION
     assert sig.in_allocator  # je_malloc_default/operator new sit above the first application frame
+
+
+def test_allocator_prefixes_do_not_swallow_app_functions():
+    frames = [Frame("tc_parse_rule", "srv"), Frame("mi_handler", "srv"), Frame("main", "srv")]
+    assert crash_state(frames).text == "tc_parse_rule < mi_handler < main"
+    alloc = [Frame("tc_malloc", "srv"), Frame("_mi_page_malloc", "srv"), Frame("mi_heap_malloc", "srv")] + APP
+    sig = crash_state(alloc)
+    assert sig.in_allocator and sig.frames[0] == "estats_update"
 
 
 def test_signature_in_allocator_flag():

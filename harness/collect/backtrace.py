@@ -207,10 +207,11 @@ def parse_eu_stack(text: str, *, max_frames: int = MAX_FRAMES) -> tuple[list[Thr
                 func = rest
             if func is not None and func.strip() in ("", "??"):
                 func = None
+            if len(cur_thread.frames) >= max_frames:  # our own cap, for -n 0 output
+                cur_thread.truncated = True
+                continue
             frame = {"function": func.strip() if func else None, "module": module.strip() if module else None,
                      "pc": int(m.group(2), 16), "module_offset": None, "source": None, "index": int(m.group(1))}
-            if len(cur_thread.frames) >= max_frames:
-                cur_thread.truncated = True
             continue
         if frame is not None and line.startswith("    "):
             s = line.strip()
@@ -231,8 +232,10 @@ def eu_stack_result(run: ToolRun) -> StackResult:
         return res
     # Exit 1 means "some frames shown, some errors" (e.g. the frame limit in a deep recursion): usable.
     res.threads, res.modules = parse_eu_stack(run.stdout)
+    # "eu-stack: tid 3957: shown max number of frames (256, use -n 0 for unlimited)"
+    capped = {int(m) for m in re.findall(r"tid (\d+): shown max number of frames", run.stderr)}
     for t in res.threads:
-        if len(t.frames) >= MAX_FRAMES:
+        if t.tid in capped:
             t.truncated = True
     if run.returncode not in (0, 1) or not res.threads:
         tail = run.stderr.strip().splitlines()[-3:]

@@ -156,11 +156,25 @@ def find_core(host_dir: Path, pid: int, since: float, *, pattern: str | None = N
         for n in names:
             p = host_dir / n
             mt = _regular_file_mtime(p)
-            if mt is not None and mt >= since - MTIME_SLACK:
+            # The fallback is a guess by name: only accept ELF files (not core.log, core.json…).
+            if mt is not None and mt >= since - MTIME_SLACK and _is_elf(p):
                 candidates.append((mt, p))
     if not candidates:
         return None
     return max(candidates, key=lambda c: c[0])[1]
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, 4, 0) == b"\x7fELF"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _glob_files(base: Path, rel_glob: str, since: float) -> list[tuple[float, Path]]:

@@ -124,7 +124,12 @@ _ALLOCATOR = _rx(
     r"aligned_alloc", r"valloc", r"pvalloc", r"malloc_usable_size", r"__libc_(?:malloc|free|calloc|realloc|memalign|valloc|pvalloc)",
     r"_int_\w+", r"malloc_\w+", r"tcache_\w+", r"sysmalloc", r"unlink_chunk", r"_mid_memalign", r"arena_get2?",
     r"operator new(?:\[\])?", r"operator delete(?:\[\])?", r"_Zn[wa]\w*", r"_Zd[la]\w*",
-    r"je_\w+", r"_?rjem_\w+", r"tc_\w+", r"tcmalloc::.*", r"_?mi_\w+",
+    # Allocator prefixes only where they are unambiguous: "tc_"/"mi_" alone would swallow
+    # application functions (tc_parse, mi_handler). Shared-library allocators are caught by module.
+    r"je_\w+", r"_?rjem_\w+", r"tcmalloc::.*",
+    r"tc_(?:malloc|free|calloc|cfree|realloc|new|delete|newarray|deletearray|memalign|posix_memalign|pvalloc|valloc)\w*",
+    r"_mi_\w+", r"mi_(?:malloc|zalloc|calloc|realloc|reallocf|free|expand|usable_size|heap|page|segment|arena|new|"
+    r"rezalloc|recalloc|strdup|strndup|aligned|theap)\w*",
 )
 # libc string/memory routines, startup and thread entry: a fault there is the caller's bug.
 _LIBC = _rx(

@@ -194,7 +194,8 @@ def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
     elif not threads and have_eu and shutil.which(gdb):
         # eu-stack ran but found nothing usable: a slower gdb backtrace is better than no frames.
         t2 = time.monotonic()
-        retry = bt.gdb_result(bt.run_tool(bt.gdb_argv(core, exe_arg, gdb=gdb, want_backtrace=True), timeout),
+        left = max(1.0, timeout - (t2 - t0))  # the timeout bounds the whole triage, not each tool
+        retry = bt.gdb_result(bt.run_tool(bt.gdb_argv(core, exe_arg, gdb=gdb, want_backtrace=True), left),
                               executable_name=executable.name)
         tri.timings["gdb-backtrace"] = time.monotonic() - t2
         if retry.threads:
