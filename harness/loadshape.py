@@ -154,14 +154,20 @@ class LoadShape:
         need = target - self._cumulative[index]
         r0 = seg.rate_from
         slope = (seg.rate_to - seg.rate_from) / (seg.end - seg.start) if seg.end > seg.start else 0.0
-        if abs(slope) < 1e-12:
+        if need <= 0:
+            return seg.start
+        if slope == 0.0:
             if r0 <= 0:
                 return None
             return min(seg.end, seg.start + need / r0)
-        # Solve r0*x + slope*x^2/2 = need for x >= 0.
+        # Solve r0*x + slope*x^2/2 = need for x >= 0. The textbook root (-r0 + sqrt(disc)) / slope
+        # cancels catastrophically on a nearly flat ramp; this form is exact for both signs of slope.
         disc = r0 * r0 + 2.0 * slope * need
-        x = (-r0 + math.sqrt(max(disc, 0.0))) / slope
-        return min(seg.end, seg.start + max(x, 0.0))
+        denominator = r0 + math.sqrt(max(disc, 0.0))
+        if denominator <= 0:
+            return None
+        x = 2.0 * need / denominator
+        return min(seg.end, seg.start + x)
 
     def phase_at(self, t: float) -> Phase | None:
         for phase in self.phases:
