@@ -242,6 +242,10 @@ class FleetSupervisor:
         deadline = trio.current_time() + self.target.ready.timeout
         while trio.current_time() < deadline:
             if await _tcp_accepts(port, self.target.ready.interval):
+                try:  # the real executable (argv[0] may be a wrapper or a name on PATH)
+                    host.extra["exe"] = os.readlink(f"/proc/{child.pid}/exe")
+                except OSError:
+                    host.extra.pop("exe", None)
                 host.state = State.UP
                 self.recorder.event("ready", host.index, child.pid,
                                     after=round(time.monotonic() - host.started_at, 4))
@@ -269,7 +273,7 @@ class FleetSupervisor:
             host.crashes += 1
             record = {"host": host.index, "pid": child.pid, "signal": info.signal,
                       "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
-                      "executable": host.argv[0]}
+                      "executable": host.extra.get("exe") or _which(host.argv[0])}
             if self.on_crash is not None:
                 await self.on_crash(host, info, record)  # type: ignore[misc]
             self.recorder.crash(record)
@@ -286,6 +290,11 @@ async def _tcp_accepts(port: int, timeout: float) -> bool:
         return False
     finally:
         sock.close()
+
+
+def _which(program: str) -> str:
+    from shutil import which
+    return program if "/" in program else (which(program) or program)
 
 
 def _last_line(path: Path) -> str:

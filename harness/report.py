@@ -90,7 +90,9 @@ def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
 def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
     tid = trial["id"]
     samples = _rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (tid,))
-    crashes = _rows(store, "SELECT * FROM crashes WHERE trial=? ORDER BY t", (tid,))
+    crashes = _rows(store, "SELECT c.*, x.crash_class, x.signature, x.bucket, x.in_allocator, x.fault_address, "
+                           "x.data AS triage FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
+                           "WHERE c.trial=? ORDER BY c.t", (tid,))
     events = _rows(store, "SELECT * FROM events WHERE trial=? ORDER BY id", (tid,))
     for item in crashes + events:
         item["detail"] = json.loads(item["detail"] or "{}")
@@ -109,7 +111,9 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "overall": overall, "phases": phase_rows,
         "crashes": [{k: c[k] for k in ("t", "host", "pid", "signal", "signal_name", "core_dumped", "uptime",
                                        "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
-                                       "detail")} for c in crashes],
+                                       "detail", "crash_class", "signature", "bucket", "in_allocator",
+                                       "fault_address")} for c in crashes],
+        "buckets": _buckets(crashes),
         "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
         "crashes_by_host": {f"h{h}": n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
         "hosts_alive": _alive_timeline(samples),
@@ -118,6 +122,29 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "samples": len(samples),
         "end": end,
     }
+
+
+def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Crashes grouped by signature bucket (untriaged ones by signal), most frequent first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for crash in crashes:
+        key = crash["bucket"] or f"untriaged:{crash['signal_name']}"
+        groups.setdefault(key, []).append(crash)
+    result = []
+    for key, members in groups.items():
+        first = members[0]
+        triage = json.loads(first["triage"]) if first.get("triage") else {}
+        example = next((m for m in members if m["core_path"]), first)
+        result.append({
+            "bucket": key, "count": len(members), "crash_class": first["crash_class"] or "untriaged",
+            "signature": first["signature"] or "", "signal": first["signal_name"],
+            "in_allocator": bool(first["in_allocator"]), "fault_address": first["fault_address"],
+            "hosts": sorted({f"h{m['host']}" for m in members}), "first_seen": members[0]["t"],
+            "last_seen": members[-1]["t"], "example_core": example["core_path"],
+            "example_frames": [f.get("function") or "??" for f in triage.get("crashing_thread", [])][:12],
+            "signature_version": triage.get("signature_version"),
+        })
+    return sorted(result, key=lambda b: (-b["count"], b["first_seen"]))
 
 
 def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -163,15 +190,21 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                          phase["crashes"], phase["hosts_alive_min"] if phase["hosts_alive_min"] is not None else "-"])
         out.append(tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
                                            "p99.9 ms", "errors", "crashes", "min alive"]))
+        if trial["buckets"]:
+            bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", " ".join(b["hosts"]),
+                            f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["example_core"] or "-"]
+                           for b in trial["buckets"]]
+            out.append(tabulate(bucket_rows, headers=["bucket", "crashes", "class", "signature", "hosts",
+                                                      "seen", "example core"]))
         if trial["crashes"]:
             by_host = ", ".join(f"{h}: {n}" for h, n in trial["crashes_by_host"].items())
             by_signal = ", ".join(f"{s}: {n}" for s, n in trial["crashes_by_signal"].items())
             out.append(f"crashes: {len(trial['crashes'])} ({by_signal}; {by_host})")
-            crash_rows = [[f"{c['t']:.2f}", f"h{c['host']}", c["pid"], c["signal_name"],
-                           "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s", f"{c['offered_rate']:.0f}",
-                           c["hosts_alive"], c["core_path"] or "-"] for c in trial["crashes"][:20]]
-            out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "core", "uptime",
-                                                     "offered/s", "alive after", "core file"]))
+            crash_rows = [[f"{c['t']:.2f}", f"h{c['host']}", c["pid"], c["signal_name"], c["crash_class"] or "-",
+                           c["bucket"] or "-", "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s",
+                           f"{c['offered_rate']:.0f}", c["hosts_alive"]] for c in trial["crashes"][:20]]
+            out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
+                                                     "uptime", "offered/s", "alive after"]))
             if len(trial["crashes"]) > 20:
                 out.append(f"... and {len(trial['crashes']) - 20} more (harness report --json)")
         else:

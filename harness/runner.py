@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,14 @@ from harness.plan import arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Scenario, Variant
 from harness.store import HostSample, RunStore, Sample
+from harness.collect.cores import CoreRefused, core_pattern, find_core, secure_core
+from harness.collect.triage import triage_core
+from harness.faults import ShimFaults
+from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant
 
 FLUSH_INTERVAL = 1.0
+MAX_CORE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Recorder:
         self.offered_rate = 0.0
         self.last_sample: Sample | None = None
         self.next_second = 0              # index of the sample being gathered
+        self.previous_alive: int | None = None
 
     def now(self) -> float:
         return trio.current_time() - self.t0
@@ -130,6 +136,9 @@ class Run:
         self.store_lock = trio.CapacityLimiter(1)
         self.interrupted: int | None = None
         self.main_scope: trio.CancelScope | None = None
+        self._shim: ShimFaults | None = None
+        self._triage_nursery: trio.Nursery | None = None
+        self._triage_limiter = trio.CapacityLimiter(1)
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
@@ -155,11 +164,13 @@ class Run:
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
-                with trio.CancelScope() as self.main_scope:
-                    for number, (variant, repeat) in enumerate(trials, start=1):
-                        await self._trial(number, variant, repeat, spawner, len(trials))
-                        if self.interrupted:
-                            break
+                # Triage of cores runs beside the trials and is waited for at the end.
+                async with trio.open_nursery() as self._triage_nursery:
+                    with trio.CancelScope() as self.main_scope:
+                        for number, (variant, repeat) in enumerate(trials, start=1):
+                            await self._trial(number, variant, repeat, spawner, len(trials))
+                            if self.interrupted:
+                                break
                 outer.cancel_scope.cancel()
         finally:
             status = "interrupted" if self.interrupted else "complete"
@@ -187,6 +198,7 @@ class Run:
         hosts = plan_hosts(scenario.target, scenario.fleet.hosts, self.run_dir / "hosts" / f"t{number}",
                            tuple(argv), env)
         recorder = Recorder()
+        self._shim = await self._prepare_shim(hosts)
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
         driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer)
         listener = _Listener(driver, recorder)
@@ -214,6 +226,8 @@ class Run:
                 nursery.start_soon(self._writer, number, recorder)
                 nursery.start_soon(self._sampler, recorder, driver, supervisor)
                 nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
+                if self._shim is not None:
+                    nursery.start_soon(self._shim.run, recorder.t0, recorder)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
                 await driver.send_all(arrivals(scenario.load, scenario.client.keys, scenario.seed), recorder.t0)
@@ -226,7 +240,7 @@ class Run:
         finally:
             with trio.CancelScope(shield=True):
                 if status != "complete":
-                    self._final_sample(recorder, driver, supervisor)
+                    self._final_sample(recorder, driver, supervisor, stopped=True)
                 recorder.event("trial-end", status=status)
                 await self._flush(number, recorder)
                 await self._store_call(self.store.end_trial, number, status,
@@ -236,15 +250,45 @@ class Run:
                                                    "crashes": h.crashes} for h in hosts]})
                 if self.options.status:
                     print(file=sys.stderr)
+                if self._shim is not None:
+                    self._shim.close()
+
+    async def _prepare_shim(self, hosts: list[Host]) -> ShimFaults | None:
+        if not self.scenario.shim_faults:
+            return None
+        try:
+            library = await trio.to_thread.run_sync(ensure_shim)
+        except ShimBuildError as exc:
+            raise HarnessError(f"cannot build the fault shim: {exc}") from None
+        return ShimFaults(self.scenario, hosts, library)
 
     async def _on_crash(self, host: Host, info: ExitInfo, record: dict[str, Any]) -> None:
-        """Add the load at the moment of death, the stderr tail and the core to a crash record."""
+        """Add the load at the moment of death, the stderr tail, the core and the faults armed
+        with what the shim had injected to a crash record."""
         recorder = self._recorder
+        if self._shim is not None:
+            record.setdefault("detail", {})["shim"] = {"armed": self._shim.armed(host.index),
+                                                       **self._shim.snapshot(host.index)}
         record["offered_rate"] = recorder.offered_rate
         record["host_inflight"] = self._driver.balancer.inflight[host.index]
         record["hosts_alive"] = self._supervisor.up_count()
-        record["stderr_tail"], record["core_path"] = await trio.to_thread.run_sync(
-            _collect_crash_files, host, record["pid"], info.core_dumped)
+        since = time.time() - (time.monotonic() - host.started_at) - 1
+        record["stderr_tail"], record["core_path"], notes = await trio.to_thread.run_sync(
+            _collect_crash_files, host, record["pid"], info.core_dumped, since, MAX_CORE_BYTES)
+        record["uid"] = f"{self.run_id}:{record['pid']}:{host.index}:{host.incarnation}"
+        if notes:
+            record.setdefault("detail", {})["core_notes"] = notes
+        if record["core_path"] and self._triage_nursery is not None:
+            self._triage_nursery.start_soon(self._triage, record["uid"], Path(record["core_path"]),
+                                            Path(record["executable"]))
+
+    async def _triage(self, uid: str, core: Path, executable: Path) -> None:
+        """Backtrace, class, signature and bucket of one core, off the supervisor's path so the host
+        restarts at once; one at a time, as gdb and eu-stack are heavy on a small machine."""
+        result = await trio.to_thread.run_sync(lambda: triage_core(core, executable, timeout=60).to_dict(),
+                                               limiter=self._triage_limiter)
+        assert self.store is not None
+        await self._store_call(self.store.record_triage, uid, result)
 
     async def _flush(self, trial: int, recorder: Recorder) -> None:
         batch = recorder.take()
@@ -266,11 +310,16 @@ class Run:
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
 
-    def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
-        """The last, partial second (after the load ends, while draining)."""
+    def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
+                      stopped: bool = False) -> None:
+        """The last, partial second (after the load ends, or when interrupted)."""
         counters = driver.swap_counters()
         if counters.offered or counters.ok or counters.timeout or counters.conn_error or counters.no_host:
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, {})
+            if stopped and recorder.last_sample and recorder.previous_alive is not None:
+                # Hosts were already stopped by the interruption: they were alive during the second.
+                recorder.samples[-1] = recorder.last_sample = replace(recorder.last_sample,
+                                                                      hosts_alive=recorder.previous_alive)
             recorder.next_second += 1
 
     def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver,
@@ -280,6 +329,7 @@ class Run:
         has = c.latency.get_total_count() > 0
         pct = (lambda q: c.latency.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
         alive = sum(1 for h in supervisor.hosts if h.state in (State.UP, State.PAUSED))
+        recorder.previous_alive = recorder.last_sample.hosts_alive if recorder.last_sample else None
         recorder.last_sample = Sample(
             t=second, offered=c.offered, sent=c.sent, ok=c.ok, timeout=c.timeout, conn_error=c.conn_error,
             no_host=c.no_host, bad_reply=c.bad_reply, p50=pct(50), p90=pct(90), p99=pct(99), p999=pct(99.9),
@@ -294,7 +344,8 @@ class Run:
             recorder.host_samples.append(HostSample(
                 t=second, host=host.index, state=state, pid=host.pid, sent=c.host_sent[host.index],
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
-                inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds))
+                inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds,
+                shim=self._shim.snapshot(host.index) if self._shim is not None else None))
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
         scenario = self.scenario
@@ -375,29 +426,28 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
                 continue
 
 
-def _collect_crash_files(host: Host, pid: int, core_dumped: bool) -> tuple[str, str | None]:
+def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float,
+                         max_core: int) -> tuple[str, str | None, list[str]]:
+    """(stderr tail, core path in the results, notes). Runs in a worker thread."""
     tail = ""
     try:
         with open(host.stderr, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 2048))
+            handle.seek(max(0, handle.tell() - 2048))
             tail = handle.read().decode(errors="replace")
     except OSError:
         pass
-    core_path = None
-    if core_dumped:
-        for name in (f"core.{pid}", "core"):
-            candidate = host.cwd / name
-            if candidate.is_file() and not candidate.is_symlink():
-                cores = host.dir / "cores"
-                cores.mkdir(exist_ok=True)
-                destination = cores / f"core.{pid}"
-                os.replace(candidate, destination)
-                os.chmod(destination, 0o600)
-                core_path = str(destination)
-                break
-    return tail, core_path
+    if not core_dumped:
+        return tail, None, []
+    found = find_core(host.cwd, pid, since)
+    if found is None:
+        return tail, None, [f"the kernel reported a core for pid {pid}, but none was found in {host.cwd} "
+                            f"(core_pattern: {core_pattern()})"]
+    try:
+        stored = secure_core(found, host.dir / "cores", max_bytes=max_core)
+    except (CoreRefused, OSError) as exc:
+        return tail, None, [f"core not kept: {exc}"]
+    return tail, str(stored.path), list(stored.notes)
 
 
 async def run_scenario(scenario: Scenario, options: RunOptions) -> RunResult:

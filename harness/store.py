@@ -46,7 +46,11 @@ CREATE TABLE IF NOT EXISTS crashes (
     id INTEGER PRIMARY KEY, trial INTEGER NOT NULL, t REAL NOT NULL, wall REAL NOT NULL, host INTEGER NOT NULL,
     pid INTEGER NOT NULL, signal INTEGER NOT NULL, signal_name TEXT NOT NULL, core_dumped INTEGER NOT NULL,
     uptime REAL NOT NULL, offered_rate REAL NOT NULL, host_inflight INTEGER NOT NULL, hosts_alive INTEGER NOT NULL,
-    core_path TEXT, executable TEXT, stderr_tail TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}');
+    core_path TEXT, executable TEXT, stderr_tail TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}',
+    uid TEXT);
+CREATE TABLE IF NOT EXISTS triage (
+    uid TEXT PRIMARY KEY, crash_class TEXT, signature TEXT, bucket TEXT, in_allocator INTEGER, fault_address TEXT,
+    data TEXT NOT NULL);
 """
 
 
@@ -153,11 +157,21 @@ class RunStore:
                   json.dumps(h.shim) if h.shim is not None else None) for h in host_samples])
             self.db.executemany(
                 "INSERT INTO crashes (trial, t, wall, host, pid, signal, signal_name, core_dumped, uptime, "
-                "offered_rate, host_inflight, hosts_alive, core_path, executable, stderr_tail, detail) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "offered_rate, host_inflight, hosts_alive, core_path, executable, stderr_tail, detail, uid) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(trial, c["t"], c["wall"], c["host"], c["pid"], c["signal"], c["signal_name"], int(c["core_dumped"]),
                   c["uptime"], c["offered_rate"], c["host_inflight"], c["hosts_alive"], c.get("core_path"),
-                  c.get("executable"), c.get("stderr_tail", ""), json.dumps(c.get("detail", {}))) for c in crashes])
+                  c.get("executable"), c.get("stderr_tail", ""), json.dumps(c.get("detail", {})), c.get("uid"))
+                 for c in crashes])
+
+    def record_triage(self, uid: str, triage: dict[str, Any]) -> None:
+        """A core's triage, keyed by its crash's uid (either may be written first)."""
+        with self._tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO triage (uid, crash_class, signature, bucket, in_allocator, fault_address, data) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (uid, triage.get("crash_class"), triage.get("signature"), triage.get("bucket"),
+                 int(bool(triage.get("in_allocator"))), triage.get("fault_address"), json.dumps(triage)))
 
     def _tx(self) -> "_Transaction":
         return _Transaction(self.db)

@@ -109,6 +109,10 @@ expect:
     assert core.is_file() and core.stat().st_size > 0
     assert oct(core.stat().st_mode & 0o777) == "0o600"
     assert crash["offered_rate"] > 0
+    # The core was triaged from the file alone: a SIGSEGV sent with kill() is not a memory fault.
+    triage = query(run_dir, "SELECT * FROM triage WHERE uid=?", (crash["uid"],))[0]
+    assert triage["crash_class"] == "external-signal"
+    assert json.loads(triage["data"])["signal_name"] == "SIGSEGV"
     # Summary printed even when interrupted, and the expectation {crashes: 0} failed visibly.
     assert "SIGSEGV" in out and "FAILED" in out
     assert query(run_dir, "SELECT status FROM runs")[0]["status"] == "interrupted"

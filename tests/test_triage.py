@@ -691,3 +691,13 @@ def test_parse_gdb_sections():
     assert g.registers == {"rax": 0xA5A5A5A5A5A5A5A5, "rip": 0x56422891227A}
     assert [i.address for i in g.instructions] == [0x56422891227A, 0x56422891227F]
     assert g.abort_message == "free(): double free detected in tcache 2"
+
+
+def test_fault_signal_sent_by_a_process_is_not_a_fault() -> None:
+    """kill -SEGV gives si_code SI_USER and si_addr 0: that is not a NULL dereference."""
+    from harness.collect.classify import CrashFacts, classify
+    facts = CrashFacts(signal=11, si_code=0, fault_address=0, address_source="siginfo", frames=())
+    result = classify(facts)
+    assert result.crash_class == "external-signal"
+    faulted = classify(CrashFacts(signal=11, si_code=1, fault_address=0x40, address_source="siginfo", frames=()))
+    assert faulted.crash_class == "null-deref"

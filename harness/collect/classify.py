@@ -159,6 +159,13 @@ def classify(f: CrashFacts) -> Classification:
         ev["fault_address"] = hex(addr)
         ev["address_source"] = f.address_source
 
+    if sig in (_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE) and f.si_code is not None \
+            and f.si_code <= 0:
+        # kill()/tgkill()/sigqueue() from a process: no faulting access, si_addr means nothing.
+        sender = f" (pid {f.sender_pid})" if f.sender_pid else ""
+        return Classification("external-signal", f"{_signame(sig)} sent by a process{sender}, not a fault",
+                              in_allocator=in_alloc, evidence=ev)
+
     if sig == _signal.SIGBUS:
         return Classification("bus-error", f"SIGBUS at {addr:#x}" if addr is not None else "SIGBUS",
                               in_allocator=in_alloc, evidence=ev)
