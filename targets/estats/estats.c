@@ -73,6 +73,7 @@ struct estats {
     uint64_t key_bytes;    /* 0x48 */
     uint64_t nomem;        /* 0x50 */
     uint64_t keylen_hist[32];
+    unsigned char trace[];  /* per-request trace ring, --stats-kb KiB */
 };
 _Static_assert(offsetof(struct estats, hits) == 0x40, "hits must sit at 0x40");
 
@@ -81,12 +82,14 @@ static struct {
     uint64_t hits, key_bytes, nomem, keylen_hist[32];
 } totals;
 
+static size_t trace_bytes = 4 * 1024;  /* the stats block's trace ring (--stats-kb) */
+
 /* Returns NULL when the allocation fails. */
 static NOINLINE struct estats *estats_alloc(uint64_t conn_id, uint64_t seq, uint64_t now)
 {
-    struct estats *s = malloc(sizeof *s);
+    struct estats *s = malloc(sizeof *s + trace_bytes);
     if (s) {
-        memset(s, 0, sizeof *s);
+        memset(s, 0, sizeof *s + trace_bytes);
         memcpy(s->tag, "estats/1", 9);
         s->conn_id = conn_id;
         s->seq = seq;
@@ -380,6 +383,9 @@ static NOINLINE void handle_request(struct conn *c, const char *line, size_t len
     if (len > 4 && len - 4 <= KEY_MAX && memcmp(line, "GET ", 4) == 0) {
         const char *key = line + 4;
         size_t keylen = len - 4;
+        /* The stats block is taken first: it records the request from its arrival. */
+        if (estats_on)
+            s->stats = estats_alloc(c->id, s->seq, now);
         s->scratch = malloc(scratch_bytes);
         if (s->scratch) { /* checked: fails softly */
             memset(s->scratch, 0x5a, scratch_bytes);
@@ -391,7 +397,6 @@ static NOINLINE void handle_request(struct conn *c, const char *line, size_t len
             n_nomem++;
         }
         if (estats_on) {
-            s->stats = estats_alloc(c->id, s->seq, now);
             /* BUG: s->stats is not checked for NULL. */
             estats_update(s->stats, keylen, s->status == ST_NOMEM, now);
         }
@@ -560,7 +565,8 @@ static void usage(FILE *f)
             "  --host ADDR       numeric address to bind (default 127.0.0.1)\n"
             "  --estats on|off   per-request stats blocks (default on; on has the bug)\n"
             "  --service-ms N    time each request is held before its reply (default 20)\n"
-            "  --scratch-kb N    scratch buffer per request, KiB, >= 1 (default 64)\n",
+            "  --scratch-kb N    scratch buffer per request, KiB, >= 1 (default 64)\n"
+            "  --stats-kb N      trace ring in each stats block, KiB (default 4)\n",
             prog);
 }
 
@@ -620,11 +626,12 @@ int main(int argc, char **argv)
         {"estats", required_argument, 0, 'e'},
         {"service-ms", required_argument, 0, 's'},
         {"scratch-kb", required_argument, 0, 'k'},
+        {"stats-kb", required_argument, 0, 't'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *host = "127.0.0.1";
-    long port = -1, service_ms = 20, scratch_kb = 64;
+    long port = -1, service_ms = 20, scratch_kb = 64, stats_kb = 4;
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
@@ -659,6 +666,12 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case 't':
+            if (parse_long(optarg, 0, 1024 * 1024, &stats_kb) < 0) {
+                fprintf(stderr, "%s: bad --stats-kb %s (0..1048576)\n", prog, optarg);
+                return 2;
+            }
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -673,6 +686,7 @@ int main(int argc, char **argv)
     }
     service_ns = (uint64_t)service_ms * 1000000ull;
     scratch_bytes = (size_t)scratch_kb * 1024;
+    trace_bytes = (size_t)stats_kb * 1024;
 
     int sfd = signals_setup();
     if (sfd < 0) {
