@@ -383,7 +383,10 @@ def test_usage_errors_exit_2(binaries):
         assert r.returncode == 2 and "usage" in r.stderr, (name, r)
         r = subprocess.run([str(b), "--port", "0", "--bogus"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (name, r)
-    r = subprocess.run([str(binaries["estats"]), "--port", "0", "--estats", "maybe"], capture_output=True, timeout=30)
+    for bad in (["--estats", "maybe"], ["--scratch-kb", "0"], ["--stats-kb", "-1"], ["--service-ms", "x"]):
+        r = subprocess.run([str(binaries["estats"]), "--port", "0", *bad], capture_output=True, timeout=30)
+        assert r.returncode == 2, bad
+    r = subprocess.run([str(binaries["twq"]), "--port", "0", "--threads", "0"], capture_output=True, timeout=30)
     assert r.returncode == 2
 
 
@@ -479,9 +482,10 @@ def flood_under_limit(port: int, pid: int, may_die: bool = False) -> list[socket
     return socks
 
 
-def test_estats_on_segfaults_when_malloc_returns_null(binaries, tmp_path):
+@pytest.mark.parametrize("stats_kb", ["0", "4"])
+def test_estats_on_segfaults_when_malloc_returns_null(binaries, tmp_path, stats_kb):
     limit = estats_as_limit(binaries, tmp_path)
-    argv = [str(binaries["estats"]), "--estats", "on", "--service-ms", "60000", *ESTATS_AS_ARGS]
+    argv = [str(binaries["estats"]), "--estats", "on", "--service-ms", "60000", "--stats-kb", stats_kb, *ESTATS_AS_ARGS]
     with server(argv, tmp_path, as_bytes=limit) as srv:
         socks = flood_under_limit(srv.port, srv.pid, may_die=True)
         try:

@@ -11,8 +11,9 @@
  * Every request is held for --service-ms before its reply is sent.  While it
  * is held it owns a scratch buffer of --scratch-kb KiB (malloc'd and memset,
  * so the memory is resident) and, with --estats on, a per-request statistics
- * block of a few hundred bytes.  Live heap is therefore about
- * rate x service time x scratch size.
+ * block: 344 bytes, plus a --stats-kb KiB trace ring (default none).  The
+ * stats block is allocated first, the scratch buffer second.  Live heap is
+ * therefore about rate x service time x (scratch + stats block).
  *
  * THE BUG (--estats on): the stats block comes from estats_alloc(), which
  * returns NULL when malloc fails, and handle_request() passes it straight to
@@ -82,7 +83,7 @@ static struct {
     uint64_t hits, key_bytes, nomem, keylen_hist[32];
 } totals;
 
-static size_t trace_bytes = 4 * 1024;  /* the stats block's trace ring (--stats-kb) */
+static size_t trace_bytes;  /* the stats block's trace ring (--stats-kb, default none) */
 
 /* Returns NULL when the allocation fails. */
 static NOINLINE struct estats *estats_alloc(uint64_t conn_id, uint64_t seq, uint64_t now)
@@ -566,7 +567,7 @@ static void usage(FILE *f)
             "  --estats on|off   per-request stats blocks (default on; on has the bug)\n"
             "  --service-ms N    time each request is held before its reply (default 20)\n"
             "  --scratch-kb N    scratch buffer per request, KiB, >= 1 (default 64)\n"
-            "  --stats-kb N      trace ring in each stats block, KiB (default 4)\n",
+            "  --stats-kb N      trace ring added to each stats block, KiB (default 0)\n",
             prog);
 }
 
@@ -631,7 +632,7 @@ int main(int argc, char **argv)
         {0, 0, 0, 0},
     };
     const char *host = "127.0.0.1";
-    long port = -1, service_ms = 20, scratch_kb = 64, stats_kb = 4;
+    long port = -1, service_ms = 20, scratch_kb = 64, stats_kb = 0;
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
@@ -694,8 +695,8 @@ int main(int argc, char **argv)
         return 1;
     }
     char extra[128];
-    snprintf(extra, sizeof extra, " (estats %s, service-ms %ld, scratch-kb %ld)",
-             estats_on ? "on" : "off", service_ms, scratch_kb);
+    snprintf(extra, sizeof extra, " (estats %s, service-ms %ld, scratch-kb %ld, stats-kb %ld)",
+             estats_on ? "on" : "off", service_ms, scratch_kb, stats_kb);
     int lfd = listen_on(host, port, extra);
     if (lfd < 0)
         return 1;
