@@ -7,11 +7,12 @@ placeholder so the rest of the document is still checked, and the caller raises 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from harness.errors import Problem
-from harness.yamlsource import PathKey, Source, format_path
+from harness.yamlsource import UNREADABLE, PathKey, Source, problem
 
 T = TypeVar("T")
 
@@ -32,54 +33,72 @@ class Reader:
     """Reads one mapping of the document; records problems into a shared list."""
 
     def __init__(self, source: Source, path: PathKey, value: Any, problems: list[Problem],
-                 allowed: set[str] | None = None, what: str = "a mapping"):
+                 allowed: set[str] | None = None, what: str = "a mapping",
+                 elsewhere: dict[str, str] | None = None):
+        """`elsewhere` maps keys that belong in another section to where they go (hosts -> fleet.hosts),
+        so a key written one level off gets a 'did you mean' pointing there."""
         self.source = source
         self.path = path
         self.problems = problems
         self.ok = isinstance(value, dict)
         self.data: dict[str, Any] = value if isinstance(value, dict) else {}
-        if not self.ok and value is not MISSING:
+        if not self.ok and value is not MISSING and value is not UNREADABLE:
             self.problem((), f"expected {what}, got {describe(value)}")
+        self.misspelt: set[str] = set()    # allowed keys that an unknown key was taken for (hostz -> hosts)
         if allowed is not None and self.ok:
             for key in self.data:
                 if key not in allowed:
                     hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-                    suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (expected one of: {', '.join(sorted(allowed))})"
-                    self.problem((key,), f"unknown key '{key}'{suggestion}")
+                    self.misspelt.update(hint)
+                    self.problem((key,), f"unknown key '{key}'{_suggest(key, allowed, elsewhere or {})}")
 
     def problem(self, sub: PathKey, message: str) -> None:
         path = self.path + sub
-        self.problems.append(Problem(self.source.file, self.source.line(path), format_path(path), message))
+        self.problems.append(problem(self.source.file, self.source.line(path), path, message))
 
     def has(self, key: str) -> bool:
         return key in self.data
 
     def get(self, key: str, parse: Callable[[Any], T], default: Any = MISSING, required: bool = False) -> T:
         if key not in self.data:
-            if required:
-                self.problem((), f"missing required field '{key}'")
+            if required and key not in self.misspelt:   # a misspelt key already has its 'did you mean'
+                self.problem((key,), f"missing required field '{key}'")
+            return default
+        if self.data[key] is UNREADABLE:
             return default
         try:
             return parse(self.data[key])
-        except (Invalid, ValueError) as exc:
+        except (Invalid, ValueError, ArithmeticError) as exc:
             self.problem((key,), str(exc))
             return default
 
     def child(self, key: str, allowed: set[str] | None = None, what: str = "a mapping",
               required: bool = False) -> "Reader":
-        if key not in self.data and required:
-            self.problem((), f"missing required section '{key}'")
+        if key not in self.data and required and key not in self.misspelt:
+            self.problem((key,), f"missing required section '{key}'")
         return Reader(self.source, self.path + (key,), self.data.get(key, MISSING), self.problems, allowed, what)
 
     def items(self, key: str) -> list[tuple[PathKey, Any]]:
         """Elements of a list field, each with its path; a non-list is a problem."""
         value = self.data.get(key, MISSING)
-        if value is MISSING or value is None:
+        if value is MISSING or value is None or value is UNREADABLE:
             return []
         if not isinstance(value, list):
             self.problem((key,), f"expected a list, got {describe(value)}")
             return []
-        return [(self.path + (key, index), item) for index, item in enumerate(value)]
+        return [(self.path + (key, index), item) for index, item in enumerate(value) if item is not UNREADABLE]
+
+
+def _suggest(key: str, allowed: set[str], elsewhere: dict[str, str]) -> str:
+    hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+    if hint:
+        return f" (did you mean '{hint[0]}'?)"
+    if key in elsewhere:
+        return f" (did you mean '{elsewhere[key]}'?)"
+    hint = difflib.get_close_matches(key, sorted(elsewhere), n=1)
+    if hint:
+        return f" (did you mean '{elsewhere[hint[0]]}'?)"
+    return f" (expected one of: {', '.join(sorted(allowed))})"
 
 
 def describe(value: Any) -> str:
@@ -88,14 +107,20 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"a boolean ({value})"
     if isinstance(value, (int, float)):
-        return f"a number ({value})"
+        return f"a number ({_short(str(value))})"
     if isinstance(value, str):
-        return f"a string ({value!r})"
+        return f"a string ({_short(repr(value))})"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    return type(value).__name__
+    return f"a {type(value).__name__} ({_short(str(value))})"
+
+
+def _short(text: str) -> str:
+    """Keep quoted values in messages short and on one line."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Scalar parsers usable with Reader.get ------------------------------------------------------
@@ -122,7 +147,13 @@ def as_positive_int(value: Any) -> int:
 def as_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"expected a number, got {describe(value)}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise Invalid("the number is too large") from None
+    if not math.isfinite(number):
+        raise Invalid(f"expected a finite number, got {describe(value)}")
+    return number
 
 
 def as_bool(value: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno as errno_module
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from harness.scenario import (
     ALLOCATORS, Client, Expectation, Fault, Fleet, HostLoss, HostSelection, Keys, Ready, Restart, Scenario,
     ShimFault, Target, Variant, Window,
 )
-from harness.yamlsource import PathKey, Source, load_file, load_source
+from harness.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
 TOP_KEYS = {"name", "description", "seed", "duration", "target", "fleet", "load", "client", "faults",
             "variants", "trials", "expect"}
@@ -29,36 +30,53 @@ ALLOC_FUNCTIONS = ("malloc", "calloc", "realloc", "reallocarray", "posix_memalig
 LOCK_FUNCTIONS = ("pthread_mutex_lock", "pthread_mutex_trylock", "pthread_mutex_timedlock",
                   "pthread_rwlock_rdlock", "pthread_rwlock_wrlock", "pthread_rwlock_tryrdlock",
                   "pthread_rwlock_trywrlock")
+# Where keys go that people write one level off (hosts: 8 at the top instead of under fleet:).
+ELSEWHERE = {"hosts": "fleet.hosts", "balancer": "fleet.balancer", "command": "target.command",
+             "build": "target.build", "protocol": "target.protocol", "ready": "target.ready",
+             "restart": "target.restart", "env": "target.env", "timeout": "client.timeout",
+             "connections": "client.connections", "keys": "client.keys", "phases": "load",
+             "fault": "faults", "variant": "variants", "expectations": "expect", "expects": "expect"}
+MAX_STEPS = 10_000
+MAX_ZIPF_KEYS = 2_000_000
 LATENCY_METRICS = ("p50_latency", "p90_latency", "p99_latency", "p999_latency", "max_latency")
 EXPECT_METRICS = ("crashes", "error_rate", "timeout_rate", "throughput", "hosts_alive") + LATENCY_METRICS
 
 
 def load_scenario(path: Path | str, *, duration: float | None = None, seed: int | None = None) -> Scenario:
     """Load and validate; raises ScenarioError listing every problem found."""
-    source = load_file(Path(path))
+    source = parse_source(read_text(Path(path)), str(path))
     return build_scenario(source, Path(path), duration_override=duration, seed_override=seed)
 
 
 def load_scenario_text(text: str, file: str = "<scenario>", base: Path | None = None) -> Scenario:
-    return build_scenario(load_source(text, file), Path(file) if base is None else base / "scenario.yaml")
+    """Validate scenario text; relative paths (target.root) resolve against `base` (default: file's folder)."""
+    return build_scenario(parse_source(text, file), Path(file) if base is None else base / "scenario.yaml")
 
 
 def build_scenario(source: Source, path: Path, *, duration_override: float | None = None,
                    seed_override: int | None = None) -> Scenario:
-    problems: list[Problem] = []
+    problems: list[Problem] = list(source.problems)
     if source.data is None:
-        raise ScenarioError([Problem(source.file, 1, "(document)", "the scenario is empty")])
-    top = Reader(source, (), source.data, problems, TOP_KEYS, what="a scenario mapping")
+        raise _error(problems or [Problem(source.file, 1, "(document)", "the scenario is empty")])
+    # Top-level keys starting with "x-" are free for the user (a place for YAML anchors, like compose files).
+    extensions = {key for key in source.data if isinstance(key, str) and key.startswith("x-")} \
+        if isinstance(source.data, dict) else set()
+    top = Reader(source, (), source.data, problems, TOP_KEYS | extensions, what="a scenario mapping",
+                 elsewhere=ELSEWHERE)
     if not top.ok:
-        raise ScenarioError(problems)
+        raise _error(problems)
 
-    name = top.get("name", as_str, required=True, default="?")
-    if isinstance(name, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    name = top.get("name", as_str, required=True, default=None)
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         top.problem(("name",), "use letters, digits, '.', '_' and '-' only (it names the results folder)")
     seed = top.get("seed", as_int, default=1)
     duration = top.get("duration", _positive_duration, default=None)
     if duration_override is not None:
-        duration = duration_override
+        if not duration_override > 0 or duration_override == float("inf"):
+            top.problem(("duration",), f"the duration given on the command line must be greater than zero, "
+                                       f"got {duration_override:g}s")
+        else:
+            duration = duration_override
     target = _target(top, path)
     fleet = _fleet(top)
     load = _load(top, duration)
@@ -67,20 +85,28 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
     variants = _variants(top)
     trials = top.get("trials", as_positive_int, default=1)
     expect = _expectations(top, load, variants)
+    if not problems and (target is None or fleet is None or load is None):  # each None has a problem; be sure
+        top.problem((), "the scenario needs target, fleet and load")
     if problems:
-        raise ScenarioError(problems)
-    assert target is not None and fleet is not None and load is not None
+        raise _error(problems)
+    assert name is not None and target is not None and fleet is not None and load is not None
     return Scenario(
-        name=name, file=source.file, text=_text_of(path, source), seed=seed if seed_override is None else seed_override,
+        name=name, file=source.file, text=source.text or _text_of(path),
+        seed=seed if seed_override is None else seed_override,
         load=load, target=target, fleet=fleet, client=client, faults=tuple(faults), variants=tuple(variants),
         trials=trials, expect=tuple(expect), description=top.get("description", as_str, default=""),
     )
 
 
-def _text_of(path: Path, source: Source) -> str:
+def _error(problems: list[Problem]) -> ScenarioError:
+    """All problems, in the order of the file (stable: same-line problems keep their order)."""
+    return ScenarioError(sorted(problems, key=lambda p: p.line))
+
+
+def _text_of(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, ValueError):
         return ""
 
 
@@ -89,7 +115,7 @@ def _text_of(path: Path, source: Source) -> str:
 def _positive_duration(value: Any) -> float:
     seconds = units.parse_duration(value)
     if seconds <= 0:
-        raise Invalid(f"expected a duration greater than zero, got {value!r}")
+        raise Invalid(f"expected a duration greater than zero, got {describe(value)}")
     return seconds
 
 
@@ -97,14 +123,16 @@ def _duration(value: Any) -> float:
     return units.parse_duration(value)
 
 
-def _templates_ok(reader: Reader, key: str, argv: tuple[str, ...] | None) -> None:
+def _templates_ok(reader: Reader, key: str | PathKey, argv: tuple[str, ...] | list[str] | str | None) -> None:
+    """Every {placeholder} in these strings must be one the fleet fills in."""
     if not argv:
         return
-    for arg in argv:
+    sub = (key,) if isinstance(key, str) else key
+    for arg in [argv] if isinstance(argv, str) else argv:
         for match in re.finditer(r"\{([^{}]*)\}", arg):
             if match.group(1) not in TEMPLATE_FIELDS:
-                reader.problem((key,), f"unknown placeholder '{{{match.group(1)}}}' in {arg!r} "
-                                       f"(known: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))})")
+                reader.problem(sub, f"unknown placeholder '{{{match.group(1)}}}' in {arg!r} "
+                                    f"(known: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))})")
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -115,7 +143,11 @@ def _target(top: Reader, path: Path) -> Target | None:
     if not r.ok:
         return None
     root_text = r.get("root", as_str, default=".")
-    root = (path.parent / root_text).resolve()
+    try:
+        root = (path.parent / root_text).resolve()
+    except (OSError, ValueError) as exc:
+        r.problem(("root",), f"not a usable path: {exc}")
+        root = path.parent
     command = r.get("command", as_argv, required=True, default=None)
     build = r.get("build", as_argv, default=None)
     _templates_ok(r, "command", command)
@@ -128,11 +160,11 @@ def _target(top: Reader, path: Path) -> Target | None:
     if expect_reply is not None:
         try:
             re.compile(expect_reply)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             r.problem(("expect_reply",), f"not a valid regular expression: {exc}")
     ready_r = r.child("ready", {"tcp", "timeout", "interval"})
     ready = Ready(
-        port=str(ready_r.get("tcp", lambda v: str(as_int(v)) if not isinstance(v, str) else v, default="{port}")),
+        port=ready_r.get("tcp", _ready_port, default="{port}"),
         timeout=ready_r.get("timeout", _positive_duration, default=5.0),
         interval=ready_r.get("interval", _positive_duration, default=0.02),
     )
@@ -143,13 +175,29 @@ def _target(top: Reader, path: Path) -> Target | None:
         max_backoff=restart_r.get("max_backoff", _duration, default=30.0),
         reset_after=restart_r.get("reset_after", _duration, default=10.0),
     )
+    env = r.get("env", as_str_map, default={})
+    for name, value in env.items():
+        _templates_ok(r, ("env", name), value)
+    cwd = r.get("cwd", as_str, default="{dir}")
+    _templates_ok(r, "cwd", cwd)
     return Target(
         root=root, command=command or ("?",), build=build, protocol=protocol, request=request,
         terminator=terminator, expect_reply=expect_reply, ready=ready, restart=restart,
-        env=r.get("env", as_str_map, default={}), cwd=r.get("cwd", as_str, default="{dir}"),
+        env=env, cwd=cwd,
         stop_grace=r.get("stop_grace", _duration, default=2.0), log_max=r.get("log_max", units.parse_size,
                                                                               default=16 * 1024 * 1024),
     )
+
+
+def _ready_port(value: Any) -> str:
+    """ready.tcp: a port number or "{port}" (the port the harness gives each host)."""
+    if isinstance(value, str) and value.strip() == "{port}":
+        return "{port}"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise Invalid(f"expected a TCP port (1-65535) or \"{{port}}\", got {describe(value)}")
+    return str(value)
 
 
 def _fleet(top: Reader) -> Fleet | None:
@@ -174,12 +222,15 @@ _PHASE_KEYS = {
 
 def _load(top: Reader, duration: float | None) -> LoadShape | None:
     if not top.has("load"):
-        top.problem((), "missing required section 'load'")
+        if "load" not in top.misspelt:
+            top.problem(("load",), "missing required section 'load'")
         return None
     specs: list[PhaseSpec] = []
     items = top.items("load")
-    if top.has("load") and isinstance(top.data.get("load"), list) and not items:
-        top.problem(("load",), "the load needs at least one phase")
+    if top.data.get("load") is UNREADABLE:
+        return None
+    if top.data.get("load") is None or (isinstance(top.data.get("load"), list) and not items):
+        top.problem(("load",), "the load needs at least one phase, like [{hold: {for: 30s, rate: 100}}]")
     for path, item in items:
         if not isinstance(item, dict) or len(item) != 1:
             _at(top, path, f"each phase is one of {', '.join(_PHASE_KEYS)} with its settings, "
@@ -187,7 +238,9 @@ def _load(top: Reader, duration: float | None) -> LoadShape | None:
             continue
         kind, body = next(iter(item.items()))
         if kind not in _PHASE_KEYS:
-            _at(top, path + (kind,), f"unknown phase '{kind}' (expected one of: {', '.join(_PHASE_KEYS)})")
+            hint = difflib.get_close_matches(kind, list(_PHASE_KEYS), n=1)
+            _at(top, path + (kind,), f"unknown phase '{kind}'" + (f" (did you mean '{hint[0]}'?)" if hint else
+                                     f" (expected one of: {', '.join(_PHASE_KEYS)})"))
             continue
         r = Reader(top.source, path + (kind,), body, top.problems, _PHASE_KEYS[kind])
         if not r.ok:
@@ -209,10 +262,14 @@ def _load(top: Reader, duration: float | None) -> LoadShape | None:
             specs.append(PhaseSpec("spike", name, r.get("for", _positive_duration, required=True, default=0.0),
                                    factor=factor, rate_to=r.get("to", units.parse_rate, default=None)))
         else:
+            count = r.get("count", as_positive_int, required=True, default=1)
+            if count > MAX_STEPS:
+                r.problem(("count",), f"at most {MAX_STEPS} steps, got {count}")
+                count = 1
             specs.append(PhaseSpec("steps", name, r.get("each", _positive_duration, required=True, default=0.0),
                                    rate_from=r.get("from", units.parse_rate, default=None),
                                    rate_to=r.get("to", units.parse_rate, required=True, default=0.0),
-                                   count=r.get("count", as_positive_int, required=True, default=1)))
+                                   count=count))
     if not specs:
         return None
     return LoadShape.build(specs, duration)
@@ -226,6 +283,11 @@ def _client(top: Reader) -> Client:
         distribution=keys_r.get("distribution", one_of("uniform", "zipf"), default="uniform"),
         zipf_s=keys_r.get("zipf_s", as_number, default=1.1),
     )
+    if keys.zipf_s <= 0:
+        keys_r.problem(("zipf_s",), f"the Zipf exponent must be greater than 0, got {keys.zipf_s:g}")
+        keys = Keys(keys.space, keys.distribution)
+    if keys.distribution == "zipf" and keys.space > MAX_ZIPF_KEYS:
+        keys_r.problem(("space",), f"a zipf key space holds at most {MAX_ZIPF_KEYS} keys, got {keys.space}")
     connections = r.get("connections", as_positive_int, default=2)
     if connections > 64:
         r.problem(("connections",), f"at most 64 connections per host, got {connections}")
@@ -254,6 +316,7 @@ def _hosts_selection(r: Reader, fleet_size: int) -> HostSelection:
     return HostSelection()
 
 
+FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error"]
 _WINDOW_KEYS = {"from", "until", "every", "for"}
 _SHIM_COMMON = {"kind", "mode", "hosts", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
 
@@ -261,26 +324,34 @@ _SHIM_COMMON = {"kind", "mode", "hosts", "probability", "nth", "after", "times",
 def _faults(top: Reader, fleet_size: int) -> list[Fault]:
     faults: list[Fault] = []
     for index, (path, item) in enumerate(top.items("faults")):
-        if not isinstance(item, dict) or "kind" not in item:
-            _at(top, path, "each fault needs a 'kind' (host-loss, alloc-fail or lock-error)")
+        if not isinstance(item, dict):
+            _at(top, path, f"expected a mapping like {{kind: host-loss, at: 30s}}, got {describe(item)}")
+            continue
+        if "kind" not in item:
+            _at(top, path + ("kind",), "missing required field 'kind' (host-loss, alloc-fail or lock-error)")
             continue
         kind = item["kind"]
+        fault: Fault | None
         if kind == "host-loss":
-            fault = _host_loss(Reader(top.source, path, item, top.problems,
-                                      {"kind", "at", "how", "hosts"} | _WINDOW_KEYS | {"down_for"}),
-                               index, fleet_size)
-        elif kind == "alloc-fail":
-            fault = _shim_fault(Reader(top.source, path, item, top.problems,
-                                       _SHIM_COMMON | {"budget", "min_size", "max_size", "functions"}), index, kind)
-        elif kind == "lock-error":
-            fault = _shim_fault(Reader(top.source, path, item, top.problems,
-                                       _SHIM_COMMON | {"errno", "function", "functions"}), index, kind)
+            r = Reader(top.source, path, item, top.problems,
+                       {"kind", "at", "how", "hosts", "down_for"} | _WINDOW_KEYS)
+            fault = _host_loss(r, index, fleet_size)
+        elif kind in ("alloc-fail", "lock-error"):
+            extra = {"budget", "min_size", "max_size", "function", "functions"} if kind == "alloc-fail" else \
+                {"errno", "function", "functions"}
+            r = Reader(top.source, path, item, top.problems, _SHIM_COMMON | extra)
+            fault = _shim_fault(r, index, kind, fleet_size)
+            if fault is not None:
+                _check_shim_fault(r, fault)
         else:
-            _at(top, path + ("kind",), f"unknown fault kind {kind!r} (expected host-loss, alloc-fail or lock-error)")
+            if kind is UNREADABLE:
+                continue
+            hint = difflib.get_close_matches(kind, FAULT_KINDS, n=1) if isinstance(kind, str) else []
+            shown = repr(kind) if isinstance(kind, str) else describe(kind)
+            _at(top, path + ("kind",), f"unknown fault kind {shown}" +
+                (f" (did you mean '{hint[0]}'?)" if hint else " (expected host-loss, alloc-fail or lock-error)"))
             continue
         if fault is not None:
-            if isinstance(fault, ShimFault):
-                _check_shim_fault(Reader(top.source, path, item, [], None), fault, top.problems)
             faults.append(fault)
     return faults
 
@@ -300,6 +371,8 @@ def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:
         every = r.get("every", _positive_duration, default=1.0)
         start = r.get("from", _duration, default=every)
         until = r.get("until", _duration, default=start + every * 1000)
+        if r.has("until") and until <= start:
+            r.problem(("until",), f"'until' ({until:g}s) must come after 'from' ({start:g}s)")
         count = int((until - start) / every) + 1 if until >= start else 0
         times = tuple(start + i * every for i in range(min(count, 100000)) if start + i * every < until)
     pause_for = 5.0
@@ -314,9 +387,10 @@ def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:
                     down_for=down_for)
 
 
-def _shim_fault(r: Reader, index: int, kind: str) -> ShimFault | None:
+def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int) -> ShimFault | None:
     mode = r.get("mode", one_of("random", "nth", "after", "budget"), default="random")
-    if kind == "lock-error" and mode == "budget":
+    mode_fits = not (kind == "lock-error" and mode == "budget")
+    if not mode_fits:
         r.problem(("mode",), "budget mode is for alloc-fail only")
     window = Window(start=r.get("from", _duration, default=0.0), until=r.get("until", _duration, default=None),
                     every=r.get("every", _positive_duration, default=None),
@@ -325,6 +399,8 @@ def _shim_fault(r: Reader, index: int, kind: str) -> ShimFault | None:
         r.problem(("until",), f"'until' ({window.until:g}s) must come after 'from' ({window.start:g}s)")
     if window.active is not None and window.every is None:
         r.problem(("for",), "'for' (how long each window lasts) goes with 'every'")
+    if window.active is not None and window.every is not None and window.active > window.every:
+        r.problem(("for",), f"'for' ({window.active:g}s) is longer than 'every' ({window.every:g}s)")
     functions: tuple[str, ...] = ()
     known = ALLOC_FUNCTIONS if kind == "alloc-fail" else LOCK_FUNCTIONS
     for key in ("functions", "function"):
@@ -352,8 +428,8 @@ def _shim_fault(r: Reader, index: int, kind: str) -> ShimFault | None:
         else:
             callers = tuple(names)
     probability = r.get("probability", _probability, default=0.0)
-    return ShimFault(
-        index=index, kind=kind, mode=mode, window=window, hosts=_hosts_selection(r, 1 << 30), functions=functions,
+    fault = ShimFault(
+        index=index, kind=kind, mode=mode, window=window, hosts=_hosts_selection(r, fleet_size), functions=functions,
         probability=probability, nth=r.get("nth", as_positive_int, default=0),
         after=r.get("after", lambda v: max(0, as_int(v)), default=0),
         budget=r.get("budget", units.parse_size, default=0) if kind == "alloc-fail" else 0,
@@ -363,6 +439,7 @@ def _shim_fault(r: Reader, index: int, kind: str) -> ShimFault | None:
                                            default=-1),
         callers=callers,
     )
+    return fault if mode_fits else None   # a mode the kind cannot have: its parameters are not worth checking
 
 
 def _bad_times(value: Any) -> int:
@@ -373,13 +450,12 @@ def _probability(value: Any) -> float:
     return units.parse_fraction(value)
 
 
-def _check_shim_fault(r: Reader, fault: ShimFault, problems: list[Problem]) -> None:
+def _check_shim_fault(r: Reader, fault: ShimFault) -> None:
     """The parameter its mode needs must be there (and nothing of another mode)."""
-    r.problems = problems
     needs = {"random": "probability", "nth": "nth", "after": "after", "budget": "budget"}
     needed = needs[fault.mode]
-    if not r.has(needed):
-        r.problem((), f"mode {fault.mode} needs '{needed}'")
+    if not r.has(needed) and needed not in r.misspelt:
+        r.problem((needed,), f"mode {fault.mode} needs '{needed}'")
     for mode, key in needs.items():
         if mode != fault.mode and r.has(key) and not (key == "probability" and fault.mode == "random"):
             r.problem((key,), f"'{key}' belongs to mode {mode}, but this fault's mode is {fault.mode}")
@@ -395,7 +471,7 @@ def _variants(top: Reader) -> list[Variant]:
         if not r.ok:
             continue
         name = r.get("name", as_str, required=True, default="?")
-        if name in names:
+        if r.has("name") and name in names:
             r.problem(("name",), f"variant name {name!r} is used twice")
         names.add(name)
         allocator = r.get("allocator", as_str, default=None)
@@ -404,7 +480,10 @@ def _variants(top: Reader) -> list[Variant]:
                                       f"allocator, got {allocator!r}")
         command = r.get("command", as_argv, default=None)
         _templates_ok(r, "command", command)
-        variants.append(Variant(name=name, args=r.get("args", as_str_map, default={}),
+        args = r.get("args", as_str_map, default={})
+        for flag, value in args.items():
+            _templates_ok(r, ("args", flag), value)
+        variants.append(Variant(name=name, args=args,
                                 env=r.get("env", as_str_map, default={}), command=command,
                                 build=r.get("build", as_argv, default=None), allocator=allocator))
     return variants
@@ -468,8 +547,7 @@ def _threshold(metric: str, raw: Any) -> tuple[str, float]:
 
 
 def _at(reader: Reader, path: PathKey, message: str) -> None:
-    from harness.yamlsource import format_path
-    reader.problems.append(Problem(reader.source.file, reader.source.line(path), format_path(path), message))
+    reader.problems.append(problem(reader.source.file, reader.source.line(path), path, message))
 
 
 def lock_errno(name: str) -> int:
