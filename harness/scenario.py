@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,8 @@ class HostSelection:
         if self.count is not None:
             return min(self.count, fleet_size)
         if self.fraction is not None:
-            return max(1, round(self.fraction * fleet_size)) if self.fraction > 0 else 0
+            # Half rounds up (round() would send 2.5 hosts to 2 but 1.5 to 2): 62.5% of 4 is 3 hosts.
+            return max(1, math.floor(self.fraction * fleet_size + 0.5)) if self.fraction > 0 else 0
         return fleet_size
 
 

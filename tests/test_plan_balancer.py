@@ -214,6 +214,9 @@ def test_host_selection_resolves_against_the_fleet():
     assert HostSelection(fraction=0.25).resolve(8) == 2
     assert HostSelection(fraction=0.01).resolve(8) == 1     # a positive share is at least one host
     assert HostSelection(fraction=0.0).resolve(8) == 0
+    assert HostSelection(fraction=0.625).resolve(4) == 3     # 2.5 hosts: half rounds up, not to even
+    assert HostSelection(fraction=0.375).resolve(4) == 2
+    assert HostSelection(fraction=1.0).resolve(7) == 7
 
 
 def test_window_intervals():
