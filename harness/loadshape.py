@@ -70,6 +70,7 @@ class LoadShape:
     def __init__(self, phases: list[Phase], duration: float):
         self.phases = tuple(phases)
         self.duration = duration
+        self.specs: tuple[PhaseSpec, ...] = ()      # the phases as written, when built from specs
         self.segments: tuple[Segment, ...] = tuple(seg for phase in phases for seg in phase.segments)
         self._starts = [seg.start for seg in self.segments]
         cumulative = [0.0]
@@ -121,7 +122,9 @@ class LoadShape:
             phases.append(Phase("tail", "hold", total, duration, (Segment(total, duration, current, current),)))
         elif duration < total:
             phases = _truncate(phases, duration)
-        return cls(phases, duration)
+        shape = cls(phases, duration)
+        shape.specs = tuple(specs)
+        return shape
 
     def rate(self, t: float) -> float:
         if not self.segments or t < 0 or t > self.duration:

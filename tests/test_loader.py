@@ -189,6 +189,23 @@ def test_duration_override_and_seed_override():
         load_scenario(path, duration=0)
 
 
+def test_shorter_duration_does_not_invalidate_expectations_on_later_phases():
+    text = BASE + "  - spike: {factor: 2, for: 5s, name: peak}\nexpect:\n  - {crashes: 0, phase: peak}\n"
+    scenario = load_scenario_text(text)
+    assert scenario.load.windows("peak") == [(10, 15)]
+    from harness.loader import build_scenario
+    from harness.yamlsource import parse_source
+    short = build_scenario(parse_source(text, "t.yaml"), Path("t.yaml"), duration_override=4)
+    assert short.duration == 4 and short.load.windows("peak") == []
+    assert short.expect[0].phase == "peak"
+    with pytest.raises(ScenarioError, match="no load phase named 'paek'"):
+        build_scenario(parse_source(text.replace("phase: peak", "phase: paek"), "t.yaml"), Path("t.yaml"),
+                       duration_override=4)
+    longer = build_scenario(parse_source(text.replace("phase: peak", "phase: tail"), "t.yaml"), Path("t.yaml"),
+                            duration_override=30)
+    assert longer.load.windows("tail") == [(15, 30)]
+
+
 # --- focused checks -------------------------------------------------------------------------------
 
 BASE = """\

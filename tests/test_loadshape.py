@@ -194,3 +194,10 @@ def test_phase_at(nye):
     assert nye.phase_at(75).name == "spike"
     assert nye.phase_at(95).name == "hold#2"
     assert nye.phase_at(nye.duration).name == "hold#2"
+
+
+def test_shape_keeps_the_phases_as_written():
+    specs = [ramp(30, 1200, frm=200), hold(30), spike(30, factor=3)]
+    short = LoadShape.build(specs, duration=10)
+    assert short.specs == tuple(specs)
+    assert [p.name for p in LoadShape.build(list(short.specs)).phases] == ["ramp", "hold", "spike"]
