@@ -24,11 +24,19 @@ from harness.shim.control import ENV_VAR, NSLOTS, ControlFile, FaultSlot, ShimCo
 CONTROL_NAME = "shim.ctl"
 
 
-def slot_for(fault: ShimFault) -> FaultSlot:
+def host_budget(scenario: Scenario, fault: ShimFault, host: int) -> int:
+    """Real machines differ: with `spread`, each host's budget is budget x (1 +- spread), seeded."""
+    if not fault.spread:
+        return fault.budget
+    jitter = stream(scenario.seed, f"budget:{fault.index}:{host}").uniform(-fault.spread, fault.spread)
+    return max(1, int(fault.budget * (1.0 + jitter)))
+
+
+def slot_for(fault: ShimFault, budget: int | None = None) -> FaultSlot:
     return FaultSlot(
         kind="alloc" if fault.kind == "alloc-fail" else "lock", mode=fault.mode,  # type: ignore[arg-type]
         functions=frozenset(fault.functions), probability=fault.probability, nth=fault.nth, after=fault.after,
-        budget=fault.budget, min_size=fault.min_size, max_size=fault.max_size,
+        budget=fault.budget if budget is None else budget, min_size=fault.min_size, max_size=fault.max_size,
         errno=int(getattr(errno_module, fault.errno_name)), times=fault.times, callers=fault.callers)
 
 
@@ -95,7 +103,7 @@ class ShimFaults:
                 slot = self.slots[fault.index]
                 for host in self.targets[fault.index]:
                     if action == "arm":
-                        self.files[host].arm(slot, slot_for(fault))
+                        self.files[host].arm(slot, slot_for(fault, host_budget(self.scenario, fault, host)))
                     else:
                         self.files[host].disarm(slot)
                 recorder.event(f"fault-{action}", None, None, fault=fault.index, fault_kind=fault.kind, mode=fault.mode,

@@ -340,7 +340,7 @@ def _faults(top: Reader, fleet_size: int) -> list[Fault]:
                        {"kind", "at", "how", "hosts", "down_for"} | _WINDOW_KEYS)
             fault = _host_loss(r, index, fleet_size)
         elif kind in ("alloc-fail", "lock-error"):
-            extra = {"budget", "min_size", "max_size", "function", "functions"} if kind == "alloc-fail" else \
+            extra = {"budget", "spread", "min_size", "max_size", "function", "functions"} if kind == "alloc-fail" else \
                 {"errno", "function", "functions"}
             r = Reader(top.source, path, item, top.problems, _SHIM_COMMON | extra)
             fault = _shim_fault(r, index, kind, fleet_size)
@@ -441,8 +441,16 @@ def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int) -> ShimFault 
         errno_name=errno_name, times=r.get("times", lambda v: as_int(v) if as_int(v) >= -1 else _bad_times(v),
                                            default=-1),
         callers=callers,
+        spread=r.get("spread", _spread, default=0.0) if kind == "alloc-fail" else 0.0,
     )
     return fault if mode_fits else None   # a mode the kind cannot have: its parameters are not worth checking
+
+
+def _spread(value: Any) -> float:
+    fraction = units.parse_fraction(value)
+    if fraction >= 1.0:
+        raise Invalid(f"spread must be below 100% (each host keeps a positive budget), got {value!r}")
+    return fraction
 
 
 def _bad_times(value: Any) -> int:

@@ -128,6 +128,7 @@ class ShimFault:
     errno_name: str = "EDEADLK"
     times: int = -1
     callers: tuple[str, ...] = ()
+    spread: float = 0.0               # budget: each host's budget varies by up to +-spread (seeded)
 
 
 Fault = HostLoss | ShimFault
