@@ -478,7 +478,8 @@ def _variants(top: Reader) -> list[Variant]:
     variants: list[Variant] = []
     names: set[str] = set()
     for path, item in top.items("variants"):
-        r = Reader(top.source, path, item, top.problems, {"name", "args", "env", "command", "build", "allocator"})
+        r = Reader(top.source, path, item, top.problems, {"name", "args", "env", "command", "build", "allocator",
+                                                                   "faults"})
         if not r.ok:
             continue
         name = r.get("name", as_str, required=True, default="?")
@@ -494,7 +495,7 @@ def _variants(top: Reader) -> list[Variant]:
         args = r.get("args", as_str_map, default={})
         for flag, value in args.items():
             _templates_ok(r, ("args", flag), value)
-        variants.append(Variant(name=name, args=args,
+        variants.append(Variant(name=name, args=args, faults=r.get("faults", as_bool, default=True),
                                 env=r.get("env", as_str_map, default={}), command=command,
                                 build=r.get("build", as_argv, default=None), allocator=allocator))
     return variants

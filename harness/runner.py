@@ -225,8 +225,9 @@ class Run:
                 await self._store_call(self.store.trial_load_started, number, recorder.wall0)
                 nursery.start_soon(self._writer, number, recorder)
                 nursery.start_soon(self._sampler, recorder, driver, supervisor)
-                nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
-                if self._shim is not None:
+                if variant.faults:
+                    nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
+                if self._shim is not None and variant.faults:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)

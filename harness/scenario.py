@@ -142,6 +142,7 @@ class Variant:
     command: tuple[str, ...] | None = None
     build: tuple[str, ...] | None = None
     allocator: str | None = None                           # glibc | jemalloc | tcmalloc | mimalloc | path
+    faults: bool = True                                    # false: a control run (shim loaded, nothing injected)
 
 
 @dataclass(frozen=True)

@@ -701,3 +701,13 @@ def test_fault_signal_sent_by_a_process_is_not_a_fault() -> None:
     assert result.crash_class == "external-signal"
     faulted = classify(CrashFacts(signal=11, si_code=1, fault_address=0x40, address_source="siginfo", frames=()))
     assert faulted.crash_class == "null-deref"
+
+
+def test_canonical_list_poison_is_a_poison_address() -> None:
+    """twq poisons unlinked list pointers with 0xdead0000100/0x122, kept canonical on purpose."""
+    from harness.collect.classify import CrashFacts, classify, poison_pattern
+    assert poison_pattern(0xdead0000108) is not None and "list poison" in poison_pattern(0xdead0000108)
+    assert poison_pattern(0x7f12_3456_7000) is None
+    result = classify(CrashFacts(signal=11, si_code=1, fault_address=0xdead0000108, address_source="siginfo",
+                                 frames=()))
+    assert result.crash_class == "poison-address"

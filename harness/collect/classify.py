@@ -89,10 +89,17 @@ class Classification:
         return asdict(self)
 
 
+CANONICAL_LIST_POISON_BASE = 0xDEAD0000000
+
+
 def poison_pattern(addr: int) -> str | None:
     """Name the poison/junk pattern an address comes from, allowing a field offset (±64 KiB)."""
     if 0 <= addr - LIST_POISON_BASE < POISON_SLACK:
         return f"list poison ({LIST_POISON_BASE:#x}+{addr - LIST_POISON_BASE:#x}, LIST_POISON1/2 style)"
+    # The same idea kept canonical (so the kernel reports the real address): 0xdead0000100.
+    if 0 <= addr - CANONICAL_LIST_POISON_BASE < POISON_SLACK:
+        return (f"list poison ({CANONICAL_LIST_POISON_BASE:#x}+{addr - CANONICAL_LIST_POISON_BASE:#x}, "
+                f"canonical LIST_POISON style)")
     # A repeated byte in the top six bytes: 0x5a5a5a5a5a5a5a5a plus or minus a field offset.
     mask = (1 << 64) - 1
     for probe in (addr, (addr - POISON_SLACK) & mask, (addr + POISON_SLACK) & mask):

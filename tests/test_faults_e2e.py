@@ -1,0 +1,93 @@
+"""End-to-end fault injection through the shim on real fleets: the NYE night and the TIME_WAIT crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import HARNESS, host_pids, pid_alive, write_scenario
+
+NYE_MINI = """
+name: nye-mini
+seed: 99
+target:
+  root: @REPO@
+  command: [targets/estats/estats-server, --port, "{port}", --estats, "on", --service-ms, "100",
+            --scratch-kb, "16", --stats-kb, "4"]
+  restart: {policy: always, backoff: 300ms}
+  expect_reply: "^OK"
+fleet: {hosts: 3, balancer: least-loaded}
+load:
+  - {hold: {rate: 150, for: 2s}}
+  - {spike: {factor: 6, for: 4s, name: midnight}}
+faults:
+  - {kind: alloc-fail, mode: budget, budget: 400KiB}
+variants:
+  - {name: estats-on}
+  - {name: estats-off, args: {--estats: "off"}}
+expect:
+  - {variant: estats-off, crashes: 0}
+"""
+
+TWQ_MINI = """
+name: twq-mini
+seed: 5
+target:
+  root: @REPO@
+  command: [targets/twq/twq-server, --port, "{port}", --threads, "4", --tw-ms, "20"]
+  restart: {policy: always, backoff: 300ms}
+fleet: {hosts: 2, balancer: round-robin}
+client: {keys: {space: 20}}
+load:
+  - {hold: {rate: 600, for: 8s}}
+faults:
+  - {kind: lock-error, function: pthread_mutex_lock, errno: EDEADLK, probability: 2%}
+variants:
+  - {name: lock-errors}
+  - {name: control, faults: off}
+"""
+
+
+def run_json(scenario: Path, tmp_path: Path) -> tuple[int, dict]:
+    result = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "results"), "--quiet", "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path) -> None:
+    code, report = run_json(write_scenario(tmp_path, NYE_MINI), tmp_path)
+    on, off = report["trials"]
+    assert on["variant"] == "estats-on" and off["variant"] == "estats-off"
+    # estats on: the unchecked stats block is dereferenced when the budget makes malloc fail.
+    assert on["crashes"], "estats on must crash under the heap budget"
+    crash = on["crashes"][0]
+    assert crash["signal_name"] == "SIGSEGV" and crash["core_dumped"]
+    assert crash["crash_class"] == "null-deref"
+    assert crash["signature"].startswith("estats_update < handle_request")
+    assert int(crash["fault_address"], 16) == 0x40
+    # The crash carries what the shim had armed and injected just before.
+    shim = crash["detail"]["shim"]
+    assert shim["armed"][0]["mode"] == "budget" and shim["armed"][0]["budget"] == 400 * 1024
+    assert shim["injected"][0] > 0
+    assert len({b["bucket"] for b in on["buckets"]}) == 1
+    # estats off under the same seed, load and faults: failures become ERR replies, never a crash.
+    assert off["crashes"] == []
+    assert off["overall"]["errors"]["bad_reply"] > 0, "the budget really bit (ERR nomem replies)"
+    assert code == 0, "the expectation {variant: estats-off, crashes: 0} held"
+    run_dir = Path(report["run_dir"])
+    assert not any(pid_alive(pid) for pid in host_pids(run_dir))
+
+
+def test_twq_crashes_only_with_lock_errors(targets: Path, tmp_path: Path) -> None:
+    _, report = run_json(write_scenario(tmp_path, TWQ_MINI), tmp_path)
+    faulty, control = report["trials"]
+    assert faulty["variant"] == "lock-errors" and control["variant"] == "control"
+    assert faulty["crashes"], "lock errors plus key reuse must corrupt the TIME_WAIT queue"
+    signatures = {c["signature"] for c in faulty["crashes"] if c["signature"]}
+    assert signatures and all("tw_remove" in s for s in signatures)
+    assert {c["crash_class"] for c in faulty["crashes"]} == {"poison-address"}
+    assert all(c["detail"]["shim"]["injected"][0] > 0 for c in faulty["crashes"])
+    assert control["crashes"] == []
+    assert control["overall"]["ok"] > 0.99 * control["overall"]["offered"]
