@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,7 +55,7 @@ def find_compiler() -> list[str]:
 def _first_error(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for ln in lines:
-        if "error" in ln.lower():
+        if re.search(r"\b(error|fatal error):", ln):
             return ln
     return lines[0] if lines else "no diagnostic"
 
@@ -87,7 +88,8 @@ def ensure_shim(*, source: Path | None = None, cache: Path | None = None) -> Pat
     tmp = Path(tmp_name)
     argv = [*compiler, *CFLAGS, "-o", str(tmp), str(src), *LIBS]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "LC_ALL": "C"})
         if proc.returncode != 0:
             raise ShimBuildError(f"compiling the fault shim failed ({Path(compiler[0]).name}): "
                                  f"{_first_error(proc.stderr)}")

@@ -348,13 +348,25 @@ static inline void shrink(struct tstate *t, size_t n)
  * 16 bytes for mmapped chunks, 8 otherwise). Any other allocator is asked through its own function. */
 static int glibc_headers, need_nest = 1;
 
+/* Other allocators may call back into us from malloc_usable_size (tcmalloc's reaches operator new
+ * through MallocExtension::instance()), so that call is nested too. */
+static size_t __attribute__((noinline)) usable_next(void *p)
+{
+    struct tstate *t = &ts;
+    int prev = t->state;
+    t->state = S_NESTED;
+    size_t n = real.usable ? real.usable(p) : 0;
+    t->state = prev;
+    return n;
+}
+
 static inline size_t usable(void *p)
 {
     if (LIKELY(glibc_headers)) {
         size_t h = ((size_t *)p)[-1];
         return (h & ~(size_t)7) - 8 - ((h & 2) << 2); /* IS_MMAPPED (2) chunks have 8 more */
     }
-    return real.usable ? real.usable(p) : 0;
+    return usable_next(p);
 }
 
 static void check_glibc_headers(void)
