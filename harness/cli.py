@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     run.add_argument("--quiet", action="store_true", help="no live status line")
+    run.add_argument("--metrics", metavar="ADDR:PORT",
+                     help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
 
     validate = sub.add_parser("validate", help="check scenario files (or directories of them)")
     validate.add_argument("paths", type=Path, nargs="+")
@@ -141,8 +143,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
+    from harness.metrics import parse_address
     options = RunOptions(out_dir=args.out, variant=args.variant, trials=args.trials, status=not args.quiet,
-                         argv=argv)
+                         argv=argv, metrics=parse_address(args.metrics) if args.metrics else None)
     result = trio.run(run_scenario, scenario, options)
     report, expectations = _judge(result.run_dir)
     if args.json:

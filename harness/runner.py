@@ -34,6 +34,7 @@ from harness.store import HostSample, RunStore, Sample
 from harness.collect.cores import CoreRefused, core_pattern, find_core, secure_core
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
+from harness.metrics import Metrics
 from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant
 
@@ -48,6 +49,7 @@ class RunOptions:
     trials: int | None = None
     status: bool = True
     argv: list[str] = field(default_factory=list)
+    metrics: tuple[str, int] | None = None      # serve /metrics here during the run
 
 
 @dataclass
@@ -155,6 +157,8 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=False)
         (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
         self.store = RunStore(self.run_dir / "run.db", create=True)
+        self.metrics = Metrics(self.run_dir / "metrics.prom", self.options.metrics)
+        self.metrics.hosts.set(scenario.fleet.hosts)
         await self._store_call(
             self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
             seed=scenario.seed, duration=scenario.duration, hosts=scenario.fleet.hosts, argv=self.options.argv,
@@ -177,6 +181,7 @@ class Run:
             with trio.CancelScope(shield=True):
                 await self._store_call(self.store.end_run, status, 128 + self.interrupted if self.interrupted else 0)
             await trio.to_thread.run_sync(spawner.close)
+            await trio.to_thread.run_sync(self.metrics.close)
             self.store.close()
         return RunResult(self.run_id, self.run_dir, status, self.interrupted)
 
@@ -204,6 +209,7 @@ class Run:
         listener = _Listener(driver, recorder)
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash)
         self._recorder = recorder
+        self._variant_name = variant.name
         self._driver = driver
         self._supervisor = supervisor
         status = "complete"
@@ -279,6 +285,8 @@ class Run:
         record["uid"] = f"{self.run_id}:{record['pid']}:{host.index}:{host.incarnation}"
         if notes:
             record.setdefault("detail", {})["core_notes"] = notes
+        self.metrics.crash(host.name, record["executable"], record["signal_name"], bool(record["core_path"]),
+                           self._variant_name)
         if record["core_path"] and self._triage_nursery is not None:
             self._triage_nursery.start_soon(self._triage, record["uid"], Path(record["core_path"]),
                                             Path(record["executable"]))
@@ -310,6 +318,8 @@ class Run:
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
+            if recorder.next_second % 5 == 0:
+                await trio.to_thread.run_sync(self.metrics.write_textfile)
 
     def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
                       stopped: bool = False) -> None:
@@ -337,6 +347,13 @@ class Run:
             max=c.latency.get_max_value() / 1e6 if has else None, hosts_alive=alive, offered_rate=offered_rate,
             hist=c.latency.encode() if has else None)
         recorder.samples.append(recorder.last_sample)
+        self.metrics.offered.set(c.offered)
+        self.metrics.achieved.set(c.ok)
+        for kind in ("timeout", "conn_error", "no_host", "bad_reply"):
+            self.metrics.errors.labels(kind=kind).set(getattr(c, kind))
+        self.metrics.alive.set(alive)
+        if has:
+            self.metrics.p99.set(pct(99))
         for host in supervisor.hosts:
             state = host.state.value
             if host.state == State.UP and not driver.balancer.in_rotation[host.index]:

@@ -280,3 +280,49 @@ expect:
     # The flooding `yes` children were stopped with their hosts.
     ps = subprocess.run(["pgrep", "-f", "flooding-the-log"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
+
+
+def test_metrics_endpoint_counts_crashes_live(targets: Path, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 100, for: 60s}}
+""")
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet", "--metrics", f"127.0.0.1:{port}"],
+                         tmp_path)
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            return ""
+
+    def crash_count(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("harness_crashes_total{"))
+
+    try:
+        run_dir = wait_for(lambda: run_dir_of(results))
+        assert isinstance(run_dir, Path)
+        wait_for(lambda: "harness_hosts_alive 4.0" in scrape(), timeout=30)
+        assert crash_count(scrape()) == 0
+        victim = query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]["pid"]
+        os.kill(victim, signal.SIGSEGV)
+        text = wait_for(lambda: (lambda t: t if crash_count(t) >= 1 else "")(scrape()), timeout=30)
+        assert isinstance(text, str)
+        line = next(l for l in text.splitlines() if l.startswith("harness_crashes_total{"))
+        assert 'signal="SIGSEGV"' in line and 'program="echo-server"' in line and 'core="yes"' in line
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    textfile = (run_dir / "metrics.prom").read_text()
+    assert crash_count(textfile) == 1
+    assert scrape() == "", "the endpoint is closed when the run ends"
