@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
 
+    crashes = sub.add_parser("crashes", help="crash buckets of a run, or one bucket's backtrace and fault context")
+    crashes.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
+    crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
+    crashes.add_argument("--results", type=Path, default=Path("results"))
+
     validate = sub.add_parser("validate", help="check scenario files (or directories of them)")
     validate.add_argument("paths", type=Path, nargs="+")
 
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args.paths)
         if args.command == "report":
             return _report(args)
+        if args.command == "crashes":
+            return _crashes(args)
         return _run(args, sys.argv if argv is None else ["harness", *argv])
     except ScenarioError as exc:
         for problem in exc.problems:
@@ -135,6 +142,24 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(render_text(report, expectations))
     return EXIT_EXPECTATION if any(not e["held"] for e in expectations) else EXIT_OK
+
+
+def _crashes(args: argparse.Namespace) -> int:
+    from harness.crashview import render_bucket, render_buckets
+    from harness.report import build_report, find_run
+    try:
+        run_dir = find_run(args.run, args.results)
+    except FileNotFoundError as exc:
+        raise HarnessError(str(exc)) from None
+    report = build_report(run_dir)
+    if args.bucket is None:
+        print(render_buckets(report))
+        return EXIT_OK
+    text = render_bucket(run_dir, args.bucket)
+    if text is None:
+        raise HarnessError(f"no crash bucket {args.bucket!r} in {run_dir} (harness crashes {run_dir} lists them)")
+    print(text)
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

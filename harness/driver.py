@@ -96,6 +96,7 @@ class Driver:
         self._nursery: trio.Nursery | None = None
         self.finished_sending = False
         self.inflight = 0
+        self.lost_inflight = [0] * len(ports)
 
     # --- the supervisor's callbacks ---------------------------------------------------------
 
@@ -261,6 +262,9 @@ class Driver:
 
     def _drop_host(self, link: HostLink, kind: str) -> None:
         self.balancer.set_in_rotation(link.index, False)
+        lost = sum(len(conn.pending) for conn in link.conns)
+        if lost:
+            self.lost_inflight[link.index] = lost  # what the host held when it went (for crash records)
         for conn in list(link.conns):
             self._close(conn, kind)
         link.conns.clear()
@@ -289,6 +293,7 @@ class Driver:
         if conn.closed:
             return
         link = self.links[conn.host]
+        self.lost_inflight[conn.host] = sum(len(c.pending) for c in link.conns)
         self._close(conn, kind)
         self._drop_host(link, kind)
         if link.generation == conn.generation and self._nursery is not None:

@@ -16,12 +16,12 @@ from harness.fields import (
 )
 from harness.loadshape import LoadShape, PhaseSpec
 from harness.scenario import (
-    ALLOCATORS, Client, Expectation, Fault, Fleet, HostLoss, HostSelection, Keys, Ready, Restart, Scenario,
+    ALLOCATORS, Client, Cores, Expectation, Fault, Fleet, HostLoss, HostSelection, Keys, Ready, Restart, Scenario,
     ShimFault, Target, Variant, Window,
 )
 from harness.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
-TOP_KEYS = {"name", "description", "seed", "duration", "target", "fleet", "load", "client", "faults",
+TOP_KEYS = {"name", "description", "seed", "duration", "target", "fleet", "load", "client", "faults", "cores",
             "variants", "trials", "expect"}
 TEMPLATE_FIELDS = {"port", "host", "index", "dir", "root", "addr"}
 LOCK_ERRNOS = ("EDEADLK", "EAGAIN", "EBUSY", "EINVAL", "EOWNERDEAD", "ETIMEDOUT", "EPERM")
@@ -81,6 +81,7 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
     fleet = _fleet(top)
     load = _load(top, duration)
     client = _client(top)
+    cores = _cores(top)
     faults = _faults(top, fleet.hosts if fleet else 1)
     variants = _variants(top)
     trials = top.get("trials", as_positive_int, default=1)
@@ -97,7 +98,7 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
         name=name, file=source.file, text=source.text or _text_of(path),
         seed=seed if seed_override is None else seed_override,
         load=load, target=target, fleet=fleet, client=client, faults=tuple(faults), variants=tuple(variants),
-        trials=trials, expect=tuple(expect), description=top.get("description", as_str, default=""),
+        trials=trials, expect=tuple(expect), description=top.get("description", as_str, default=""), cores=cores,
     )
 
 
@@ -276,6 +277,16 @@ def _load(top: Reader, duration: float | None) -> LoadShape | None:
     if not specs:
         return None
     return LoadShape.build(specs, duration)
+
+
+def _cores(top: Reader) -> Cores:
+    r = top.child("cores", {"max_size", "keep_per_bucket", "sample_every", "disk_cap", "compress"})
+    defaults = Cores()
+    return Cores(max_size=r.get("max_size", units.parse_size, default=defaults.max_size),
+                 keep_per_bucket=r.get("keep_per_bucket", lambda v: max(0, as_int(v)), default=defaults.keep_per_bucket),
+                 sample_every=r.get("sample_every", as_positive_int, default=defaults.sample_every),
+                 disk_cap=r.get("disk_cap", units.parse_size, default=defaults.disk_cap),
+                 compress=r.get("compress", as_bool, default=defaults.compress))
 
 
 def _client(top: Reader) -> Client:

@@ -124,6 +124,12 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
     }
 
 
+def _core_kept(crash: dict[str, Any]) -> bool:
+    if not crash["core_path"]:
+        return False
+    return json.loads(crash["triage"]).get("core_kept", True) if crash.get("triage") else True
+
+
 def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Crashes grouped by signature bucket (untriaged ones by signal), most frequent first."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -134,14 +140,17 @@ def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, members in groups.items():
         first = members[0]
         triage = json.loads(first["triage"]) if first.get("triage") else {}
-        example = next((m for m in members if m["core_path"]), first)
+        example = next((m for m in members if _core_kept(m)), first)
         result.append({
             "bucket": key, "count": len(members), "crash_class": first["crash_class"] or "untriaged",
             "signature": first["signature"] or "", "signal": first["signal_name"],
             "in_allocator": bool(first["in_allocator"]), "fault_address": first["fault_address"],
             "hosts": sorted({f"h{m['host']}" for m in members}), "first_seen": members[0]["t"],
-            "last_seen": members[-1]["t"], "example_core": example["core_path"],
+            "last_seen": members[-1]["t"],
+            "example_core": (json.loads(example["triage"]).get("core_file") if example.get("triage") else None)
+            or (example["core_path"] if _core_kept(example) else None),
             "example_frames": [f.get("function") or "??" for f in triage.get("crashing_thread", [])][:12],
+            "cores_kept": sum(1 for m in members if _core_kept(m)),
             "signature_version": triage.get("signature_version"),
         })
     return sorted(result, key=lambda b: (-b["count"], b["first_seen"]))
@@ -192,10 +201,14 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                                            "p99.9 ms", "errors", "crashes", "min alive"]))
         if trial["buckets"]:
             bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", " ".join(b["hosts"]),
-                            f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["example_core"] or "-"]
+                            f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]
                            for b in trial["buckets"]]
             out.append(tabulate(bucket_rows, headers=["bucket", "crashes", "class", "signature", "hosts",
-                                                      "seen", "example core"]))
+                                                      "seen", "cores kept"]))
+            for b in trial["buckets"][:5]:
+                if b["example_core"]:
+                    out.append(f"  {b['bucket']}: example core {b['example_core']}  "
+                               f"(harness crashes {report['run_dir']} {b['bucket']})")
         if trial["crashes"]:
             by_host = ", ".join(f"{h}: {n}" for h, n in trial["crashes_by_host"].items())
             by_signal = ", ".join(f"{s}: {n}" for s, n in trial["crashes_by_signal"].items())

@@ -39,7 +39,6 @@ from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant
 
 FLUSH_INTERVAL = 1.0
-MAX_CORE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -141,6 +140,8 @@ class Run:
         self._shim: ShimFaults | None = None
         self._triage_nursery: trio.Nursery | None = None
         self._triage_limiter = trio.CapacityLimiter(1)
+        self._bucket_counts: dict[str, int] = {}
+        self._core_bytes = 0
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
@@ -277,11 +278,13 @@ class Run:
             record.setdefault("detail", {})["shim"] = {"armed": self._shim.armed(host.index),
                                                        **self._shim.snapshot(host.index)}
         record["offered_rate"] = recorder.offered_rate
-        record["host_inflight"] = self._driver.balancer.inflight[host.index]
+        # The connections may have reported the death first and failed their requests already.
+        record["host_inflight"] = max(self._driver.balancer.inflight[host.index],
+                                      self._driver.lost_inflight[host.index])
         record["hosts_alive"] = self._supervisor.up_count()
         since = time.time() - (time.monotonic() - host.started_at) - 1
         record["stderr_tail"], record["core_path"], notes = await trio.to_thread.run_sync(
-            _collect_crash_files, host, record["pid"], info.core_dumped, since, MAX_CORE_BYTES)
+            _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores.max_size)
         record["uid"] = f"{self.run_id}:{record['pid']}:{host.index}:{host.incarnation}"
         if notes:
             record.setdefault("detail", {})["core_notes"] = notes
@@ -296,8 +299,30 @@ class Run:
         restarts at once; one at a time, as gdb and eu-stack are heavy on a small machine."""
         result = await trio.to_thread.run_sync(lambda: triage_core(core, executable, timeout=60).to_dict(),
                                                limiter=self._triage_limiter)
+        result.update(await trio.to_thread.run_sync(self._retain_core, core, result.get("bucket") or "untriaged"))
         assert self.store is not None
         await self._store_call(self.store.record_triage, uid, result)
+
+    def _retain_core(self, core: Path, bucket: str) -> dict[str, Any]:
+        """Every crash is counted; its core is kept for the first N of its bucket, then one in M, within
+        the run's disk cap. Says what was dropped and why."""
+        policy = self.scenario.cores
+        seen = self._bucket_counts[bucket] = self._bucket_counts.get(bucket, 0) + 1
+        reason = None
+        if seen > policy.keep_per_bucket and (seen - policy.keep_per_bucket) % policy.sample_every != 0:
+            reason = f"bucket already has {policy.keep_per_bucket} cores (keeping 1 in {policy.sample_every} after)"
+        size = core.stat().st_size if core.exists() else 0
+        if reason is None and self._core_bytes + size > policy.disk_cap:
+            reason = f"the run's core disk cap ({policy.disk_cap} bytes) is reached"
+        if reason is not None:
+            core.unlink(missing_ok=True)
+            return {"core_kept": False, "core_dropped": reason}
+        self._core_bytes += size
+        if policy.compress:
+            done = subprocess.run(["zstd", "-q", "-3", "--rm", str(core)], capture_output=True)
+            if done.returncode == 0:
+                return {"core_kept": True, "core_file": str(core) + ".zst"}
+        return {"core_kept": True, "core_file": str(core)}
 
     async def _flush(self, trial: int, recorder: Recorder) -> None:
         batch = recorder.take()

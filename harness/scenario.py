@@ -158,6 +158,17 @@ class Expectation:
 
 
 @dataclass(frozen=True)
+class Cores:
+    """What to keep of core files: every crash is counted, not every core is kept."""
+
+    max_size: int = 512 * 1024 * 1024     # per core; a larger one is kept truncated
+    keep_per_bucket: int = 3              # full cores kept for the first N crashes of each bucket
+    sample_every: int = 10                # after that, keep one in this many
+    disk_cap: int = 2 * 1024**3           # all cores of a run together
+    compress: bool = False                # zstd after triage
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     file: str
@@ -172,6 +183,7 @@ class Scenario:
     trials: int = 1
     expect: tuple[Expectation, ...] = ()
     description: str = ""
+    cores: "Cores" = field(default_factory=lambda: Cores())
 
     @property
     def duration(self) -> float:

@@ -72,10 +72,23 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
     assert shim["armed"][0]["mode"] == "budget" and shim["armed"][0]["budget"] == 400 * 1024
     assert shim["injected"][0] > 0
     assert len({b["bucket"] for b in on["buckets"]}) == 1
+    bucket = on["buckets"][0]
+    # Every crash counted; full cores only for the first 3 of the bucket, then 1 in 10.
+    assert bucket["count"] == len(on["crashes"])
+    assert bucket["cores_kept"] == min(bucket["count"], 3) + max(0, (bucket["count"] - 3) // 10)
     # estats off under the same seed, load and faults: failures become ERR replies, never a crash.
     assert off["crashes"] == []
     assert off["overall"]["errors"]["bad_reply"] > 0, "the budget really bit (ERR nomem replies)"
     assert code == 0, "the expectation {variant: estats-off, crashes: 0} held"
+    # One bucket's backtrace and the injection context, for a person.
+    shown = subprocess.run([*HARNESS, "crashes", report["run_dir"], bucket["bucket"][:6]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "#0  estats_update" in shown.stdout and "#1  handle_request" in shown.stdout
+    assert "mode': 'budget'" in shown.stdout and "fault address: 0x40" in shown.stdout
+    missing = subprocess.run([*HARNESS, "crashes", report["run_dir"], "ffffff"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "no crash bucket 'ffffff'" in missing.stderr
     run_dir = Path(report["run_dir"])
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
