@@ -22,7 +22,8 @@ SOURCE = Path(__file__).with_name("shim.c")
 # -fexceptions: the C++ operator new wrapper needs a cleanup that runs while bad_alloc unwinds
 # through it (this makes the library depend on libgcc_s.so.1, present wherever gcc's runtime is).
 # -fvisibility=hidden: only the interposed functions are exported.
-CFLAGS = ("-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fexceptions", "-Wall")
+# -z now: bind the shim's own calls (dlsym, log, ...) at load time, never lazily inside a malloc.
+CFLAGS = ("-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fexceptions", "-Wall", "-Wl,-z,now")
 LIBS = ("-ldl", "-lm", "-pthread")
 LIB_PREFIX = "libharness-shim-"
 

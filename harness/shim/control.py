@@ -121,6 +121,7 @@ class ProcessCounters:
     live_tracked: bool    # the next allocator has malloc_usable_size
     cxx: bool             # a C++ runtime was found (operator new interposed)
     exited: bool          # the process ran its exit handlers
+    alive: bool           # a process with this pid exists now (not a zombie), as seen from here
     malloc_from: str      # module the shim's "next malloc" resolved to (libc, jemalloc, ...)
     bound_from: str       # module the process's malloc symbol is bound to (the shim, when first)
 
@@ -133,8 +134,8 @@ class ShimCounters:
 
     calls: Mapping[str, int]
     slots: tuple[SlotCounters, ...]
-    live_bytes: int       # sum over attached processes that have not exited
-    peak_bytes: int       # max over attached processes
+    live_bytes: int       # sum over attached processes still alive (see processes for the dead ones)
+    peak_bytes: int       # max over all attached processes, dead or alive
     loaded: bool          # at least one process attached the shim to this file
     attached: int         # number of process attachments (exec and fork each count)
     generation: int
@@ -267,6 +268,17 @@ def _encode(f: FaultSlot) -> _Encoded:
     return _Encoded(kind=_KINDS[f.kind], mode=_MODES[f.mode], functions=_function_mask(f.kind, f.functions),
                     param=param, min_size=f.min_size, max_size=f.max_size or _U64, times=f.times,
                     err=f.errno if f.kind == "lock" else _errno.ENOMEM, callers=callers, names=names)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid is a running (not zombie) process; a crashed target's entry keeps its last values."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"x")
 
 
 def _text(raw: bytes) -> str:
@@ -405,12 +417,12 @@ class ControlFile:
                 procs.append(ProcessCounters(
                     pid=p.pid, live_bytes=p.live, peak_bytes=p.peak, shim_first=bool(p.flags & _P_SHIM_FIRST),
                     live_tracked=bool(p.flags & _P_LIVE_TRACKED), cxx=bool(p.flags & _P_CXX),
-                    exited=bool(p.flags & _P_EXITED), malloc_from=_text(bytes(p.malloc_from)),
+                    exited=bool(p.flags & _P_EXITED), alive=_alive(p.pid), malloc_from=_text(bytes(p.malloc_from)),
                     bound_from=_text(bytes(p.bound_from))))
         return ShimCounters(
             calls={f: int(c.calls[i]) for i, f in enumerate(FUNCTIONS)},
             slots=tuple(SlotCounters(int(s.eligible), int(s.injected), int(s.matched)) for s in c.sc),
-            live_bytes=sum(p.live_bytes for p in procs if not p.exited),
+            live_bytes=sum(p.live_bytes for p in procs if p.alive and not p.exited),
             peak_bytes=max((p.peak_bytes for p in procs), default=0),
             loaded=c.h.attached > 0, attached=int(c.h.attached), generation=int(c.h.generation),
             processes=tuple(procs))
