@@ -12,6 +12,7 @@ import datetime as dt
 import gc
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from harness.collect.cores import CoreRefused, core_pattern, find_core, secure_c
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
 from harness.metrics import Metrics
+from harness.shim.interpose import check_interposable, shim_loaded
 from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant
 
@@ -141,6 +143,7 @@ class Run:
         self._triage_nursery: trio.Nursery | None = None
         self._triage_limiter = trio.CapacityLimiter(1)
         self._bucket_counts: dict[str, int] = {}
+        self._warned_shim = False
         self._core_bytes = 0
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -153,7 +156,10 @@ class Run:
         for build in sorted((b for b in builds if b), key=str):
             await build_target(build, scenario.target.root)
         for variant, _ in trials:
-            check_command(apply_variant(scenario.target, variant, scenario.target.command)[0])
+            argv = apply_variant(scenario.target, variant, scenario.target.command)[0]
+            check_command(argv)
+            if scenario.shim_faults and variant.faults:
+                _check_interposable(scenario, argv[0])
 
         self.run_dir.mkdir(parents=True, exist_ok=False)
         (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
@@ -340,6 +346,14 @@ class Run:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             counters = driver.swap_counters()
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
+            if self._shim is not None:
+                for host, pid, loaded in await trio.to_thread.run_sync(_verify_shim, supervisor.hosts):
+                    recorder.event("shim-check", host.index, pid, loaded=loaded)
+                    if not loaded and not self._warned_shim:
+                        self._warned_shim = True
+                        print(f"harness: warning: the fault shim is not loaded in {host.name} (pid {pid}): faults "
+                              f"will not reach it (static executable, setuid, or LD_PRELOAD dropped by a wrapper?)",
+                              file=sys.stderr)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
@@ -448,6 +462,34 @@ def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int]]:
         except (psutil.Error, OSError):
             continue
     return usage
+
+
+def _verify_shim(hosts: list[Host]) -> list[tuple[Host, int, bool]]:
+    """After start, confirm from each new process's memory map that the shim is really loaded."""
+    checked = []
+    for host in hosts:
+        pid = host.pid
+        if pid is None or host.state != State.UP or host.extra.get("shim_checked") == pid:
+            continue
+        host.extra["shim_checked"] = pid
+        checked.append((host, pid, shim_loaded(pid, Path(host.extra["shim"]))))
+    return checked
+
+
+def _check_interposable(scenario: Scenario, program: str) -> None:
+    """Before the run: can LD_PRELOAD reach the target's allocation and lock calls at all?"""
+    path = program if "/" in program else (shutil.which(program) or program)
+    report = check_interposable(Path(path))
+    kinds = {fault.kind for fault in scenario.shim_faults}
+    why = "; ".join(report.reasons)
+    if not report.preloadable:
+        raise HarnessError(f"cannot inject faults into {path}: {why}")
+    if "alloc-fail" in kinds and not report.alloc_faults:
+        raise HarnessError(f"allocation faults cannot reach {path}: {why}")
+    if "lock-error" in kinds and not report.lock_faults:
+        print(f"harness: warning: {path} does not call pthread lock functions itself; lock errors with the default "
+              f"caller filter (the executable) will inject nothing ({why or 'no pthread_mutex_lock import'})",
+              file=sys.stderr)
 
 
 def _cap_logs(hosts: list[Host], max_bytes: int) -> None:

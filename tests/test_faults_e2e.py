@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from conftest import HARNESS, host_pids, pid_alive, write_scenario
+from conftest import HARNESS, host_pids, pid_alive, query, write_scenario
 
 NYE_MINI = """
 name: nye-mini
@@ -90,6 +90,8 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
                              text=True, timeout=60)
     assert missing.returncode == 2 and "no crash bucket 'ffffff'" in missing.stderr
     run_dir = Path(report["run_dir"])
+    checks = [json.loads(e["detail"]) for e in query(run_dir, "SELECT detail FROM events WHERE kind='shim-check'")]
+    assert checks and all(check["loaded"] for check in checks), "the shim was seen in every host's memory map"
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
@@ -104,3 +106,29 @@ def test_twq_crashes_only_with_lock_errors(targets: Path, tmp_path: Path) -> Non
     assert all(c["detail"]["shim"]["injected"][0] > 0 for c in faulty["crashes"])
     assert control["crashes"] == []
     assert control["overall"]["ok"] > 0.99 * control["overall"]["offered"]
+
+
+def test_static_target_is_refused_before_the_run(tmp_path: Path) -> None:
+    """A statically linked executable ignores LD_PRELOAD: say so up front, never inject nothing silently."""
+    source = tmp_path / "static.c"
+    source.write_text("#include <stdlib.h>\nint main(void){return malloc(1)==0;}\n")
+    binary = tmp_path / "static-server"
+    built = subprocess.run(["gcc", "-static", "-o", str(binary), str(source)], capture_output=True, text=True)
+    if built.returncode != 0:
+        import pytest
+        pytest.skip(f"no static libc to link against: {built.stderr.strip()[:200]}")
+    scenario = write_scenario(tmp_path, f"""
+name: static
+target:
+  command: [{binary}, "{{port}}"]
+fleet: {{hosts: 1}}
+load: [{{hold: {{rate: 10, for: 1s}}}}]
+faults:
+  - {{kind: alloc-fail, mode: nth, nth: 10}}
+""")
+    result = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "r")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"harness: error: cannot inject faults into {binary}")
+    assert "static" in lines[0]
