@@ -1,0 +1,528 @@
+"""Core-dump pipe handler: the program the kernel runs for a ``|`` core_pattern.
+
+Self-contained (stdlib only, no harness imports) because the dumping kernel thread waits for it.
+``harness.collect.coreinstall`` copies this file to ``<spool>/harness-core-handler`` with a
+``#!<python> -IS`` line on top and sets
+
+    core_pattern = |<spool>/harness-core-handler <spool> %P %I %u %s %t %c %h %E
+
+Argument contract (positional; the kernel splits the pattern on spaces *before* expanding, so an
+expansion containing a space stays one argument; anything after EXE is joined back to it with spaces
+for older kernels):
+
+    SPOOL   absolute spool directory; no symlink anywhere on the path, owned by us (root), not
+            group/other-writable
+    PID     %P  pid of the dumping process in the initial pid namespace (what the runner knows)
+    TID     %I  tid of the thread that took the signal, initial pid namespace
+    UID     %u  real uid of the dumping process
+    SIGNAL  %s  the signal number
+    TIME    %t  dump time, seconds since the epoch
+    RLIMIT  %c  the process's soft RLIMIT_CORE (18446744073709551615 = unlimited)
+    HOST    %h  hostname
+    EXE     %E  executable path with "/" written as "!"
+
+Only PID is required; missing or malformed numbers are recorded as null and written as "x" in names.
+``harness-core-handler --check SPOOL`` validates the spool and prints a JSON summary (exit 0 = ok).
+
+What one invocation does, whatever happens, it reads stdin to EOF (the kernel thread writing the core
+must never block on us) and keeps stdin open until it has finished, so with core_pipe_limit > 0 the
+crashed process is reaped only once the core and its sidecar are in place:
+
+* opens SPOOL component by component from "/" with O_NOFOLLOW|O_DIRECTORY; refuses symlinks and
+  directories that others could write into (then drains and logs to /dev/kmsg);
+* reads SPOOL/limits.json (max_core_bytes default 1 GiB, max_cores 100, max_spool_bytes 8 GiB,
+  keep_free_bytes 256 MiB, max_records 10000);
+* RLIMIT below one page: the process did not ask for a core (as the kernel does for file patterns):
+  status "skipped". Spool already holding max_cores cores or max_spool_bytes bytes, or the disk
+  within keep_free_bytes of full: status "dropped". Past max_records sidecars nothing is written;
+* otherwise copies stdin into a temp file created with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, at most
+  min(max_core_bytes, RLIMIT, room left in the spool and on disk) bytes; the rest is read and
+  discarded, and the sidecar says truncated. A write error (disk full) removes the partial core,
+  drains, and records status "error";
+* publishes with link() (never replaces anything: an existing name, or a symlink planted there, makes
+  it take the next suffix) as ``core.<PID>.<TIME>.<SIGNAL>[.<k>]``, then the sidecar
+  ``<core name>.json`` (same rules). The sidecar appears last: sidecar present => core complete.
+  Records without a core (skipped/dropped/error) still get ``core.<PID>.<TIME>.<SIGNAL>[.<k>].json``.
+
+Cores are not fsync'ed (crash evidence, not data; the kernel would wait for the disk).
+The caps are checked at start, so concurrent handlers can overshoot them by at most the number of
+handlers running at once (core_pipe_limit).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import sys
+import time
+
+HANDLER_NAME = "harness-core-handler"
+VERSION = 1
+LIMITS_FILE = "limits.json"
+DEFAULT_LIMITS = {
+    "max_core_bytes": 1 << 30,
+    "max_cores": 100,
+    "max_spool_bytes": 8 << 30,
+    "keep_free_bytes": 256 << 20,
+    "max_records": 10000,
+}
+ARG_NAMES = ("pid", "tid", "uid", "signal", "time", "rlimit_core", "hostname", "exe")
+CHUNK = 1 << 20
+MIN_CORE = 4096  # the kernel's min_coredump for ELF: RLIMIT_CORE below a page means "no core"
+F_SETPIPE_SZ = 1031
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS)
+
+
+class Refused(Exception):
+    """The spool is not something we write into."""
+
+
+def ensure_std_fds() -> None:
+    """The kernel gives the helper only fd 0: park fds 1 and 2 on /dev/null so that no file we open
+    becomes "stdout" (anything printed would land in a core)."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                nul = os.open("/dev/null", os.O_RDWR)
+                if nul != fd:
+                    os.dup2(nul, fd)
+                    os.close(nul)
+            except OSError:
+                pass
+
+
+def kmsg(message: str) -> None:
+    """Best effort: one warning line in the kernel log (our only voice when the spool is unusable)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"<4>{HANDLER_NAME}[{os.getpid()}]: {message}"[:900].encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- stdin ---------------------------------------------------------------------------------------------
+
+class Stdin:
+    """Counts everything read from fd 0. splice() where the kernel allows it (no copy through us)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.eof = False
+        self._splice = hasattr(os, "splice")
+        self._buf = bytearray(CHUNK)
+        self._null = -1
+        try:
+            import fcntl  # builtin module: cheap
+            fcntl.fcntl(0, F_SETPIPE_SZ, CHUNK)  # fewer wake-ups for the dumping thread
+        except (OSError, ImportError, ValueError):
+            pass
+
+    def copy_to(self, out_fd: int, limit: int) -> int:
+        """Move up to limit bytes into out_fd; returns bytes written. Raises OSError from the write side
+        (stdin errors count as EOF: there is nothing left to drain)."""
+        written = 0
+        while written < limit and not self.eof:
+            want = min(CHUNK, limit - written)
+            if self._splice:
+                try:
+                    n = os.splice(0, out_fd, want)
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                        self._splice = False  # not a pipe / fs without splice: plain reads
+                        continue
+                    raise
+                if n == 0:
+                    self.eof = True
+                    break
+                self.received += n
+                written += n
+                continue
+            n = self._read(want)
+            if n == 0:
+                break
+            view = memoryview(self._buf)[:n]
+            while view:
+                w = os.write(out_fd, view)
+                view = view[w:]
+                written += w
+        return written
+
+    def _read(self, want: int) -> int:
+        try:
+            n = os.readv(0, [memoryview(self._buf)[:want]])
+        except InterruptedError:
+            return self._read(want)
+        except OSError:
+            n = 0
+        if n == 0:
+            self.eof = True
+        self.received += n
+        return n
+
+    def drain(self) -> int:
+        """Read and discard to EOF; returns bytes discarded."""
+        start = self.received
+        if self._splice and self._null < 0:
+            try:
+                self._null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                self._splice = False
+        while not self.eof:
+            if self._splice:
+                try:
+                    n = os.splice(0, self._null, CHUNK)
+                except OSError:
+                    self._splice = False
+                    continue
+                if n == 0:
+                    self.eof = True
+                self.received += n
+            else:
+                self._read(CHUNK)
+        return self.received - start
+
+
+# --- spool ---------------------------------------------------------------------------------------------
+
+def open_spool(path: str) -> int:
+    """fd of the spool directory, walked from "/" with O_NOFOLLOW at every step. Each ancestor must be
+    owned by root or us and not writable by others unless sticky; the spool itself owned by us and not
+    group/other-writable."""
+    if not path.startswith("/"):
+        raise Refused(f"spool {path!r} is not absolute")
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise Refused(f"spool {path!r} has . or .. components")
+    euid = os.geteuid()
+    fd = os.open("/", DIR_FLAGS)
+    try:
+        walked = ""
+        for i, part in enumerate(parts):
+            walked += "/" + part
+            try:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Refused(f"{walked} is a symlink or not a directory") from e
+                raise Refused(f"cannot open {walked}: {e.strerror}") from e
+            os.close(fd)
+            fd = nfd
+            st = os.fstat(fd)
+            last = i == len(parts) - 1
+            if last:
+                if st.st_uid != euid or st.st_mode & 0o022:
+                    raise Refused(f"spool {walked} must be owned by uid {euid} and not group/other-writable "
+                                  f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+            elif st.st_uid not in (0, euid) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                raise Refused(f"{walked} could be replaced by another user "
+                              f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+        if not parts:
+            raise Refused("refusing / as the spool")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_limits(dfd: int) -> tuple[dict, list[str]]:
+    limits = dict(DEFAULT_LIMITS)
+    notes: list[str] = []
+    try:
+        fd = os.open(LIMITS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return limits, notes
+    except OSError as e:
+        return limits, [f"{LIMITS_FILE}: {e.strerror}; defaults used"]
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 65536:
+            return limits, [f"{LIMITS_FILE} is not a small regular file; defaults used"]
+        raw = json.loads(os.read(fd, 65536).decode())
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        for key, value in raw.items():
+            if key in limits:
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    limits[key] = value
+                else:
+                    notes.append(f"{LIMITS_FILE}: {key}={value!r} ignored")
+    except (OSError, ValueError) as e:
+        notes.append(f"{LIMITS_FILE} unreadable ({e}); defaults used")
+    finally:
+        os.close(fd)
+    return limits, notes
+
+
+def is_core_name(name: str) -> bool:
+    return name.startswith("core.") and not name.endswith(".json")
+
+
+def spool_usage(dfd: int) -> dict:
+    """Regular files only (a planted symlink counts for nothing): published cores and their bytes,
+    sidecars, and bytes of cores still being written."""
+    cores = size = records = partial = 0
+    with os.scandir(dfd) as it:
+        for entry in it:
+            name = entry.name
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if name.endswith(".json") and name.startswith("core."):
+                    records += 1
+                elif is_core_name(name):
+                    cores += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+                elif name.startswith(".tmp.core.") and not name.endswith(".json"):
+                    partial += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return {"cores": cores, "bytes": size, "records": records, "partial": partial}
+
+
+# --- one dump ------------------------------------------------------------------------------------------
+
+def _int(text: str | None) -> int | None:
+    if text is None or not text.isdigit():
+        return None
+    return int(text)
+
+
+def parse_args(args: list[str]) -> dict:
+    values: dict = dict.fromkeys(ARG_NAMES)
+    if len(args) > len(ARG_NAMES):  # an old kernel split an expansion with spaces: rejoin into EXE
+        args = args[:len(ARG_NAMES) - 1] + [" ".join(args[len(ARG_NAMES) - 1:])]
+    for name, text in zip(ARG_NAMES, args):
+        if name == "hostname":
+            values[name] = text
+        elif name == "exe":
+            values[name] = text.replace("!", "/")
+        else:
+            values[name] = _int(text)
+    return values
+
+
+def _create(dfd: int, stem: str, suffix: str) -> tuple[int, str]:
+    for n in range(100):
+        name = f".tmp.{stem}.{os.getpid()}.{n}{suffix}"
+        try:
+            return os.open(name, NEW_FILE, 0o600, dir_fd=dfd), name
+        except FileExistsError:
+            continue  # a stale temp from a killed handler whose pid we now have
+    raise FileExistsError(errno.EEXIST, "no free temp name", stem)
+
+
+def _move(dfd: int, src: str, dst: str) -> bool:
+    """Give src the name dst instead, never replacing dst: link() (which does not follow symlinks)
+    then unlink src. False, with src untouched, when dst exists."""
+    try:
+        os.link(src, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links on this filesystem: check, then rename. Only our own handlers write in the
+        # spool and each has its own temp names; two of them could race for dst only here.
+        if _exists(dfd, dst):
+            return False
+        os.rename(src, dst, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return True
+    os.unlink(src, dir_fd=dfd)
+    return True
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _unlink(dfd: int, name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def _name_part(value: int | None) -> str:
+    return "x" if value is None else str(value)
+
+
+def handle(argv: list[str], stdin: Stdin) -> int:
+    """One dump: argv is SPOOL PID TID UID SIGNAL TIME RLIMIT HOST EXE (see the module docstring)."""
+    if not argv:
+        kmsg("no spool argument: core discarded")
+        return 2
+    info = parse_args(argv[1:])
+    record: dict = {"handler": HANDLER_NAME, "version": VERSION, "status": None, "reason": None, "core": None,
+                    **info, "argv": argv, "bytes_received": 0, "bytes_written": 0, "truncated": False,
+                    "limit": None, "limited_by": None, "handler_pid": os.getpid(), "started": time.time()}
+    try:
+        dfd = open_spool(argv[0])
+    except (Refused, OSError) as e:
+        stdin.drain()
+        kmsg(f"core of pid {info['pid']} (signal {info['signal']}) not kept: {e}")
+        return 1
+    try:
+        return _dump(dfd, argv[0], record, stdin)
+    finally:
+        os.close(dfd)
+
+
+def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
+    limits, notes = read_limits(dfd)
+    record["limits"], record["notes"] = limits, notes
+    usage = spool_usage(dfd)
+    if usage["records"] >= limits["max_records"]:
+        stdin.drain()
+        kmsg(f"{spool} holds {usage['records']} records (max_records {limits['max_records']}): "
+             f"crash of pid {record['pid']} (signal {record['signal']}) not recorded")
+        return 0
+    base = f"core.{_name_part(record['pid'])}.{_name_part(record['time'])}.{_name_part(record['signal'])}"
+    rlimit = record["rlimit_core"]
+    if rlimit is not None and rlimit < MIN_CORE:
+        record["status"], record["reason"] = "skipped", f"RLIMIT_CORE is {rlimit}: the process asked for no core"
+    elif usage["cores"] >= limits["max_cores"]:
+        record["status"], record["reason"] = "dropped", (f"spool holds {usage['cores']} cores "
+                                                         f"(max_cores {limits['max_cores']})")
+    elif usage["bytes"] >= limits["max_spool_bytes"]:
+        record["status"], record["reason"] = "dropped", (f"spool holds {usage['bytes']} bytes "
+                                                         f"(max_spool_bytes {limits['max_spool_bytes']})")
+    else:
+        vfs = os.fstatvfs(dfd)
+        room = vfs.f_bavail * vfs.f_frsize - limits["keep_free_bytes"]
+        if room <= 0:
+            record["status"], record["reason"] = "dropped", (f"filesystem within keep_free_bytes "
+                                                             f"({limits['keep_free_bytes']}) of full")
+        else:
+            caps = [(limits["max_core_bytes"], "max_core_bytes"),
+                    (limits["max_spool_bytes"] - usage["bytes"], "max_spool_bytes"),
+                    (room, "keep_free_bytes")]
+            if rlimit is not None:
+                caps.append((rlimit, "RLIMIT_CORE"))
+            record["limit"], record["limited_by"] = min(caps)
+
+    tmp: str | None = None
+    try:
+        if record["status"] is None:
+            fd, tmp = _create(dfd, base, "")
+            try:
+                record["bytes_written"] = stdin.copy_to(fd, record["limit"])
+            except OSError as e:
+                record["status"] = "error"
+                record["reason"] = f"writing the core failed after {stdin.received} bytes: {e.strerror or e}"
+            finally:
+                os.close(fd)
+            if record["status"] == "error":
+                _unlink(dfd, tmp)  # a partial core on a full disk helps nobody
+                tmp, record["bytes_written"] = None, 0
+        stdin.drain()
+        record["bytes_received"] = stdin.received
+        if record["status"] is None:
+            record["status"] = "written"
+            record["truncated"] = stdin.received > record["bytes_written"]
+            if record["truncated"]:
+                record["reason"] = (f"truncated to {record['bytes_written']} of {stdin.received} bytes "
+                                    f"by {record['limited_by']}")
+        _publish(dfd, base, tmp, record)
+        tmp = None
+    finally:
+        _unlink(dfd, tmp)
+    if record["status"] == "error":
+        kmsg(f"core of pid {record['pid']}: {record['reason']}")
+        return 1
+    return 0
+
+
+def _publish(dfd: int, base: str, core_tmp: str | None, record: dict) -> str:
+    """Name the core (if any) and then its sidecar; returns the name. See the module docstring."""
+    sfd, sidecar_tmp = _create(dfd, base, ".json")
+    current = core_tmp
+    try:
+        for k in range(1000):
+            name = base if k == 0 else f"{base}.{k}"
+            if current is not None:
+                if not _move(dfd, current, name):
+                    continue
+                current = name
+            elif _exists(dfd, name):
+                continue
+            record["core"] = current
+            record["finished"] = time.time()
+            data = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+            os.ftruncate(sfd, 0)
+            os.pwrite(sfd, data, 0)
+            if _move(dfd, sidecar_tmp, name + ".json"):
+                sidecar_tmp = None
+                return name
+        raise FileExistsError(errno.EEXIST, "no free name", base)
+    finally:
+        os.close(sfd)
+        _unlink(dfd, sidecar_tmp)
+
+
+def check(argv: list[str]) -> int:
+    """--check SPOOL: can a dump be kept there? Prints one JSON object."""
+    out: dict = {"ok": False, "handler": HANDLER_NAME, "version": VERSION, "python": sys.version.split()[0]}
+    try:
+        if len(argv) != 1:
+            raise Refused("usage: --check SPOOL")
+        dfd = open_spool(argv[0])
+        try:
+            out["limits"], out["notes"] = read_limits(dfd)
+            out.update(spool_usage(dfd))
+            out["ok"] = True
+        finally:
+            os.close(dfd)
+    except (Refused, OSError) as e:
+        out["error"] = str(e)
+    os.write(1, (json.dumps(out, sort_keys=True) + "\n").encode())
+    return 0 if out["ok"] else 1
+
+
+def _drain_raw() -> None:
+    try:
+        while os.read(0, CHUNK):
+            pass
+    except BaseException:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ensure_std_fds()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--check"]:
+        return check(argv[1:])
+    stdin: Stdin | None = None
+    try:
+        stdin = Stdin()
+        return handle(argv, stdin)
+    except BaseException as e:  # never leave the dumping kernel thread writing into a dead pipe
+        kmsg(f"unexpected {type(e).__name__}: {e}")
+        return 1
+    finally:
+        try:
+            if stdin is not None:
+                stdin.drain()
+        except BaseException:
+            pass
+        _drain_raw()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
