@@ -9,9 +9,11 @@ process (see ``ShimCounters.processes``).
 
 Layout (little-endian, fixed offsets, 4096 bytes; mirrored by ``struct control`` in shim.c)::
 
-    0     header   magic "HRNSHIM1" u64, version u32, size u32, seed u64, host_index u32,
-                   armed u32 (bit i = slot i is live), generation u32 (bumped on every change),
-                   attached u32 (processes that mapped the file), last_pid u32, nslots u32, nfuncs u32
+    0     header   magic "HRNSHIM1" u64, version u32, size u32, seed u64,
+                   armed u32 (bit i = slot i is live) and generation u32 (bumped on every change),
+                   which the shim reads together as one 64-bit word (0 = never armed: the fast path),
+                   host_index u32, attached u32 (processes that mapped the file), last_pid u32,
+                   nslots u32, nfuncs u32
     64    slots    8 x 128: gen u32 (even = stable, odd = being written), kind u32, mode u32,
                    functions u32 (bit mask, FUNCTIONS order), param u64 (random: 64-bit threshold,
                    nth: n, after: N, budget: bytes), min_size u64, max_size u64, times i64, errno i32,
@@ -25,8 +27,10 @@ Write ordering (the harness is the only writer of the header's config fields and
 only adds to counters): ``arm`` clears the slot's armed bit, makes ``gen`` odd, writes the fields and
 zeroes the slot's counters, makes ``gen`` even again, bumps ``generation`` and finally sets the armed
 bit. Each field is written with one aligned store (ctypes copies 4/8-byte fields with a single move)
-and x86-64 keeps stores in program order, so the shim, which copies a slot between two reads of
-``gen`` and uses the copy only if both are equal and even, never acts on a half-written slot.
+and x86-64 keeps stores in program order. Each shim thread keeps private copies of the armed slots,
+taken when it sees the (armed, generation) word change: it copies a slot between two reads of
+``gen`` and uses the copy only if both are equal and even (a seqlock), so it never acts on a
+half-written slot, and any step above changes the word, so it never keeps using a stale copy.
 Weakly ordered CPUs (aarch64) would need a store fence between the steps, which CPython cannot emit.
 """
 
@@ -148,8 +152,8 @@ class ShimCounters:
 
 class _Header(ctypes.Structure):
     _fields_ = [("magic", ctypes.c_uint64), ("version", ctypes.c_uint32), ("size", ctypes.c_uint32),
-                ("seed", ctypes.c_uint64), ("host_index", ctypes.c_uint32), ("armed", ctypes.c_uint32),
-                ("generation", ctypes.c_uint32), ("attached", ctypes.c_uint32),
+                ("seed", ctypes.c_uint64), ("armed", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+                ("host_index", ctypes.c_uint32), ("attached", ctypes.c_uint32),
                 ("last_pid", ctypes.c_uint32), ("nslots", ctypes.c_uint32), ("nfuncs", ctypes.c_uint32),
                 ("reserved", ctypes.c_uint32 * 3)]
 
@@ -178,7 +182,7 @@ class _Control(ctypes.Structure):
                 ("pad", ctypes.c_char * (SIZE - 2880))]
 
 
-assert ctypes.sizeof(_Control) == SIZE and _Control.sc.offset == 1088
+assert ctypes.sizeof(_Control) == SIZE and _Control.sc.offset == 1088 and _Header.armed.offset == 24
 assert _Control.calls.offset == 1600 and _Control.proc.offset == 1856
 
 

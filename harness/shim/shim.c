@@ -2,37 +2,48 @@
  * harness fault shim: an LD_PRELOAD library that makes allocation and lock calls fail on demand.
  *
  * Load it FIRST in LD_PRELOAD ("shim.so:/usr/lib/.../libjemalloc.so.2"): the loader binds malloc to the
- * first definition, and dlsym(RTLD_NEXT, ...) from here then finds the allocator placed after us.
+ * first definition, and dlsym(RTLD_NEXT, ...) from here then finds the allocator placed after us. The
+ * constructor records where the process's malloc is bound, so "not first" is visible in the counters.
  *
- * Control: $HARNESS_SHIM_CONTROL names a 4096-byte file the harness created (harness/shim/control.py);
- * it is mapped MAP_SHARED in the constructor and read on every call with relaxed loads: no locks,
- * no syscalls, no allocation on the hot path. Without the variable (or with a bad file) the shim is a
- * pass-through that still counts into a private dummy block.
+ * Control: $HARNESS_SHIM_CONTROL names a 4096-byte file the harness created (harness/shim/control.py;
+ * the layout is `struct control` below). It is mapped MAP_SHARED in the constructor and read with
+ * relaxed loads: no locks, no syscalls, no allocation on the hot path. Without the variable (or with a
+ * bad file) the shim is a pass-through that still counts, into a private dummy block.
+ *
+ * A failed call never reaches the real function: malloc & co return NULL with errno ENOMEM
+ * (posix_memalign returns ENOMEM), operator new throws std::bad_alloc (see cxx_new), and a lock call
+ * returns the slot's errno without taking the lock.
  *
  * Cost model (why the code looks the way it does):
- *  - nothing armed: one relaxed load of header.armed decides; counters go to thread-local memory and
- *    are added to the shared file every FLUSH_EVERY calls (and at thread exit, process exit, fork,
- *    and on every injection), so no locked instruction runs per call;
- *  - live heap bytes are kept as a thread-local delta folded into a process total when it exceeds
- *    LIVE_SLACK, so the budget test is "process total + my delta" (exact for one thread);
- *  - each thread keeps a private copy ("snap") of every armed slot, refreshed when the slot's
- *    generation changes, so an armed call reads one generation word per armed slot.
+ *  - unarmed: one 64-bit load of (armed bits, generation) decides; per-function counts and the live
+ *    heap delta stay in thread-local memory and are added to shared memory in batches (every
+ *    FLUSH_EVERY calls of a function, LIVE_SLACK bytes of heap change, every injection, thread and
+ *    process exit, fork), so no locked instruction runs per call;
+ *  - armed: each thread keeps private copies ("snapshots") of the armed slots and, per function, a
+ *    mask of the slots that apply, rebuilt only when that word changes; a call then checks just its
+ *    candidate slots. random draws the gap to its next failure instead of a coin per call;
+ *  - live bytes need the usable size of every block; glibc's malloc_usable_size costs ~2 ns, so for
+ *    glibc (checked at start-up) the chunk header is read directly (see usable()).
  *
- * Publication protocol (writer: control.py, reader: refresh() below). The harness
- *   1. clears the slot's armed bit,  2. makes slot.gen odd,  3. writes the fields and zeroes the
- *   slot counters,  4. makes slot.gen even (+2 overall),  5. bumps header.generation,  6. sets the
- *   armed bit. Each is one aligned store, and x86-64 makes stores visible in program order. A reader
- *   copies the fields between two loads of slot.gen and uses the copy only if both loads are equal
- *   and even (a seqlock), so it never acts on a half-written slot.
+ * Publication (writer: control.py, reader: refresh_slot()). To arm a slot the harness clears its
+ * armed bit, makes slot.gen odd, writes the fields and zeroes the slot's counters, makes slot.gen
+ * even, bumps header.generation and finally sets the armed bit: single aligned stores, which x86-64
+ * makes visible in program order. Every step changes the (armed, generation) word, so each thread
+ * re-copies; it copies a slot between two loads of slot.gen and keeps the copy only if both are
+ * equal and even (a seqlock), so it never acts on a half-written slot.
  *
- * Caller filters use __builtin_return_address(0) against address ranges. The main executable's
- * range is computed once in the constructor. Named modules are resolved with dl_iterate_phdr when a
- * thread refreshes a slot whose filter names modules (once per thread per arming), never on the
- * path of an unarmed call and never while nested inside the real allocator. The shim holds no lock
- * of its own at that point, and glibc's dl_iterate_phdr takes only the recursive dl_load_write_lock,
- * which the loader holds briefly and never while calling malloc, so this cannot deadlock against
- * the loader. Modules dlopen'ed after a slot was armed are matched only after it is armed again
- * (we do not interpose dlopen: that would change the caller glibc uses for $ORIGIN/RUNPATH).
+ * Caller filters compare __builtin_return_address(0) with address ranges. The main executable's
+ * range is computed once in the constructor. Named modules are looked up with dl_iterate_phdr when a
+ * thread copies a slot whose filter names modules (once per thread per arming): never for unarmed
+ * calls and never while nested inside the next allocator. The shim holds no lock of its own then,
+ * and glibc's dl_iterate_phdr takes only its recursive dl_load_write_lock, which the loader holds
+ * briefly and never while calling malloc, so this cannot deadlock with the loader. Modules
+ * dlopen'ed after a slot was armed are matched once it is armed again (interposing dlopen would
+ * change the caller glibc uses for $ORIGIN and RUNPATH).
+ *
+ * Processes: every process started with the environment attaches (forked children and exec'd
+ * programs too). Calls and slot counters are totals over them; an nth/after ordinal is shared.
+ * Live and peak heap bytes are per process (a forked child starts from its parent's figure).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -82,11 +93,15 @@ struct header {
     uint64_t magic;
     uint32_t version, size;
     uint64_t seed;
-    uint32_t host_index, armed, generation, attached, last_pid, nslots, nfuncs, reserved[3];
+    union {                         /* read as one 64-bit word: the only load of an unarmed call */
+        struct { uint32_t armed, generation; };
+        uint64_t state;
+    };
+    uint32_t host_index, attached, last_pid, nslots, nfuncs, reserved[3];
 };
 struct slot {                       /* written by the harness only */
     uint32_t gen, kind, mode, functions;
-    uint64_t param;                 /* random: threshold (fail if rng < param); nth: n; after: N; budget: bytes */
+    uint64_t param;                 /* random: p * 2^64; nth: n; after: N; budget: bytes */
     uint64_t min_size, max_size;
     int64_t times;                  /* failures left to inject in total; -1 = unlimited */
     int32_t err;
@@ -168,8 +183,8 @@ struct tstate {
     uint64_t rng;
     int64_t delta, dmax;            /* live bytes not yet folded into `live`, and its high-water mark */
     uint32_t calls[NFUNC];
-    uint32_t seen;                  /* header.generation the snapshots below were taken at */
-    uint8_t fslots[NFUNC];          /* per function: the slots (bits) whose snapshot applies to it */
+    uint64_t seen;                  /* header.state the snapshots below were taken at */
+    uint8_t fslots[NFUNC];          /* per function: the armed slots (bits) that apply to it */
     struct snap snap[NSLOT];
 };
 static __thread struct tstate ts __attribute__((tls_model("initial-exec")));
@@ -424,8 +439,9 @@ static int match_cb(struct dl_phdr_info *info, size_t size, void *data)
     return 0;
 }
 
-/* Copy slot i into this thread's snapshot (seqlock read, see the top of the file). */
-static void refresh_slot(struct tstate *t, int i, uint32_t g)
+/* Copy slot i into this thread's snapshot (seqlock read, see the top of the file). Returns 0 when
+ * the slot was being written (try again later); `valid` says whether the copy can be used. */
+static int refresh_slot(struct tstate *t, int i, uint32_t g)
 {
     struct slot *sl = &ctl->slot[i];
     struct snap *s = &t->snap[i];
@@ -434,13 +450,14 @@ static void refresh_slot(struct tstate *t, int i, uint32_t g)
     s->index = i;
     s->gen = g;
     s->valid = 0;
-    if (g & 1) return; /* being written right now */
+    if (g & 1) return 0; /* being written right now */
     s->kind = LOAD(&sl->kind);
     s->mode = LOAD(&sl->mode);
     s->functions = LOAD(&sl->functions);
     s->param = LOAD(&sl->param);
     s->min_size = LOAD(&sl->min_size);
-    s->span = LOAD(&sl->max_size) - s->min_size;
+    uint64_t max_size = LOAD(&sl->max_size);
+    s->span = max_size - s->min_size;
     s->times = LOAD(&sl->times);
     s->err = LOAD(&sl->err);
     s->callers = LOAD(&sl->callers);
@@ -449,7 +466,7 @@ static void refresh_slot(struct tstate *t, int i, uint32_t g)
         names[k][23] = 0;
     }
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if (LOAD(&sl->gen) != g) return;
+    if (LOAD(&sl->gen) != g) return 0;
     s->nr = 0;
     if ((s->callers & C_EXE) && exe_hi) { s->lo[0] = exe_lo; s->hi[0] = exe_hi; s->nr = 1; }
     if (s->callers & C_NAMED) {
@@ -458,35 +475,41 @@ static void refresh_slot(struct tstate *t, int i, uint32_t g)
     }
     STORE(&ctl->sc[i].matched, s->nr);
     if (s->mode == M_RANDOM) s->skip = next_gap(t, s->param);
-    s->valid = s->min_size + s->span >= s->min_size && s->kind != K_NONE && s->mode != M_NONE && (s->mode != M_NTH || s->param);
+    /* control.py never writes these, but a damaged file must not make us divide by zero */
+    s->valid = max_size >= s->min_size && (s->kind == K_ALLOC || s->kind == K_LOCK) &&
+               s->mode >= M_RANDOM && s->mode <= M_BUDGET && (s->mode != M_NTH || s->param);
+    return 1;
 }
 
-/* The harness bumped header.generation: re-copy the slots whose gen changed and rebuild the
- * per-function slot masks. If a slot that is armed could not be copied (being written), `seen` is
- * left stale so the next call tries again. */
-static void __attribute__((noinline)) refresh(struct tstate *t)
+/* header.state (armed bits, generation) changed: re-copy the slots whose gen changed and rebuild
+ * the per-function masks of armed slots. If an armed slot could not be copied (being written),
+ * `seen` stays stale so that the next call tries again. */
+static uint32_t __attribute__((noinline)) refresh(struct tstate *t, int fn)
 {
-    uint32_t g = LOAD_ACQ(&ctl->h.generation), armed_now = LOAD_ACQ(&ctl->h.armed), ok = 1;
+    uint64_t w = LOAD_ACQ(&ctl->h.state);
+    uint32_t armed_now = (uint32_t)w, ok = 1;
     memset(t->fslots, 0, sizeof t->fslots);
     for (int i = 0; i < NSLOT; i++) {
         uint32_t sg = LOAD_ACQ(&ctl->slot[i].gen);
-        if (t->snap[i].gen != sg || (!t->snap[i].valid && sg)) refresh_slot(t, i, sg);
-        if (!t->snap[i].valid) {
-            if (armed_now >> i & 1) ok = 0;
-            continue;
-        }
+        if (!(armed_now >> i & 1)) continue;
+        if (t->snap[i].gen != sg && !refresh_slot(t, i, sg)) ok = 0;
+        if (!t->snap[i].valid) continue;
         uint32_t kinds = t->snap[i].kind == K_ALLOC ? ALLOC_FUNCS : LOCK_FUNCS;
         for (int f = 0; f < NFUNC; f++)
             if ((t->snap[i].functions & kinds) >> f & 1) t->fslots[f] |= (uint8_t)(1u << i);
     }
-    if (ok) t->seen = g;
+    t->seen = ok ? w : ~w; /* ~w never equals the word, so a failed copy is retried */
+    return t->fslots[fn];
 }
 
-/* The slots that may fail this call of function fn, or 0. */
-static inline uint32_t candidates(struct tstate *t, uint32_t armed_mask, int fn)
+/* The armed slots that apply to this call of function fn: one 64-bit load when nothing was ever
+ * armed, two loads and a compare while nothing changes. */
+static inline uint32_t slots_for(struct tstate *t, int fn)
 {
-    if (UNLIKELY(LOAD_ACQ(&ctl->h.generation) != t->seen)) refresh(t);
-    return armed_mask & t->fslots[fn];
+    uint64_t w = LOAD_ACQ(&ctl->h.state);
+    if (LIKELY(w == 0)) return 0;
+    if (UNLIKELY(w != t->seen)) return refresh(t, fn);
+    return t->fslots[fn];
 }
 
 static inline int caller_ok(const struct snap *s, uintptr_t ra)
@@ -555,29 +578,19 @@ static struct snap *__attribute__((noinline)) fault_rest(uint32_t a, int first, 
     return NULL;
 }
 
-static struct snap *fault(uint32_t a, int fn, size_t size, int64_t need, uintptr_t ra);
-
-static struct snap *__attribute__((noinline)) fault_refresh(uint32_t a, int fn, size_t size, int64_t need, uintptr_t ra)
-{
-    refresh(&ts);
-    return fault(a, fn, size, need, ra);
-}
-
-/* Tries the armed slots that apply to function fn, in index order; the first that fires decides
- * (later slots don't see the call). Returns the slot that fired, or NULL. Everything that is not
- * "eligible or not, and no" leaves by a tail call, so this common part needs no stack frame. */
-static struct snap *__attribute__((noinline)) fault(uint32_t a, int fn, size_t size, int64_t need, uintptr_t ra)
+/* Tries the slots `a` (from slots_for) in index order; the first that fires decides (later slots
+ * don't see the call). Returns the slot that fired, or NULL. Everything but "no" leaves by a tail
+ * call, so this common part needs no stack frame. */
+static struct snap *__attribute__((noinline)) fault(uint32_t a, size_t size, int64_t need, uintptr_t ra)
 {
     struct tstate *t = &ts;
-    if (UNLIKELY(LOAD_ACQ(&ctl->h.generation) != t->seen)) return fault_refresh(a, fn, size, need, ra);
-    for (a &= t->fslots[fn]; a; a &= a - 1) {
+    for (; a; a &= a - 1) {
         int c = check(t, &t->snap[__builtin_ctz(a)], size, need, ra);
         if (UNLIKELY(c)) return fault_rest(a, c, size, need, ra);
     }
     return NULL;
 }
 
-static inline uint32_t armed(void) { return LOAD_ACQ(&ctl->h.armed); }
 
 static void *enomem(void)
 {
@@ -605,8 +618,8 @@ static void *raw_alloc(int fn, size_t a, size_t b)
 /* Common tail of the malloc-like calls: count, maybe fail, call through, track. */
 #define ALLOC_BODY(fn, size, call)                                               \
     count(t, fn);                                                                \
-    uint32_t a_ = armed();                                                       \
-    if (UNLIKELY(a_) && fault(a_, fn, size, (int64_t)(size), RA)) return enomem(); \
+    uint32_t a_ = slots_for(t, fn);                                              \
+    if (UNLIKELY(a_) && fault(a_, size, (int64_t)(size), RA)) return enomem();   \
     void *p;                                                                     \
     CALL_NEXT(t, p = call);                                                      \
     if (p) grow(t, usable(p));                                                   \
@@ -652,8 +665,8 @@ EXPORT int posix_memalign(void **out, size_t align, size_t size)
         return 0;
     }
     count(t, F_POSIX_MEMALIGN);
-    uint32_t a = armed();
-    if (UNLIKELY(a) && fault(a, F_POSIX_MEMALIGN, size, (int64_t)size, RA)) return ENOMEM; /* *out untouched */
+    uint32_t a = slots_for(t, F_POSIX_MEMALIGN);
+    if (UNLIKELY(a) && fault(a, size, (int64_t)size, RA)) return ENOMEM; /* *out untouched */
     int rc;
     CALL_NEXT(t, rc = real.posix_memalign(out, align, size));
     if (rc == 0) grow(t, usable(*out));
@@ -674,8 +687,8 @@ static void *do_realloc(struct tstate *t, int fn, void *p, size_t size, uintptr_
     count(t, fn);
     size_t old = p ? usable(p) : 0;
     /* realloc(p, 0) frees: never failed, so a NULL from it keeps meaning "freed" */
-    uint32_t a = armed();
-    if (UNLIKELY(a) && size && fault(a, fn, size, (int64_t)size - (int64_t)old, ra)) return enomem(); /* p intact */
+    uint32_t a = slots_for(t, fn);
+    if (UNLIKELY(a) && size && fault(a, size, (int64_t)size - (int64_t)old, ra)) return enomem(); /* p intact */
     void *q;
     CALL_NEXT(t, q = real.realloc(p, size));
     size_t now = q ? usable(q) : size ? old : 0; /* NULL: p intact, or freed by realloc(p, 0) */
@@ -731,8 +744,8 @@ static void *cxx_new(int which, size_t size, const void *nt, uintptr_t ra)
     if (t->state != S_READY && !enter_slow(t))
         return nothrow ? real.new_nothrow[arr](size, nt) : real.new_[arr](size);
     count(t, F_NEW + which);
-    uint32_t a = armed();
-    int fail = UNLIKELY(a) && fault(a, F_NEW + which, size, (int64_t)size, ra) != NULL;
+    uint32_t a = slots_for(t, F_NEW + which);
+    int fail = UNLIKELY(a) && fault(a, size, (int64_t)size, ra) != NULL;
     if (fail && nothrow) return enomem();
     void *p;
     {
@@ -782,9 +795,9 @@ DELETE(_ZdaPvRKSt9nothrow_t, 1, del_nothrow, (void *p, const void *nt), (p, nt))
         struct tstate *t = &ts;                                                              \
         if (LIKELY(t->state == S_READY) || enter_slow(t)) {                                  \
             count(t, fn);                                                                    \
-            uint32_t a = armed();                                                            \
+            uint32_t a = slots_for(t, fn);                                                   \
             struct snap *s;                                                                  \
-            if (UNLIKELY(a) && (s = fault(a, fn, 0, 0, RA))) return s->err;                  \
+            if (UNLIKELY(a) && (s = fault(a, 0, 0, RA))) return s->err;                      \
         } else if (UNLIKELY(!real.field)) {                                                  \
             resolve();                                                                       \
             if (!real.field) die("cannot resolve " #name);                                   \
