@@ -44,7 +44,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 ENV_VAR = "HARNESS_SHIM_CONTROL"
 MAGIC = int.from_bytes(b"HRNSHIM1", "little")
@@ -292,7 +292,7 @@ def _text(raw: bytes) -> str:
 class ControlFile:
     """A mapped control file. Methods are safe to call from several Python threads."""
 
-    def __init__(self, path: Path, fileobj, mm: mmap.mmap) -> None:  # use create() or open()
+    def __init__(self, path: Path, fileobj: BinaryIO, mm: mmap.mmap) -> None:  # use create() or open()
         self.path = path
         self._file = fileobj
         self._mm = mm
