@@ -144,17 +144,20 @@ static int cmd_liblock(long n)
     return 0;
 }
 
-/* poll FN: say "ready", then call FN every millisecond until it fails (or 60 s pass) */
+/* poll FN: say "ready", then call FN every millisecond; report the first failure, then the first
+ * success after it, and exit (or give up after 60 s) */
 static int cmd_poll(const char *fn)
 {
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    int seen_failure = 0;
     printf("ready\n");
     fflush(stdout);
     for (long i = 1; i <= 60000; i++) {
         int failed;
         if (!strcmp(fn, "malloc")) { void *p = malloc(4321); failed = !p; free(p); }
         else { failed = pthread_mutex_lock(&m) != 0; if (!failed) pthread_mutex_unlock(&m); }
-        if (failed) { printf("failed at %ld\n", i); return 0; }
+        if (failed && !seen_failure) { printf("failed at %ld\n", i); fflush(stdout); seen_failure = 1; }
+        if (!failed && seen_failure) { printf("recovered at %ld\n", i); return 0; }
         struct timespec d = {0, 1000000};
         nanosleep(&d, NULL);
     }
