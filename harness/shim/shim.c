@@ -16,9 +16,9 @@
  *
  * Cost model (why the code looks the way it does):
  *  - unarmed: one 64-bit load of (armed bits, generation) decides; per-function counts and the live
- *    heap delta stay in thread-local memory and are added to shared memory in batches (every
- *    FLUSH_EVERY calls of a function, LIVE_SLACK bytes of heap change, every injection, thread and
- *    process exit, fork), so no locked instruction runs per call;
+ *    heap delta stay in thread-local memory and are added to shared memory in batches (every 256
+ *    calls of a function, LIVE_SLACK bytes of heap change, every injection, thread and process
+ *    exit, fork), so no locked instruction runs per call;
  *  - armed: each thread keeps private copies ("snapshots") of the armed slots and, per function, a
  *    mask of the slots that apply, rebuilt only when that word changes; a call then checks just its
  *    candidate slots. random draws the gap to its next failure instead of a coin per call;
@@ -161,7 +161,6 @@ static struct {
 } real;
 
 /* ---- per-thread state; initial-exec TLS so no allocation or lock is needed to reach it ---- */
-#define FLUSH_EVERY 256
 #define LIVE_SLACK (64 << 10)
 struct snap {                       /* this thread's validated copy of one slot */
     uint64_t min_size, span;        /* span = max_size - min_size: one unsigned compare tests both */
@@ -182,7 +181,7 @@ struct tstate {
     int resolving;                  /* inside resolve(): allocations come from the arena */
     uint64_t rng;
     int64_t delta, dmax;            /* live bytes not yet folded into `live`, and its high-water mark */
-    uint32_t calls[NFUNC];
+    uint8_t calls[NFUNC];           /* calls not yet published, modulo 256 (a wrap publishes 256) */
     uint64_t seen;                  /* header.state the snapshots below were taken at */
     uint8_t fslots[NFUNC];          /* per function: the armed slots (bits) that apply to it */
     struct snap snap[NSLOT];
@@ -337,9 +336,15 @@ static int __attribute__((noinline)) enter_slow(struct tstate *t)
     return 1;
 }
 
+static void __attribute__((noinline)) flush_wrapped(struct tstate *t, int fn)
+{
+    ADD(&ctl->calls[fn], 256);
+    flush(t);
+}
+
 static inline void count(struct tstate *t, int fn)
 {
-    if (UNLIKELY(++t->calls[fn] >= FLUSH_EVERY)) flush(t);
+    if (UNLIKELY(++t->calls[fn] == 0)) flush_wrapped(t, fn);
 }
 
 static inline void grow(struct tstate *t, size_t n)
@@ -361,7 +366,7 @@ static inline void shrink(struct tstate *t, size_t n)
  * hot path. When the next malloc is glibc's and a start-up check agrees, read the chunk header
  * instead: the same formula as glibc's musable() (size field without flag bits, minus the header:
  * 16 bytes for mmapped chunks, 8 otherwise). Any other allocator is asked through its own function. */
-static int glibc_headers, need_nest = 1;
+static int glibc_headers;
 
 /* Other allocators may call back into us from malloc_usable_size (tcmalloc's reaches operator new
  * through MallocExtension::instance()), so that call is nested too. */
@@ -375,14 +380,13 @@ static size_t __attribute__((noinline)) usable_next(void *p)
     return n;
 }
 
-static inline size_t usable(void *p)
+static inline size_t chunk_usable(void *p)
 {
-    if (LIKELY(glibc_headers)) {
-        size_t h = ((size_t *)p)[-1];
-        return (h & ~(size_t)7) - 8 - ((h & 2) << 2); /* IS_MMAPPED (2) chunks have 8 more */
-    }
-    return usable_next(p);
+    size_t h = ((size_t *)p)[-1];
+    return (h & ~(size_t)7) - 8 - ((h & 2) << 2); /* IS_MMAPPED (2) chunks have 8 more */
 }
+
+static inline size_t usable(void *p) { return LIKELY(glibc_headers) ? chunk_usable(p) : usable_next(p); }
 
 static void check_glibc_headers(void)
 {
@@ -394,7 +398,6 @@ static void check_glibc_headers(void)
         if (p && usable(p) != real.usable(p)) glibc_headers = 0;
         real.free(p);
     }
-    need_nest = !glibc_headers;
 }
 
 /* Call into the next allocator marked nested, so that its own interposable calls (jemalloc's mutex
@@ -402,7 +405,7 @@ static void check_glibc_headers(void)
  * calls, so for it the two stores are skipped. */
 #define CALL_NEXT(t, expr)                                                                    \
     do {                                                                                     \
-        if (LIKELY(!need_nest)) { expr; break; }                                             \
+        if (LIKELY(glibc_headers)) { expr; break; }                                          \
         int prev_ = (t)->state;                                                              \
         (t)->state = S_NESTED;                                                               \
         expr;                                                                                \
@@ -621,8 +624,12 @@ static void *raw_alloc(int fn, size_t a, size_t b)
     uint32_t a_ = slots_for(t, fn);                                              \
     if (UNLIKELY(a_) && fault(a_, size, (int64_t)(size), RA)) return enomem();   \
     void *p;                                                                     \
+    if (LIKELY(glibc_headers)) {   /* one test for both: no nesting, header read */ \
+        if ((p = call)) grow(t, chunk_usable(p));                                \
+        return p;                                                                \
+    }                                                                            \
     CALL_NEXT(t, p = call);                                                      \
-    if (p) grow(t, usable(p));                                                   \
+    if (p) grow(t, usable_next(p));                                              \
     return p;
 
 EXPORT void *malloc(size_t size)
@@ -723,7 +730,12 @@ EXPORT void free(void *p)
     }
     count(t, F_FREE);
     if (!p) return;
-    shrink(t, usable(p));
+    if (LIKELY(glibc_headers)) {
+        shrink(t, chunk_usable(p));
+        real.free(p);
+        return;
+    }
+    shrink(t, usable_next(p));
     CALL_NEXT(t, real.free(p));
 }
 
