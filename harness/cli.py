@@ -179,6 +179,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(render_text(report, expectations))
     if result.signal is not None:
         return 128 + result.signal
+    if result.failed_trials:
+        for failed in result.failed_trials:
+            print(f"harness: error: {failed}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_EXPECTATION if any(not e["held"] for e in expectations) else EXIT_OK
 
 

@@ -36,7 +36,7 @@ from harness.collect.cores import CoreRefused, core_pattern, find_core, secure_c
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
 from harness.metrics import Metrics
-from harness.shim.interpose import check_interposable, shim_loaded
+from harness.shim.interpose import check_interposable, mapped_objects, shim_loaded
 from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant
 
@@ -53,12 +53,20 @@ class RunOptions:
     metrics: tuple[str, int] | None = None      # serve /metrics here during the run
 
 
+ALLOCATORS_BY_NAME = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
+
+
+class TrialFailed(Exception):
+    """A trial that cannot stand as evidence (e.g. the requested allocator is not the one bound)."""
+
+
 @dataclass
 class RunResult:
     run_id: str
     run_dir: Path
     status: str                # complete | interrupted
     signal: int | None = None
+    failed_trials: list[str] = field(default_factory=list)
 
 
 class Recorder:
@@ -143,6 +151,7 @@ class Run:
         self._triage_nursery: trio.Nursery | None = None
         self._triage_limiter = trio.CapacityLimiter(1)
         self._bucket_counts: dict[str, int] = {}
+        self.failed_trials: list[str] = []
         self._warned_shim = False
         self._core_bytes = 0
 
@@ -179,7 +188,12 @@ class Run:
                 async with trio.open_nursery() as self._triage_nursery:
                     with trio.CancelScope() as self.main_scope:
                         for number, (variant, repeat) in enumerate(trials, start=1):
-                            await self._trial(number, variant, repeat, spawner, len(trials))
+                            try:
+                                await self._trial(number, variant, repeat, spawner, len(trials))
+                            except* TrialFailed as group:
+                                reason = str(group.exceptions[0])
+                                self.failed_trials.append(f"trial {number} ({variant.name}): {reason}")
+                                print(f"harness: trial {number} ({variant.name}) FAILED: {reason}", file=sys.stderr)
                             if self.interrupted:
                                 break
                 outer.cancel_scope.cancel()
@@ -190,7 +204,7 @@ class Run:
             await trio.to_thread.run_sync(spawner.close)
             await trio.to_thread.run_sync(self.metrics.close)
             self.store.close()
-        return RunResult(self.run_id, self.run_dir, status, self.interrupted)
+        return RunResult(self.run_id, self.run_dir, status, self.interrupted, self.failed_trials)
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -217,9 +231,11 @@ class Run:
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash)
         self._recorder = recorder
         self._variant_name = variant.name
+        self._variant_allocator = variant.allocator
         self._driver = driver
         self._supervisor = supervisor
         status = "complete"
+        failure = ""
         label = f"trial {number}/{total} ({variant.name})" if total > 1 else ""
         try:
             async with trio.open_nursery() as nursery:
@@ -248,8 +264,9 @@ class Run:
                 await driver.drain()
                 self._final_sample(recorder, driver, supervisor)
                 nursery.cancel_scope.cancel()
-        except BaseException:
+        except BaseException as exc:
             status = "interrupted" if self.interrupted else "failed"
+            failure = str(exc.exceptions[0]) if isinstance(exc, BaseExceptionGroup) and exc.exceptions else str(exc)
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -258,7 +275,7 @@ class Run:
                 recorder.event("trial-end", status=status)
                 await self._flush(number, recorder)
                 await self._store_call(self.store.end_trial, number, status,
-                                       {"send_lag_us": {q: driver.lag.get_value_at_percentile(float(q))
+                                       {"failure": failure if status == "failed" else None,"send_lag_us": {q: driver.lag.get_value_at_percentile(float(q))
                                                       for q in ("50", "99", "99.9", "100")},
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts]})
@@ -346,8 +363,15 @@ class Run:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             counters = driver.swap_counters()
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
-            if self._shim is not None:
-                for host, pid, loaded in await trio.to_thread.run_sync(_verify_shim, supervisor.hosts):
+            for host, pid, proof in await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts):
+                recorder.event("proof", host.index, pid, **proof, variant=self._variant_name)
+                wanted = self._variant_allocator
+                if wanted and wanted in ALLOCATORS_BY_NAME and proof["allocator"] != wanted:
+                    raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but {host.name} (pid {pid}) "
+                                      f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
+                                      f"not honoured (static or setuid executable, or an allocator linked in)")
+                if self._shim is not None:
+                    loaded = proof["shim"]
                     recorder.event("shim-check", host.index, pid, loaded=loaded)
                     if not loaded and not self._warned_shim:
                         self._warned_shim = True
@@ -464,16 +488,31 @@ def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int]]:
     return usage
 
 
-def _verify_shim(hosts: list[Host]) -> list[tuple[Host, int, bool]]:
-    """After start, confirm from each new process's memory map that the shim is really loaded."""
-    checked = []
+ALLOCATOR_MARKERS = (("jemalloc", "libjemalloc"), ("tcmalloc", "libtcmalloc"), ("mimalloc", "libmimalloc"))
+
+
+def _inspect_hosts(hosts: list[Host]) -> list[tuple[Host, int, dict[str, Any]]]:
+    """Proof of what ran: for each new process, the allocator and shim really mapped (from
+    /proc/PID/maps, not from the configuration)."""
+    seen = []
     for host in hosts:
         pid = host.pid
-        if pid is None or host.state != State.UP or host.extra.get("shim_checked") == pid:
+        if pid is None or host.state != State.UP or host.extra.get("inspected") == pid:
             continue
-        host.extra["shim_checked"] = pid
-        checked.append((host, pid, shim_loaded(pid, Path(host.extra["shim"]))))
-    return checked
+        host.extra["inspected"] = pid
+        try:
+            objects = mapped_objects(pid)
+        except OSError:
+            continue
+        allocators = [name for name, marker in ALLOCATOR_MARKERS if any(marker in Path(o).name for o in objects)]
+        shim = host.extra.get("shim")
+        seen.append((host, pid, {
+            "allocator": allocators[0] if allocators else "glibc",
+            "allocator_libraries": [o for o in objects if any(m in Path(o).name for _, m in ALLOCATOR_MARKERS)],
+            "shim": bool(shim) and shim_loaded(pid, Path(shim)), "executable": host.extra.get("exe"),
+            "preload": host.env.get("LD_PRELOAD", ""),
+        }))
+    return seen
 
 
 def _check_interposable(scenario: Scenario, program: str) -> None:
