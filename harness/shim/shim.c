@@ -181,6 +181,7 @@ struct tstate {
     int resolving;                  /* inside resolve(): allocations come from the arena */
     uint64_t rng;
     int64_t delta, dmax;            /* live bytes not yet folded into `live`, and its high-water mark */
+    int64_t slack, neg_slack;       /* publish when delta leaves [neg_slack, slack]; 0/-1 once exiting */
     uint8_t calls[NFUNC];           /* calls not yet published, modulo 256 (a wrap publishes 256) */
     uint64_t seen;                  /* header.state the snapshots below were taken at */
     uint8_t fslots[NFUNC];          /* per function: the armed slots (bits) that apply to it */
@@ -318,6 +319,8 @@ static void thread_init(struct tstate *t)
 {
     uint32_t ordinal = __atomic_fetch_add(&next_ordinal, 1, __ATOMIC_RELAXED);
     t->rng = mix(mix(LOAD(&ctl->h.seed)) ^ mix(((uint64_t)LOAD(&ctl->h.host_index) << 32) | ordinal));
+    t->slack = LIVE_SLACK;
+    t->neg_slack = -LIVE_SLACK;
     if (have_key) { /* so that thread exit flushes; may calloc, hence nested */
         t->state = S_NESTED;
         pthread_setspecific(exit_key, (void *)1);
@@ -352,14 +355,14 @@ static inline void grow(struct tstate *t, size_t n)
     t->delta += (int64_t)n;
     if (t->delta > t->dmax) { /* a new high-water mark; past the slack, publish */
         t->dmax = t->delta;
-        if (UNLIKELY(t->delta > LIVE_SLACK)) flush_live(t);
+        if (UNLIKELY(t->delta > t->slack)) flush_live(t);
     }
 }
 
 static inline void shrink(struct tstate *t, size_t n)
 {
     t->delta -= (int64_t)n;
-    if (UNLIKELY(t->delta < -LIVE_SLACK)) flush_live(t);
+    if (UNLIKELY(t->delta < t->neg_slack)) flush_live(t);
 }
 
 /* glibc's malloc_usable_size costs about 2 ns per call (measured here), more than the rest of the
@@ -881,7 +884,9 @@ static void thread_exit(void *unused)
     (void)unused;
     struct tstate *t = &ts;
     flush(t);
-    t->state = S_EXITING; /* frees from later TLS destructors are flushed one by one */
+    t->state = S_EXITING; /* frees from later TLS destructors are published one by one */
+    t->slack = 0;
+    t->neg_slack = -1;
 }
 
 static void fork_prepare(void)
@@ -897,6 +902,8 @@ static void fork_child(void)
     memset(t->calls, 0, sizeof t->calls);
     for (int i = 0; i < NSLOT; i++) t->snap[i].pend = 0;
     t->rng = mix(t->rng ^ mix(forks)); /* the child draws its own, still reproducible, sequence */
+    for (int i = 0; i < NSLOT; i++)
+        if (t->snap[i].mode == M_RANDOM) t->snap[i].skip = next_gap(t, t->snap[i].param);
     STORE(&peak, LOAD(&live) + t->delta);
     claim();
     errno = e;
@@ -937,8 +944,6 @@ __attribute__((constructor)) static void shim_init(void)
 
 __attribute__((destructor)) static void shim_fini(void)
 {
-    struct tstate *t = &ts;
-    flush(t);
-    t->state = S_EXITING;
+    thread_exit(NULL); /* the rest of exit() is published call by call */
     STORE(&me->flags, LOAD(&me->flags) | P_EXITED);
 }
