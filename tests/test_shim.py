@@ -292,7 +292,7 @@ def test_arming_and_disarming_take_effect_in_a_running_process(shim: Path, progs
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
+            p.communicate()
     assert p.returncode == 0 and out.startswith("recovered at "), (out, err)
     assert ctl.counters().slots[5].injected >= 1
 
@@ -319,7 +319,7 @@ def test_composes_with_a_preloaded_allocator_after_the_shim(shim: Path, progs, c
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
+            p.communicate()
     assert p.returncode == 0, err
     assert field(out, f"{name}_grew") == ["1"]   # the allocator's own statistics saw our malloc
     assert fails(out) == every(4, 20)
@@ -386,7 +386,7 @@ def test_cxx_live_bytes_follow_new_and_delete(shim: Path, progs, ctl: ControlFil
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
+            p.communicate()
     c = ctl.counters()  # per-function calls are exact once the process has exited
     assert c.calls["operator new[]"] >= n and c.calls["operator delete"] >= n and c.processes[0].exited
 
@@ -427,7 +427,7 @@ def test_shim_loaded_reads_proc_maps(shim: Path, progs) -> None:
     finally:
         for proc in (p, q):
             proc.kill()
-            proc.wait()
+            proc.communicate()
     assert not shim_loaded(p.pid)  # gone
 
 
