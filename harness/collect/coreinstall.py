@@ -140,7 +140,7 @@ def _write_sysctl(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _resolve_spool(spool_dir: Path | str) -> Path:
+def _resolve_spool(spool_dir: Path | str, *, strict: bool = True) -> Path:
     """Absolute path with the parent's symlinks resolved (the handler refuses any symlink on the path);
     the spool itself must not be a symlink."""
     p = Path(os.path.abspath(spool_dir))
@@ -152,6 +152,9 @@ def _resolve_spool(spool_dir: Path | str) -> Path:
             raise ValueError(f"spool {resolved} is a symlink: give the real directory")
     except FileNotFoundError:
         pass
+    except OSError:
+        if strict:
+            raise
     return resolved
 
 
@@ -309,7 +312,8 @@ def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_M
     handler does not run or the previous pattern cannot be known."""
     _require_root("install")
     if not isinstance(pipe_limit, int) or pipe_limit < 1:
-        raise ValueError(f"pipe_limit must be >= 1 (0 would stop the kernel waiting for the handler), not {pipe_limit!r}")
+        raise ValueError(f"pipe_limit must be >= 1 (0 would stop the kernel waiting for the handler), "
+                         f"not {pipe_limit!r}")
     spool = _resolve_spool(spool_dir)
     pattern = our_pattern(spool)
     if len(pattern.encode()) > CORENAME_MAX:
@@ -406,6 +410,22 @@ def uninstall(spool_dir: Path | str = DEFAULT_SPOOL) -> UninstallResult:
                            f"restored core_pattern {state['core_pattern']!r}; cores stay in {spool}")
 
 
+def _handler_stale(spool: Path) -> bool:
+    """The installed copy is not this checkout's pipe_handler.py (after its #! line)."""
+    try:
+        installed = (spool / HANDLER_NAME).read_bytes()
+        return installed.split(b"\n", 1)[-1] != Path(pipe_handler.__file__).read_bytes()
+    except OSError:
+        return False
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _remove(path: Path) -> None:
     try:
         os.unlink(path)
@@ -420,6 +440,8 @@ def _spool_summary(spool: Path) -> dict[str, Any]:
                            "skipped": 0, "dropped": 0, "errors": 0}
     try:
         entries = list(os.scandir(spool))
+    except FileNotFoundError:
+        return {"error": f"{spool} does not exist"}
     except OSError as e:
         return {"error": f"cannot list {spool}: {e.strerror}"}
     for entry in entries:
@@ -450,14 +472,14 @@ def _spool_summary(spool: Path) -> dict[str, Any]:
 def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
     """Where cores go now, whether that is us, what install remembered, what the spool holds, and
     one line of advice. Needs no root (the spool's contents do)."""
-    spool = _resolve_spool(spool_dir)
+    spool = _resolve_spool(spool_dir, strict=False)
     current = core_pattern()
     pipe_limit = _read_int(CORE_PIPE_LIMIT)
     st = core_pattern_status(current)
     other = installed_spool(current) if current else None
     ours = other == spool
     state = _read_state(spool)
-    summary = _spool_summary(spool) if spool.is_dir() else {"error": f"{spool} does not exist"}
+    summary = _spool_summary(spool)
     if not current:
         advice = st.advice
     elif ours:
@@ -479,6 +501,10 @@ def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
         advice = f"pattern pipes cores to {st.handler}; run `harness cores install` to collect them here"
     else:
         advice = f"{st.advice}; no handler needed (`harness cores install` is optional)"
+    stale = ours and _handler_stale(spool)
+    if stale:
+        advice += ("; the installed handler differs from this checkout's pipe_handler.py: "
+                   "run `harness cores install` again")
     if state is not None and not ours:
         advice += (f" (the previous pattern remembered in {spool} is stale: core_pattern changed since install; "
                    "`harness cores uninstall` forgets it)")
@@ -489,7 +515,8 @@ def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
         "owner": st.owner,
         "installed_spool": str(other) if other else None,
         "spool_dir": str(spool),
-        "handler_present": (spool / HANDLER_NAME).is_file(),
+        "handler_present": _is_regular(spool / HANDLER_NAME),
+        "handler_stale": stale,
         "previous": ({"core_pattern": state["core_pattern"], "core_pipe_limit": state.get("core_pipe_limit")}
                      if state else None),
         "spool": summary,

@@ -416,6 +416,8 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
             if rlimit is not None:
                 caps.append((rlimit, "RLIMIT_CORE"))
             record["limit"], record["limited_by"] = min(caps)
+            if record["limit"] <= 0:
+                record["status"], record["reason"] = "dropped", f"{record['limited_by']} leaves no room"
 
     tmp: str | None = None
     try:
