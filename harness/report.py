@@ -157,13 +157,16 @@ def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs of seconds with the same number of hosts alive: [{from, to, alive}]."""
+    """Runs of the same number of hosts alive: [{from, to, alive}]. A sample's count is taken at the
+    end of its second, so a change seen in sample t happened by time t+1."""
     timeline: list[dict[str, Any]] = []
     for sample in samples:
-        if timeline and timeline[-1]["alive"] == sample["hosts_alive"] and timeline[-1]["to"] == sample["t"]:
-            timeline[-1]["to"] = sample["t"] + 1
+        end = sample["t"] + 1
+        if timeline and timeline[-1]["alive"] == sample["hosts_alive"]:
+            timeline[-1]["to"] = end
         else:
-            timeline.append({"from": sample["t"], "to": sample["t"] + 1, "alive": sample["hosts_alive"]})
+            start = timeline[-1]["to"] if timeline else 0
+            timeline.append({"from": start, "to": end, "alive": sample["hosts_alive"]})
     return timeline
 
 
