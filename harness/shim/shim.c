@@ -212,7 +212,7 @@ static void die(const char *why)
 static char arena[64 << 10] __attribute__((aligned(4096)));
 static size_t arena_used;
 
-static int in_arena(const void *p) { return (const char *)p >= arena && (const char *)p < arena + sizeof arena; }
+static int in_arena(const void *p) { return (uintptr_t)p - (uintptr_t)arena < sizeof arena; }
 
 static void *arena_alloc(size_t size, size_t align)
 {
