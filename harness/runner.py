@@ -525,7 +525,8 @@ def _check_interposable(scenario: Scenario, program: str) -> None:
         raise HarnessError(f"cannot inject faults into {path}: {why}")
     if "alloc-fail" in kinds and not report.alloc_faults:
         raise HarnessError(f"allocation faults cannot reach {path}: {why}")
-    if "lock-error" in kinds and not report.lock_faults:
+    exe_locks = any(f.kind == "lock-error" and f.callers in ((), ("exe",)) for f in scenario.shim_faults)
+    if exe_locks and not report.lock_faults:
         print(f"harness: warning: {path} does not call pthread lock functions itself; lock errors with the default "
               f"caller filter (the executable) will inject nothing ({why or 'no pthread_mutex_lock import'})",
               file=sys.stderr)

@@ -62,7 +62,10 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
     assert on["variant"] == "estats-on" and off["variant"] == "estats-off"
     # estats on: the unchecked stats block is dereferenced when the budget makes malloc fail.
     assert on["crashes"], "estats on must crash under the heap budget"
-    crash = on["crashes"][0]
+    triaged = [c for c in on["crashes"] if c["crash_class"]]
+    assert triaged, "the cores were triaged"
+    assert {c["crash_class"] for c in triaged} == {"null-deref"}
+    crash = triaged[0]
     assert crash["signal_name"] == "SIGSEGV" and crash["core_dumped"]
     assert crash["crash_class"] == "null-deref"
     assert crash["signature"].startswith("estats_update < handle_request")
