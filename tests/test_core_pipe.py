@@ -22,6 +22,7 @@ from harness.collect import coreinstall
 from harness.collect.coreinstall import (find_spooled_core, find_spooled_record, install, prepare_spool, status,
                                          uninstall)
 from harness.collect.elfcore import read_core
+from harness.collect.pipe_handler import forward_name
 
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 CORE_PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
@@ -41,10 +42,12 @@ class Run:
 
     def __init__(self, handler: Path, spool: Path | str, data: bytes, *, pid: int, tid: int | None = None,
                  signal: int = 11, t: int = T, rlimit: str = UNLIMITED, exe: str = "!usr!bin!crashy",
-                 close_stdout: bool = False):
+                 uid: int = 0, gid: int = 0, close_stdout: bool = False):
         self.data = data
         self.error: BaseException | None = None
-        argv = [str(handler), str(spool), str(pid), str(tid or pid), "0", str(signal), str(t), rlimit, "testhost", exe]
+        # SPOOL PID TID UID GID SIGNAL TIME RLIMIT MODE HOST EXE, as %P %I %u %g %s %t %c %d %h %E give them
+        argv = [str(handler), str(spool), str(pid), str(tid or pid), str(uid), str(gid), str(signal), str(t), rlimit,
+                "1", "testhost", exe]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env={}, cwd="/",
                                      stderr=subprocess.DEVNULL if close_stdout else None,
                                      # the kernel gives the helper fd 0 only
@@ -102,7 +105,8 @@ def test_handler_as_the_kernel_runs_it(spool: Path) -> None:
     rec = sidecar(spool, name)
     assert rec["status"] == "written" and rec["core"] == name and rec["truncated"] is False
     assert rec["bytes_received"] == rec["bytes_written"] == len(data)
-    assert (rec["pid"], rec["tid"], rec["uid"], rec["signal"], rec["time"]) == (4242, 4243, 0, 11, T)
+    assert (rec["pid"], rec["tid"], rec["uid"], rec["gid"], rec["signal"], rec["time"], rec["dump_mode"]) == (
+        4242, 4243, 0, 0, 11, T, 1)
     assert rec["hostname"] == "testhost" and rec["exe"] == "/opt/my svc/bin"
     assert rec["argv"][0] == str(spool) and rec["rlimit_core"] == 2**64 - 1
     assert stat.S_IMODE(os.stat(spool / f"{name}.json").st_mode) == 0o600
@@ -227,7 +231,8 @@ def test_disk_full_drains_and_records(tmp_path: Path) -> None:
         spool = disk / "spool"
         handler = prepare_spool(spool, keep_free_bytes=0)
         data = fake_core(8, 2 * 1024 * 1024)
-        proc = subprocess.Popen([str(handler), str(spool), "130", "130", "0", "11", str(T), UNLIMITED, "h", "x"],
+        proc = subprocess.Popen([str(handler), str(spool), "130", "130", "0", "0", "11", str(T), UNLIMITED, "1", "h",
+                                 "x"],
                                 stdin=subprocess.PIPE, env={}, cwd="/")
         deadline = time.monotonic() + 10
         while not any(n.startswith(".tmp.core.130.") for n in os.listdir(spool)):  # sized its limit, opened its temp
@@ -246,6 +251,63 @@ def test_disk_full_drains_and_records(tmp_path: Path) -> None:
         assert "No space" in rec["reason"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_cores_not_kept_are_forwarded_like_the_kernel(tmp_path: Path, spool: Path) -> None:
+    """keep_exe set and the previous pattern a plain name: another program's core is written in that
+    process's cwd, as that process's user, after removing what was there; never into the spool."""
+    uid = gid = 65534 if os.geteuid() == 0 else None
+    uid, gid = (uid, gid) if uid is not None else (os.geteuid(), os.getegid())
+    sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    kept = tmp_path / "kept-program"
+    handler = prepare_spool(spool, keep_exe=[kept])
+    (spool / "previous_core_pattern.json").write_text(json.dumps({"core_pattern": "core.%e.%p",
+                                                                  "core_pipe_limit": 0}))
+    work, locked = tmp_path / "work", tmp_path / "locked"
+    for d, mode in ((work, 0o755), (locked, 0o555)):
+        d.mkdir()
+        os.chown(d, uid, gid)
+        d.chmod(mode)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+
+    def as_user() -> None:
+        os.setgid(gid)
+        os.setuid(uid)
+
+    procs = [subprocess.Popen([sleep, "30"], cwd=d, preexec_fn=as_user if os.geteuid() == 0 else None)
+             for d in (work, locked)]
+    try:
+        pid, locked_pid = (p.pid for p in procs)
+        target = work / f"core.sleep.{pid}"
+        target.symlink_to(victim)  # an old name there: removed, not followed
+        data = fake_core(9, 300_000)
+        exe = sleep.replace("/", "!")
+        assert run_handler(handler, spool, data, pid=pid, uid=uid, gid=gid, exe=exe) == 0
+        st = os.lstat(target)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (uid, gid)
+        assert target.read_bytes() == data and victim.read_bytes() == b"precious"
+        rec = sidecar(spool, f"core.{pid}.{T}.11")
+        assert rec["status"] == "forwarded" and rec["core"] is None and rec["forwarded_to"] == str(target)
+        assert rec["bytes_written"] == rec["bytes_received"] == len(data)
+        assert not any(n.startswith(f"core.{pid}.") and not n.endswith(".json") for n in os.listdir(spool))
+
+        # Where the process's user may not write, neither do we (the kernel would fail the same way).
+        assert run_handler(handler, spool, data, pid=locked_pid, uid=uid, gid=gid, exe=exe) == 0
+        rec = sidecar(spool, f"core.{locked_pid}.{T}.11")
+        assert rec["status"] == "skipped" and "Permission denied" in rec["reason"] and os.listdir(locked) == []
+        # A pid now owned by someone else (reused): nothing written anywhere.
+        assert run_handler(handler, spool, data, pid=pid, uid=uid + 1, gid=gid, exe=exe, t=T + 1) == 0
+        rec = sidecar(spool, f"core.{pid}.{T + 1}.11")
+        assert rec["status"] == "skipped" and "reused" in rec["reason"]
+        # The kept program's core goes to the spool as usual.
+        assert run_handler(handler, spool, data, pid=pid, uid=uid, gid=gid, exe=str(kept).replace("/", "!"),
+                           t=T + 2) == 0
+        assert (spool / f"core.{pid}.{T + 2}.11").read_bytes() == data
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_find_spooled_record(spool: Path) -> None:
@@ -318,15 +380,20 @@ def test_end_to_end_kernel_pipes_a_real_core(tmp_path: Path) -> None:
     exe = tmp_path / "crasher"
     (tmp_path / "crasher.c").write_text(CRASHER)
     subprocess.run(["gcc", "-O0", "-o", str(exe), str(tmp_path / "crasher.c")], check=True)
+    other, other_cwd = tmp_path / "other-crasher", tmp_path / "other-cwd"
+    shutil.copy(exe, other)
+    other_cwd.mkdir()
     saved = CORE_PATTERN.read_text().rstrip("\n")
     saved_limit = CORE_PIPE_LIMIT.read_text().strip()
     short = Path(tempfile.mkdtemp(prefix="hc", dir="/tmp"))  # core_pattern holds 127 bytes: a short spool path
     spool = short / "spool"
     try:
-        result = install(spool, max_bytes=64 << 20)
+        # keep_exe: while the pattern is ours, other programs' cores (other tests running on this machine)
+        # still land where the saved pattern puts them.
+        result = install(spool, max_bytes=64 << 20, keep_exe=[exe])
         assert CORE_PATTERN.read_text().rstrip("\n") == result.pattern
         assert result.previous_pattern == saved and int(CORE_PIPE_LIMIT.read_text()) >= 1
-        again = install(spool)  # installing twice keeps the original, not our own pattern
+        again = install(spool, keep_exe=[exe])  # installing twice keeps the original, not our own pattern
         assert again.already_installed and again.previous_pattern == saved
         st = status(spool)
         assert st["ours"] and st["owner"] == "harness" and st["previous"]["core_pattern"] == saved
@@ -347,6 +414,19 @@ def test_end_to_end_kernel_pipes_a_real_core(tmp_path: Path) -> None:
         assert found.record["exe"] == str(exe) and not found.truncated
         assert found.core.stat().st_size == found.record["bytes_written"]
 
+        # A program not in keep_exe: its core goes where the saved pattern puts it, not to the spool.
+        since = time.time()
+        other_proc = subprocess.Popen([str(other)], cwd=other_cwd)
+        assert other_proc.wait() == -11
+        rec = find_spooled_record(spool, other_proc.pid, since, timeout=10)
+        assert rec is not None and rec.core is None, rec
+        if forward_name(saved, dict.fromkeys("%pPiIugdstceEhf", "x"), False) is not None:
+            assert rec.status == "forwarded", rec
+            forwarded = Path(rec.record["forwarded_to"])
+            assert forwarded.parent == other_cwd and read_core(forwarded).pid == other_proc.pid
+        else:
+            assert rec.status == "skipped"
+
         undone = uninstall(spool)
         assert undone.restored
         assert CORE_PATTERN.read_text().rstrip("\n") == saved
@@ -354,6 +434,7 @@ def test_end_to_end_kernel_pipes_a_real_core(tmp_path: Path) -> None:
         assert not uninstall(spool).restored  # no longer ours: left alone
         after = status(spool)
         assert not after["ours"] and after["previous"] is None and after["spool"]["cores"] == 1  # cores stay
+        assert after["spool"]["forwarded"] + after["spool"]["skipped"] >= 1
         assert CORE_PATTERN.read_text().rstrip("\n") == saved
     finally:
         if CORE_PATTERN.read_text().rstrip("\n") != saved:

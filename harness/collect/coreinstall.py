@@ -4,7 +4,7 @@ install(spool) copies pipe_handler.py to ``<spool>/harness-core-handler`` (with 
 line: isolated mode, no site-packages, so the kernel starts it in ~20 ms and nothing from the
 environment or the checkout can be slipped into it) and sets
 
-    core_pattern    = |<spool>/harness-core-handler <spool> %P %I %u %s %t %c %h %E
+    core_pattern    = |<spool>/harness-core-handler <spool> %P %I %u %g %s %t %c %d %h %E
     core_pipe_limit = max(16, the previous value)
 
 remembering the previous pattern and pipe limit in ``<spool>/previous_core_pattern.json``, which
@@ -22,8 +22,11 @@ lot; a larger value already set is kept.
 
 The pattern is system-wide: while installed, every crashing process on the machine pipes its core
 here. The handler honours the process's RLIMIT_CORE (%c) the way the kernel does for file patterns, so
-processes that did not raise it leave only a small "skipped" sidecar. The handler runs in the initial
-mount namespace: from inside a container the spool path must exist on the host.
+processes that did not raise it leave only a small "skipped" sidecar. With keep_exe=[paths], only those
+executables' cores are kept; the others are written where the previous pattern would have put them
+when it is a plain relative name such as the kernel's default "core" (see pipe_handler), so other
+programs on the machine keep their usual cores while the handler is installed. The handler runs in the
+initial mount namespace: from inside a container the spool path must exist on the host.
 """
 from __future__ import annotations
 
@@ -38,14 +41,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from harness.collect import pipe_handler
 from harness.collect.cores import CORE_PATTERN, core_pattern, core_pattern_status
 
 CORE_PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
 HANDLER_NAME = pipe_handler.HANDLER_NAME  # "harness-core-handler": contains cores.HARNESS_HANDLER_MARKER
-STATE_NAME = "previous_core_pattern.json"
+STATE_NAME = pipe_handler.STATE_FILE  # "previous_core_pattern.json"
 LIMITS_NAME = pipe_handler.LIMITS_FILE
 DEFAULT_SPOOL = Path("/var/lib/harness/cores")
 DEFAULT_MAX_BYTES = pipe_handler.DEFAULT_LIMITS["max_core_bytes"]
@@ -53,7 +56,7 @@ DEFAULT_MAX_CORES = pipe_handler.DEFAULT_LIMITS["max_cores"]
 DEFAULT_MAX_SPOOL_BYTES = pipe_handler.DEFAULT_LIMITS["max_spool_bytes"]
 DEFAULT_KEEP_FREE_BYTES = pipe_handler.DEFAULT_LIMITS["keep_free_bytes"]
 DEFAULT_PIPE_LIMIT = 16
-SPECIFIERS = "%P %I %u %s %t %c %h %E"  # see pipe_handler's docstring for the argument contract
+SPECIFIERS = "%P %I %u %g %s %t %c %d %h %E"  # see pipe_handler's docstring for the argument contract
 CORENAME_MAX = 127  # the kernel keeps 128 bytes of core_pattern including the NUL, silently
 SHEBANG_MAX = 255  # BINPRM_BUF_SIZE
 POLL = 0.02
@@ -69,7 +72,7 @@ class InstallResult:
     previous_pattern: str  # what uninstall() will restore
     previous_pipe_limit: int
     already_installed: bool  # our pattern was already there: the remembered original was kept
-    limits: dict[str, int]
+    limits: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,7 +96,7 @@ class SpooledCore:
     """One crash as the handler recorded it."""
     core: Path | None  # None when skipped / dropped / failed
     sidecar: Path | None  # None only if the handler could not write one (then status "written")
-    status: str  # written | skipped | dropped | error
+    status: str  # written | skipped | dropped | forwarded | error
     truncated: bool
     record: dict[str, Any]
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -249,7 +252,7 @@ def _read_state(spool: Path) -> dict | None:
 
 def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_cores: int = DEFAULT_MAX_CORES,
                   max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES, keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES,
-                  python: str = sys.executable) -> Path:
+                  keep_exe: Sequence[str | os.PathLike] | None = None, python: str = sys.executable) -> Path:
     """Create the spool (0700), write limits.json and the handler copy, and check that the handler
     accepts the spool when run like the kernel runs it. Does not touch core_pattern. Returns the
     handler's path."""
@@ -281,7 +284,8 @@ def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, 
     _check_trusted(spool, "spool directory", final_owner_only=True)
 
     limits = {"max_core_bytes": max_bytes, "max_cores": max_cores, "max_spool_bytes": max_spool_bytes,
-              "keep_free_bytes": keep_free_bytes, "max_records": pipe_handler.DEFAULT_LIMITS["max_records"]}
+              "keep_free_bytes": keep_free_bytes, "max_records": pipe_handler.DEFAULT_LIMITS["max_records"],
+              "keep_exe": None if keep_exe is None else [os.path.realpath(e) for e in keep_exe]}  # %E is resolved
     _atomic_write(spool, LIMITS_NAME, (json.dumps(limits, indent=1, sort_keys=True) + "\n").encode(), 0o600)
     source = Path(pipe_handler.__file__).read_text(encoding="utf-8")
     _atomic_write(spool, HANDLER_NAME, (shebang + source).encode(), 0o700)
@@ -305,9 +309,10 @@ def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, 
 
 def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_MAX_BYTES,
             max_cores: int = DEFAULT_MAX_CORES, max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
-            keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES, pipe_limit: int = DEFAULT_PIPE_LIMIT,
-            python: str = sys.executable) -> InstallResult:
-    """Point core_pattern at our handler writing into spool_dir. Raises PermissionError when not root
+            keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES, keep_exe: Sequence[str | os.PathLike] | None = None,
+            pipe_limit: int = DEFAULT_PIPE_LIMIT, python: str = sys.executable) -> InstallResult:
+    """Point core_pattern at our handler writing into spool_dir (only keep_exe's cores when given; the
+    rest go where the previous pattern puts them, if it is a plain relative name). Raises PermissionError when not root
     or /proc/sys is read-only, ValueError for an unusable spool/interpreter/pattern, RuntimeError when the
     handler does not run or the previous pattern cannot be known."""
     _require_root("install")
@@ -320,7 +325,7 @@ def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_M
         raise ValueError(f"core_pattern would be {len(pattern.encode())} bytes and the kernel keeps {CORENAME_MAX}: "
                          f"use a shorter spool path than {spool} (e.g. {DEFAULT_SPOOL})")
     handler = prepare_spool(spool, max_bytes=max_bytes, max_cores=max_cores, max_spool_bytes=max_spool_bytes,
-                            keep_free_bytes=keep_free_bytes, python=python)
+                            keep_free_bytes=keep_free_bytes, keep_exe=keep_exe, python=python)
     limits = _read_json(spool / LIMITS_NAME) or {}
 
     current = core_pattern()
@@ -437,7 +442,7 @@ def _remove(path: Path) -> None:
 
 def _spool_summary(spool: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"cores": 0, "bytes": 0, "records": 0, "partial": 0, "truncated": 0,
-                           "skipped": 0, "dropped": 0, "errors": 0}
+                           "skipped": 0, "dropped": 0, "forwarded": 0, "errors": 0}
     try:
         entries = list(os.scandir(spool))
     except FileNotFoundError:
@@ -453,7 +458,7 @@ def _spool_summary(spool: Path) -> dict[str, Any]:
                 out["records"] += 1
                 rec = _read_json(Path(entry.path)) or {}
                 status = rec.get("status")
-                if status in ("skipped", "dropped"):
+                if status in ("skipped", "dropped", "forwarded"):
                     out[status] += 1
                 elif status == "error":
                     out["errors"] += 1

@@ -4,7 +4,7 @@ Self-contained (stdlib only, no harness imports) because the dumping kernel thre
 ``harness.collect.coreinstall`` copies this file to ``<spool>/harness-core-handler`` with a
 ``#!<python> -IS`` line on top and sets
 
-    core_pattern = |<spool>/harness-core-handler <spool> %P %I %u %s %t %c %h %E
+    core_pattern = |<spool>/harness-core-handler <spool> %P %I %u %g %s %t %c %d %h %E
 
 Argument contract (positional; the kernel splits the pattern on spaces *before* expanding, so an
 expansion containing a space stays one argument; anything after EXE is joined back to it with spaces
@@ -15,9 +15,11 @@ for older kernels):
     PID     %P  pid of the dumping process in the initial pid namespace (what the runner knows)
     TID     %I  tid of the thread that took the signal, initial pid namespace
     UID     %u  real uid of the dumping process
+    GID     %g  real gid
     SIGNAL  %s  the signal number
     TIME    %t  dump time, seconds since the epoch
     RLIMIT  %c  the process's soft RLIMIT_CORE (18446744073709551615 = unlimited)
+    MODE    %d  dump mode (1 normal, 2 suid_dumpable=2 "suidsafe")
     HOST    %h  hostname
     EXE     %E  executable path with "/" written as "!"
 
@@ -33,7 +35,15 @@ crashed process is reaped only once the core and its sidecar are in place:
 * reads SPOOL/limits.json (max_core_bytes default 1 GiB, max_cores 100, max_spool_bytes 8 GiB,
   keep_free_bytes 256 MiB, max_records 10000);
 * RLIMIT below one page: the process did not ask for a core (as the kernel does for file patterns):
-  status "skipped". Spool already holding max_cores cores or max_spool_bytes bytes, or the disk
+  status "skipped";
+* limits.json "keep_exe" (a list of executable paths; absent/null = keep every core): the core of any
+  other executable is "forwarded", i.e. written where the previous core_pattern (remembered by install
+  in previous_core_pattern.json) would have put it, the way the kernel does it: a relative name in the
+  process's cwd (/proc/PID/cwd), created O_EXCL|O_NOFOLLOW 0600 with the process's fs uid/gid and
+  groups after unlinking an old one, capped by RLIMIT_CORE only. Only plain file names are forwarded
+  ("core", "core.%p", "core.%e.%p.%t"...): a previous pipe, absolute or directory pattern, a
+  suidsafe dump, or a pid whose owner or executable no longer match (reused) make it "skipped";
+* spool already holding max_cores cores or max_spool_bytes bytes, or the disk
   within keep_free_bytes of full: status "dropped". Past max_records sidecars nothing is written;
 * otherwise copies stdin into a temp file created with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, at most
   min(max_core_bytes, RLIMIT, room left in the spool and on disk) bytes; the rest is read and
@@ -66,8 +76,10 @@ DEFAULT_LIMITS = {
     "max_spool_bytes": 8 << 30,
     "keep_free_bytes": 256 << 20,
     "max_records": 10000,
+    "keep_exe": None,
 }
-ARG_NAMES = ("pid", "tid", "uid", "signal", "time", "rlimit_core", "hostname", "exe")
+STATE_FILE = "previous_core_pattern.json"
+ARG_NAMES = ("pid", "tid", "uid", "gid", "signal", "time", "rlimit_core", "dump_mode", "hostname", "exe")
 CHUNK = 1 << 20
 MIN_CORE = 4096  # the kernel's min_coredump for ELF: RLIMIT_CORE below a page means "no core"
 F_SETPIPE_SZ = 1031
@@ -251,7 +263,12 @@ def read_limits(dfd: int) -> tuple[dict, list[str]]:
         if not isinstance(raw, dict):
             raise ValueError("not an object")
         for key, value in raw.items():
-            if key in limits:
+            if key == "keep_exe":
+                if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    limits[key] = value
+                else:
+                    notes.append(f"{LIMITS_FILE}: keep_exe={value!r} ignored (a list of paths or null)")
+            elif key in limits:
                 if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                     limits[key] = value
                 else:
@@ -364,7 +381,7 @@ def _name_part(value: int | None) -> str:
 
 
 def handle(argv: list[str], stdin: Stdin) -> int:
-    """One dump: argv is SPOOL PID TID UID SIGNAL TIME RLIMIT HOST EXE (see the module docstring)."""
+    """One dump: argv is SPOOL PID TID UID GID SIGNAL TIME RLIMIT MODE HOST EXE (see the module docstring)."""
     if not argv:
         kmsg("no spool argument: core discarded")
         return 2
@@ -395,8 +412,11 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
         return 0
     base = f"core.{_name_part(record['pid'])}.{_name_part(record['time'])}.{_name_part(record['signal'])}"
     rlimit = record["rlimit_core"]
+    keep = limits["keep_exe"]
     if rlimit is not None and rlimit < MIN_CORE:
         record["status"], record["reason"] = "skipped", f"RLIMIT_CORE is {rlimit}: the process asked for no core"
+    elif keep is not None and _esc(record["exe"] or "") not in {_esc(k) for k in keep}:
+        forward(dfd, record, stdin)
     elif usage["cores"] >= limits["max_cores"]:
         record["status"], record["reason"] = "dropped", (f"spool holds {usage['cores']} cores "
                                                          f"(max_cores {limits['max_cores']})")
@@ -435,6 +455,8 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
                 tmp, record["bytes_written"] = None, 0
         stdin.drain()
         record["bytes_received"] = stdin.received
+        if record["status"] == "forwarded":
+            record["truncated"] = stdin.received > record["bytes_written"]
         if record["status"] is None:
             record["status"] = "written"
             record["truncated"] = stdin.received > record["bytes_written"]
@@ -449,6 +471,161 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
         kmsg(f"core of pid {record['pid']}: {record['reason']}")
         return 1
     return 0
+
+
+# --- forwarding a core we do not keep -------------------------------------------------------------------
+
+def _esc(text: str) -> str:
+    """A name component the way the kernel's cn_esc_printf writes it: "/" as "!", never "", "." or ".."."""
+    if text in ("", ".", ".."):
+        text = "!" + text[1:]
+    return text.replace("/", "!")
+
+
+def _proc_fields(path: str) -> dict[str, str]:
+    with open(path, "rb") as handle:
+        text = handle.read(65536).decode(errors="replace")
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def _previous_pattern(dfd: int) -> str | None:
+    try:
+        fd = os.open(STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        state = json.loads(os.read(fd, 65536).decode())
+        pattern = state.get("core_pattern") if isinstance(state, dict) else None
+        return pattern if isinstance(pattern, str) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def forward_name(pattern: str, values: dict[str, str], uses_pid: bool) -> str | None:
+    """The file name the kernel would make of a relative one-component pattern, or None when we do not
+    do it the kernel's way (an unknown specifier, a directory, an absolute path or a pipe)."""
+    if not pattern or pattern.startswith("|") or pattern.startswith("@") or "/" in pattern:
+        return None
+    out: list[str] = []
+    pid_in_pattern = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c != "%":
+            out.append(c)
+            i += 1
+            continue
+        if i + 1 >= len(pattern):
+            break  # the kernel drops a trailing %
+        spec = pattern[i + 1]
+        if spec not in values:
+            return None
+        pid_in_pattern = pid_in_pattern or spec == "p"
+        out.append(values[spec])
+        i += 2
+    name = "".join(out)
+    if uses_pid and not pid_in_pattern:
+        name += "." + values["p"]
+    return None if name in ("", ".", "..") or "/" in name else name
+
+
+def forward(dfd: int, record: dict, stdin: Stdin) -> None:
+    """Write the core where the previous pattern would have: see the module docstring. Sets status."""
+    pattern = _previous_pattern(dfd)
+    pid, tid = record["pid"], record["tid"] if record["tid"] is not None else record["pid"]
+    record["status"] = "skipped"
+    why = f"{record['exe']} is not in keep_exe"
+    if pid is None or record["uid"] is None or record["gid"] is None:
+        record["reason"] = f"{why}; no pid/uid/gid to forward with"
+        return
+    if record["dump_mode"] == 2:
+        record["reason"] = f"{why}; a suidsafe dump (mode 2) never goes to a relative file"
+        return
+    try:
+        proc = _proc_fields(f"/proc/{pid}/status")
+        uids, gids = proc.get("Uid", "").split(), proc.get("Gid", "").split()
+        exe = _esc(os.readlink(f"/proc/{pid}/exe"))
+        try:
+            thread = _proc_fields(f"/proc/{pid}/task/{tid}/status")
+            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as handle:
+                comm = handle.read(64).decode(errors="replace").rstrip("\n")
+        except OSError:
+            thread, comm = proc, proc.get("Name", "")
+        with open("/proc/sys/kernel/core_uses_pid", "rb") as handle:
+            uses_pid = handle.read(16).strip() not in (b"", b"0")
+    except OSError as e:
+        record["reason"] = f"{why}; /proc/{pid} unreadable ({e.strerror}): the process is gone"
+        return
+    if (len(uids) < 4 or len(gids) < 4 or uids[0] != str(record["uid"]) or gids[0] != str(record["gid"])
+            or exe != _esc(record["exe"] or "")):
+        record["reason"] = f"{why}; /proc/{pid} is another process now (pid reused)"
+        return
+    exe_raw = _esc(record["exe"] or "")
+    values = {"%": "%", "P": str(pid), "I": str(tid), "u": str(record["uid"]), "g": str(record["gid"]),
+              "s": _name_part(record["signal"]), "t": _name_part(record["time"]),
+              "c": _name_part(record["rlimit_core"]), "d": _name_part(record["dump_mode"]),
+              "h": _esc(record["hostname"] or ""), "e": _esc(comm), "E": exe_raw,
+              "f": _esc(exe_raw.rsplit("!", 1)[-1]),
+              "p": (proc.get("NSpid") or str(pid)).split()[-1], "i": (thread.get("NSpid") or str(tid)).split()[-1]}
+    name = forward_name(pattern or "", values, uses_pid)
+    if name is None:
+        record["reason"] = f"{why}; the previous core_pattern {pattern!r} is not a plain file name we can honour"
+        return
+    fsuid, fsgid = int(uids[3]), int(gids[3])
+    groups = [int(g) for g in proc.get("Groups", "").split()]
+    try:
+        cwd = os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        record["reason"] = f"{why}; its cwd is unreachable ({e.strerror})"
+        return
+    try:
+        where = os.readlink(f"/proc/{pid}/cwd")
+        record["forwarded_to"] = f"{where.rstrip('/')}/{name}"
+        fd = _as(fsuid, fsgid, groups, lambda: _create_like_the_kernel(cwd, name))
+    except OSError as e:
+        record["reason"] = f"{why}; {record.get('forwarded_to', name)}: {e.strerror} (the kernel would fail too)"
+        return
+    finally:
+        os.close(cwd)
+    limit = record["rlimit_core"] if record["rlimit_core"] is not None else 1 << 62  # the kernel's only cap
+    record["limit"], record["limited_by"] = limit, "RLIMIT_CORE"
+    try:
+        record["bytes_written"] = stdin.copy_to(fd, limit)
+        record["status"], record["reason"] = "forwarded", f"{why}: written as {record['forwarded_to']}"
+    except OSError as e:
+        record["status"] = "error"
+        record["reason"] = f"{why}; writing {record['forwarded_to']} failed: {e.strerror or e}"
+    finally:
+        os.close(fd)
+
+
+def _create_like_the_kernel(cwd: int, name: str) -> int:
+    try:
+        os.unlink(name, dir_fd=cwd)  # the kernel removes an old core first (outside suidsafe mode)
+    except OSError:
+        pass
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=cwd)
+
+
+def _as(uid: int, gid: int, groups: list[int], action):
+    """Run action with the given effective ids (the dumping process's fs ids), then become root again.
+    The handler is single-threaded, so seteuid covers everything it does meanwhile."""
+    if os.geteuid() != 0:
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            raise PermissionError(errno.EPERM, "cannot take another user's ids without root")
+        return action()
+    saved = os.getgroups()
+    os.setgroups(groups)
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        return action()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(saved)
 
 
 def _publish(dfd: int, base: str, core_tmp: str | None, record: dict) -> str:
