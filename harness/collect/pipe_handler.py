@@ -85,7 +85,6 @@ MIN_CORE = 4096  # the kernel's min_coredump for ELF: RLIMIT_CORE below a page m
 F_SETPIPE_SZ = 1031
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS)
 
 
 class Refused(Exception):
