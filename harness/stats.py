@@ -1,0 +1,450 @@
+"""Statistics for comparing variants: pure functions over per-trial numbers (no I/O).
+
+The unit of replication is the trial. Crash counts are rates over exposure (host-hours, requests)
+with exact Poisson intervals; crashed/not-crashed trials go through Fisher's exact test; per-trial
+metrics (latency percentiles, throughput, peak RSS) go through a Mann-Whitney U test with a seeded
+bootstrap interval of the ratio of medians. Raw samples are never pooled across trials.
+
+Conventions
+- Every interval is two-sided at `confidence` (0.95 unless given); a *bound* is one-sided.
+- Ratios are variant / baseline. Unbounded or undefined values are float("inf") or float("nan") here;
+  the JSON layer (harness.compare) turns them into null.
+- ``detectable`` is the smallest change that would have come out significant at the given alpha had
+  it been observed with the same counts or spread (test inversion); a true change of that size is seen
+  about half the time. compare passes alpha / (number of rows), the Holm threshold that is always
+  enough, so "n too small to see X" stays true after the correction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special, stats
+from scipy.stats.contingency import odds_ratio
+
+ALPHA = 0.05
+CONFIDENCE = 0.95
+
+INF = math.inf
+NAN = math.nan
+
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference detected"
+
+
+# --- crash counts over exposure --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rate:
+    """Events per unit of exposure, with an exact (Garwood) Poisson interval."""
+
+    events: int
+    exposure: float
+    rate: float
+    low: float
+    high: float
+    confidence: float
+    # Zero events only (None otherwise): never report "0", report how high the rate could be.
+    upper_bound: float | None = None        # exact one-sided bound at `confidence`: -ln(1 - c) / exposure
+    rule_of_three: float | None = None      # 3 / exposure (the 95% rule of thumb)
+
+
+def poisson_interval(events: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Garwood) two-sided interval for a Poisson mean, from chi-square quantiles."""
+    if events < 0:
+        raise ValueError("events must be >= 0")
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if events == 0 else float(stats.chi2.ppf(tail, 2 * events) / 2.0)
+    high = float(stats.chi2.ppf(1.0 - tail, 2 * events + 2) / 2.0)
+    return low, high
+
+
+def poisson_upper_bound(events: int, confidence: float = CONFIDENCE) -> float:
+    """Exact one-sided upper bound for a Poisson mean (for 0 events at 95%: -ln 0.05 = 2.996)."""
+    return float(stats.chi2.ppf(confidence, 2 * events + 2) / 2.0)
+
+
+def poisson_rate(events: int, exposure: float, confidence: float = CONFIDENCE) -> Rate:
+    """Rate = events / exposure with its exact interval; zero events also give the one-sided bounds."""
+    if exposure <= 0:
+        return Rate(events, exposure, NAN, NAN, NAN, confidence)
+    low, high = poisson_interval(events, confidence)
+    if events == 0:
+        return Rate(0, exposure, 0.0, 0.0, high / exposure, confidence,
+                    upper_bound=poisson_upper_bound(0, confidence) / exposure, rule_of_three=3.0 / exposure)
+    return Rate(events, exposure, events / exposure, low / exposure, high / exposure, confidence)
+
+
+@dataclass(frozen=True)
+class ProportionBound:
+    """'0 of n' as a bound on the per-trial probability, never as 0%."""
+
+    successes: int
+    trials: int
+    upper_bound: float          # exact (Clopper-Pearson) one-sided bound at `confidence`
+    rule_of_three: float        # 3 / n
+    confidence: float
+
+
+def zero_of_n_bound(trials: int, confidence: float = CONFIDENCE) -> ProportionBound:
+    """Upper bound on a probability when none of `trials` had the event (exact: 1 - (1-c)^(1/n))."""
+    if trials < 1:
+        return ProportionBound(0, trials, 1.0, INF, confidence)
+    result = stats.binomtest(0, trials, alternative="less")
+    return ProportionBound(0, trials, float(result.proportion_ci(confidence, method="exact").high),
+                           3.0 / trials, confidence)
+
+
+@dataclass(frozen=True)
+class RateRatio:
+    """Rate of the variant over the rate of the baseline, by the exact conditional (binomial) method.
+
+    Given n = k1 + k2 events, k1 is Binomial(n, p) with p = R e1 / (R e1 + e2) where R is the rate
+    ratio; equal rates means p0 = e1 / (e1 + e2). The interval is the Clopper-Pearson interval of p
+    mapped to R; the p-value is scipy's exact two-sided binomial test of p = p0.
+    """
+
+    events: tuple[int, int]
+    exposure: tuple[float, float]
+    ratio: float                # inf when only the variant crashed, nan when neither did
+    low: float
+    high: float
+    p_value: float
+    confidence: float
+    detectable: float           # smallest ratio (as a factor >= 1, either way) that would be flagged
+
+
+def rate_ratio(k1: int, e1: float, k2: int, e2: float, confidence: float = CONFIDENCE,
+               alpha: float = ALPHA) -> RateRatio:
+    if e1 <= 0 or e2 <= 0:
+        raise ValueError("exposures must be positive")
+    n = k1 + k2
+    if n == 0:
+        return RateRatio((k1, k2), (e1, e2), NAN, 0.0, INF, 1.0, confidence, INF)
+    p0 = e1 / (e1 + e2)
+    test = stats.binomtest(k1, n, p0)
+    ci = test.proportion_ci(confidence, method="exact")
+
+    def to_ratio(p: float) -> float:
+        return INF if p >= 1.0 else (p / (1.0 - p)) * (e2 / e1)
+
+    ratio = INF if k2 == 0 else (k1 / e1) / (k2 / e2)
+    return RateRatio((k1, k2), (e1, e2), ratio, to_ratio(float(ci.low)), to_ratio(float(ci.high)),
+                     float(test.pvalue), confidence, _rate_detectable(n, p0, e1, e2, alpha))
+
+
+def _first_true(lo: int, hi: int, predicate: Callable[[int], bool]) -> int | None:
+    """Smallest k in [lo, hi] with predicate(k), for a predicate monotone over that range."""
+    if lo > hi or not predicate(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if predicate(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _rate_detectable(n: int, p0: float, e1: float, e2: float, alpha: float) -> float:
+    """With n events in all, how uneven a split the binomial test flags: as a rate ratio >= 1."""
+    def significant(k: int) -> bool:
+        return bool(stats.binomtest(k, n, p0).pvalue < alpha)
+
+    centre = int(round(n * p0))
+    factors = []
+    up = _first_true(centre, n, significant)
+    if up is not None:
+        factors.append(INF if up == n else (up / (n - up)) * (e2 / e1))
+    # Downwards: the largest k <= centre that is significant, found on the mirrored predicate.
+    down = _first_true(0, centre, lambda j: significant(centre - j))
+    if down is not None:
+        k = centre - down
+        factors.append(INF if k == 0 else 1.0 / ((k / (n - k)) * (e2 / e1)))
+    # Either direction counts; report the easier one to see (a rare side may be unreachable).
+    return min(factors) if factors else INF
+
+
+# --- crashed / not-crashed trials ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialsTest:
+    """Fisher's exact test on [[variant crashed, not], [baseline crashed, not]].
+
+    The odds ratio is the conditional maximum-likelihood estimate with its exact interval (both from
+    scipy.stats.contingency.odds_ratio), so the estimate always lies inside the interval.
+    """
+
+    crashed: tuple[int, int]
+    trials: tuple[int, int]
+    odds_ratio: float
+    low: float
+    high: float
+    p_value: float
+    confidence: float
+    # Crashed-trial counts of the variant (baseline as observed) that would have been flagged:
+    detectable_low: int | None      # the largest count below the baseline's share that would show
+    detectable_high: int | None     # the smallest count above it that would show
+
+
+def fisher_trials(crashed1: int, n1: int, crashed2: int, n2: int, confidence: float = CONFIDENCE,
+                  alpha: float = ALPHA) -> TrialsTest:
+    table = [[crashed1, n1 - crashed1], [crashed2, n2 - crashed2]]
+    p_value = float(stats.fisher_exact(table).pvalue)
+    if (crashed1 + crashed2) in (0, n1 + n2):
+        estimate, low, high = NAN, 0.0, INF
+    else:
+        result = odds_ratio(table, kind="conditional")
+        ci = result.confidence_interval(confidence)
+        estimate, low, high = float(result.statistic), float(ci.low), float(ci.high)
+
+    def significant(k: int) -> bool:
+        return bool(stats.fisher_exact([[k, n1 - k], [crashed2, n2 - crashed2]]).pvalue < alpha)
+
+    centre = int(round(n1 * crashed2 / n2)) if n2 else 0
+    up = _first_true(centre, n1, significant)
+    down = _first_true(0, centre, lambda j: significant(centre - j))
+    return TrialsTest((crashed1, crashed2), (n1, n2), estimate, low, high, p_value, confidence,
+                      None if down is None else centre - down, up)
+
+
+# --- time to first crash ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FirstCrash:
+    """Time to each trial's first crash; trials without a crash are censored at their end."""
+
+    trials: int
+    crashed: int
+    censored: int
+    median: float | None        # Kaplan-Meier median (None while fewer than half the trials crashed)
+    earliest: float | None
+    latest: float | None        # of the trials that crashed
+    censored_at: float | None   # the shortest censoring time (how long the crash-free trials ran)
+
+
+def _censored(times: Sequence[float | None], ends: Sequence[float]) -> stats.CensoredData:
+    crashed = [max(float(t), 0.0) for t in times if t is not None]
+    right = [max(float(e), 0.0) for t, e in zip(times, ends) if t is None]
+    return stats.CensoredData(uncensored=crashed, right=right)
+
+
+def first_crash_summary(times: Sequence[float | None], ends: Sequence[float]) -> FirstCrash:
+    """times[i]: first crash of trial i (None: no crash); ends[i]: how long trial i ran."""
+    if len(times) != len(ends):
+        raise ValueError("times and ends differ in length")
+    crashed = [float(t) for t in times if t is not None]
+    censored = [float(e) for t, e in zip(times, ends) if t is None]
+    median = None
+    if crashed:
+        sf = stats.ecdf(_censored(times, ends)).sf
+        below = np.nonzero(sf.probabilities <= 0.5)[0]
+        median = float(sf.quantiles[below[0]]) if below.size else None
+    return FirstCrash(len(times), len(crashed), len(censored), median, min(crashed, default=None),
+                      max(crashed, default=None), min(censored, default=None))
+
+
+@dataclass(frozen=True)
+class FirstCrashTest:
+    """Log-rank test of time to first crash, variant (x) against baseline (y)."""
+
+    statistic: float            # > 0: the variant crashes sooner than expected under equal hazards
+    p_value: float              # nan when no trial crashed in either
+    time_ratio: float           # ratio of Kaplan-Meier medians (variant / baseline); nan if either is undefined
+    events: int                 # first crashes in both together
+    detectable: float           # smallest time ratio (as a factor >= 1) seen with these events (Schoenfeld)
+
+
+def first_crash_test(times1: Sequence[float | None], ends1: Sequence[float], times2: Sequence[float | None],
+                     ends2: Sequence[float], alpha: float = ALPHA) -> FirstCrashTest:
+    events = sum(t is not None for t in times1) + sum(t is not None for t in times2)
+    m1, m2 = first_crash_summary(times1, ends1).median, first_crash_summary(times2, ends2).median
+    ratio = m1 / m2 if m1 is not None and m2 else NAN
+    if events == 0 or not times1 or not times2:
+        return FirstCrashTest(NAN, NAN, ratio, events, INF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.logrank(_censored(times1, ends1), _censored(times2, ends2))
+    q1 = len(times1) / (len(times1) + len(times2))
+    # Schoenfeld: log HR detectable with D events is z * sqrt(1 / (D q1 q2)); under exponential times the
+    # time ratio is 1 / HR, so the same factor applies to the times (50% power, like every `detectable`).
+    detectable = math.exp(stats.norm.ppf(1 - alpha / 2) * math.sqrt(1.0 / (events * q1 * (1 - q1))))
+    return FirstCrashTest(float(result.statistic), float(result.pvalue), ratio, events, detectable)
+
+
+# --- per-trial metrics -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleComparison:
+    """One value per trial for each side: Mann-Whitney U and a bootstrap interval of the median ratio."""
+
+    n: tuple[int, int]
+    medians: tuple[float, float]
+    ratio: float                # median(x) / median(y); nan when median(y) is 0
+    low: float                  # bootstrap interval (BCa, seeded; percentile when BCa degenerates)
+    high: float
+    p_value: float              # Mann-Whitney U, two-sided (exact when small and without ties)
+    direction: int              # +1: the variant's values tend to be larger (U / n1 n2 > 1/2), -1 smaller, 0 even
+    min_p: float                # the smallest two-sided p-value possible with these n (exact test, no ties)
+    detectable: float           # smallest multiplicative shift (factor >= 1) the U test flags with this spread
+    confidence: float
+    interval_method: str        # BCa | percentile | none
+
+
+def min_rank_p(n1: int, n2: int) -> float:
+    """The smallest two-sided exact Mann-Whitney p-value for sample sizes n1, n2 (complete separation)."""
+    if n1 < 1 or n2 < 1:
+        return 1.0
+    return min(1.0, 2.0 / float(special.comb(n1 + n2, n1, exact=True)))
+
+
+def _ratio_of_medians(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(x, axis=axis) / np.median(y, axis=axis)
+
+
+def bootstrap_ratio_of_medians(x: Sequence[float], y: Sequence[float], *, seed: int | Sequence[int] = 0,
+                               confidence: float = CONFIDENCE, n_resamples: int = 9999) -> tuple[float, float, str]:
+    """(low, high, method) of median(x)/median(y) by scipy.stats.bootstrap, resampling each side on its own.
+
+    Deterministic for a given seed. BCa first; when it degenerates (few distinct values) the percentile
+    interval; (nan, nan, "none") when an interval is impossible (fewer than 2 values a side, or y <= 0).
+    """
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xs.size < 2 or ys.size < 2 or np.any(ys <= 0):
+        return NAN, NAN, "none"
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap((xs, ys), _ratio_of_medians, n_resamples=n_resamples, vectorized=True,
+                                     paired=False, confidence_level=confidence, method=method,
+                                     rng=np.random.default_rng(seed))
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            return low, high, method
+    return NAN, NAN, "none"
+
+
+def _rank_detectable(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    """Scale x to y's median, then find the smallest factor f >= 1 (up or down) at which U flags f*x vs y."""
+    if x.size < 1 or y.size < 1 or min_rank_p(x.size, y.size) >= alpha:
+        return INF
+    mx, my = float(np.median(x)), float(np.median(y))
+    if mx <= 0 or my <= 0 or np.any(x < 0) or np.any(y < 0):
+        return INF
+    base = x * (my / mx)
+
+    def flagged(log_factor: float) -> bool:
+        return bool(stats.mannwhitneyu(base * math.exp(log_factor), y).pvalue < alpha)
+
+    spread = max(float(np.max(np.concatenate([base, y])) / max(np.min(np.concatenate([base, y])), 1e-300)), 1.0)
+    best = INF
+    for sign in (1.0, -1.0):
+        top = math.log(spread) + math.log(4.0)   # beyond complete separation: always flagged if ever
+        if not flagged(sign * top):
+            continue
+        lo, hi = 0.0, top
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if flagged(sign * mid):
+                hi = mid
+            else:
+                lo = mid
+        best = min(best, math.exp(hi))
+    return best
+
+
+def compare_samples(x: Sequence[float], y: Sequence[float], *, seed: int | Sequence[int] = 0,
+                    confidence: float = CONFIDENCE, alpha: float = ALPHA, n_resamples: int = 9999) -> SampleComparison:
+    """x: the variant's per-trial values, y: the baseline's."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = (int(xs.size), int(ys.size))
+    mx = float(np.median(xs)) if xs.size else NAN
+    my = float(np.median(ys)) if ys.size else NAN
+    ratio = mx / my if ys.size and xs.size and my != 0 else NAN
+    if min(n) < 1:
+        return SampleComparison(n, (mx, my), ratio, NAN, NAN, NAN, 0, 1.0, INF, confidence, "none")
+    test = stats.mannwhitneyu(xs, ys, alternative="two-sided")
+    share = float(test.statistic) / (n[0] * n[1])
+    direction = 1 if share > 0.5 else -1 if share < 0.5 else 0
+    low, high, method = bootstrap_ratio_of_medians(xs, ys, seed=seed, confidence=confidence, n_resamples=n_resamples)
+    return SampleComparison(n, (mx, my), ratio, low, high, float(test.pvalue), direction, min_rank_p(*n),
+                            _rank_detectable(xs, ys, alpha), confidence, method)
+
+
+# --- multiple comparisons ----------------------------------------------------------------------
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values (controls the family-wise error rate under any dependence).
+
+    None or nan entries are not tests: they stay None and do not count in the family.
+    """
+    index = [i for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    adjusted: list[float | None] = [None] * len(p_values)
+    if not index:
+        return adjusted
+    values = np.array([p_values[i] for i in index], dtype=float)
+    order = np.argsort(values, kind="stable")
+    m = len(values)
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * values[order]))
+    for position, original in enumerate(order):
+        adjusted[index[original]] = float(stepped[position])
+    return adjusted
+
+
+# --- verdicts ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str                # better | worse | no difference detected
+    text: str                   # the verdict with its reason, for people
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.3g}x"
+
+
+def decide(*, p_adjusted: float | None, alpha: float, direction: int, lower_is_better: bool,
+           effect: float | None = None, low: float | None = None, high: float | None = None,
+           min_difference: float | None = None, detectable: float | None = None,
+           detectable_text: str | None = None, no_test_reason: str | None = None) -> Verdict:
+    """The verdict of one comparison row.
+
+    Significant (Holm-adjusted p < alpha) and in a direction: better or worse, unless the effect (a ratio)
+    is within the minimum meaningful difference. Otherwise "no difference detected" with the reason: what
+    n could have seen (`detectable`, a factor >= 1, or `detectable_text`), or that the interval lies
+    within the minimum difference.
+    """
+    band = None if min_difference is None else 1.0 + min_difference
+
+    def within(value: float | None) -> bool:
+        return (band is not None and value is not None and not math.isnan(value) and 1.0 / band <= value <= band)
+
+    if p_adjusted is None or math.isnan(p_adjusted):
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} ({no_test_reason or 'no test possible'})")
+    if p_adjusted < alpha and direction != 0:
+        if within(effect):
+            return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} ({fmt_ratio(effect)} is within the "
+                                          f"{min_difference:.0%} minimum difference)")
+        worse = (direction > 0) == lower_is_better
+        where = f"{fmt_ratio(effect)}" if effect is not None and not math.isnan(effect) else "a shift"
+        if low is not None and high is not None and not (math.isnan(low) or math.isnan(high)):
+            where += f", CI {fmt_ratio(low)}-{fmt_ratio(high)}"
+        return Verdict(WORSE if worse else BETTER, f"{WORSE if worse else BETTER} ({where}, Holm p={p_adjusted:.2g})")
+    if within(low) and within(high):
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (CI {fmt_ratio(low)}-{fmt_ratio(high)} is within the "
+                                      f"{min_difference:.0%} minimum difference)")
+    if detectable_text is not None:
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (n too small to see {detectable_text})")
+    if detectable is None or math.isinf(detectable) or math.isnan(detectable):
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (n too small to see any difference)")
+    if band is not None and detectable <= band:
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (a {min_difference:.0%} difference would have shown: "
+                                      f"changes from {fmt_ratio(detectable)} were visible)")
+    return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (n too small to see a change under {fmt_ratio(detectable)})")
