@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
     crashes.add_argument("--results", type=Path, default=Path("results"))
 
+    cores = sub.add_parser("cores", help="collect cores through a core_pattern pipe handler (root)")
+    cores.add_argument("action", choices=["install", "uninstall", "status"])
+    cores.add_argument("--spool", type=Path, default=None, help="where spooled cores go (default /var/lib/harness/cores)")
+    cores.add_argument("--max-bytes", type=_size_arg, default=None, help="largest core kept (e.g. 1GiB)")
+    cores.add_argument("--keep-exe", action="append", default=None,
+                       help="only these programs' cores go to the spool; others go where they went before")
+
     validate = sub.add_parser("validate", help="check scenario files (or directories of them)")
     validate.add_argument("paths", type=Path, nargs="+")
 
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "crashes":
             return _crashes(args)
+        if args.command == "cores":
+            return _cores(args)
         return _run(args, sys.argv if argv is None else ["harness", *argv])
     except ScenarioError as exc:
         for problem in exc.problems:
@@ -144,6 +153,37 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_EXPECTATION if any(not e["held"] for e in expectations) else EXIT_OK
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cores(args: argparse.Namespace) -> int:
+    from harness.collect import coreinstall
+    spool = args.spool or coreinstall.DEFAULT_SPOOL
+    try:
+        if args.action == "install":
+            options: dict[str, Any] = {}
+            if args.max_bytes is not None:
+                options["max_bytes"] = args.max_bytes
+            if args.keep_exe:
+                options["keep_exe"] = args.keep_exe
+            result = coreinstall.install(spool, **options)
+            print(f"core_pattern is now {result.pattern}")
+            print(f"cores go to {result.spool_dir}; `harness cores uninstall` restores the previous pattern")
+        elif args.action == "uninstall":
+            undone = coreinstall.uninstall(spool)
+            print(("restored" if undone.restored else "left alone (not ours)") + f": core_pattern is {undone.pattern}")
+        else:
+            state = coreinstall.status(spool)
+            print(json.dumps(state, indent=2, default=str))
+    except (PermissionError, ValueError, RuntimeError) as exc:
+        raise HarnessError(str(exc)) from None
+    return EXIT_OK
+
+
 def _crashes(args: argparse.Namespace) -> int:
     from harness.crashview import render_bucket, render_buckets
     from harness.report import build_report, find_run
@@ -171,7 +211,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.metrics import parse_address
     options = RunOptions(out_dir=args.out, variant=args.variant, trials=args.trials, status=not args.quiet,
                          argv=argv, metrics=parse_address(args.metrics) if args.metrics else None)
-    result = trio.run(run_scenario, scenario, options)
+    if scenario.fleet.simulated is not None:
+        from harness.sim.run import run_simulation
+        result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
+    else:
+        result = trio.run(run_scenario, scenario, options)
     report, expectations = _judge(result.run_dir)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -32,7 +32,8 @@ from harness.plan import arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Scenario, Variant
 from harness.store import HostSample, RunStore, Sample
-from harness.collect.cores import CoreRefused, core_pattern, find_core, secure_core
+from harness.collect.coreinstall import find_spooled_record, installed_spool
+from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
 from harness.metrics import Metrics
@@ -170,6 +171,9 @@ class Run:
             if scenario.shim_faults and variant.faults:
                 _check_interposable(scenario, argv[0])
 
+        cores = core_pattern_status()
+        if not cores.findable and installed_spool() is None:
+            print(f"harness: warning: cores will not be collected: {cores.advice}", file=sys.stderr)
         self.run_dir.mkdir(parents=True, exist_ok=False)
         (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
         self.store = RunStore(self.run_dir / "run.db", create=True)
@@ -564,6 +568,20 @@ def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float,
         pass
     if not core_dumped:
         return tail, None, []
+    spool = installed_spool()
+    if spool is not None:  # `harness cores install` put our pipe handler in core_pattern
+        try:
+            record = find_spooled_record(spool, pid, since, timeout=5.0)
+        except OSError as exc:
+            return tail, None, [f"cannot read the core spool {spool}: {exc}"]
+        if record is None or record.core is None:
+            notes = list(record.notes) if record else [f"no core for pid {pid} in {spool}"]
+            return tail, None, notes
+        try:
+            stored = secure_core(record.core, host.dir / "cores", max_bytes=max_core)
+        except (CoreRefused, OSError) as exc:
+            return tail, None, [f"core not kept: {exc}"]
+        return tail, str(stored.path), list(record.notes) + list(stored.notes)
     found = find_core(host.cwd, pid, since)
     if found is None:
         return tail, None, [f"the kernel reported a core for pid {pid}, but none was found in {host.cwd} "

@@ -326,3 +326,47 @@ load:
     textfile = (run_dir / "metrics.prom").read_text()
     assert crash_count(textfile) == 1
     assert scrape() == "", "the endpoint is closed when the run ends"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing a core_pattern pipe handler needs root")
+def test_cores_through_the_pipe_handler_and_pattern_restored(targets: Path, tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+    pattern_file = Path("/proc/sys/kernel/core_pattern")
+    before = pattern_file.read_text()
+    spool = Path(tempfile.mkdtemp(prefix="hc", dir="/tmp"))  # the kernel keeps only 127 bytes of pattern
+    echo = str(targets / "echo" / "echo-server")
+    scenario = write_scenario(tmp_path, ECHO_FLEET + """
+load:
+  - {hold: {rate: 100, for: 60s}}
+""")
+    results = tmp_path / "results"
+    try:
+        installed = run_harness(["cores", "install", "--spool", str(spool), "--keep-exe", echo], tmp_path)
+        assert installed.returncode == 0, installed.stderr
+        assert pattern_file.read_text().startswith("|")
+        proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
+        try:
+            run_dir = wait_for(lambda: run_dir_of(results))
+            assert isinstance(run_dir, Path)
+            wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+            victim = query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]["pid"]
+            os.kill(victim, signal.SIGSEGV)
+            wait_for(lambda: query(run_dir, "SELECT * FROM crashes"), timeout=30)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        crash = query(run_dir, "SELECT * FROM crashes")[0]
+        assert crash["pid"] == victim and crash["core_path"], crash["detail"]
+        core = Path(crash["core_path"])
+        assert core.read_bytes()[:4] == b"\x7fELF" and core.parent == run_dir / "hosts/t1" / f"h{crash['host']}" / "cores"
+        assert not list(spool.glob(f"core.{victim}.*[0-9]")), "the core was moved out of the spool"
+    finally:
+        undone = run_harness(["cores", "uninstall", "--spool", str(spool)], tmp_path)
+        if pattern_file.read_text() != before:
+            pattern_file.write_text(before)  # never leave the machine changed
+        shutil.rmtree(spool, ignore_errors=True)
+    assert undone.returncode == 0, undone.stderr
+    assert pattern_file.read_text() == before
