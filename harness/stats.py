@@ -394,6 +394,34 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
+def rate_min_p(events: int, p0: float) -> float:
+    """Smallest p-value the conditional rate test can give with `events` in all (all on one side)."""
+    if events < 1:
+        return 1.0
+    return float(min(stats.binomtest(0, events, p0).pvalue, stats.binomtest(events, events, p0).pvalue))
+
+
+def fisher_min_p(crashed: int, n1: int, n2: int) -> float:
+    """Smallest Fisher p-value over the tables with these margins (`crashed` trials crashed in all)."""
+    lo, hi = max(0, crashed - n2), min(n1, crashed)
+    if lo >= hi:
+        return 1.0
+    return min(float(stats.fisher_exact([[k, n1 - k], [crashed - k, n2 - crashed + k]]).pvalue)
+               for k in range(lo, hi + 1))
+
+
+def tarone_size(min_p_values: Sequence[float], alpha: float = ALPHA) -> int:
+    """Tarone's K: the smallest k >= 1 such that at most k tests can reach p < alpha / k.
+
+    Discrete tests whose smallest possible p-value (known from the sample sizes or margins alone) is
+    not below alpha / K cannot reject and are left out of the family; the others share alpha.
+    """
+    k = 1
+    while sum(1 for p in min_p_values if p < alpha / k) > k:
+        k += 1
+    return k
+
+
 # --- verdicts ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -248,3 +248,19 @@ def test_verdict_min_difference():
     big = stats.decide(p_adjusted=0.001, alpha=0.05, direction=-1, lower_is_better=True, effect=0.5, low=0.4,
                        high=0.6, min_difference=0.1)
     assert big.verdict == "better"
+
+
+# --- Tarone: tests that cannot reject stay out of the family ---------------------------------------
+
+def test_smallest_attainable_p_values():
+    assert stats.rate_min_p(6, 0.5) == pytest.approx(2 / 2 ** 6)        # all 6 crashes on one side
+    assert stats.rate_min_p(0, 0.5) == 1.0
+    assert stats.fisher_min_p(4, 4, 4) == pytest.approx(2 / comb(8, 4))  # [[4,0],[0,4]]: 0.0286
+    assert stats.fisher_min_p(0, 5, 5) == 1.0 and stats.fisher_min_p(10, 5, 5) == 1.0
+
+
+def test_tarone_size():
+    assert stats.tarone_size([0.001]) == 1
+    assert stats.tarone_size([0.03] * 8 + [0.001]) == 2     # the eight 0.03s can never reach 0.025
+    assert stats.tarone_size([0.0]) == 1 and stats.tarone_size([]) == 1
+    assert stats.tarone_size([0.0] * 6) == 6

@@ -1,0 +1,632 @@
+"""Variant comparison over run stores: `harness compare RUN [RUN...]` (JSON schema in docs/compare.md).
+
+compare_runs() reads only the stores (through harness.report and a few direct queries), reduces each
+trial to one row of numbers, and compares every variant with the baseline using harness.stats:
+crash rate over host-hours (exact conditional rate ratio), crashed trials (Fisher), and per-trial
+latency, throughput and peak RSS (Mann-Whitney U + bootstrap ratio of medians), with Holm's
+correction over the whole variant x metric table. render_compare() prints it; evaluate_variant_
+expectations() judges `{compare: [a, b], metric: claim}` expectations over the result (pure).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+from tabulate import tabulate
+
+from harness import stats
+from harness.report import build_report
+from harness.store import open_run
+
+COMPARE_SCHEMA = 1
+
+# metric -> (label, unit, lower is better, test)
+METRICS: dict[str, tuple[str, str, bool, str]] = {
+    "crash_rate": ("crash rate", "per host-hour", True, "exact conditional rate ratio"),
+    "crashed_trials": ("crashed trials", "fraction of trials", True, "Fisher exact"),
+    "first_crash": ("time to first crash", "s (Kaplan-Meier median)", False, "log-rank"),
+    "p50_latency": ("p50 latency", "s (median of trials)", True, "Mann-Whitney U"),
+    "p99_latency": ("p99 latency", "s (median of trials)", True, "Mann-Whitney U"),
+    "throughput": ("throughput", "ok/s (median of trials)", False, "Mann-Whitney U"),
+    "peak_rss": ("peak RSS", "bytes (median of trials)", True, "Mann-Whitney U"),
+}
+DEFAULT_METRICS = ("crash_rate", "crashed_trials", "p50_latency", "p99_latency", "throughput", "peak_rss")
+TRIAL_METRICS = ("p50_latency", "p99_latency", "throughput", "peak_rss")
+RUNNING_STATES = ("down", "stopped")    # host_samples states that are *not* exposure
+
+
+# --- reading the stores ------------------------------------------------------------------------
+
+def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run, per-trial rows) of one run directory."""
+    report = build_report(run_dir)
+    store = open_run(run_dir)
+    try:
+        host_rows = {row["trial"]: dict(row) for row in store.query(
+            "SELECT trial, MAX(rss) AS peak_rss, "
+            f"SUM(CASE WHEN state IN ({','.join('?' * len(RUNNING_STATES))}) THEN 0 ELSE 1 END) AS host_seconds "
+            "FROM host_samples GROUP BY trial", RUNNING_STATES)}
+        fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
+            "SELECT trial, SUM(hosts_alive) AS alive_seconds FROM samples GROUP BY trial")}
+    finally:
+        store.close()
+    trials = []
+    for trial in report["trials"]:
+        overall = trial["overall"]
+        hosts = host_rows.get(trial["id"], {})
+        host_seconds = hosts.get("host_seconds") or fleet_rows.get(trial["id"]) or 0
+        if not host_seconds:
+            host_seconds = report["hosts"] * max(overall["seconds"], 0)
+        crash_times = [c["t"] for c in trial["crashes"]]
+        trials.append({
+            "run_id": report["run_id"], "trial": trial["id"], "variant": trial["variant"],
+            "repeat": trial["repeat"], "seed": trial["seed"], "status": trial["status"],
+            "crashes": len(trial["crashes"]),
+            "first_crash": max(min(crash_times), 0.0) if crash_times else None,
+            "end": float(trial["end"]),
+            "host_hours": host_seconds / 3600.0,
+            "requests": overall["sent"],
+            "p50_latency": overall["latency"]["p50"], "p99_latency": overall["latency"]["p99"],
+            "throughput": overall["achieved_rate"],
+            "peak_rss": hosts.get("peak_rss"),
+            "buckets": {b["bucket"]: {"count": b["count"], "crash_class": b["crash_class"],
+                                      "signature": b["signature"]} for b in trial["buckets"]},
+        })
+    run = {"run_id": report["run_id"], "run_dir": str(run_dir), "scenario": report["scenario"],
+           "seed": report["seed"], "duration": report["duration"], "hosts": report["hosts"],
+           "status": report["status"], "trials": len(report["trials"])}
+    return run, trials
+
+
+# --- per-variant summaries ---------------------------------------------------------------------
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    present = sorted(float(v) for v in values if v is not None)
+    if not present:
+        return {"median": None, "min": None, "max": None, "n": 0, "missing": len(values)}
+    return {"median": float(np.median(present)),
+            "min": present[0], "max": present[-1], "n": len(present), "missing": len(values) - len(present)}
+
+
+def _rate_dict(rate: stats.Rate) -> dict[str, Any]:
+    return {"events": rate.events, "exposure": rate.exposure, "rate": rate.rate, "low": rate.low, "high": rate.high,
+            "upper_bound": rate.upper_bound, "rule_of_three": rate.rule_of_three}
+
+
+def _summarize(name: str, run_id: str, source: str, trials: list[dict[str, Any]], excluded: list[dict[str, Any]],
+               confidence: float) -> dict[str, Any]:
+    crashes = sum(t["crashes"] for t in trials)
+    host_hours = sum(t["host_hours"] for t in trials)
+    requests = sum(t["requests"] for t in trials)
+    crashed = sum(1 for t in trials if t["crashes"])
+    per_million = stats.poisson_rate(crashes, requests / 1e6, confidence)
+    dispersion = None
+    if crashes and len(trials) > 1 and all(t["host_hours"] > 0 for t in trials):
+        # Do crashes cluster within trials beyond what a Poisson process would give? (cascades do)
+        expected = [crashes * t["host_hours"] / host_hours for t in trials]
+        dispersion = float(scipy_stats.chisquare([t["crashes"] for t in trials], expected).pvalue)
+    first = stats.first_crash_summary([t["first_crash"] for t in trials], [t["end"] for t in trials])
+    buckets: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        for bucket, info in trial["buckets"].items():
+            entry = buckets.setdefault(bucket, {"bucket": bucket, "crashes": 0, "trials": 0,
+                                                "crash_class": info["crash_class"], "signature": info["signature"]})
+            entry["crashes"] += info["count"]
+            entry["trials"] += 1
+    bound = stats.zero_of_n_bound(len(trials), confidence) if trials and not crashed else None
+    return {
+        "name": name, "run_id": run_id, "variant": source, "trials": len(trials),
+        "excluded_trials": excluded,
+        "crashes": crashes, "crashed_trials": crashed,
+        "crashed_trials_bound": None if bound is None else {"upper_bound": bound.upper_bound,
+                                                            "rule_of_three": bound.rule_of_three},
+        "exposure": {"host_hours": host_hours, "requests": requests},
+        "crash_rate": {"per_host_hour": _rate_dict(stats.poisson_rate(crashes, host_hours, confidence)),
+                       "per_million_requests": _rate_dict(per_million)},
+        "overdispersion_p": dispersion,
+        "first_crash": {"trials": first.trials, "crashed": first.crashed, "censored": first.censored,
+                        "median": first.median, "earliest": first.earliest, "latest": first.latest,
+                        "censored_at": first.censored_at},
+        "metrics": {m: _spread([t[m] for t in trials]) for m in TRIAL_METRICS},
+        "buckets": sorted(buckets.values(), key=lambda b: (-b["crashes"], b["bucket"])),
+        "unique_buckets": [],
+        "per_trial": [{k: t[k] for k in ("run_id", "trial", "repeat", "seed", "crashes", "first_crash", "end",
+                                         "host_hours", "requests") + TRIAL_METRICS}
+                      | {"buckets": {b: i["count"] for b, i in t["buckets"].items()}} for t in trials],
+    }
+
+
+# --- comparison rows ---------------------------------------------------------------------------
+
+def _row_seed(seed: int, variant: str, baseline: str, metric: str) -> list[int]:
+    return [seed, zlib.crc32(f"{variant}\0{baseline}\0{metric}".encode())]
+
+
+def _min_p(metric: str, v: dict[str, Any], b: dict[str, Any]) -> float:
+    """The smallest p-value this row's test could give, from sample sizes and margins alone (1: no test)."""
+    if not v["trials"] or not b["trials"]:
+        return 1.0
+    if metric == "crash_rate":
+        e1, e2 = v["exposure"]["host_hours"], b["exposure"]["host_hours"]
+        if e1 <= 0 or e2 <= 0:
+            return 1.0
+        return stats.rate_min_p(v["crashes"] + b["crashes"], e1 / (e1 + e2))
+    if metric == "crashed_trials":
+        return stats.fisher_min_p(v["crashed_trials"] + b["crashed_trials"], v["trials"], b["trials"])
+    if metric == "first_crash":
+        return 0.0 if v["crashed_trials"] + b["crashed_trials"] > 0 else 1.0   # not a discrete test
+    return stats.min_rank_p(v["metrics"][metric]["n"], b["metrics"][metric]["n"])
+
+
+def _trials_needed(family: int, alpha: float) -> int:
+    n = 2
+    while stats.min_rank_p(n, n) >= alpha / family and n < 100:
+        n += 1
+    return n
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float, alpha_row: float, needed: float,
+              confidence: float, seed: int, n_resamples: int) -> dict[str, Any]:
+    """One comparison row (before Holm): estimates, raw p-value, what the n could see.
+
+    What the n could see is judged at alpha_row (alpha / Holm family size, the threshold that always
+    suffices); `needed` is the p-value a row must be able to reach to join the family (alpha / Tarone's K).
+    """
+    label, unit, lower_is_better, test = METRICS[metric]
+    row: dict[str, Any] = {"variant": v["name"], "baseline": b["name"], "metric": metric, "label": label,
+                           "unit": unit, "test": test, "lower_is_better": lower_is_better,
+                           "variant_value": None, "baseline_value": None, "effect": None, "effect_kind": None,
+                           "low": None, "high": None, "p_value": None, "p_holm": None, "detectable": None,
+                           "detectable_trials": None,
+                           "verdict": None, "text": None, "notes": [], "_direction": 0, "_reason": None,
+                           "_detectable_text": None}
+    if not v["trials"] or not b["trials"]:
+        row["_reason"] = "no trials"
+        return row
+    if metric == "crash_rate":
+        vr, br = v["crash_rate"]["per_host_hour"], b["crash_rate"]["per_host_hour"]
+        row.update(variant_value=vr["rate"], baseline_value=br["rate"], effect_kind="rate_ratio")
+        if v["crashes"] + b["crashes"] == 0:
+            row["_reason"] = (f"no crashes in either; {confidence:.0%} bounds {_fmt_rate(vr['upper_bound'])} and "
+                              f"{_fmt_rate(br['upper_bound'])} per host-hour")
+            return row
+        if vr["exposure"] <= 0 or br["exposure"] <= 0:
+            row["_reason"] = "no exposure (no host-seconds recorded)"
+            return row
+        result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence, alpha_row)
+        row.update(effect=result.ratio, low=result.low, high=result.high, p_value=result.p_value,
+                   detectable=result.detectable)
+        row["_direction"] = (1 if vr["rate"] > br["rate"] else -1 if vr["rate"] < br["rate"] else 0)
+        if math.isinf(result.detectable):
+            row["_detectable_text"] = f"any difference with {v['crashes']} and {b['crashes']} crashes"
+        for side in (v, b):
+            if side["overdispersion_p"] is not None and side["overdispersion_p"] < 0.05:
+                row["notes"].append(f"{side['name']}: crashes cluster within trials (dispersion p="
+                                    f"{side['overdispersion_p']:.2g}); the Poisson interval is too narrow, "
+                                    "trust the crashed-trials row more")
+        return row
+    if metric == "crashed_trials":
+        k1, n1, k2, n2 = v["crashed_trials"], v["trials"], b["crashed_trials"], b["trials"]
+        row.update(variant_value=k1 / n1, baseline_value=k2 / n2, effect_kind="odds_ratio")
+        if k1 + k2 == 0:
+            row["_reason"] = (f"no trial crashed in either, 0/{n1} and 0/{n2}; {confidence:.0%} bounds "
+                              f"{v['crashed_trials_bound']['upper_bound']:.0%} and "
+                              f"{b['crashed_trials_bound']['upper_bound']:.0%} per trial")
+            return row
+        if k1 + k2 == n1 + n2:
+            row["_reason"] = f"every trial crashed in both ({n1}/{n1} and {n2}/{n2}): compare the crash rates"
+            return row
+        result = stats.fisher_trials(k1, n1, k2, n2, confidence, alpha_row)
+        row.update(effect=result.odds_ratio, low=result.low, high=result.high, p_value=result.p_value)
+        row["_direction"] = 1 if k1 / n1 > k2 / n2 else -1 if k1 / n1 < k2 / n2 else 0
+        reach = []
+        if result.detectable_low is not None:
+            reach.append(("" if result.detectable_low == 0 else "<=") + f"{result.detectable_low}/{n1}")
+        if result.detectable_high is not None:
+            reach.append((">=" if result.detectable_high < n1 else "") + f"{result.detectable_high}/{n1}")
+        row["detectable_trials"] = {"low": result.detectable_low, "high": result.detectable_high}
+        row["_detectable_text"] = (f"less than a move to {' or '.join(reach)} crashed trials, baseline {k2}/{n2}"
+                                   if reach else f"any difference in crashed trials with {n1} and {n2} trials")
+        return row
+    if metric == "first_crash":
+        vf, bf = v["first_crash"], b["first_crash"]
+        row.update(variant_value=vf["median"], baseline_value=bf["median"], effect_kind="time_ratio")
+        times = [[t["first_crash"] for t in side["per_trial"]] for side in (v, b)]
+        ends = [[t["end"] for t in side["per_trial"]] for side in (v, b)]
+        if vf["crashed"] + bf["crashed"] == 0:
+            row["_reason"] = "no trial crashed in either"
+            return row
+        result = stats.first_crash_test(times[0], ends[0], times[1], ends[1], alpha_row)
+        row.update(effect=result.time_ratio, p_value=None if math.isnan(result.p_value) else result.p_value,
+                   detectable=result.detectable)
+        # log-rank statistic > 0: the variant crashes sooner; "higher is better" is about the time.
+        row["_direction"] = -1 if result.statistic > 0 else 1 if result.statistic < 0 else 0
+        if row["p_value"] is None:
+            row["_reason"] = "log-rank test undefined"
+        return row
+    x = [t[metric] for t in v["per_trial"] if t[metric] is not None]
+    y = [t[metric] for t in b["per_trial"] if t[metric] is not None]
+    for side, values in ((v, x), (b, y)):
+        if len(values) < side["trials"]:
+            row["notes"].append(f"{side['name']}: {side['trials'] - len(values)} trial(s) without {label} left out")
+    if not x or not y:
+        row["_reason"] = f"no {label} recorded"
+        return row
+    result = stats.compare_samples(x, y, seed=_row_seed(seed, v["name"], b["name"], metric), confidence=confidence,
+                                   alpha=alpha_row, n_resamples=n_resamples)
+    row.update(variant_value=result.medians[0], baseline_value=result.medians[1], effect=result.ratio,
+               effect_kind="ratio_of_medians", low=result.low, high=result.high, p_value=result.p_value,
+               detectable=result.detectable)
+    row["_direction"] = result.direction
+    if result.min_p >= needed:
+        row["_detectable_text"] = (f"any difference: {len(x)} vs {len(y)} trials cannot give a rank-test p below "
+                                   f"{result.min_p:.2g}" + (f", p<{needed:.2g} needed" if result.min_p < alpha else ""))
+    if result.interval_method == "percentile":
+        row["notes"].append("BCa interval degenerate (few distinct values): percentile interval")
+    return row
+
+
+def _finish(rows: list[dict[str, Any]], *, alpha: float, needed: float,
+            min_difference: float | Mapping[str, float] | None) -> None:
+    """Holm over the rows in the family, then the verdicts."""
+    adjusted = stats.holm([r["p_value"] if r["_reason"] is None and r["_in_family"] else None for r in rows])
+    for row, p_holm in zip(rows, adjusted):
+        row["p_holm"] = p_holm
+        md = (min_difference.get(row["metric"]) if isinstance(min_difference, Mapping) else min_difference)
+        if row["metric"] == "crashed_trials":
+            md = None   # odds ratios of a few trials: a relative minimum means little
+        reason = row["_reason"]
+        if reason is None and not row["_in_family"]:
+            # Whatever the data with these sample sizes or margins, this row could not have been significant.
+            row["detectable"] = math.inf
+            reason = "n too small to see " + (
+                row["_detectable_text"] if row["metric"] in TRIAL_METRICS and row["_detectable_text"] else
+                f"any difference: the smallest p-value these counts can give is {row['min_p']:.2g}, "
+                f"p<{needed:.2g} needed")
+        detectable = row["detectable"]
+        verdict = stats.decide(p_adjusted=p_holm, alpha=alpha, direction=row["_direction"],
+                               lower_is_better=row["lower_is_better"], effect=row["effect"], low=row["low"],
+                               high=row["high"], min_difference=md, detectable=detectable,
+                               detectable_text=row["_detectable_text"], no_test_reason=reason)
+        row["verdict"], row["text"] = verdict.verdict, verdict.text
+        row["min_difference"] = md
+        band = None if md is None else 1.0 + md
+        row["within_min_difference"] = bool(
+            band is not None and row["low"] is not None and row["high"] is not None
+            and 1.0 / band <= row["low"] and row["high"] <= band)
+        row["effect_text"] = stats.fmt_ratio(row["effect"])
+        row["interval_text"] = ("-" if row["low"] is None or row["high"] is None or math.isnan(row["low"])
+                                else f"{stats.fmt_ratio(row['low'])}-{stats.fmt_ratio(row['high'])}")
+        for key in ("_direction", "_reason", "_detectable_text", "_in_family"):
+            row.pop(key, None)
+
+
+def _rows_for(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metrics: Sequence[str], settings: dict[str, Any],
+              min_difference: float | Mapping[str, float] | None) -> tuple[list[dict[str, Any]], int]:
+    """The rows of these (variant, baseline) pairs with Holm applied, and Tarone's K.
+
+    Rows whose test cannot reach alpha / K whatever the data (from sample sizes and margins: Tarone) stay
+    out of the Holm family; they could never have been significant and would only dilute the others.
+    """
+    alpha = settings["alpha"]
+    plan = [(v, b, m, _min_p(m, v, b)) for v, b in pairs for m in metrics]
+    tarone = stats.tarone_size([min_p for *_, min_p in plan], alpha)
+    family = max(1, sum(1 for *_, min_p in plan if min_p < alpha / tarone))
+    rows = []
+    for v, b, metric, min_p in plan:
+        row = _pair_row(metric, v, b, alpha=alpha, alpha_row=alpha / family, needed=alpha / tarone,
+                        confidence=settings["confidence"], seed=settings["seed"], n_resamples=settings["n_resamples"])
+        row["_in_family"] = min_p < alpha / tarone
+        row["min_p"] = min_p
+        rows.append(row)
+    _finish(rows, alpha=alpha, needed=alpha / tarone, min_difference=min_difference)
+    return rows, tarone
+
+
+# --- the whole comparison ----------------------------------------------------------------------
+
+def _resolve(name: str, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    exact = [v for v in variants if v["name"] == name]
+    if exact:
+        return exact[0]
+    by_source = [v for v in variants if v["variant"] == name]
+    if len(by_source) == 1:
+        return by_source[0]
+    known = ", ".join(v["name"] for v in variants)
+    if by_source:
+        raise ValueError(f"variant {name!r} is in several runs; name one of: {known}")
+    raise ValueError(f"no variant {name!r} (variants: {known})")
+
+
+def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
+                 min_difference: float | Mapping[str, float] | None = None, *,
+                 metrics: Sequence[str] = DEFAULT_METRICS, alpha: float = stats.ALPHA,
+                 confidence: float = stats.CONFIDENCE, seed: int = 0, n_resamples: int = 9999) -> dict[str, Any]:
+    """Compare the variants of one or more runs (of the same scenario) with a baseline.
+
+    baseline: a variant name (first variant by default); min_difference: the smallest relative change that
+    matters (0.1 = 10%), for every ratio metric or per metric ({"p99_latency": 0.1}).
+    """
+    if not run_dirs:
+        raise ValueError("no runs to compare")
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    settings = {"alpha": alpha, "confidence": confidence, "seed": seed, "n_resamples": n_resamples,
+                "metrics": list(metrics)}
+    runs, groups, warnings = [], {}, []
+    for run_dir in run_dirs:
+        run, trials = _trial_numbers(Path(run_dir))
+        if any(r["run_id"] == run["run_id"] for r in runs):
+            raise ValueError(f"run {run['run_id']} given twice")
+        runs.append(run)
+        if run["status"] != "complete":
+            warnings.append(f"run {run['run_id']} is {run['status']}: only its complete trials are compared")
+        for trial in trials:
+            groups.setdefault((run["run_id"], trial["variant"]), []).append(trial)
+    if len({r["scenario"] for r in runs}) > 1:
+        warnings.append("the runs are of different scenarios (" + ", ".join(sorted({r["scenario"] for r in runs}))
+                        + "): their variants did not see the same load and faults")
+    name_runs: dict[str, set[str]] = {}
+    for run_id, name in groups:
+        name_runs.setdefault(name, set()).add(run_id)
+    variants = []
+    for (run_id, name), trials in groups.items():
+        display = f"{run_id}:{name}" if len(name_runs[name]) > 1 else name
+        complete = [t for t in trials if t["status"] == "complete"]
+        excluded = [{"run_id": t["run_id"], "trial": t["trial"], "status": t["status"]}
+                    for t in trials if t["status"] != "complete"]
+        if excluded:
+            warnings.append(f"{display}: {len(excluded)} trial(s) not complete, left out")
+        variants.append(_summarize(display, run_id, name, complete, excluded, confidence))
+    for variant in variants:
+        others = {b for other in variants if other is not variant for b in (x["bucket"] for x in other["buckets"])}
+        variant["unique_buckets"] = [b["bucket"] for b in variant["buckets"] if b["bucket"] not in others]
+    base = _resolve(baseline, variants) if baseline is not None else variants[0]
+    seeds = {tuple(sorted({t["seed"] for t in v["per_trial"]})) for v in variants if v["per_trial"]}
+    if len(seeds) > 1:
+        warnings.append("variants ran with different seeds: arrivals and fault schedules differ between them")
+    others = [v for v in variants if v is not base]
+    if not others:
+        warnings.append("only one variant: nothing to compare")
+    rows, tarone = _rows_for([(v, base) for v in others], metrics, settings, min_difference)
+    family = sum(1 for r in rows if r["p_holm"] is not None)
+    short = [r for r in rows if r["metric"] in TRIAL_METRICS and r["p_value"] is not None and r["p_holm"] is None]
+    if short:
+        planned = sum(1 for r in rows if r["metric"] in TRIAL_METRICS) or 1
+        warnings.append(f"too few trials for the per-trial metrics: {' vs '.join(map(str, _trial_counts(short[0], variants)))}"
+                        f" trials cannot give a rank-test p below {short[0]['min_p']:.2g}, so those rows cannot be "
+                        f"significant; at least {_trials_needed(planned, alpha)} trials per variant are needed for "
+                        f"{planned} such rows")
+    return _clean({
+        "schema": COMPARE_SCHEMA, "runs": runs, "scenario": runs[0]["scenario"], "baseline": base["name"],
+        "alpha": alpha, "confidence": confidence, "min_difference": min_difference,
+        "holm_family": family, "tarone_k": tarone,
+        "settings": settings, "variants": variants, "rows": rows, "warnings": warnings,
+    })
+
+
+def _trial_counts(row: dict[str, Any], variants: list[dict[str, Any]]) -> tuple[int, int]:
+    by_name = {v["name"]: v for v in variants}
+    return (by_name[row["variant"]]["metrics"][row["metric"]]["n"],
+            by_name[row["baseline"]]["metrics"][row["metric"]]["n"])
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: nan and inf become null, numpy scalars plain numbers, tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+def _num(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}g}"
+
+
+def _spread_text(spread: dict[str, Any], scale: float) -> str:
+    if spread["n"] == 0:
+        return "-"
+    text = _num(spread["median"], scale)
+    if spread["n"] > 1:
+        text += f" [{_num(spread['min'], scale)}-{_num(spread['max'], scale)}]"
+    return text
+
+
+def _rate_text(rate: dict[str, Any]) -> str:
+    if rate["rate"] is None:
+        return "-"
+    if rate["events"] == 0:
+        return f"0 (< {_num(rate['upper_bound'])})"
+    return f"{_num(rate['rate'])} [{_num(rate['low'])}-{_num(rate['high'])}]"
+
+
+def _first_text(first: dict[str, Any]) -> str:
+    if first["crashed"] == 0:
+        return f"none (all {first['censored']} ran {_num(first['censored_at'])}s+)" if first["trials"] else "-"
+    median = f"{_num(first['median'])}s" if first["median"] is not None else "> half survived"
+    return f"{median} ({first['crashed']}/{first['trials']} crashed)"
+
+
+def render_compare(result: dict[str, Any]) -> str:
+    variants = result["variants"]
+    runs = ", ".join(r["run_id"] for r in result["runs"])
+    conf = f"{result['confidence']:.0%}"
+    out = [f"compare: scenario {result['scenario']}  runs {runs}",
+           f"baseline {result['baseline']}; {conf} intervals; alpha {result['alpha']:g}, Holm over "
+           f"{result['holm_family']} test(s) (Tarone K={result['tarone_k']})" + (f"; minimum difference {result['min_difference']}"
+                                                 if result["min_difference"] else "")]
+    table = [
+        ["trials"] + [str(v["trials"]) for v in variants],
+        ["crashes"] + [str(v["crashes"]) for v in variants],
+        ["crashed trials"] + [f"{v['crashed_trials']}/{v['trials']}" + (
+            f" (< {v['crashed_trials_bound']['upper_bound']:.0%})" if v["crashed_trials_bound"] else "")
+            for v in variants],
+        [f"crashes/host-hour [{conf}]"] + [_rate_text(v["crash_rate"]["per_host_hour"]) for v in variants],
+        [f"crashes/M requests [{conf}]"] + [_rate_text(v["crash_rate"]["per_million_requests"]) for v in variants],
+        ["first crash (KM median)"] + [_first_text(v["first_crash"]) for v in variants],
+        ["p50 latency ms"] + [_spread_text(v["metrics"]["p50_latency"], 1e3) for v in variants],
+        ["p99 latency ms"] + [_spread_text(v["metrics"]["p99_latency"], 1e3) for v in variants],
+        ["throughput ok/s"] + [_spread_text(v["metrics"]["throughput"], 1.0) for v in variants],
+        ["peak RSS MiB"] + [_spread_text(v["metrics"]["peak_rss"], 1 / 2**20) for v in variants],
+        ["unique buckets"] + [str(len(v["unique_buckets"])) for v in variants],
+    ]
+    headers = [""] + [v["name"] + (" (baseline)" if v["name"] == result["baseline"] else "") for v in variants]
+    out += ["", tabulate(table, headers=headers, disable_numparse=True),
+            "per-trial metrics: median [min-max] across trials; rates: estimate [interval], 0 as (< upper bound)"]
+    for v in variants:
+        for bucket_id in v["unique_buckets"]:
+            bucket = next(b for b in v["buckets"] if b["bucket"] == bucket_id)
+            out.append(f"  only in {v['name']}: {bucket_id} ({bucket['crash_class']}, {bucket['crashes']} crashes "
+                       f"in {bucket['trials']} trial(s)) {bucket['signature'] or ''}".rstrip())
+    if result["rows"]:
+        rows = []
+        for r in result["rows"]:
+            rows.append([r["variant"], r["label"], r["effect_text"], r["interval_text"], _num(r["p_value"], digits=2),
+                         _num(r["p_holm"], digits=2), r["text"]])
+        out += ["", f"vs {result['baseline']} (ratios are variant / baseline; crashed trials: odds ratio):",
+                tabulate(rows, headers=["variant", "metric", "ratio", f"{conf} CI", "p", "Holm p", "verdict"],
+                         disable_numparse=True)]
+        notes = [f"  {r['variant']} {r['label']}: {n}" for r in result["rows"] for n in r["notes"]]
+        if notes:
+            out += ["notes:"] + notes
+    if result["warnings"]:
+        out += [""] + [f"warning: {w}" for w in result["warnings"]]
+    return "\n".join(out)
+
+
+# --- expectations over a comparison ---------------------------------------------------------------
+
+VERDICT_CLAIMS = ("better", "worse", "no worse", "no better", "no difference")
+_RATIO_CLAIM = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*x\s*$")
+
+
+@dataclass(frozen=True)
+class VariantExpectation:
+    """`{compare: [variant, reference], <metric>: <claim>}` from a scenario's expect list.
+
+    claim: a verdict claim ("better", "worse", "no worse", "no better", "no difference") judged on the
+    comparison's verdict, or a ratio claim ("< 1.1x", "<= 1.1x", "> 0.9x", ">= 0.9x") judged on the
+    ratio variant / reference (rate ratio, ratio of medians, or time ratio).
+    """
+
+    variant: str
+    reference: str
+    metric: str
+    claim: str                         # one of VERDICT_CLAIMS, or "<", "<=", ">", ">="
+    factor: float | None = None        # for ratio claims
+    text: str = ""
+    index: int = 0
+    line: int = 0
+
+    @classmethod
+    def parse(cls, compare: Sequence[str], metric: str, value: str, *, index: int = 0,
+              line: int = 0) -> "VariantExpectation":
+        """Raises ValueError with a message fit for a FILE:LINE: FIELD: message line."""
+        if len(compare) != 2 or not all(isinstance(n, str) and n for n in compare):
+            raise ValueError("compare: needs two variant names, [variant, reference]")
+        if compare[0] == compare[1]:
+            raise ValueError("compare: the two variants are the same")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} for compare (known: {', '.join(METRICS)})")
+        text = f"{compare[0]} vs {compare[1]}: {metric} {str(value).strip()}"
+        claim = str(value).strip().lower()
+        if claim in VERDICT_CLAIMS:
+            return cls(compare[0], compare[1], metric, claim, None, text, index, line)
+        match = _RATIO_CLAIM.match(claim)
+        if not match:
+            raise ValueError(f"{metric}: expected one of {', '.join(VERDICT_CLAIMS)} or a ratio like '< 1.1x', "
+                             f"got {value!r}")
+        if metric == "crashed_trials":
+            raise ValueError("crashed_trials takes a verdict claim (better, no worse, ...), not a ratio")
+        factor = float(match.group(2))
+        if factor <= 0:
+            raise ValueError(f"{metric}: the ratio must be positive")
+        return cls(compare[0], compare[1], metric, match.group(1), factor, text, index, line)
+
+
+def _row_for(result: dict[str, Any], variant: dict[str, Any], reference: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The table's row when the reference is the baseline; else this pair compared on its own
+    (Holm over the pair's metrics, with the result's settings)."""
+    if reference["name"] == result["baseline"]:
+        for row in result["rows"]:
+            if row["variant"] == variant["name"] and row["metric"] == metric:
+                return row
+    settings = result["settings"]
+    metrics = list(dict.fromkeys(list(settings["metrics"]) + [metric]))
+    rows, _ = _rows_for([(variant, reference)], metrics, settings, result["min_difference"])
+    return next(r for r in _clean(rows) if r["metric"] == metric)
+
+
+def evaluate_variant_expectations(expectations: Sequence[VariantExpectation],
+                                  result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Judge each expectation over a compare_runs() result (pure; no store access).
+
+    held: verdict claims by the verdict ("no worse" holds unless the row says worse); ratio claims by the
+    point estimate. conclusive: whether the evidence settles it (a significant verdict, or an interval
+    wholly on one side of the ratio limit); a claim that holds only because n is small is held but not
+    conclusive.
+    """
+    out = []
+    for e in expectations:
+        base = {"index": e.index, "line": e.line, "text": e.text, "variant": e.variant, "reference": e.reference,
+                "metric": e.metric, "claim": e.claim, "factor": e.factor}
+        try:
+            variant = _resolve(e.variant, result["variants"])
+            reference = _resolve(e.reference, result["variants"])
+        except ValueError as exc:
+            out.append(base | {"held": False, "conclusive": False, "observed": None, "low": None, "high": None,
+                               "verdict": None, "observed_text": str(exc)})
+            continue
+        row = _row_for(result, variant, reference, e.metric)
+        verdict, ratio, low, high = row["verdict"], row["effect"], row["low"], row["high"]
+        if ratio is None and row["effect_text"] == "inf":
+            ratio = math.inf
+        if high is None and low is not None and row["interval_text"] != "-":
+            high = math.inf     # an unbounded interval (JSON null)
+        decided = verdict != stats.NO_DIFFERENCE
+        if e.claim in VERDICT_CLAIMS:
+            held = {"better": verdict == stats.BETTER, "worse": verdict == stats.WORSE,
+                    "no worse": verdict != stats.WORSE, "no better": verdict != stats.BETTER,
+                    "no difference": verdict == stats.NO_DIFFERENCE}[e.claim]
+            conclusive = decided or row["within_min_difference"]
+            observed_text = row["text"]
+        else:
+            compare = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}[e.claim]
+            if ratio is None:
+                held, conclusive = False, False
+                observed_text = f"no ratio ({row['text']})"
+            else:
+                held = bool(compare(ratio, e.factor))
+                bounds = [b for b in (low, high) if b is not None]
+                conclusive = len(bounds) == 2 and (all(compare(b, e.factor) for b in bounds)
+                                                   or not any(compare(b, e.factor) for b in bounds))
+                interval = (f", CI {stats.fmt_ratio(low)}-{stats.fmt_ratio(high)}" if len(bounds) == 2 else "")
+                observed_text = f"{stats.fmt_ratio(ratio)}{interval}" + ("" if conclusive else " (inconclusive)")
+        out.append(base | {"held": held, "conclusive": conclusive, "observed": ratio, "low": low, "high": high,
+                           "verdict": verdict, "observed_text": observed_text})
+    return _clean(out)
