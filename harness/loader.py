@@ -208,12 +208,81 @@ def _fleet(top: Reader) -> Fleet | None:
     r = top.child("fleet", {"hosts", "balancer", "simulated"}, required=True)
     if not r.ok:
         return None
+    balancer = r.get("balancer", one_of("round-robin", "least-loaded"), default="least-loaded")
     if r.has("simulated"):
-        r.problem(("simulated",), "simulated fleets are not supported yet; use hosts: N for a real fleet")
+        model = _simulated(r)
+        if model is None:
+            return None
+        _simulated_variants(top, model)
+        return Fleet(hosts=model.hosts, balancer=balancer, simulated=model)
     hosts = r.get("hosts", as_positive_int, required=True, default=1)
     if hosts > 512:
         r.problem(("hosts",), f"{hosts} real hosts is more than one machine can run (at most 512)")
-    return Fleet(hosts=hosts, balancer=r.get("balancer", one_of("round-robin", "least-loaded"), default="least-loaded"))
+    return Fleet(hosts=hosts, balancer=balancer)
+
+
+def _simulated(fleet: Reader) -> "SimModel | None":
+    """fleet.simulated: the per-host model (harness.sim.params lists the keys; docs/simulation.md)."""
+    from harness.scenario import SimModel
+    from harness.sim import params
+    r = fleet.child("simulated", params.TOP)
+    if not r.ok:
+        return None
+    values: dict[str, Any] = {}
+    if fleet.has("hosts"):
+        if r.has("hosts"):
+            fleet.problem(("hosts",), "give the number of hosts once: in simulated.hosts")
+        else:
+            values["hosts"] = fleet.get("hosts", lambda v: params.parse("hosts", v), default=None)
+    for key in sorted(params.TOP, key=lambda k: (k in params.SECTIONS, k)):
+        if key in params.SECTIONS:
+            section = r.child(key, params.SECTIONS[key])
+            for name in sorted(params.SECTIONS[key]):
+                dotted = f"{key}.{name}"
+                value = section.get(name, lambda v, d=dotted: params.parse(d, v), default=MISSING)
+                if value is not MISSING:
+                    values[dotted] = value
+        else:
+            value = r.get(key, lambda v, k=key: params.parse(k, v), default=MISSING)
+            if value is not MISSING:
+                values[key] = value
+    missing = [key for key in params.REQUIRED if values.get(key) is None]
+    for key in missing:
+        if key not in r.misspelt and not (key == "hosts" and fleet.has("hosts")):
+            r.problem((key,), f"missing required field '{key}'")
+    if missing:
+        return None
+    model = SimModel(**{params.FIELDS[key][0]: value for key, value in values.items()})
+    for key, message in params.check(model):
+        r.problem(tuple(key.split(".")), message)
+    return model
+
+
+def _simulated_variants(top: Reader, model: "SimModel") -> None:
+    """In a simulated fleet a variant's args override model fields: {hosts: 800, memory.budget: 64MiB}."""
+    from harness.sim import params
+    for path, item in top.items("variants"):
+        if not isinstance(item, dict) or not isinstance(item.get("args"), dict):
+            continue
+        changes: dict[str, str] = {}
+        for key, value in item["args"].items():
+            if str(key) not in params.FIELDS:
+                hint = difflib.get_close_matches(str(key), list(params.FIELDS), n=1)
+                _at(top, path + ("args", key), f"unknown simulated-model key {key!r} in a simulated fleet's "
+                                               f"variant" + (f" (did you mean '{hint[0]}'?)" if hint else
+                                                             f" (known: {', '.join(params.FIELDS)})"))
+                continue
+            try:
+                params.parse(str(key), value if not isinstance(value, bool) else str(value).lower())
+                changes[str(key)] = value
+            except (ValueError, ArithmeticError) as exc:
+                _at(top, path + ("args", key), str(exc))
+        try:
+            changed = params.override(model, changes)
+        except (ValueError, ArithmeticError):
+            continue
+        for key, message in params.check(changed):
+            _at(top, path + ("args",), f"{key}: {message}")
 
 
 _PHASE_KEYS = {

@@ -44,9 +44,45 @@ class Target:
 
 
 @dataclass(frozen=True)
+class SimModel:
+    """A simulated fleet (fleet: {simulated: {...}}): each host is a model, not a process.
+
+    Formulas and resolution: docs/simulation.md. Rates are per second, times in seconds, sizes in bytes.
+    """
+
+    hosts: int
+    capacity: float                       # requests/s a warm host serves
+    service_time: float = 0.05            # latency of a request that does not wait
+    queue: int = 1000                     # waiting requests a host holds; more are refused (conn_error)
+    tick: float = 1.0                     # model resolution; divides one second
+    memory_base: int = 0                  # bytes a host uses with nothing in flight
+    memory_per_request: int = 0           # bytes each in-flight request holds
+    memory_budget: int | None = None      # None: unlimited
+    memory_spread: float = 0.0            # each host's budget is budget x (1 +- spread), seeded
+    memory_on_exhaust: str = "crash"      # crash (estats --estats on) | reject (ERR nomem: bad_reply)
+    hazard_base: float = 0.0              # crashes per second at or below capacity
+    hazard_scale: float = 0.0             # added crashes per second at load = 2x capacity (exponent 1)
+    hazard_exponent: float = 2.0
+    hazard_alloc_fail: float = 10.0       # hazard multiplier while an alloc-fail fault is armed on a host
+    hazard_lock_error: float = 5.0        # hazard multiplier while a lock-error fault is armed on a host
+    restart_policy: str = "always"        # always | on-failure | never
+    restart_time: float = 10.0            # from death to serving again
+    restart_backoff: float = 0.0          # extra delay, doubled per consecutive quick failure
+    restart_max_backoff: float = 300.0
+    restart_reset_after: float = 60.0     # uptime after which the backoff starts over
+    warmup_for: float = 0.0               # a restarted host reaches full capacity after this long
+    warmup_from: float = 1.0              # fraction of capacity it starts with
+    retries_max: int = 0                  # retries per request after a failure (0: none)
+    retries_budget: float = 0.1           # retries at most this fraction of fresh requests
+    cascade_threshold: float = 0.5        # 'cascade': fraction alive below this
+    host_samples: int = 64                # per-host samples are written for fleets up to this size
+
+
+@dataclass(frozen=True)
 class Fleet:
     hosts: int
     balancer: str = "least-loaded"    # round-robin | least-loaded
+    simulated: SimModel | None = None
 
 
 @dataclass(frozen=True)

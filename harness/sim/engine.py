@@ -1,0 +1,535 @@
+"""The fleet model, one tick at a time (pure: numpy state, seeded streams, no I/O, no clock).
+
+Per tick of length dt, for the whole fleet at once (formulas in docs/simulation.md):
+  fresh arrivals A ~ Poisson(Λ(t+dt) - Λ(t)), plus retries from earlier failures
+  balancer: A + retries spread over hosts in rotation (harness.sim.balance)
+  per host: capacity c = capacity x warm-up(uptime); serve s = min(backlog + a, floor(c dt + carry));
+            backlog over `queue` is refused (conn_error); backlog that cannot be served within the
+            client timeout times out; in flight = s/dt x service_time + backlog;
+            memory = base + per_request x in flight, over the host's budget: crash (or reject);
+            hazard λ = (base + scale x max(0, a/(c dt) - 1)^exponent) x fault multipliers,
+            crash with probability 1 - exp(-λ dt); a crash loses the backlog (conn_error)
+  restarts: after restart.time (+ backoff), warm-up from warmup.from to full over warmup.for
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.plan import choose_hosts, loss_events, stream
+from harness.scenario import Scenario, ShimFault, SimModel, Variant
+from harness.sim.balance import assign
+
+UP, DOWN, PAUSED, STOPPED = 0, 1, 2, 3
+STATE_NAMES = {UP: "up", DOWN: "down", PAUSED: "paused", STOPPED: "stopped"}
+SIGSEGV, SIGABRT = 11, 6
+LAT_BINS_PER_E = 400          # latency bins: 0.25% apart
+
+
+def rng(seed: int, purpose: str) -> np.random.Generator:
+    """A numpy generator for one purpose, from (seed, purpose) the same way on every platform."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def apportion(total: int, weights: list[int]) -> list[int]:
+    """Split an integer in proportion to integer weights (largest remainder, ties to the first)."""
+    whole = sum(weights)
+    if total <= 0 or whole <= 0:
+        return [0] * len(weights)
+    shares = [total * w // whole for w in weights]
+    rest = total - sum(shares)
+    order = sorted(range(len(weights)), key=lambda i: (-((total * weights[i]) % whole), i))
+    for i in order[:rest]:
+        shares[i] += 1
+    return shares
+
+
+@dataclass
+class Second:
+    """What happened during one second of virtual time (a row of `samples`)."""
+
+    t: int
+    offered: int = 0
+    sent: int = 0
+    ok: int = 0
+    timeout: int = 0
+    conn_error: int = 0
+    no_host: int = 0
+    bad_reply: int = 0
+    retries: int = 0
+    latency: dict[int, int] = field(default_factory=dict)      # latency bin -> count
+    hosts_alive: int = 0
+    host_sent: np.ndarray | None = None
+    host_ok: np.ndarray | None = None
+    host_errors: np.ndarray | None = None
+
+
+def lat_bin(seconds: float | np.ndarray) -> Any:
+    return np.rint(np.log(np.maximum(seconds, 1e-6) * 1e6) * LAT_BINS_PER_E).astype(np.int64)
+
+
+def bin_seconds(b: int) -> float:
+    return math.exp(b / LAT_BINS_PER_E) / 1e6
+
+
+class FleetModel:
+    """State of every host; step() advances one tick and returns what happened."""
+
+    def __init__(self, scenario: Scenario, model: SimModel, variant: Variant | None = None,
+                 seed: int | None = None, per_host: bool | None = None):
+        self.scenario = scenario
+        self.m = model
+        self.seed = scenario.seed if seed is None else seed
+        self.dt = model.tick
+        self.ticks_per_second = int(round(1.0 / self.dt))
+        self.timeout = scenario.client.timeout
+        self.policy = scenario.fleet.balancer
+        n = self.n = model.hosts
+        self.per_host = n <= model.host_samples if per_host is None else per_host
+        faults_on = variant is None or variant.faults
+        self.state = np.full(n, UP, dtype=np.int8)
+        self.in_rotation = np.ones(n, dtype=bool)
+        self.count_up = n                     # hosts UP (serving; ejected ones included)
+        self.count_paused = 0
+        self.count_rotation = n               # hosts the balancer may pick
+        self.backlog = np.zeros(n, dtype=np.int64)
+        self.any_backlog = False
+        self.carry = np.zeros(n, dtype=np.float64)
+        self.started = np.zeros(n, dtype=np.float64)
+        self.warm_until = 0.0                 # some host is still warming up before this time
+        self.generation = np.zeros(n, dtype=np.int64)     # bumps on every state change (stale timers)
+        self.timers: list[tuple[float, int, str, int, int]] = []   # (time, seq, kind, host, generation)
+        self.timer_seq = 0
+        self.incarnation = np.zeros(n, dtype=np.int64)
+        self.quick_failures = np.zeros(n, dtype=np.int64)
+        self.inflight = np.zeros(n, dtype=np.float64)
+        self.memory = np.full(n, float(model.memory_base))
+        self.full_capacity = float(model.capacity)
+        self.pointer = 0
+        self.t = 0.0
+        self.tick_index = 0
+        self.arrivals_rng = rng(self.seed, "sim-arrivals")
+        self.hazard_rng = rng(self.seed, "sim-hazard")
+        self.pool = [0] * (model.retries_max + 1)              # pool[k]: to be sent as retry number k
+        self.tokens = 0.0
+        # per-host budgets: the model's (with its spread) and any budget-mode alloc-fail faults
+        base_budget = np.full(n, np.inf)
+        if model.memory_budget is not None:
+            jitter = rng(self.seed, "sim-budget").uniform(-model.memory_spread, model.memory_spread, n) \
+                if model.memory_spread else np.zeros(n)
+            base_budget = np.maximum(1.0, model.memory_budget * (1.0 + jitter))
+        self.base_budget = base_budget
+        self.budget = base_budget.copy()
+        self.multiplier = np.ones(n)
+        self.uniform_multiplier = True
+        self.shim_faults: list[tuple[ShimFault, np.ndarray, list[tuple[float, float]], np.ndarray | None]] = []
+        self.fault_masks: list[np.ndarray] = []
+        if faults_on:
+            end = scenario.duration + self.timeout + 60
+            for fault in scenario.shim_faults:
+                hosts = self._fault_hosts(fault)
+                budgets = None
+                if fault.kind == "alloc-fail" and fault.mode == "budget":
+                    budgets = self._fault_budgets(fault, hosts)
+                self.shim_faults.append((fault, hosts, fault.window.intervals(end), budgets))
+                mask = np.zeros(n, dtype=bool)
+                mask[hosts] = True
+                self.fault_masks.append(mask)
+        self.active: tuple[int, ...] | None = None
+        self.losses = loss_events(scenario.host_losses, scenario.duration) if faults_on else []
+        self.loss_next = 0
+        # outputs gathered by the caller
+        self.events: list[dict[str, Any]] = []
+        self.crashes: list[dict[str, Any]] = []
+        self.first_loss: float | None = None
+        self.episode_start: float | None = None    # first loss since the fleet was last complete
+        self.cascade_at: float | None = None       # end of the tick in which alive fell below the threshold
+        self.cascade_from: float | None = None     # the loss that began that episode
+        self.min_alive = n
+        self.total_retries = 0
+        self.total_sent = 0
+        self.total_offered = 0
+        for host in range(n):
+            self._event(0.0, "start", host, incarnation=0)
+
+    # --- set-up helpers ------------------------------------------------------------------------
+
+    def _fault_hosts(self, fault: ShimFault) -> np.ndarray:
+        """The same choice as harness.faults.fault_hosts, over the model's hosts."""
+        count = fault.hosts.resolve(self.n)
+        if count >= self.n:
+            return np.arange(self.n)
+        return np.array(sorted(stream(self.seed, f"shim-fault:{fault.index}").sample(range(self.n), count)),
+                        dtype=np.int64)
+
+    def _fault_budgets(self, fault: ShimFault, hosts: np.ndarray) -> np.ndarray:
+        """The same per-host budgets as harness.faults.host_budget (seeded per host)."""
+        if not fault.spread:
+            return np.full(len(hosts), float(fault.budget))
+        return np.array([max(1, int(fault.budget * (1.0 + stream(self.seed, f"budget:{fault.index}:{h}").uniform(
+            -fault.spread, fault.spread)))) for h in hosts.tolist()], dtype=np.float64)
+
+    def pid(self, host: int) -> int:
+        return int(self.incarnation[host]) * self.n + host + 1
+
+    def _event(self, t: float, kind: str, host: int | None, **detail: Any) -> None:
+        self.events.append({"t": round(t, 6), "kind": kind, "host": host,
+                            "pid": self.pid(host) if host is not None else None, "detail": detail})
+
+    def alive(self) -> int:
+        """Hosts up or paused (a paused process is alive), as the real sampler counts them."""
+        return self.count_up + self.count_paused
+
+    def _timer(self, when: float, kind: str, host: int) -> None:
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (when, self.timer_seq, kind, host, int(self.generation[host])))
+
+    def _set_state(self, host: int, state: int, rotation: bool) -> None:
+        old = int(self.state[host])
+        self.count_up -= old == UP
+        self.count_paused -= old == PAUSED
+        self.count_up += state == UP
+        self.count_paused += state == PAUSED
+        self.state[host] = state
+        if bool(self.in_rotation[host]) != rotation:
+            self.count_rotation += 1 if rotation else -1
+            self.in_rotation[host] = rotation
+        self.generation[host] += 1
+
+    # --- one tick ----------------------------------------------------------------------------------
+
+    def _update_faults(self, t: float) -> None:
+        active = tuple(i for i, (_, _, windows, _) in enumerate(self.shim_faults)
+                       if any(start <= t < stop for start, stop in windows))
+        if active == self.active:
+            return
+        self.active = active
+        self.multiplier = np.ones(self.n)
+        self.budget = self.base_budget.copy()
+        for i in active:
+            fault, hosts, _, budgets = self.shim_faults[i]
+            if budgets is not None:
+                self.budget[hosts] = np.minimum(self.budget[hosts], budgets)
+            elif fault.kind == "alloc-fail":
+                self.multiplier[hosts] *= self.m.hazard_alloc_fail
+            else:
+                self.multiplier[hosts] *= self.m.hazard_lock_error
+        self.uniform_multiplier = bool(self.multiplier.min() == self.multiplier.max())
+
+    def _lifecycle(self, t: float, end: float) -> None:
+        """Timers due by the start of this tick (restarts, resumes, ejections), then host losses
+        that strike during it (applied at its start: the tick is the resolution)."""
+        m = self.m
+        while self.timers and self.timers[0][0] <= t:
+            at, _, kind, host, generation = heapq.heappop(self.timers)
+            if generation != self.generation[host]:
+                continue                                   # the host changed state since
+            if kind == "restart":
+                self._set_state(host, UP, True)
+                self.started[host] = at
+                self.incarnation[host] += 1
+                self.carry[host] = 0.0
+                if m.warmup_for > 0 and m.warmup_from < 1.0:
+                    self.warm_until = max(self.warm_until, at + m.warmup_for)
+                self._event(at, "start", host, incarnation=int(self.incarnation[host]))
+            elif kind == "eject":
+                self.in_rotation[host] = False             # paused: found out by its first timeout
+                self.count_rotation -= 1
+            elif kind == "resume":
+                self._set_state(host, UP, True)
+                self._event(at, "resume", host)
+        while self.loss_next < len(self.losses) and self.losses[self.loss_next].t < end:
+            event = self.losses[self.loss_next]
+            self.loss_next += 1
+            fault = event.fault
+            candidates = np.flatnonzero(self.state == UP).tolist()
+            count = fault.hosts.resolve(self.n)
+            chosen = choose_hosts(self.seed, event, candidates, count)
+            self.events.append({"t": round(event.t, 6), "kind": "host-loss", "host": None, "pid": None,
+                                "detail": {"how": fault.how, "fault": fault.index, "hosts": chosen, "asked": count,
+                                           "available": len(candidates)}})
+            for host in chosen:
+                if fault.how == "kill":
+                    self.backlog_lost += int(self.backlog[host])
+                    self._down(host, event.t, f"host-loss (faults[{fault.index}])", fault.down_for)
+                    self._note_loss(event.t)
+                else:
+                    self._set_state(host, PAUSED, True)
+                    self._timer(event.t + self.timeout, "eject", host)
+                    self._timer(event.t + fault.pause_for, "resume", host)
+                    self._event(event.t, "pause", host, duration=fault.pause_for)
+
+    def _note_loss(self, t: float) -> None:
+        if self.first_loss is None:
+            self.first_loss = t
+        if self.episode_start is None:
+            self.episode_start = t
+
+    def _down(self, host: int, t: float, cause: str, down_for: float = 0.0, crash: bool = False) -> None:
+        """A host leaves (its backlog is dropped; the caller counts it) and restarts per the policy."""
+        m = self.m
+        self.backlog[host] = 0
+        self.carry[host] = 0.0
+        uptime = t - float(self.started[host])
+        self._event(t, "exit", host, cause=cause, uptime=round(uptime, 6),
+                    signal=SIGSEGV if crash and cause == "memory" else (SIGABRT if crash else 9))
+        if m.restart_policy == "never":
+            self._set_state(host, STOPPED, False)
+            self._event(t, "no-restart", host, policy=m.restart_policy)
+            return
+        if uptime < m.restart_reset_after:
+            self.quick_failures[host] += 1
+        else:
+            self.quick_failures[host] = 1
+        backoff = 0.0
+        if m.restart_backoff > 0:
+            backoff = min(m.restart_backoff * 2 ** (int(self.quick_failures[host]) - 1), m.restart_max_backoff)
+        self._set_state(host, DOWN, False)
+        self._timer(t + max(down_for, m.restart_time + backoff), "restart", host)
+
+    def step(self, load_on: bool = True) -> dict[str, Any]:
+        """Advance one tick; returns the tick's counts (fleet totals) and, for small fleets, per-host arrays."""
+        m, dt, t, n = self.m, self.dt, self.t, self.n
+        end = t + dt
+        self.backlog_lost = 0
+        if self.shim_faults:
+            self._update_faults(t)
+        if self.timers or self.loss_next < len(self.losses):
+            self._lifecycle(t, end)
+        shape = self.scenario.load
+        mean = shape.expected(end) - shape.expected(t) if load_on else 0.0
+        fresh = int(self.arrivals_rng.poisson(mean)) if mean > 0 else 0
+        retries = self.pool[1:]
+        self.pool = [0] * len(self.pool)
+        attempts = fresh + sum(retries)
+        counts, self.pointer = assign(attempts, self.in_rotation, self.backlog, self.policy, self.pointer,
+                                      self.count_rotation)
+        placed = attempts if self.count_rotation else 0
+        no_host = attempts - placed
+        # capacity this tick: a scalar while every host is up and warm (the common case), else per host
+        uniform = self.count_up == n and t >= self.warm_until
+        if uniform:
+            capacity: Any = self.full_capacity
+            can: Any = capacity * dt
+            if can != math.floor(can):
+                credit = can + self.carry
+                can = np.floor(credit)
+                self.carry = credit - can
+                can = can.astype(np.int64)
+            else:
+                can = int(can)
+            wait_cap: Any = int(math.floor(capacity * max(self.timeout - m.service_time, 0.0)))
+        else:
+            up = self.state == UP
+            if t < self.warm_until:
+                warm = np.clip((t - self.started) / m.warmup_for, 0.0, 1.0)
+                capacity = np.where(up, m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * warm), 0.0)
+            else:
+                capacity = np.where(up, self.full_capacity, 0.0)
+            credit = capacity * dt + self.carry
+            can = np.floor(credit)
+            self.carry = credit - can
+            can = can.astype(np.int64)
+            wait_cap = np.floor(capacity * max(self.timeout - m.service_time, 0.0)).astype(np.int64)
+        waiting_before = self.backlog
+        backlog = waiting_before + counts if self.any_backlog else counts
+        served = np.minimum(backlog, can)
+        backlog = backlog - served
+        refused_total = timed_out_total = 0
+        refused = timed_out = None
+        peak = backlog                                          # before refusals and timeouts
+        queued = bool(backlog.any())
+        if queued:
+            refused = np.maximum(backlog - m.queue, 0)
+            backlog = backlog - refused
+            timed_out = np.maximum(backlog - wait_cap, 0)     # paused hosts: capacity 0, all of it
+            backlog = backlog - timed_out
+            refused_total, timed_out_total = int(refused.sum()), int(timed_out.sum())
+            queued = bool(backlog.any())
+        inflight = served * (m.service_time / dt) + backlog if queued else served * (m.service_time / dt)
+        rejected = None
+        crash_memory = None
+        if m.memory_per_request or m.memory_base:
+            memory = m.memory_base + m.memory_per_request * inflight
+            over = memory > self.budget
+            if not uniform:
+                over &= self.state == UP
+            if over.any():
+                if m.memory_on_exhaust == "crash":
+                    crash_memory = over
+                else:
+                    allowed = np.floor((self.budget - m.memory_base) / max(m.memory_per_request, 1))
+                    excess = np.where(over, np.ceil(inflight - allowed), 0).astype(np.int64)
+                    from_backlog = np.minimum(backlog, excess)
+                    backlog = backlog - from_backlog
+                    rest = excess - from_backlog
+                    from_served = np.minimum(served, np.ceil(rest * dt / max(m.service_time, 1e-9)).astype(np.int64))
+                    served = served - from_served
+                    rejected = from_backlog + from_served
+                    inflight = served * (m.service_time / dt) + backlog
+                    memory = m.memory_base + m.memory_per_request * inflight
+                    queued = bool(backlog.any())
+            self.memory = memory
+        self.inflight = inflight
+        self.backlog = backlog
+        self.any_backlog = queued
+        # crashes
+        crashed: list[tuple[int, float, str, float]] = []           # (host, t, cause, hazard)
+        if crash_memory is not None:
+            for host in np.flatnonzero(crash_memory).tolist():
+                crashed.append((host, t + dt * 0.5, "memory", 0.0))
+        if m.hazard_base > 0 or m.hazard_scale > 0:
+            crashed += self._hazard(t, counts, capacity, can, uniform, crash_memory)
+        lost_total = self.backlog_lost
+        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
+        if crashed:
+            crashed.sort(key=lambda c: (c[1], c[0]))
+            for host, when, cause, hazard_value in crashed:
+                if self.state[host] != UP:
+                    continue
+                lost_total += int(self.backlog[host])
+                if lost is not None:
+                    lost[host] = self.backlog[host]
+                record = self._crash_record(host, when, cause, hazard_value, counts, capacity)
+                self._down(host, when, cause, crash=True)
+                self._note_loss(when)
+                record["hosts_alive"] = self.alive()
+                self.crashes.append(record)
+        # latency of what was served: service time plus the wait behind the backlog, which (fluid, at
+        # this resolution) grows linearly through the tick from its start to its end value
+        latency: dict[int, int] = {}
+        served_total = int(served.sum())
+        if served_total:
+            if not queued and not bool(peak.any()) and not bool(waiting_before.any()):
+                latency[int(lat_bin(m.service_time))] = served_total
+            else:
+                hosts = np.flatnonzero(served)
+                cap = capacity if uniform else capacity[hosts]
+                limit = wait_cap if uniform else wait_cap[hosts]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    queue_mean = 0.5 * (waiting_before[hosts] + np.minimum(peak[hosts], limit))
+                    wait = np.where(cap > 0, queue_mean / cap, 0.0)
+                bins = lat_bin(np.minimum(m.service_time + wait, self.timeout))
+                low, high = int(bins.min()), int(bins.max())
+                if low == high:
+                    latency[low] = served_total
+                else:
+                    tally = np.bincount(bins - low, weights=served[hosts])
+                    for offset in np.flatnonzero(tally).tolist():
+                        latency[low + offset] = int(tally[offset])
+        # failures, retries and what is final
+        failures = {"timeout": timed_out_total, "conn_error": refused_total + lost_total,
+                    "no_host": no_host, "bad_reply": int(rejected.sum()) if rejected is not None else 0}
+        final = self._retry(failures, fresh, retries)
+        self.total_offered += fresh
+        self.total_sent += placed
+        self.t = end
+        self.tick_index += 1
+        alive = self.alive()
+        if alive < self.min_alive:
+            self.min_alive = alive
+        if self.cascade_at is None:
+            if alive < m.cascade_threshold * n and self.episode_start is not None:
+                self.cascade_at = end
+                self.cascade_from = self.episode_start
+            elif alive == n:
+                self.episode_start = None          # a full fleet again: the next loss starts a new episode
+        result = {"offered": fresh, "sent": placed, "ok": served_total, "retries": sum(retries), **final,
+                  "latency": latency, "alive": alive}
+        if self.per_host:
+            errors = lost + (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
+                + (rejected if rejected is not None else 0)
+            result.update(host_sent=counts, host_ok=served, host_errors=errors)
+        return result
+
+    def _hazard(self, t: float, counts: np.ndarray, capacity: Any, can: Any, uniform: bool,
+                crash_memory: np.ndarray | None) -> list[tuple[int, float, str, float]]:
+        """Hosts the failure hazard kills this tick, each with its time inside the tick."""
+        m, dt = self.m, self.dt
+        overloaded = m.hazard_scale > 0 and (not uniform or int(counts.max()) > capacity * dt)
+        if uniform and not overloaded and self.uniform_multiplier and crash_memory is None:
+            # the same hazard for every host: how many die is binomial, which ones a uniform choice
+            hazard = m.hazard_base * float(self.multiplier[0])
+            probability = -math.expm1(-hazard * dt)
+            if probability <= 0:
+                return []
+            k = int(self.hazard_rng.binomial(self.n, probability))
+            if not k:
+                return []
+            hosts = np.sort(self.hazard_rng.choice(self.n, size=k, replace=False))
+            offsets = self.hazard_rng.random(k)
+            return [(int(h), t + dt * float(o), "hazard", hazard) for h, o in zip(hosts.tolist(), offsets.tolist())]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            load = np.where(capacity > 0, counts / (capacity * dt), 0.0)
+        hazard = (m.hazard_base + m.hazard_scale * np.maximum(load - 1.0, 0.0) ** m.hazard_exponent) * self.multiplier
+        alive_up = self.state == UP
+        if crash_memory is not None:
+            alive_up &= ~crash_memory
+        hazard = np.where(alive_up, hazard, 0.0)
+        probability = -np.expm1(-hazard * dt)
+        draw = self.hazard_rng.random(self.n)
+        hit = np.flatnonzero(draw < probability)
+        return [(host, t + dt * float(draw[host] / probability[host]), "hazard", float(hazard[host]))
+                for host in hit.tolist()]
+
+    def _retry(self, failures: dict[str, int], fresh: int, retries: list[int]) -> dict[str, int]:
+        """Failed attempts go back as retries while attempts and the retry budget last; the rest are final."""
+        m = self.m
+        total = sum(failures.values())
+        if m.retries_max == 0 or total == 0:
+            return failures
+        self.tokens = min(self.tokens + m.retries_budget * fresh,
+                          m.retries_budget * max(fresh, 1) / self.dt + 1.0)
+        mix = [fresh] + retries
+        if sum(mix) == 0:
+            mix = [1] + [0] * len(retries)
+        by_level = apportion(total, mix)                       # failures by attempt number (0: first try)
+        retriable = by_level[:m.retries_max]
+        budget = min(sum(retriable), int(math.floor(self.tokens)))
+        self.tokens -= budget
+        again = apportion(budget, retriable)
+        for level, count in enumerate(again):
+            self.pool[level + 1] += count
+        self.total_retries += budget
+        kinds = list(failures)
+        taken = apportion(budget, [failures[k] for k in kinds])
+        return {k: failures[k] - n for k, n in zip(kinds, taken)}
+
+    def _crash_record(self, host: int, when: float, cause: str, hazard: float, counts: np.ndarray,
+                      capacity: Any) -> dict[str, Any]:
+        cap = float(capacity if np.isscalar(capacity) else capacity[host])
+        detail: dict[str, Any] = {"simulated": True, "cause": cause, "incarnation": int(self.incarnation[host]),
+                                  "load": round(float(counts[host]) / (cap * self.dt), 4) if cap > 0 else None}
+        if cause == "memory":
+            detail.update(memory=int(self.memory[host]), budget=int(self.budget[host]))
+        else:
+            detail.update(hazard_per_s=round(hazard, 9), multiplier=float(self.multiplier[host]))
+        armed = [self.shim_faults[i][0].kind for i in (self.active or ()) if self.fault_masks[i][host]]
+        if armed:
+            detail["faults_armed"] = armed
+        memory_crash = cause == "memory"
+        return {"t": round(when, 6), "host": host, "pid": self.pid(host),
+                "signal": SIGSEGV if memory_crash else SIGABRT,
+                "signal_name": "SIGSEGV" if memory_crash else "SIGABRT", "core_dumped": False,
+                "uptime": round(when - float(self.started[host]), 6),
+                "offered_rate": self.scenario.load.rate(when), "host_inflight": int(round(float(self.inflight[host]))),
+                "executable": "simulated", "detail": detail}
+
+    def busy(self) -> bool:
+        """Anything still queued or waiting to be retried (the drain after the load)."""
+        return self.any_backlog or any(self.pool)
+
+    def host_state(self, host: int) -> str:
+        state = int(self.state[host])
+        if state == UP and not self.in_rotation[host]:
+            return "ejected"
+        if state == PAUSED and not self.in_rotation[host]:
+            return "paused"
+        return STATE_NAMES[state]
