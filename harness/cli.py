@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     run.add_argument("--quiet", action="store_true", help="no live status line")
+    run.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summarize a past run")
     report.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     report.add_argument("--json", action="store_true", help="the stable JSON schema (docs/report-json.md)")
+    report.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
     report.add_argument("--results", type=Path, default=Path("results"))
     return parser
 
@@ -139,6 +141,16 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return report, expectations
 
 
+def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[dict[str, Any]]) -> None:
+    if path is None:
+        return
+    from harness.junit import write_junit
+    try:
+        write_junit(path, report, expectations)
+    except OSError as exc:
+        raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _report(args: argparse.Namespace) -> int:
     from harness.report import find_run, render_text
     try:
@@ -146,6 +158,7 @@ def _report(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise HarnessError(str(exc)) from None
     report, expectations = _judge(run_dir)
+    _write_junit(args.junit, report, expectations)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -217,6 +230,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         result = trio.run(run_scenario, scenario, options)
     report, expectations = _judge(result.run_dir)
+    _write_junit(args.junit, report, expectations)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -143,7 +143,9 @@ class Run:
         self.scenario = scenario
         self.options = options
         self.run_id = new_run_id(scenario.name)
-        self.run_dir = options.out_dir / self.run_id
+        # Absolute: hosts run in their own folders, and paths handed to them (the shim's control
+        # file) must mean the same thing there.
+        self.run_dir = (options.out_dir / self.run_id).resolve()
         self.store: RunStore | None = None
         self.store_lock = trio.CapacityLimiter(1)
         self.interrupted: int | None = None
@@ -375,13 +377,17 @@ class Run:
                                       f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
                                       f"not honoured (static or setuid executable, or an allocator linked in)")
                 if self._shim is not None:
-                    loaded = proof["shim"]
-                    recorder.event("shim-check", host.index, pid, loaded=loaded)
+                    # Mapped is not enough: the shim must also have attached its control file.
+                    attached = any(p.pid == pid for p in self._shim.files[host.index].counters().processes)
+                    loaded = proof["shim"] and attached
+                    recorder.event("shim-check", host.index, pid, loaded=loaded, mapped=proof["shim"],
+                                   attached=attached)
                     if not loaded and not self._warned_shim:
                         self._warned_shim = True
-                        print(f"harness: warning: the fault shim is not loaded in {host.name} (pid {pid}): faults "
-                              f"will not reach it (static executable, setuid, or LD_PRELOAD dropped by a wrapper?)",
-                              file=sys.stderr)
+                        why = ("its control file was not attached (see the host's stderr)" if proof["shim"] else
+                               "static executable, setuid, or LD_PRELOAD dropped by a wrapper?")
+                        print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
+                              f"will not reach it ({why})", file=sys.stderr)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1

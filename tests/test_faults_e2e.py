@@ -50,7 +50,8 @@ variants:
 
 
 def run_json(scenario: Path, tmp_path: Path) -> tuple[int, dict]:
-    result = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "results"), "--quiet", "--json"],
+    # A relative results folder, as in the README's quick start (hosts run in their own folders).
+    result = subprocess.run([*HARNESS, "run", str(scenario), "--out", "results", "--quiet", "--json"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, json.loads(result.stdout)
@@ -89,12 +90,23 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
     assert shown.returncode == 0, shown.stderr
     assert "#0  estats_update" in shown.stdout and "#1  handle_request" in shown.stdout
     assert "mode': 'budget'" in shown.stdout and "fault address: 0x40" in shown.stdout
+    junit = tmp_path / "junit.xml"
+    again = subprocess.run([*HARNESS, "report", report["run_dir"], "--junit", str(junit)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    import xml.etree.ElementTree as ET
+    suite = ET.parse(junit).getroot()
+    names = [case.get("name") for case in suite.iter("testcase")]
+    assert "crashes 0 [variant estats-off]" in names
+    assert any(name.startswith(f"crash {bucket['bucket']} estats_update") for name in names)
+    assert suite.get("failures") == "1"  # the bucket; the expectation held
     missing = subprocess.run([*HARNESS, "crashes", report["run_dir"], "ffffff"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 2 and "no crash bucket 'ffffff'" in missing.stderr
     run_dir = Path(report["run_dir"])
     checks = [json.loads(e["detail"]) for e in query(run_dir, "SELECT detail FROM events WHERE kind='shim-check'")]
-    assert checks and all(check["loaded"] for check in checks), "the shim was seen in every host's memory map"
+    assert checks and all(check["loaded"] and check["attached"] for check in checks), \
+        "the shim was seen in every host's memory map and attached its control file"
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
