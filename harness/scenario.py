@@ -55,6 +55,7 @@ class SimModel:
     service_time: float = 0.05            # latency of a request that does not wait
     queue: int = 1000                     # waiting requests a host holds; more are refused (conn_error)
     tick: float = 1.0                     # model resolution; divides one second
+    arrivals: str = "poisson"             # poisson (seeded) | even (the expected count, for hand checks)
     memory_base: int = 0                  # bytes a host uses with nothing in flight
     memory_per_request: int = 0           # bytes each in-flight request holds
     memory_budget: int | None = None      # None: unlimited

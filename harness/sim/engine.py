@@ -155,6 +155,7 @@ class FleetModel:
         self.min_alive = n
         self.total_retries = 0
         self.total_sent = 0
+        self.total_attempts = 0
         self.total_offered = 0
         for host in range(n):
             self._event(0.0, "start", host, incarnation=0)
@@ -227,7 +228,7 @@ class FleetModel:
         """Timers due by the start of this tick (restarts, resumes, ejections), then host losses
         that strike during it (applied at its start: the tick is the resolution)."""
         m = self.m
-        while self.timers and self.timers[0][0] <= t:
+        while self.timers and self.timers[0][0] <= t + 1e-9:
             at, _, kind, host, generation = heapq.heappop(self.timers)
             if generation != self.generation[host]:
                 continue                                   # the host changed state since
@@ -297,15 +298,20 @@ class FleetModel:
     def step(self, load_on: bool = True) -> dict[str, Any]:
         """Advance one tick; returns the tick's counts (fleet totals) and, for small fleets, per-host arrays."""
         m, dt, t, n = self.m, self.dt, self.t, self.n
-        end = t + dt
+        end = (self.tick_index + 1) / self.ticks_per_second    # no drift from adding 0.1s ticks
         self.backlog_lost = 0
         if self.shim_faults:
             self._update_faults(t)
         if self.timers or self.loss_next < len(self.losses):
             self._lifecycle(t, end)
         shape = self.scenario.load
-        mean = shape.expected(end) - shape.expected(t) if load_on else 0.0
-        fresh = int(self.arrivals_rng.poisson(mean)) if mean > 0 else 0
+        if not load_on:
+            fresh = 0
+        elif m.arrivals == "even":            # the expected count, whole requests carried over
+            fresh = int(math.floor(shape.expected(end) + 1e-9) - math.floor(shape.expected(t) + 1e-9))
+        else:
+            mean = shape.expected(end) - shape.expected(t)
+            fresh = int(self.arrivals_rng.poisson(mean)) if mean > 0 else 0
         retries = self.pool[1:]
         self.pool = [0] * len(self.pool)
         attempts = fresh + sum(retries)
@@ -430,8 +436,9 @@ class FleetModel:
         final = self._retry(failures, fresh, retries)
         self.total_offered += fresh
         self.total_sent += placed
-        self.t = end
+        self.total_attempts += attempts
         self.tick_index += 1
+        self.t = self.tick_index / self.ticks_per_second
         alive = self.alive()
         if alive < self.min_alive:
             self.min_alive = alive

@@ -112,6 +112,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "service_time": ("service_time", _duration),
     "queue": ("queue", _int(0)),
     "tick": ("tick", _tick),
+    "arrivals": ("arrivals", _choice("poisson", "even")),
     "memory.base": ("memory_base", units.parse_size),
     "memory.per_request": ("memory_per_request", units.parse_size),
     "memory.budget": ("memory_budget", _budget),
