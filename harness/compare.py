@@ -63,9 +63,12 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     for trial in report["trials"]:
         overall = trial["overall"]
         hosts = host_rows.get(trial["id"], {})
-        host_seconds = hosts.get("host_seconds") or fleet_rows.get(trial["id"]) or 0
-        if not host_seconds:
-            host_seconds = report["hosts"] * max(overall["seconds"], 0)
+        if hosts:                               # per-host samples: seconds each host was running
+            host_seconds = hosts["host_seconds"] or 0
+        elif trial["id"] in fleet_rows:         # fleet samples only: hosts alive at each second
+            host_seconds = fleet_rows[trial["id"]] or 0
+        else:                                   # no samples at all: the whole fleet for the trial's length
+            host_seconds = report["hosts"] * max(trial["end"], 0)
         crash_times = [c["t"] for c in trial["crashes"]]
         trials.append({
             "run_id": report["run_id"], "trial": trial["id"], "variant": trial["variant"],

@@ -3,7 +3,9 @@
 The unit of replication is the trial. Crash counts are rates over exposure (host-hours, requests)
 with exact Poisson intervals; crashed/not-crashed trials go through Fisher's exact test; per-trial
 metrics (latency percentiles, throughput, peak RSS) go through a Mann-Whitney U test with a seeded
-bootstrap interval of the ratio of medians. Raw samples are never pooled across trials.
+bootstrap interval of the ratio of medians. Raw samples are never pooled across trials. Across a
+table of such tests: Tarone's K (leave out tests that cannot reach significance whatever the data)
+and Holm's step-down adjustment.
 
 Conventions
 - Every interval is two-sided at `confidence` (0.95 unless given); a *bound* is one-sided.
@@ -310,10 +312,11 @@ def bootstrap_ratio_of_medians(x: Sequence[float], y: Sequence[float], *, seed: 
     """(low, high, method) of median(x)/median(y) by scipy.stats.bootstrap, resampling each side on its own.
 
     Deterministic for a given seed. BCa first; when it degenerates (few distinct values) the percentile
-    interval; (nan, nan, "none") when an interval is impossible (fewer than 2 values a side, or y <= 0).
+    interval; (nan, nan, "none") with fewer than 3 values a side (2 values give 3 distinct medians:
+    no interval worth the name) or when y has values <= 0.
     """
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if xs.size < 2 or ys.size < 2 or np.any(ys <= 0):
+    if xs.size < 3 or ys.size < 3 or np.any(ys <= 0):
         return NAN, NAN, "none"
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
