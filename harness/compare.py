@@ -368,6 +368,14 @@ def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
     for metric in metrics:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    if not 0 < alpha < 1 or not 0 < confidence < 1:
+        raise ValueError("alpha and confidence must be between 0 and 1")
+    for metric, value in (min_difference.items() if isinstance(min_difference, Mapping)
+                          else [] if min_difference is None else [("", min_difference)]):
+        if metric and metric not in METRICS:
+            raise ValueError(f"min_difference: unknown metric {metric!r} (known: {', '.join(METRICS)})")
+        if not isinstance(value, (int, float)) or not 0 < value < 10:
+            raise ValueError(f"min_difference must be a positive fraction (0.1 = 10%), got {value!r}")
     settings = {"alpha": alpha, "confidence": confidence, "seed": seed, "n_resamples": n_resamples,
                 "metrics": list(metrics)}
     runs, groups, warnings = [], {}, []
@@ -480,8 +488,9 @@ def render_compare(result: dict[str, Any]) -> str:
     runs = ", ".join(r["run_id"] for r in result["runs"])
     conf = f"{result['confidence']:.0%}"
     out = [f"compare: scenario {result['scenario']}  runs {runs}",
-           f"baseline {result['baseline']}; {conf} intervals; alpha {result['alpha']:g}, Holm over "
-           f"{result['holm_family']} test(s) (Tarone K={result['tarone_k']})" + (f"; minimum difference {result['min_difference']}"
+           f"baseline {result['baseline']}; {conf} intervals; alpha {result['alpha']:g}, "
+           + (f"Holm over {result['holm_family']} test(s) (Tarone K={result['tarone_k']})" if result["holm_family"]
+              else "no row can reach significance with these trials") + (f"; minimum difference {result['min_difference']}"
                                                  if result["min_difference"] else "")]
     table = [
         ["trials"] + [str(v["trials"]) for v in variants],

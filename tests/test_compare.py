@@ -260,6 +260,10 @@ def test_unknown_metric_and_no_runs():
         compare_runs([Path("x")], metrics=["p42"])
     with pytest.raises(ValueError, match="no runs"):
         compare_runs([])
+    with pytest.raises(ValueError, match="positive fraction"):
+        compare_runs([Path("x")], min_difference=-0.1)
+    with pytest.raises(ValueError, match="unknown metric"):
+        compare_runs([Path("x")], min_difference={"latency": 0.1})
 
 
 def test_optional_first_crash_row(ab_run: Path):
