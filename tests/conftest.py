@@ -78,3 +78,12 @@ def host_pids(run_dir: Path) -> list[int]:
 def start_harness(args: list[str], cwd: Path, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen([*HARNESS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)  # type: ignore[call-overload]
+
+
+def wait_for_run(results: Path, samples: int = 0) -> Path:
+    """The run folder a harness started under `results`, once it has written `samples` samples."""
+    run_dir = wait_for(lambda: run_dir_of(results))
+    assert isinstance(run_dir, Path)
+    if samples:
+        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= samples)
+    return run_dir

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HARNESS, host_pids, pid_alive, query, run_dir_of, start_harness, wait_for, write_scenario
+from conftest import (HARNESS, host_pids, pid_alive, query, run_dir_of, start_harness, wait_for, wait_for_run,
+                      write_scenario)
 
 ECHO_FLEET = """
 name: e2e-echo
@@ -87,9 +88,7 @@ expect:
     results = tmp_path / "results"
     proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
     try:
-        run_dir = wait_for(lambda: run_dir_of(results))
-        assert isinstance(run_dir, Path)
-        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+        run_dir = wait_for_run(results, samples=1)
         victim = query(run_dir, "SELECT host, pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]
         os.kill(victim["pid"], signal.SIGSEGV)  # a real segfault signal, from outside the harness
         wait_for(lambda: query(run_dir, "SELECT * FROM crashes"), timeout=30)
@@ -127,9 +126,7 @@ load:
     results = tmp_path / "results"
     proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
     try:
-        run_dir = wait_for(lambda: run_dir_of(results))
-        assert isinstance(run_dir, Path)
-        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 2)
+        run_dir = wait_for_run(results, samples=2)
         pids = host_pids(run_dir)
         assert len(pids) == 4 and all(pid_alive(pid) for pid in pids)
         proc.kill()
@@ -155,9 +152,7 @@ load:
     results = tmp_path / "results"
     proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
     try:
-        run_dir = wait_for(lambda: run_dir_of(results))
-        assert isinstance(run_dir, Path)
-        wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+        run_dir = wait_for_run(results, samples=1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -234,8 +229,7 @@ load: [{{hold: {{rate: 20, for: 60s}}}}]
     results = tmp_path / "results"
     proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
     try:
-        run_dir = wait_for(lambda: run_dir_of(results))
-        assert isinstance(run_dir, Path)
+        run_dir = wait_for_run(results)
         for round_ in range(expected_starts):
             ready = wait_for(lambda: query(run_dir, "SELECT pid FROM events WHERE kind='ready'")[round_:], timeout=30)
             os.kill(ready[0]["pid"], signal.SIGTERM)  # the target exits 0 on SIGTERM: not a crash
@@ -308,8 +302,7 @@ load:
                    if line.startswith("harness_crashes_total{"))
 
     try:
-        run_dir = wait_for(lambda: run_dir_of(results))
-        assert isinstance(run_dir, Path)
+        run_dir = wait_for_run(results)
         wait_for(lambda: "harness_hosts_alive 4.0" in scrape(), timeout=30)
         assert crash_count(scrape()) == 0
         victim = query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]["pid"]
@@ -347,9 +340,7 @@ load:
         assert pattern_file.read_text().startswith("|")
         proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet"], tmp_path)
         try:
-            run_dir = wait_for(lambda: run_dir_of(results))
-            assert isinstance(run_dir, Path)
-            wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= 1)
+            run_dir = wait_for_run(results, samples=1)
             victim = query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]["pid"]
             os.kill(victim, signal.SIGSEGV)
             wait_for(lambda: query(run_dir, "SELECT * FROM crashes"), timeout=30)
