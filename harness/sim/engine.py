@@ -127,6 +127,7 @@ class FleetModel:
             base_budget = np.maximum(1.0, model.memory_budget * (1.0 + jitter))
         self.base_budget = base_budget
         self.budget = base_budget.copy()
+        self.budget_min = float(base_budget.min())
         self.multiplier = np.ones(n)
         self.uniform_multiplier = True
         self.shim_faults: list[tuple[ShimFault, np.ndarray, list[tuple[float, float]], np.ndarray | None]] = []
@@ -223,6 +224,7 @@ class FleetModel:
             else:
                 self.multiplier[hosts] *= self.m.hazard_lock_error
         self.uniform_multiplier = bool(self.multiplier.min() == self.multiplier.max())
+        self.budget_min = float(self.budget.min())
 
     def _lifecycle(self, t: float, end: float) -> None:
         """Timers due by the start of this tick (restarts, resumes, ejections), then host losses
@@ -344,6 +346,10 @@ class FleetModel:
             self.carry = credit - can
             can = can.astype(np.int64)
             wait_cap = np.floor(capacity * max(self.timeout - m.service_time, 0.0)).astype(np.int64)
+        if not self.any_backlog and self.count_rotation:
+            quiet = self._quiet_tick(t, attempts, counts, can, capacity, fresh, retries, uniform)
+            if quiet is not None:
+                return quiet
         waiting_before = self.backlog
         backlog = waiting_before + counts if self.any_backlog else counts
         served = np.minimum(backlog, can)
@@ -434,6 +440,55 @@ class FleetModel:
         failures = {"timeout": timed_out_total, "conn_error": refused_total + lost_total,
                     "no_host": no_host, "bad_reply": int(rejected.sum()) if rejected is not None else 0}
         final = self._retry(failures, fresh, retries)
+        errors = None
+        if self.per_host:
+            errors = lost + (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
+                + (rejected if rejected is not None else 0)
+        return self._finish(fresh, attempts, placed, served_total, retries, final, latency, counts, served, errors)
+
+    def _quiet_tick(self, t: float, attempts: int, counts: np.ndarray, can: Any, capacity: Any, fresh: int,
+                    retries: list[int], uniform: bool) -> dict[str, Any] | None:
+        """The common tick, in a few checks: nothing was waiting, no host gets more than it can serve
+        this tick, nobody's memory can reach the smallest budget. None when that is not so."""
+        m, dt, n = self.m, self.dt, self.n
+        if uniform and isinstance(can, int):
+            most = -(-attempts // n)                   # the balancer gave nobody more than this
+            if most > can:
+                return None
+        else:
+            most = int(counts.max()) if attempts else 0
+            if attempts and bool((counts > can).any()):
+                return None
+        if m.memory_per_request or m.memory_base:
+            if m.memory_base + m.memory_per_request * most * (m.service_time / dt) > self.budget_min:
+                return None
+        crashed: list[tuple[int, float, str, float]] = []
+        self.inflight = counts * (m.service_time / dt)
+        if self.per_host and (m.memory_per_request or m.memory_base):
+            self.memory = m.memory_base + m.memory_per_request * self.inflight
+        if m.hazard_base > 0 or m.hazard_scale > 0:
+            crashed = self._hazard(t, counts, capacity, can, uniform, None, overloaded=False)
+        lost_total = 0
+        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
+        if crashed:
+            # served before they died: the tick's requests were all answered (nothing was waiting)
+            crashed.sort(key=lambda c: (c[1], c[0]))
+            for host, when, cause, hazard_value in crashed:
+                record = self._crash_record(host, when, cause, hazard_value, counts, capacity)
+                self._down(host, when, cause, crash=True)
+                self._note_loss(when)
+                record["hosts_alive"] = self.alive()
+                self.crashes.append(record)
+        lost_total += self.backlog_lost
+        latency = {int(lat_bin(m.service_time)): attempts} if attempts else {}
+        failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
+        final = self._retry(failures, fresh, retries) if lost_total else failures
+        return self._finish(fresh, attempts, attempts, attempts, retries, final, latency, counts, counts, lost)
+
+    def _finish(self, fresh: int, attempts: int, placed: int, served_total: int, retries: list[int],
+                final: dict[str, int], latency: dict[int, int], counts: np.ndarray, served: np.ndarray,
+                errors: Any) -> dict[str, Any]:
+        m, n = self.m, self.n
         self.total_offered += fresh
         self.total_sent += placed
         self.total_attempts += attempts
@@ -444,33 +499,35 @@ class FleetModel:
             self.min_alive = alive
         if self.cascade_at is None:
             if alive < m.cascade_threshold * n and self.episode_start is not None:
-                self.cascade_at = end
+                self.cascade_at = self.t
                 self.cascade_from = self.episode_start
             elif alive == n:
                 self.episode_start = None          # a full fleet again: the next loss starts a new episode
         result = {"offered": fresh, "sent": placed, "ok": served_total, "retries": sum(retries), **final,
                   "latency": latency, "alive": alive}
         if self.per_host:
-            errors = lost + (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
-                + (rejected if rejected is not None else 0)
             result.update(host_sent=counts, host_ok=served, host_errors=errors)
         return result
 
     def _hazard(self, t: float, counts: np.ndarray, capacity: Any, can: Any, uniform: bool,
-                crash_memory: np.ndarray | None) -> list[tuple[int, float, str, float]]:
+                crash_memory: np.ndarray | None, overloaded: bool | None = None) -> list[tuple[int, float, str, float]]:
         """Hosts the failure hazard kills this tick, each with its time inside the tick."""
         m, dt = self.m, self.dt
-        overloaded = m.hazard_scale > 0 and (not uniform or int(counts.max()) > capacity * dt)
-        if uniform and not overloaded and self.uniform_multiplier and crash_memory is None:
-            # the same hazard for every host: how many die is binomial, which ones a uniform choice
+        if overloaded is None:
+            overloaded = m.hazard_scale > 0 and (not uniform or int(counts.max()) > capacity * dt)
+        if not overloaded and self.uniform_multiplier and crash_memory is None:
+            # the same hazard for every host up: how many die is binomial, which ones a uniform choice
             hazard = m.hazard_base * float(self.multiplier[0])
             probability = -math.expm1(-hazard * dt)
-            if probability <= 0:
+            if probability <= 0 or not self.count_up:
                 return []
-            k = int(self.hazard_rng.binomial(self.n, probability))
+            k = int(self.hazard_rng.binomial(self.count_up, probability))
             if not k:
                 return []
-            hosts = np.sort(self.hazard_rng.choice(self.n, size=k, replace=False))
+            if self.count_up == self.n:
+                hosts = np.sort(self.hazard_rng.choice(self.n, size=k, replace=False))
+            else:
+                hosts = np.sort(self.hazard_rng.choice(np.flatnonzero(self.state == UP), size=k, replace=False))
             offsets = self.hazard_rng.random(k)
             return [(int(h), t + dt * float(o), "hazard", hazard) for h, o in zip(hosts.tolist(), offsets.tolist())]
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -48,6 +48,9 @@ def percentiles(latency: dict[int, int], qs: tuple[float, ...] = (50, 90, 99, 99
     total = sum(latency.values())
     if not total:
         return [None] * (len(qs) + 1)
+    if len(latency) == 1:
+        value = round(bin_seconds(next(iter(latency))), 6)
+        return [value] * (len(qs) + 1)
     bins = sorted(latency)
     counts = np.cumsum([latency[b] for b in bins])
     result: list[float | None] = []
