@@ -181,21 +181,20 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
-def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float, alpha_row: float, needed: float,
-              confidence: float, seed: int, n_resamples: int) -> dict[str, Any]:
-    """One comparison row (before Holm): estimates, raw p-value, what the n could see.
+def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
+              n_resamples: int) -> dict[str, Any]:
+    """One comparison row before the multiplicity correction: estimates, raw p-value, smallest possible p.
 
-    What the n could see is judged at alpha_row (alpha / Holm family size, the threshold that always
-    suffices); `needed` is the p-value a row must be able to reach to join the family (alpha / Tarone's K).
+    `_detect(alpha)` gives (detectable factor or None, text or None) once the row's threshold is known.
     """
     label, unit, lower_is_better, test = METRICS[metric]
     row: dict[str, Any] = {"variant": v["name"], "baseline": b["name"], "metric": metric, "label": label,
                            "unit": unit, "test": test, "lower_is_better": lower_is_better,
                            "variant_value": None, "baseline_value": None, "effect": None, "effect_kind": None,
-                           "low": None, "high": None, "p_value": None, "p_holm": None, "detectable": None,
-                           "detectable_trials": None,
-                           "verdict": None, "text": None, "notes": [], "_direction": 0, "_reason": None,
-                           "_detectable_text": None}
+                           "low": None, "high": None, "p_value": None, "p_holm": None,
+                           "min_p": _min_p(metric, v, b), "threshold": None, "detectable": None,
+                           "detectable_trials": None, "verdict": None, "text": None, "notes": [],
+                           "_direction": 0, "_reason": None, "_detect": None, "_effect_text": None}
     if not v["trials"] or not b["trials"]:
         row["_reason"] = "no trials"
         return row
@@ -209,12 +208,14 @@ def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float
         if vr["exposure"] <= 0 or br["exposure"] <= 0:
             row["_reason"] = "no exposure (no host-seconds recorded)"
             return row
-        result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence, alpha_row)
-        row.update(effect=result.ratio, low=result.low, high=result.high, p_value=result.p_value,
-                   detectable=result.detectable)
+        result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence)
+        row.update(effect=result.ratio, low=result.low, high=result.high, p_value=result.p_value)
         row["_direction"] = (1 if vr["rate"] > br["rate"] else -1 if vr["rate"] < br["rate"] else 0)
-        if math.isinf(result.detectable):
-            row["_detectable_text"] = f"any difference with {v['crashes']} and {b['crashes']} crashes"
+        if b["crashes"] == 0:
+            row["_effect_text"] = f"{v['crashes']} vs 0 crashes"
+        total, e1, e2 = v["crashes"] + b["crashes"], vr["exposure"], br["exposure"]
+        lean = row["_direction"]
+        row["_detect"] = lambda alpha: (stats.rate_ratio_detectable(total, e1, e2, alpha, lean), None)
         for side in (v, b):
             if side["overdispersion_p"] is not None and side["overdispersion_p"] < 0.05:
                 row["notes"].append(f"{side['name']}: crashes cluster within trials (dispersion p="
@@ -232,17 +233,23 @@ def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float
         if k1 + k2 == n1 + n2:
             row["_reason"] = f"every trial crashed in both ({n1}/{n1} and {n2}/{n2}): compare the crash rates"
             return row
-        result = stats.fisher_trials(k1, n1, k2, n2, confidence, alpha_row)
+        result = stats.fisher_trials(k1, n1, k2, n2, confidence)
         row.update(effect=result.odds_ratio, low=result.low, high=result.high, p_value=result.p_value)
         row["_direction"] = 1 if k1 / n1 > k2 / n2 else -1 if k1 / n1 < k2 / n2 else 0
-        reach = []
-        if result.detectable_low is not None:
-            reach.append(("" if result.detectable_low == 0 else "<=") + f"{result.detectable_low}/{n1}")
-        if result.detectable_high is not None:
-            reach.append((">=" if result.detectable_high < n1 else "") + f"{result.detectable_high}/{n1}")
-        row["detectable_trials"] = {"low": result.detectable_low, "high": result.detectable_high}
-        row["_detectable_text"] = (f"less than a move to {' or '.join(reach)} crashed trials, baseline {k2}/{n2}"
-                                   if reach else f"any difference in crashed trials with {n1} and {n2} trials")
+        row["_effect_text"] = f"{k1}/{n1} vs {k2}/{n2} trials crashed, odds ratio"
+
+        def detect_trials(alpha: float) -> tuple[None, str]:
+            low_k, high_k = stats.fisher_detectable(k2, n1, n2, alpha)
+            row["detectable_trials"] = {"low": low_k, "high": high_k}
+            reach = []
+            if low_k is not None:
+                reach.append(("" if low_k == 0 else "<=") + f"{low_k}/{n1}")
+            if high_k is not None:
+                reach.append((">=" if high_k < n1 else "") + f"{high_k}/{n1}")
+            return None, (f"less than a move to {' or '.join(reach)} crashed trials, baseline {k2}/{n2}" if reach
+                          else f"any difference in crashed trials with {n1} and {n2} trials")
+
+        row["_detect"] = detect_trials
         return row
     if metric == "first_crash":
         vf, bf = v["first_crash"], b["first_crash"]
@@ -252,11 +259,12 @@ def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float
         if vf["crashed"] + bf["crashed"] == 0:
             row["_reason"] = "no trial crashed in either"
             return row
-        result = stats.first_crash_test(times[0], ends[0], times[1], ends[1], alpha_row)
-        row.update(effect=result.time_ratio, p_value=None if math.isnan(result.p_value) else result.p_value,
-                   detectable=result.detectable)
+        result = stats.first_crash_test(times[0], ends[0], times[1], ends[1])
+        row.update(effect=result.time_ratio, p_value=None if math.isnan(result.p_value) else result.p_value)
         # log-rank statistic > 0: the variant crashes sooner; "higher is better" is about the time.
         row["_direction"] = -1 if result.statistic > 0 else 1 if result.statistic < 0 else 0
+        events, n1, n2 = result.events, len(times[0]), len(times[1])
+        row["_detect"] = lambda alpha: (stats.first_crash_detectable(events, n1, n2, alpha), None)
         if row["p_value"] is None:
             row["_reason"] = "log-rank test undefined"
         return row
@@ -269,41 +277,57 @@ def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, alpha: float
         row["_reason"] = f"no {label} recorded"
         return row
     result = stats.compare_samples(x, y, seed=_row_seed(seed, v["name"], b["name"], metric), confidence=confidence,
-                                   alpha=alpha_row, n_resamples=n_resamples)
+                                   alpha=None, n_resamples=n_resamples)
     row.update(variant_value=result.medians[0], baseline_value=result.medians[1], effect=result.ratio,
-               effect_kind="ratio_of_medians", low=result.low, high=result.high, p_value=result.p_value,
-               detectable=result.detectable)
+               effect_kind="ratio_of_medians", low=result.low, high=result.high, p_value=result.p_value)
     row["_direction"] = result.direction
-    if result.min_p >= needed:
-        row["_detectable_text"] = (f"any difference: {len(x)} vs {len(y)} trials cannot give a rank-test p below "
-                                   f"{result.min_p:.2g}" + (f", p<{needed:.2g} needed" if result.min_p < alpha else ""))
+    def detect_shift(alpha: float) -> tuple[float, str | None]:
+        factor = stats.rank_detectable(x, y, alpha, result.direction)
+        if math.isinf(factor):
+            return factor, f"any difference: {len(x)} vs {len(y)} trials with tied values cannot reach p<{alpha:.2g}"
+        return factor, None
+
+    row["_detect"] = detect_shift
     if result.interval_method == "percentile":
         row["notes"].append("BCa interval degenerate (few distinct values): percentile interval")
     return row
 
 
-def _finish(rows: list[dict[str, Any]], *, alpha: float, needed: float,
+def _cannot_reach(row: dict[str, Any], variants: Mapping[str, dict[str, Any]], alpha: float) -> str:
+    """Why a row could not have been significant whatever its data."""
+    if row["metric"] in TRIAL_METRICS:
+        n1 = variants[row["variant"]]["metrics"][row["metric"]]["n"]
+        n2 = variants[row["baseline"]]["metrics"][row["metric"]]["n"]
+        text = f"any difference: {n1} vs {n2} trials cannot give a rank-test p below {row['min_p']:.2g}"
+    else:
+        text = f"any difference: the smallest p-value these counts can give is {row['min_p']:.2g}"
+    return text + (f", p<{row['threshold']:.2g} needed" if row["min_p"] < alpha else "")
+
+
+def _finish(rows: list[dict[str, Any]], variants: Mapping[str, dict[str, Any]], *, alpha: float,
             min_difference: float | Mapping[str, float] | None) -> None:
-    """Holm over the rows in the family, then the verdicts."""
-    adjusted = stats.holm([r["p_value"] if r["_reason"] is None and r["_in_family"] else None for r in rows])
-    for row, p_holm in zip(rows, adjusted):
-        row["p_holm"] = p_holm
+    """Holm-Tarone over every row that is a test, then what each row could detect, then the verdicts."""
+    adjusted, thresholds = stats.holm_tarone(
+        [r["p_value"] if r["_reason"] is None else None for r in rows], [r["min_p"] for r in rows], alpha)
+    for row, p_holm, threshold in zip(rows, adjusted, thresholds):
+        row["p_holm"], row["threshold"] = p_holm, threshold
         md = (min_difference.get(row["metric"]) if isinstance(min_difference, Mapping) else min_difference)
         if row["metric"] == "crashed_trials":
             md = None   # odds ratios of a few trials: a relative minimum means little
-        reason = row["_reason"]
-        if reason is None and not row["_in_family"]:
-            # Whatever the data with these sample sizes or margins, this row could not have been significant.
-            row["detectable"] = math.inf
-            reason = "n too small to see " + (
-                row["_detectable_text"] if row["metric"] in TRIAL_METRICS and row["_detectable_text"] else
-                f"any difference: the smallest p-value these counts can give is {row['min_p']:.2g}, "
-                f"p<{needed:.2g} needed")
-        detectable = row["detectable"]
+        detectable, detectable_text = None, None
+        if p_holm is not None and p_holm >= alpha:
+            if row["min_p"] >= threshold:
+                detectable, detectable_text = math.inf, _cannot_reach(row, variants, alpha)
+            elif row["_detect"] is not None:
+                detectable, detectable_text = row["_detect"](threshold)
+                if detectable_text is None and detectable is not None and math.isinf(detectable):
+                    detectable_text = "any difference with these counts"
+        row["detectable"] = detectable
         verdict = stats.decide(p_adjusted=p_holm, alpha=alpha, direction=row["_direction"],
                                lower_is_better=row["lower_is_better"], effect=row["effect"], low=row["low"],
                                high=row["high"], min_difference=md, detectable=detectable,
-                               detectable_text=row["_detectable_text"], no_test_reason=reason)
+                               detectable_text=detectable_text, no_test_reason=row["_reason"],
+                               effect_text=row["_effect_text"])
         row["verdict"], row["text"] = verdict.verdict, verdict.text
         row["min_difference"] = md
         band = None if md is None else 1.0 + md
@@ -313,30 +337,19 @@ def _finish(rows: list[dict[str, Any]], *, alpha: float, needed: float,
         row["effect_text"] = stats.fmt_ratio(row["effect"])
         row["interval_text"] = ("-" if row["low"] is None or row["high"] is None or math.isnan(row["low"])
                                 else f"{stats.fmt_ratio(row['low'])}-{stats.fmt_ratio(row['high'])}")
-        for key in ("_direction", "_reason", "_detectable_text", "_in_family"):
+        for key in ("_direction", "_reason", "_detect", "_effect_text"):
             row.pop(key, None)
 
 
 def _rows_for(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metrics: Sequence[str], settings: dict[str, Any],
               min_difference: float | Mapping[str, float] | None) -> tuple[list[dict[str, Any]], int]:
-    """The rows of these (variant, baseline) pairs with Holm applied, and Tarone's K.
-
-    Rows whose test cannot reach alpha / K whatever the data (from sample sizes and margins: Tarone) stay
-    out of the Holm family; they could never have been significant and would only dilute the others.
-    """
-    alpha = settings["alpha"]
-    plan = [(v, b, m, _min_p(m, v, b)) for v, b in pairs for m in metrics]
-    tarone = stats.tarone_size([min_p for *_, min_p in plan], alpha)
-    family = max(1, sum(1 for *_, min_p in plan if min_p < alpha / tarone))
-    rows = []
-    for v, b, metric, min_p in plan:
-        row = _pair_row(metric, v, b, alpha=alpha, alpha_row=alpha / family, needed=alpha / tarone,
-                        confidence=settings["confidence"], seed=settings["seed"], n_resamples=settings["n_resamples"])
-        row["_in_family"] = min_p < alpha / tarone
-        row["min_p"] = min_p
-        rows.append(row)
-    _finish(rows, alpha=alpha, needed=alpha / tarone, min_difference=min_difference)
-    return rows, tarone
+    """The rows of these (variant, baseline) pairs, corrected together; and Tarone's K at the first step."""
+    rows = [_pair_row(m, v, b, confidence=settings["confidence"], seed=settings["seed"],
+                      n_resamples=settings["n_resamples"]) for v, b in pairs for m in metrics]
+    by_name = {side["name"]: side for pair in pairs for side in pair}
+    _finish(rows, by_name, alpha=settings["alpha"], min_difference=min_difference)
+    tested = [r["min_p"] for r in rows if r["p_holm"] is not None]
+    return rows, stats.tarone_size(tested, settings["alpha"]) if tested else 0
 
 
 # --- the whole comparison ----------------------------------------------------------------------
@@ -415,13 +428,13 @@ def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
         warnings.append("only one variant: nothing to compare")
     rows, tarone = _rows_for([(v, base) for v in others], metrics, settings, min_difference)
     family = sum(1 for r in rows if r["p_holm"] is not None)
-    short = [r for r in rows if r["metric"] in TRIAL_METRICS and r["p_value"] is not None and r["p_holm"] is None]
+    short = [r for r in rows if r["metric"] in TRIAL_METRICS and r["p_holm"] is not None and r["min_p"] >= r["threshold"]]
     if short:
         planned = sum(1 for r in rows if r["metric"] in TRIAL_METRICS) or 1
         warnings.append(f"too few trials for the per-trial metrics: {' vs '.join(map(str, _trial_counts(short[0], variants)))}"
-                        f" trials cannot give a rank-test p below {short[0]['min_p']:.2g}, so those rows cannot be "
-                        f"significant; at least {_trials_needed(planned, alpha)} trials per variant are needed for "
-                        f"{planned} such rows")
+                        f" trials cannot give a rank-test p below {short[0]['min_p']:.2g}, p<{short[0]['threshold']:.2g}"
+                        f" is needed, so those rows cannot be significant; {_trials_needed(planned, alpha)} trials per "
+                        f"variant are enough for {planned} such rows")
     return _clean({
         "schema": COMPARE_SCHEMA, "runs": runs, "scenario": runs[0]["scenario"], "baseline": base["name"],
         "alpha": alpha, "confidence": confidence, "min_difference": min_difference,
@@ -489,8 +502,8 @@ def render_compare(result: dict[str, Any]) -> str:
     conf = f"{result['confidence']:.0%}"
     out = [f"compare: scenario {result['scenario']}  runs {runs}",
            f"baseline {result['baseline']}; {conf} intervals; alpha {result['alpha']:g}, "
-           + (f"Holm over {result['holm_family']} test(s) (Tarone K={result['tarone_k']})" if result["holm_family"]
-              else "no row can reach significance with these trials") + (f"; minimum difference {result['min_difference']}"
+           + (f"Holm-Tarone step-down over {result['holm_family']} test(s), Tarone K={result['tarone_k']} at the "
+              "first step" if result["holm_family"] else "no row is a test") + (f"; minimum difference {result['min_difference']}"
                                                  if result["min_difference"] else "")]
     table = [
         ["trials"] + [str(v["trials"]) for v in variants],

@@ -13,8 +13,8 @@ Conventions
   the JSON layer (harness.compare) turns them into null.
 - ``detectable`` is the smallest change that would have come out significant at the given alpha had
   it been observed with the same counts or spread (test inversion); a true change of that size is seen
-  about half the time. compare passes alpha / (number of rows), the Holm threshold that is always
-  enough, so "n too small to see X" stays true after the correction.
+  about half the time. harness.compare passes each row the threshold it faces in the Holm-Tarone
+  step-down, so "n too small to see X" holds after the correction.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import special, stats
@@ -116,7 +117,7 @@ class RateRatio:
     high: float
     p_value: float
     confidence: float
-    detectable: float           # smallest ratio (as a factor >= 1, either way) that would be flagged
+    detectable: float           # smallest ratio (a factor >= 1, in the observed direction) that would be flagged
 
 
 def rate_ratio(k1: int, e1: float, k2: int, e2: float, confidence: float = CONFIDENCE,
@@ -135,7 +136,8 @@ def rate_ratio(k1: int, e1: float, k2: int, e2: float, confidence: float = CONFI
 
     ratio = INF if k2 == 0 else (k1 / e1) / (k2 / e2)
     return RateRatio((k1, k2), (e1, e2), ratio, to_ratio(float(ci.low)), to_ratio(float(ci.high)),
-                     float(test.pvalue), confidence, _rate_detectable(n, p0, e1, e2, alpha))
+                     float(test.pvalue), confidence,
+                     rate_ratio_detectable(n, e1, e2, alpha, 1 if ratio > 1 else -1 if ratio < 1 else 0))
 
 
 def _first_true(lo: int, hi: int, predicate: Callable[[int], bool]) -> int | None:
@@ -151,23 +153,31 @@ def _first_true(lo: int, hi: int, predicate: Callable[[int], bool]) -> int | Non
     return lo
 
 
-def _rate_detectable(n: int, p0: float, e1: float, e2: float, alpha: float) -> float:
-    """With n events in all, how uneven a split the binomial test flags: as a rate ratio >= 1."""
+def rate_ratio_detectable(n: int, e1: float, e2: float, alpha: float = ALPHA, direction: int = 0) -> float:
+    """With n events in all over exposures e1, e2: the smallest rate ratio (a factor >= 1) whose split
+    the conditional binomial test flags at alpha, upwards (direction > 0), downwards (< 0), or the larger
+    of the two (0: a change that size shows either way); inf when no split is flagged."""
+    if n < 1:
+        return INF
+    p0 = e1 / (e1 + e2)
+
     def significant(k: int) -> bool:
         return bool(stats.binomtest(k, n, p0).pvalue < alpha)
 
+    def as_ratio(k: int) -> float:
+        return INF if k == n else (k / (n - k)) * (e2 / e1)
+
     centre = int(round(n * p0))
-    factors = []
     up = _first_true(centre, n, significant)
-    if up is not None:
-        factors.append(INF if up == n else (up / (n - up)) * (e2 / e1))
     # Downwards: the largest k <= centre that is significant, found on the mirrored predicate.
     down = _first_true(0, centre, lambda j: significant(centre - j))
-    if down is not None:
-        k = centre - down
-        factors.append(INF if k == 0 else 1.0 / ((k / (n - k)) * (e2 / e1)))
-    # Either direction counts; report the easier one to see (a rare side may be unreachable).
-    return min(factors) if factors else INF
+    up_factor = INF if up is None else as_ratio(up)
+    down_factor = INF if down is None or centre - down == 0 else 1.0 / as_ratio(centre - down)
+    return _pick(up_factor, down_factor, direction)
+
+
+def _pick(up: float, down: float, direction: int) -> float:
+    return up if direction > 0 else down if direction < 0 else max(up, down)
 
 
 # --- crashed / not-crashed trials ------------------------------------------------------------
@@ -203,14 +213,20 @@ def fisher_trials(crashed1: int, n1: int, crashed2: int, n2: int, confidence: fl
         ci = result.confidence_interval(confidence)
         estimate, low, high = float(result.statistic), float(ci.low), float(ci.high)
 
+    low_k, high_k = fisher_detectable(crashed2, n1, n2, alpha)
+    return TrialsTest((crashed1, crashed2), (n1, n2), estimate, low, high, p_value, confidence, low_k, high_k)
+
+
+def fisher_detectable(crashed2: int, n1: int, n2: int, alpha: float = ALPHA) -> tuple[int | None, int | None]:
+    """With the baseline at crashed2 of n2 trials: the largest crashed count of n1 below its share and the
+    smallest above it that Fisher's test flags at alpha (None: none would be)."""
     def significant(k: int) -> bool:
         return bool(stats.fisher_exact([[k, n1 - k], [crashed2, n2 - crashed2]]).pvalue < alpha)
 
     centre = int(round(n1 * crashed2 / n2)) if n2 else 0
     up = _first_true(centre, n1, significant)
     down = _first_true(0, centre, lambda j: significant(centre - j))
-    return TrialsTest((crashed1, crashed2), (n1, n2), estimate, low, high, p_value, confidence,
-                      None if down is None else centre - down, up)
+    return (None if down is None else centre - down), up
 
 
 # --- time to first crash ---------------------------------------------------------------------
@@ -270,11 +286,17 @@ def first_crash_test(times1: Sequence[float | None], ends1: Sequence[float], tim
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.logrank(_censored(times1, ends1), _censored(times2, ends2))
-    q1 = len(times1) / (len(times1) + len(times2))
-    # Schoenfeld: log HR detectable with D events is z * sqrt(1 / (D q1 q2)); under exponential times the
-    # time ratio is 1 / HR, so the same factor applies to the times (50% power, like every `detectable`).
-    detectable = math.exp(stats.norm.ppf(1 - alpha / 2) * math.sqrt(1.0 / (events * q1 * (1 - q1))))
+    detectable = first_crash_detectable(events, len(times1), len(times2), alpha)
     return FirstCrashTest(float(result.statistic), float(result.pvalue), ratio, events, detectable)
+
+
+def first_crash_detectable(events: int, n1: int, n2: int, alpha: float = ALPHA) -> float:
+    """Schoenfeld: with D first crashes the log-rank test sees a log hazard ratio of z * sqrt(1 / (D q1 q2))
+    (50% power, like every `detectable`); under exponential times the time ratio is 1 / HR, the same factor."""
+    if events < 1 or n1 < 1 or n2 < 1:
+        return INF
+    q1 = n1 / (n1 + n2)
+    return math.exp(stats.norm.ppf(1 - alpha / 2) * math.sqrt(1.0 / (events * q1 * (1 - q1))))
 
 
 # --- per-trial metrics -------------------------------------------------------------------------
@@ -288,10 +310,10 @@ class SampleComparison:
     ratio: float                # median(x) / median(y); nan when median(y) is 0
     low: float                  # bootstrap interval (BCa, seeded; percentile when BCa degenerates)
     high: float
-    p_value: float              # Mann-Whitney U, two-sided (exact when small and without ties)
+    p_value: float              # Mann-Whitney U, two-sided (exact when small; see rank_test)
     direction: int              # +1: the variant's values tend to be larger (U / n1 n2 > 1/2), -1 smaller, 0 even
     min_p: float                # the smallest two-sided p-value possible with these n (exact test, no ties)
-    detectable: float           # smallest multiplicative shift (factor >= 1) the U test flags with this spread
+    detectable: float           # smallest shift (factor >= 1, observed direction) the U test flags with this spread
     confidence: float
     interval_method: str        # BCa | percentile | none
 
@@ -330,38 +352,58 @@ def bootstrap_ratio_of_medians(x: Sequence[float], y: Sequence[float], *, seed: 
     return NAN, NAN, "none"
 
 
-def _rank_detectable(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
-    """Scale x to y's median, then find the smallest factor f >= 1 (up or down) at which U flags f*x vs y."""
-    if x.size < 1 or y.size < 1 or min_rank_p(x.size, y.size) >= alpha:
-        return INF
-    mx, my = float(np.median(x)), float(np.median(y))
-    if mx <= 0 or my <= 0 or np.any(x < 0) or np.any(y < 0):
-        return INF
-    base = x * (my / mx)
+EXACT_PERMUTATIONS = 5000   # with ties, the exact permutation test up to this many arrangements
 
-    def flagged(log_factor: float) -> bool:
-        return bool(stats.mannwhitneyu(base * math.exp(log_factor), y).pvalue < alpha)
 
-    spread = max(float(np.max(np.concatenate([base, y])) / max(np.min(np.concatenate([base, y])), 1e-300)), 1.0)
-    best = INF
-    for sign in (1.0, -1.0):
-        top = math.log(spread) + math.log(4.0)   # beyond complete separation: always flagged if ever
-        if not flagged(sign * top):
-            continue
-        lo, hi = 0.0, top
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if flagged(sign * mid):
-                hi = mid
-            else:
-                lo = mid
-        best = min(best, math.exp(hi))
-    return best
+def rank_test(x: Sequence[float], y: Sequence[float]) -> Any:
+    """Mann-Whitney U, two-sided (scipy.stats.mannwhitneyu).
+
+    scipy's exact method assumes no ties and falls back to the normal approximation when there are
+    some; per-trial values tie often (identical peak RSS in pages, identical throughput), so with ties
+    and at most EXACT_PERMUTATIONS arrangements the p-value is the exact permutation one
+    (scipy.stats.PermutationMethod over every arrangement: deterministic, no random numbers).
+    """
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    tied = np.unique(np.concatenate([xs, ys])).size < xs.size + ys.size
+    if tied and special.comb(xs.size + ys.size, xs.size, exact=True) <= EXACT_PERMUTATIONS:
+        return stats.mannwhitneyu(xs, ys, alternative="two-sided", method=stats.PermutationMethod(n_resamples=np.inf))
+    return stats.mannwhitneyu(xs, ys, alternative="two-sided")
+
+
+def rank_detectable(x: Sequence[float], y: Sequence[float], alpha: float = ALPHA, direction: int = 0) -> float:
+    """The smallest factor f >= 1 at which the rank test flags the variant's trials moved by f: upwards
+    (direction > 0), downwards (< 0), or the larger of the two (0: a move that size shows either way).
+
+    The variant's values are first scaled to the baseline's median (their spread kept); the test's
+    p-value only changes where a scaled value crosses a baseline value, so the candidates are those
+    ratios, searched by bisection. 1.0 when neither side has any spread (any shift shows); inf when
+    no shift is flagged (too few trials, or ties that keep p above alpha).
+    """
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xs.size < 1 or ys.size < 1 or min_rank_p(xs.size, ys.size) >= alpha:
+        return INF
+    mx, my = float(np.median(xs)), float(np.median(ys))
+    if mx <= 0 or my <= 0 or np.any(xs <= 0) or np.any(ys <= 0):
+        return INF
+    base = xs * (my / mx)
+    if np.unique(base).size == 1 and np.unique(ys).size == 1:
+        return 1.0 if rank_test(base * 1.001, ys).pvalue < alpha else INF
+    crossings = np.unique((ys[:, None] / base[None, :]).ravel())
+    found = []
+    for candidates, factor_of in ((crossings[crossings > 1.0] * (1 + 1e-9), lambda f: f),
+                                  (crossings[crossings < 1.0][::-1] * (1 - 1e-9), lambda f: 1.0 / f)):
+        def flagged(i: int) -> bool:
+            return bool(rank_test(base * candidates[i], ys).pvalue < alpha)
+
+        first = _first_true(0, candidates.size - 1, flagged) if candidates.size else None
+        found.append(INF if first is None else float(factor_of(candidates[first])))
+    return _pick(found[0], found[1], direction)
 
 
 def compare_samples(x: Sequence[float], y: Sequence[float], *, seed: int | Sequence[int] = 0,
-                    confidence: float = CONFIDENCE, alpha: float = ALPHA, n_resamples: int = 9999) -> SampleComparison:
-    """x: the variant's per-trial values, y: the baseline's."""
+                    confidence: float = CONFIDENCE, alpha: float | None = ALPHA,
+                    n_resamples: int = 9999) -> SampleComparison:
+    """x: the variant's per-trial values, y: the baseline's (alpha None: skip `detectable`, left nan)."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     n = (int(xs.size), int(ys.size))
     mx = float(np.median(xs)) if xs.size else NAN
@@ -369,12 +411,12 @@ def compare_samples(x: Sequence[float], y: Sequence[float], *, seed: int | Seque
     ratio = mx / my if ys.size and xs.size and my != 0 else NAN
     if min(n) < 1:
         return SampleComparison(n, (mx, my), ratio, NAN, NAN, NAN, 0, 1.0, INF, confidence, "none")
-    test = stats.mannwhitneyu(xs, ys, alternative="two-sided")
+    test = rank_test(xs, ys)
     share = float(test.statistic) / (n[0] * n[1])
     direction = 1 if share > 0.5 else -1 if share < 0.5 else 0
     low, high, method = bootstrap_ratio_of_medians(xs, ys, seed=seed, confidence=confidence, n_resamples=n_resamples)
     return SampleComparison(n, (mx, my), ratio, low, high, float(test.pvalue), direction, min_rank_p(*n),
-                            _rank_detectable(xs, ys, alpha), confidence, method)
+                            NAN if alpha is None else rank_detectable(xs, ys, alpha, direction), confidence, method)
 
 
 # --- multiple comparisons ----------------------------------------------------------------------
@@ -417,12 +459,40 @@ def tarone_size(min_p_values: Sequence[float], alpha: float = ALPHA) -> int:
     """Tarone's K: the smallest k >= 1 such that at most k tests can reach p < alpha / k.
 
     Discrete tests whose smallest possible p-value (known from the sample sizes or margins alone) is
-    not below alpha / K cannot reject and are left out of the family; the others share alpha.
+    not below alpha / K cannot reject; only the others share alpha. For continuous tests (min p 0)
+    K is the number of tests, and Bonferroni.
     """
     k = 1
     while sum(1 for p in min_p_values if p < alpha / k) > k:
         k += 1
     return k
+
+
+def holm_tarone(p_values: Sequence[float | None], min_p_values: Sequence[float],
+                alpha: float = ALPHA) -> tuple[list[float | None], list[float | None]]:
+    """Holm's step-down with Tarone's K in place of the count of remaining tests (Hommel & Krummenauer 1998).
+
+    Tests in ascending p; at each step K is Tarone's K of the tests not yet rejected and the test is
+    rejected when K * p < alpha (and every earlier one was). Controls the family-wise error at alpha:
+    the first true null rejected, with R the tests left then and T the true nulls, had
+    p < alpha/K(R) <= alpha/K(T), which at most K(T) true nulls can reach, each with probability
+    below alpha/K(T). With continuous tests (min p 0) it is exactly Holm.
+
+    Returns (adjusted p-values: reject iff < alpha, K depending on alpha; the threshold alpha/K each
+    test faced at its step). None or nan p-values are not tests and stay None.
+    """
+    if len(p_values) != len(min_p_values):
+        raise ValueError("p_values and min_p_values differ in length")
+    index = [i for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    order = sorted(index, key=lambda i: (p_values[i], i))
+    adjusted: list[float | None] = [None] * len(p_values)
+    thresholds: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for step, i in enumerate(order):
+        k = tarone_size([min_p_values[j] for j in order[step:]], alpha)
+        running = max(running, min(1.0, k * float(p_values[i])))  # type: ignore[arg-type]
+        adjusted[i], thresholds[i] = running, alpha / k
+    return adjusted, thresholds
 
 
 # --- verdicts ----------------------------------------------------------------------------------
@@ -438,13 +508,16 @@ def fmt_ratio(value: float | None) -> str:
         return "-"
     if math.isinf(value):
         return "inf"
+    if 0.99 < value < 1.01 and value != 1.0:
+        return f"{value:.4g}x"      # 1.004x, not 1x
     return f"{value:.3g}x"
 
 
 def decide(*, p_adjusted: float | None, alpha: float, direction: int, lower_is_better: bool,
            effect: float | None = None, low: float | None = None, high: float | None = None,
            min_difference: float | None = None, detectable: float | None = None,
-           detectable_text: str | None = None, no_test_reason: str | None = None) -> Verdict:
+           detectable_text: str | None = None, no_test_reason: str | None = None,
+           effect_text: str | None = None) -> Verdict:
     """The verdict of one comparison row.
 
     Significant (Holm-adjusted p < alpha) and in a direction: better or worse, unless the effect (a ratio)
@@ -464,7 +537,7 @@ def decide(*, p_adjusted: float | None, alpha: float, direction: int, lower_is_b
             return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} ({fmt_ratio(effect)} is within the "
                                           f"{min_difference:.0%} minimum difference)")
         worse = (direction > 0) == lower_is_better
-        where = f"{fmt_ratio(effect)}" if effect is not None and not math.isnan(effect) else "a shift"
+        where = effect_text or (fmt_ratio(effect) if effect is not None and not math.isnan(effect) else "a shift")
         if low is not None and high is not None and not (math.isnan(low) or math.isnan(high)):
             where += f", CI {fmt_ratio(low)}-{fmt_ratio(high)}"
         return Verdict(WORSE if worse else BETTER, f"{WORSE if worse else BETTER} ({where}, Holm p={p_adjusted:.2g})")
@@ -475,6 +548,8 @@ def decide(*, p_adjusted: float | None, alpha: float, direction: int, lower_is_b
         return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (n too small to see {detectable_text})")
     if detectable is None or math.isinf(detectable) or math.isnan(detectable):
         return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (n too small to see any difference)")
+    if detectable < 1.0 + 1e-6:
+        return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (no spread between trials: any shift would have shown)")
     if band is not None and detectable <= band:
         return Verdict(NO_DIFFERENCE, f"{NO_DIFFERENCE} (a {min_difference:.0%} difference would have shown: "
                                       f"changes from {fmt_ratio(detectable)} were visible)")

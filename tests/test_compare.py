@@ -221,7 +221,8 @@ def test_json_is_stable_and_strict(ab_run: Path, ab_result: dict[str, Any]):
     row = ab_result["rows"][0]
     assert set(row) == {"variant", "baseline", "metric", "label", "unit", "test", "lower_is_better", "variant_value",
                         "baseline_value", "effect", "effect_kind", "effect_text", "low", "high", "interval_text",
-                        "p_value", "p_holm", "min_p", "detectable", "detectable_trials", "verdict", "text", "notes",
+                        "p_value", "p_holm", "min_p", "threshold", "detectable", "detectable_trials", "verdict", "text",
+                        "notes",
                         "min_difference", "within_min_difference"}
     assert ab_result["holm_family"] == sum(1 for r in ab_result["rows"] if r["p_holm"] is not None)
 

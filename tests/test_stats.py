@@ -264,3 +264,20 @@ def test_tarone_size():
     assert stats.tarone_size([0.03] * 8 + [0.001]) == 2     # the eight 0.03s can never reach 0.025
     assert stats.tarone_size([0.0]) == 1 and stats.tarone_size([]) == 1
     assert stats.tarone_size([0.0] * 6) == 6
+
+
+def test_holm_tarone_known_vector():
+    # Worked by hand: K is 2 at steps 1-4 (at most two min p below 0.025), 1 for the last test left.
+    p = [0.001, 0.03, 0.5, 0.6, 0.012]
+    min_p = [0.0, 0.03, 0.03, 0.03, 0.01]
+    adjusted, thresholds = stats.holm_tarone(p, min_p)
+    assert adjusted == pytest.approx([0.002, 0.06, 1.0, 1.0, 0.024])
+    assert thresholds == pytest.approx([0.025, 0.025, 0.025, 0.05, 0.025])   # the last test alone: K=1
+    assert stats.holm(p)[4] == pytest.approx(0.048)     # plain Holm: 4 x 0.012, barely
+
+
+def test_holm_tarone_is_holm_for_continuous_tests():
+    p = [0.01, 0.04, 0.03, 0.005, None]
+    adjusted, thresholds = stats.holm_tarone(p, [0.0] * 5)
+    assert adjusted == [pytest.approx(a) if a is not None else None for a in stats.holm(p)]
+    assert thresholds[3] == pytest.approx(0.05 / 4) and thresholds[4] is None
