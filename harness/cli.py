@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
     except BaseExceptionGroup as group:
         # trio's nurseries wrap errors in groups; a user-facing error stays one line.
         leaves = _leaves(group)

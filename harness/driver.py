@@ -103,6 +103,7 @@ class Driver:
     def host_ready(self, index: int, generation: int) -> None:
         link = self.links[index]
         link.generation = generation
+        self.lost_inflight[index] = 0
         if self._nursery is not None:
             self._nursery.start_soon(self._bring_up, link, generation, False)
 
@@ -153,6 +154,13 @@ class Driver:
         with trio.move_on_after(self.client.timeout + 0.1):
             while self.inflight > 0:
                 await trio.sleep(0.01)
+
+    def abandon_pending(self) -> None:
+        """At the very end: requests still unanswered after the drain are timeouts, counted now."""
+        for link in self.links:
+            if any(conn.pending for conn in link.conns):
+                link.generation = -1  # no re-probe
+                self._drop_host(link, "timeout")
 
     def _send(self, arrival: Arrival, due: float) -> None:
         counters = self.counters

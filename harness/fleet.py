@@ -98,7 +98,7 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         values = {"port": str(port), "host": name, "index": str(index), "dir": str(directory),
                   "root": str(target.root), "addr": "127.0.0.1"}
         argv = [render(arg, values) for arg in command]
-        if "/" in argv[0] and not os.path.isabs(argv[0]):
+        if "/" in argv[0] and not os.path.isabs(argv[0]):  # relative to the scenario's root
             argv[0] = str(target.root / argv[0])
         env = dict(os.environ)
         env.update({k: render(v, values) for k, v in target.env.items()})
@@ -227,7 +227,12 @@ class FleetSupervisor:
             if status is None:  # cancelled: the run is stopping
                 with trio.CancelScope(shield=True):
                     status = await stop(child, self.target.stop_grace)
-                    self.recorder.event("stop", host.index, child.pid, how=ExitInfo.from_status(status).describe())
+                    stopped = ExitInfo.from_status(status)
+                    self.recorder.event("stop", host.index, child.pid, how=stopped.describe())
+                    # A target that dies of anything but our SIGTERM/SIGKILL while stopping (an abort in
+                    # a destructor, a double free at exit) has crashed: record it like any other.
+                    if stopped.signal is not None and stopped.signal not in (signal.SIGTERM, signal.SIGKILL):
+                        await self._record_exit(host, child, stopped)
         info = ExitInfo.from_status(status)
         if host.incarnation == 1 and not self._ready_once[host.index].is_set() and self.first_start_failed is None \
                 and host.kill_expected is None:
@@ -269,9 +274,13 @@ class FleetSupervisor:
         self.recorder.event("exit", host.index, child.pid, signal=info.signal, exit_code=info.exit_code,
                             core_dumped=info.core_dumped, **detail)
         # A death by signal that the harness did not cause is a crash (SIGTERM/SIGKILL from elsewhere too).
+        # A host-loss kill explains only a SIGKILL: a host that segfaulted just before it was picked crashed.
+        if why is not None and why.startswith("host-loss") and info.signal != signal.SIGKILL:
+            why = None
         if info.signal is not None and why is None:
             host.crashes += 1
-            record = {"host": host.index, "pid": child.pid, "signal": info.signal,
+            record = {"t": round(self.recorder.now(), 6), "wall": time.time(),  # the death, not the triage
+                      "host": host.index, "pid": child.pid, "signal": info.signal,
                       "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
                       "executable": host.extra.get("exe") or _which(host.argv[0])}
             if self.on_crash is not None:
@@ -308,9 +317,9 @@ def _last_line(path: Path) -> str:
     return f": {lines[-1].strip()}" if lines else ""
 
 
-def check_command(argv: list[str]) -> None:
+def check_command(argv: list[str], root: Path | None = None) -> None:
     """Before a run: the executable must exist and be executable (a clear error, not a restart loop)."""
-    exe = argv[0]
+    exe = render(argv[0], {"root": str(root)}) if root is not None else argv[0]
     if "/" in exe:
         if not os.path.exists(exe):
             raise HarnessError(f"target command not found: {exe}")

@@ -58,8 +58,9 @@ class Metrics:
         except OSError:
             pass  # metrics must never stop a run
 
-    def close(self) -> None:
-        self.write_textfile()
+    def close(self, write: bool = True) -> None:
+        if write:
+            self.write_textfile()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

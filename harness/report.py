@@ -15,6 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.driver import ERROR_KINDS, new_histogram
+from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
 REPORT_SCHEMA = 1
@@ -69,7 +70,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
 
 def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
-    run = _rows(store, "SELECT * FROM runs")[0]
+    runs = _rows(store, "SELECT * FROM runs")
+    if not runs:
+        raise HarnessError(f"{run_dir} holds no run record (the run stopped before it began)")
+    run = runs[0]
     phases = _rows(store, "SELECT * FROM phases ORDER BY idx")
     status = run["status"]
     if status == "running":

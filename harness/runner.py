@@ -169,17 +169,21 @@ class Run:
             await build_target(build, scenario.target.root)
         for variant, _ in trials:
             argv = apply_variant(scenario.target, variant, scenario.target.command)[0]
-            check_command(argv)
+            check_command(argv, scenario.target.root)
             if scenario.shim_faults and variant.faults:
                 _check_interposable(scenario, argv[0])
 
         cores = core_pattern_status()
         if not cores.findable and installed_spool() is None:
             print(f"harness: warning: cores will not be collected: {cores.advice}", file=sys.stderr)
-        self.run_dir.mkdir(parents=True, exist_ok=False)
-        (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
-        self.store = RunStore(self.run_dir / "run.db", create=True)
         self.metrics = Metrics(self.run_dir / "metrics.prom", self.options.metrics)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+            (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
+        except OSError as exc:
+            self.metrics.close(write=False)
+            raise HarnessError(f"cannot create the results folder {self.run_dir}: {exc.strerror or exc}") from None
+        self.store = RunStore(self.run_dir / "run.db", create=True)
         self.metrics.hosts.set(scenario.fleet.hosts)
         await self._store_call(
             self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
@@ -187,6 +191,7 @@ class Run:
             phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to) for p in scenario.load.phases],
             pid=os.getpid())
         spawner = Spawner()
+        aborted = False
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
@@ -203,10 +208,14 @@ class Run:
                             if self.interrupted:
                                 break
                 outer.cancel_scope.cancel()
+        except BaseException:
+            aborted = True
+            raise
         finally:
-            status = "interrupted" if self.interrupted else "complete"
+            status = "interrupted" if self.interrupted else ("failed" if aborted else "complete")
             with trio.CancelScope(shield=True):
-                await self._store_call(self.store.end_run, status, 128 + self.interrupted if self.interrupted else 0)
+                await self._store_call(self.store.end_run, status,
+                                       128 + self.interrupted if self.interrupted else (2 if aborted else 0))
             await trio.to_thread.run_sync(spawner.close)
             await trio.to_thread.run_sync(self.metrics.close)
             self.store.close()
@@ -255,7 +264,10 @@ class Run:
                 # Start-up garbage is long-lived: freeze it so collections during the load stay short.
                 gc.collect()
                 gc.freeze()
-                recorder.t0 = trio.current_time() + 0.05
+                load_start = trio.current_time() + 0.05
+                for event in recorder.events:  # start-up events happened before the load: negative times
+                    event["t"] = round(event["t"] - (load_start - recorder.t0), 6)
+                recorder.t0 = load_start
                 recorder.wall0 = time.time() + 0.05
                 await self._store_call(self.store.trial_load_started, number, recorder.wall0)
                 nursery.start_soon(self._writer, number, recorder)
@@ -268,6 +280,7 @@ class Run:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
                 await driver.send_all(arrivals(scenario.load, scenario.client.keys, scenario.seed), recorder.t0)
                 await driver.drain()
+                driver.abandon_pending()
                 self._final_sample(recorder, driver, supervisor)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
@@ -326,9 +339,17 @@ class Run:
     async def _triage(self, uid: str, core: Path, executable: Path) -> None:
         """Backtrace, class, signature and bucket of one core, off the supervisor's path so the host
         restarts at once; one at a time, as gdb and eu-stack are heavy on a small machine."""
-        result = await trio.to_thread.run_sync(lambda: triage_core(core, executable, timeout=60).to_dict(),
-                                               limiter=self._triage_limiter)
-        result.update(await trio.to_thread.run_sync(self._retain_core, core, result.get("bucket") or "untriaged"))
+        def work() -> dict[str, Any]:
+            try:
+                result = triage_core(core, executable, timeout=60).to_dict()
+            except Exception as exc:  # triage must never take the run down
+                result = {"crash_class": None, "errors": [f"triage failed: {exc!r}"]}
+            try:
+                result.update(self._retain_core(core, result.get("bucket") or "untriaged"))
+            except OSError as exc:
+                result.setdefault("errors", []).append(f"core retention failed: {exc}")
+            return result
+        result = await trio.to_thread.run_sync(work, limiter=self._triage_limiter)
         assert self.store is not None
         await self._store_call(self.store.record_triage, uid, result)
 
@@ -347,7 +368,7 @@ class Run:
             core.unlink(missing_ok=True)
             return {"core_kept": False, "core_dropped": reason}
         self._core_bytes += size
-        if policy.compress:
+        if policy.compress and shutil.which("zstd"):
             done = subprocess.run(["zstd", "-q", "-3", "--rm", str(core)], capture_output=True)
             if done.returncode == 0:
                 return {"core_kept": True, "core_file": str(core) + ".zst"}
@@ -367,38 +388,45 @@ class Run:
     async def _sampler(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
         while True:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
-            counters = driver.swap_counters()
+            # All waiting first: once the counters are swapped, nothing may await (a cancellation
+            # there would lose a second of outcomes).
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
-            for host, pid, proof in await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts):
-                recorder.event("proof", host.index, pid, **proof, variant=self._variant_name)
-                wanted = self._variant_allocator
-                if wanted and wanted in ALLOCATORS_BY_NAME and proof["allocator"] != wanted:
-                    raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but {host.name} (pid {pid}) "
-                                      f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
-                                      f"not honoured (static or setuid executable, or an allocator linked in)")
-                if self._shim is not None:
-                    # Mapped is not enough: the shim must also have attached its control file.
-                    attached = any(p.pid == pid for p in self._shim.files[host.index].counters().processes)
-                    loaded = proof["shim"] and attached
-                    recorder.event("shim-check", host.index, pid, loaded=loaded, mapped=proof["shim"],
-                                   attached=attached)
-                    if not loaded and not self._warned_shim:
-                        self._warned_shim = True
-                        why = ("its control file was not attached (see the host's stderr)" if proof["shim"] else
-                               "static executable, setuid, or LD_PRELOAD dropped by a wrapper?")
-                        print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
-                              f"will not reach it ({why})", file=sys.stderr)
+            proofs = await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
+            self._check_proofs(recorder, proofs)
+            counters = driver.swap_counters()
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
             if recorder.next_second % 5 == 0:
                 await trio.to_thread.run_sync(self.metrics.write_textfile)
 
+    def _check_proofs(self, recorder: Recorder, proofs: list[tuple[Host, int, dict[str, Any]]]) -> None:
+        for host, pid, proof in proofs:
+            recorder.event("proof", host.index, pid, **proof, variant=self._variant_name)
+            wanted = self._variant_allocator
+            if wanted and wanted in ALLOCATORS_BY_NAME and proof["allocator"] != wanted:
+                raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but {host.name} (pid {pid}) "
+                                  f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
+                                  f"not honoured (static or setuid executable, or an allocator linked in)")
+            if self._shim is not None:
+                # Mapped is not enough: the shim must also have attached its control file.
+                attached = any(p.pid == pid for p in self._shim.files[host.index].counters().processes)
+                loaded = proof["shim"] and attached
+                recorder.event("shim-check", host.index, pid, loaded=loaded, mapped=proof["shim"],
+                               attached=attached)
+                if not loaded and not self._warned_shim:
+                    self._warned_shim = True
+                    why = ("its control file was not attached (see the host's stderr)" if proof["shim"] else
+                           "static executable, setuid, or LD_PRELOAD dropped by a wrapper?")
+                    print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
+                          f"will not reach it ({why})", file=sys.stderr)
+
     def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
                       stopped: bool = False) -> None:
         """The last, partial second (after the load ends, or when interrupted)."""
         counters = driver.swap_counters()
-        if counters.offered or counters.ok or counters.timeout or counters.conn_error or counters.no_host:
+        if counters.offered or counters.ok or counters.timeout or counters.conn_error or counters.no_host \
+                or counters.bad_reply:
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, {})
             if stopped and recorder.last_sample and recorder.previous_alive is not None:
                 # Hosts were already stopped by the interruption: they were alive during the second.

@@ -50,6 +50,6 @@ def apply_variant(target: Target, variant: Variant, command: tuple[str, ...]) ->
         library = allocator_library(variant.allocator)
         if library:
             env["LD_PRELOAD"] = " ".join(filter(None, [env.get("LD_PRELOAD", ""), library])).strip()
-    if "/" in argv[0] and not os.path.isabs(argv[0]):
+    if "/" in argv[0] and not os.path.isabs(argv[0]) and "{" not in argv[0]:
         argv[0] = str(Path(target.root) / argv[0])
     return argv, env

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,58 @@ load:
         shutil.rmtree(spool, ignore_errors=True)
     assert undone.returncode == 0, undone.stderr
     assert pattern_file.read_text() == before
+
+
+def test_crash_while_stopping_is_recorded(tmp_path: Path) -> None:
+    """A target that aborts in its SIGTERM path (a destructor bug) crashed: it counts, with its core."""
+    server = ("import os, signal, socket, sys\n"
+              "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+              "signal.signal(signal.SIGTERM, lambda *_: os.abort())\n"
+              "while True:\n    c, _ = s.accept(); c.sendall(b'OK\\n' * 64)\n")
+    (tmp_path / "abort_on_term.py").write_text(server)
+    scenario = write_scenario(tmp_path, f"""
+name: abort-on-stop
+target:
+  command: [{sys.executable}, {tmp_path / "abort_on_term.py"}, "{{port}}"]
+fleet: {{hosts: 1}}
+load: [{{hold: {{rate: 5, for: 1s}}}}]
+expect:
+  - {{crashes: 0}}
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet", "--json"], tmp_path)
+    assert result.returncode == 1, result.stderr  # the expectation {crashes: 0} failed
+    report = json.loads(result.stdout)
+    crashes = report["trials"][0]["crashes"]
+    assert [c["signal_name"] for c in crashes] == ["SIGABRT"]
+
+
+def test_unusable_results_folder_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    scenario = write_scenario(tmp_path, """
+name: no-out
+target:
+  command: [sleep, "60", "{port}"]
+fleet: {hosts: 1}
+load: [{hold: {rate: 5, for: 1s}}]
+""")
+    result = run_harness(["run", str(scenario), "--out", str(blocker / "results")], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: cannot create the results folder"), result.stderr
+
+
+def test_root_placeholder_in_the_command(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, """
+name: root-placeholder
+target:
+  root: @REPO@
+  command: ["{root}/targets/echo/echo-server", --port, "{port}"]
+fleet: {hosts: 1}
+load: [{hold: {rate: 20, for: 1s}}]
+expect:
+  - {error_rate: "< 1%"}
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr

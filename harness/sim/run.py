@@ -179,8 +179,8 @@ class Trial:
         self.crash_count += len(crashes)
         fields = [f.name for f in dataclasses.fields(Sample)]
         self.digest.update(repr([tuple(getattr(s, f) for f in fields) for s in self.samples]).encode())
-        self.digest.update(json.dumps([{k: v for k, v in item.items() if k not in ("wall", "uid")}
-                                       for item in events + crashes], sort_keys=True).encode())
+        self.digest.update(repr([(e["t"], e["kind"], e["host"], e["pid"], e["detail"]) for e in events]).encode())
+        self.digest.update(repr([tuple(v for k, v in c.items() if k not in ("wall", "uid")) for c in crashes]).encode())
         self.store.write_batch(self.number, events=events, samples=self.samples, host_samples=self.host_samples,
                                crashes=crashes)
         if triage:
