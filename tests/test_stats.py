@@ -281,3 +281,28 @@ def test_holm_tarone_is_holm_for_continuous_tests():
     adjusted, thresholds = stats.holm_tarone(p, [0.0] * 5)
     assert adjusted == [pytest.approx(a) if a is not None else None for a in stats.holm(p)]
     assert thresholds[3] == pytest.approx(0.05 / 4) and thresholds[4] is None
+
+
+def test_rank_test_exact_with_ties():
+    # Complete separation with ties inside each side: still the single most extreme of C(12,6) = 924
+    # arrangements, p = 2/924 exactly; scipy's default (normal approximation with ties) says 0.0047.
+    result = stats.rank_test([1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 7])
+    assert result.pvalue == pytest.approx(2 / 924)
+    assert stats.compare_samples([1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 7], n_resamples=500).p_value == pytest.approx(2 / 924)
+
+
+def test_rank_detectable_hand_checked():
+    # [1..5] moved by f against [1..5]: at f just above 3, U = 23 of 25 and P(U >= 23) = 4/252, two-sided
+    # 0.032 < 0.05; just above 2.5, U = 22 and 2 * 7/252 = 0.056. So the smallest visible move is 3x.
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert stats.rank_detectable(x, x, 0.05, direction=1) == pytest.approx(3.0)
+    assert stats.rank_detectable(x, x, 0.05, direction=-1) == pytest.approx(3.0)
+    assert stats.rank_detectable(x, x, 0.01, direction=1) == pytest.approx(5.0)   # needs full separation
+    assert stats.rank_detectable(x, x, 0.005) == math.inf                          # 5 vs 5 cannot reach it
+    assert stats.rank_detectable([2.0] * 5, [1.0] * 5, 0.05) == 1.0                # no spread: any move shows
+
+
+def test_verdict_no_spread():
+    same = stats.decide(p_adjusted=1.0, alpha=0.05, direction=0, lower_is_better=True, effect=1.0, low=1.0,
+                        high=1.0, detectable=1.0)
+    assert same.text == "no difference detected (no spread between trials: any shift would have shown)"
