@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
 
+    compare = sub.add_parser("compare", help="compare the variants of one or more runs, with statistics")
+    compare.add_argument("runs", nargs="+", help="results/<run-id> directories, run ids, or 'latest'")
+    compare.add_argument("--baseline", help="the variant the others are compared with (default: the first)")
+    compare.add_argument("--min-difference", type=float, default=None,
+                         help="smallest relative change that matters, e.g. 0.1 for 10%%")
+    compare.add_argument("--json", action="store_true", help="the JSON form (docs/compare.md)")
+    compare.add_argument("--results", type=Path, default=Path("results"))
+
     crashes = sub.add_parser("crashes", help="crash buckets of a run, or one bucket's backtrace and fault context")
     crashes.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "crashes":
             return _crashes(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "cores":
             return _cores(args)
         return _run(args, sys.argv if argv is None else ["harness", *argv])
@@ -197,6 +207,18 @@ def _cores(args: argparse.Namespace) -> int:
             print(json.dumps(state, indent=2, default=str))
     except (PermissionError, ValueError, RuntimeError) as exc:
         raise HarnessError(str(exc)) from None
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare_runs, render_compare
+    from harness.report import find_run
+    try:
+        run_dirs = [find_run(run, args.results) for run in args.runs]
+        result = compare_runs(run_dirs, baseline=args.baseline, min_difference=args.min_difference)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise HarnessError(str(exc).strip("'\"")) from None
+    print(json.dumps(result, indent=2, default=str) if args.json else render_compare(result))
     return EXIT_OK
 
 

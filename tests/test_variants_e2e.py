@@ -72,3 +72,34 @@ variants:
     trial = query(run_dir, "SELECT status, detail FROM trials")[0]
     assert trial["status"] == "failed"
     assert "asked for jemalloc" in json.loads(trial["detail"])["failure"]
+
+
+def test_compare_a_against_a_finds_no_difference(targets: Path, tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, """
+name: a-vs-a
+seed: 8
+target:
+  root: @REPO@
+  command: [targets/echo/echo-server, --port, "{port}"]
+fleet: {hosts: 2}
+load: [{hold: {rate: 150, for: 2s}}]
+variants:
+  - {name: a}
+  - {name: a-again}
+trials: 3
+""")
+    ran = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    run_dir = run_dir_of(tmp_path / "r")
+    assert run_dir is not None
+    assert [t["variant"] for t in query(run_dir, "SELECT variant FROM trials ORDER BY id")] == ["a", "a-again"] * 3
+    compared = subprocess.run([*HARNESS, "compare", str(run_dir), "--json"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    result = json.loads(compared.stdout)
+    verdicts = [row["verdict"] for row in result["rows"]]
+    assert verdicts and all(v.startswith("no difference detected") for v in verdicts), verdicts
+    text = subprocess.run([*HARNESS, "compare", str(run_dir)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert "a-again" in text.stdout and "verdict" in text.stdout
