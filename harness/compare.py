@@ -3,9 +3,10 @@
 compare_runs() reads only the stores (through harness.report and a few direct queries), reduces each
 trial to one row of numbers, and compares every variant with the baseline using harness.stats:
 crash rate over host-hours (exact conditional rate ratio), crashed trials (Fisher), and per-trial
-latency, throughput and peak RSS (Mann-Whitney U + bootstrap ratio of medians), with Holm's
-correction over the whole variant x metric table. render_compare() prints it; evaluate_variant_
-expectations() judges `{compare: [a, b], metric: claim}` expectations over the result (pure).
+latency, throughput and peak RSS (Mann-Whitney U + bootstrap ratio of medians), corrected over the
+whole variant x metric table by Holm's step-down with Tarone's K (discrete tests that cannot reach
+significance do not dilute the others). render_compare() prints it; evaluate_variant_expectations()
+judges `{compare: [a, b], metric: claim}` expectations over the result (pure).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ METRICS: dict[str, tuple[str, str, bool, str]] = {
 }
 DEFAULT_METRICS = ("crash_rate", "crashed_trials", "p50_latency", "p99_latency", "throughput", "peak_rss")
 TRIAL_METRICS = ("p50_latency", "p99_latency", "throughput", "peak_rss")
-RUNNING_STATES = ("down", "stopped")    # host_samples states that are *not* exposure
+NOT_RUNNING = ("down", "stopped")       # host_samples states that are *not* exposure
 
 
 # --- reading the stores ------------------------------------------------------------------------
@@ -53,8 +54,8 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     try:
         host_rows = {row["trial"]: dict(row) for row in store.query(
             "SELECT trial, MAX(rss) AS peak_rss, "
-            f"SUM(CASE WHEN state IN ({','.join('?' * len(RUNNING_STATES))}) THEN 0 ELSE 1 END) AS host_seconds "
-            "FROM host_samples GROUP BY trial", RUNNING_STATES)}
+            f"SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE 1 END) AS host_seconds "
+            "FROM host_samples GROUP BY trial", NOT_RUNNING)}
         fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
             "SELECT trial, SUM(hosts_alive) AS alive_seconds FROM samples GROUP BY trial")}
     finally:
