@@ -69,8 +69,8 @@ def evaluate(scenario: Scenario, report: dict[str, Any]) -> list[dict[str, Any]]
         text = _format(expectation.metric, worst)
         if not held and worst is not None and expectation.value and not math.isinf(worst):
             text += f" (limit {expectation.op} {_format(expectation.metric, expectation.value)})"
-        if not trials:
-            text = "no trial of this variant ran"
+        if not trials:  # `--variant` ran another one: nothing to judge, nothing failed
+            held, text = True, "skipped (this variant did not run)"
         results.append({"index": expectation.index, "line": expectation.line, "metric": expectation.metric,
                         "op": expectation.op, "limit": expectation.value, "phase": expectation.phase,
                         "variant": expectation.variant, "text": expectation.text, "held": held,
