@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import os
+import random
 import signal
 import socket
 import time
@@ -75,8 +76,31 @@ class Listener(Protocol):
 CrashHook = Callable[[Host, ExitInfo, dict[str, Any]], "trio.lowlevel.Task | Any"]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_port_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A free loopback port *below* the kernel's ephemeral range: the harness's own client sockets
+    take ephemeral ports, and one of them must never sit on a host's port while the host restarts."""
+    low, _ = _ephemeral_range()
+    start = 10000 if low > 12000 else 1024
+    for _ in range(200):
+        port = _port_rng.randrange(start, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # crowded machine: any free port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -90,11 +114,15 @@ def render(template: str, values: dict[str, str]) -> str:
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
                extra_env: dict[str, str]) -> list[Host]:
     hosts = []
+    taken: set[int] = set()
     for index in range(count):
         name = f"h{index}"
         directory = hosts_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
         values = {"port": str(port), "host": name, "index": str(index), "dir": str(directory),
                   "root": str(target.root), "addr": "127.0.0.1"}
         argv = [render(arg, values) for arg in command]
@@ -120,10 +148,26 @@ class FleetSupervisor:
         self.listener = listener
         self.on_crash = on_crash
         self.first_start_failed: str | None = None
+        self._fewest_alive: int | None = None   # since the sampler last looked
         self._ready_once = [trio.Event() for _ in hosts]
 
     def alive_count(self) -> int:
         return sum(1 for h in self.hosts if h.state in (State.UP, State.PAUSED, State.STARTING))
+
+    def alive_now(self) -> int:
+        return sum(1 for h in self.hosts if h.state in (State.UP, State.PAUSED))
+
+    def take_fewest_alive(self) -> int:
+        """Fewest hosts alive at any moment since the last call (a host down and back within one
+        sampled second still shows)."""
+        now = self.alive_now()
+        fewest = now if self._fewest_alive is None else min(self._fewest_alive, now)
+        self._fewest_alive = now
+        return fewest
+
+    def _host_went_down(self) -> None:
+        now = self.alive_now()
+        self._fewest_alive = now if self._fewest_alive is None else min(self._fewest_alive, now)
 
     def up_count(self) -> int:
         return sum(1 for h in self.hosts if h.state == State.UP)
@@ -222,6 +266,7 @@ class FleetSupervisor:
         finally:
             was_up = host.state in (State.UP, State.PAUSED)
             host.state = State.DOWN
+            self._host_went_down()
             if was_up:
                 self.listener.host_gone(host)
             if status is None:  # cancelled: the run is stopping

@@ -440,7 +440,7 @@ class Run:
         recorder.offered_rate = self.scenario.load.rate(second + 1)
         has = c.latency.get_total_count() > 0
         pct = (lambda q: c.latency.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
-        alive = sum(1 for h in supervisor.hosts if h.state in (State.UP, State.PAUSED))
+        alive = supervisor.take_fewest_alive()
         recorder.previous_alive = recorder.last_sample.hosts_alive if recorder.last_sample else None
         recorder.last_sample = Sample(
             t=second, offered=c.offered, sent=c.sent, ok=c.ok, timeout=c.timeout, conn_error=c.conn_error,
