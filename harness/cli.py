@@ -147,9 +147,12 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     expectations: list[dict[str, Any]] = []
     saved = run_dir / "scenario.yaml"
     try:
-        expectations = evaluate(load_scenario(saved), report)
+        scenario = load_scenario(saved)
+        expectations = evaluate(scenario, report)
     except ScenarioError:
-        pass  # the saved copy no longer validates (older harness): report without judging
+        scenario = None  # the saved copy no longer validates (older harness): report without judging
+    if scenario is not None and scenario.compare_expect:
+        expectations += _judge_comparisons(scenario, run_dir)
     report["expectations"] = expectations
     return report, expectations
 
@@ -162,6 +165,38 @@ def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[d
         write_junit(path, report, expectations)
     except OSError as exc:
         raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _judge_comparisons(scenario: Any, run_dir: Path) -> list[dict[str, Any]]:
+    """{compare: [a, b], metric: claim} expectations, judged with the statistics of `harness compare`."""
+    from harness.compare import compare_runs, evaluate_variant_expectations
+    ran = {t["variant"] for t in _trial_variants(run_dir)}
+    wanted = [e for e in scenario.compare_expect if e.variant in ran and e.reference in ran]
+    results = []
+    if wanted:
+        try:
+            judged = evaluate_variant_expectations(wanted, compare_runs([run_dir], baseline=wanted[0].reference))
+        except ValueError as exc:
+            judged = [{"text": e.text, "held": False, "observed_text": f"cannot compare: {exc}", "line": e.line,
+                       "index": e.index} for e in wanted]
+        for item in judged:
+            results.append({**item, "metric": item.get("metric"), "phase": None, "variant": None,
+                            "observed_text": item.get("observed_text", "")})
+    for e in scenario.compare_expect:
+        if e not in wanted:
+            results.append({"index": e.index, "line": e.line, "text": e.text, "held": True, "phase": None,
+                            "variant": None, "metric": e.metric, "observed": None,
+                            "observed_text": "skipped (a variant of the pair did not run)"})
+    return results
+
+
+def _trial_variants(run_dir: Path) -> list[dict[str, Any]]:
+    from harness.store import open_run
+    store = open_run(run_dir)
+    try:
+        return [dict(r) for r in store.query("SELECT variant FROM trials WHERE status='complete'")]
+    finally:
+        store.close()
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
     # off does not make the scenario invalid (that expectation just has no data in such a run).
     written = LoadShape.build(list(load.specs)) if load is not None and duration_override is not None else None
     expect = _expectations(top, load, variants, written)
+    compare_expect = _compare_expectations(top, variants)
     if not problems and (target is None or fleet is None or load is None):  # each None has a problem; be sure
         top.problem((), "the scenario needs target, fleet and load")
     if problems:
@@ -99,6 +100,7 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
         seed=seed if seed_override is None else seed_override,
         load=load, target=target, fleet=fleet, client=client, faults=tuple(faults), variants=tuple(variants),
         trials=trials, expect=tuple(expect), description=top.get("description", as_str, default=""), cores=cores,
+        compare_expect=tuple(compare_expect),
     )
 
 
@@ -589,6 +591,8 @@ def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant],
     result: list[Expectation] = []
     variant_names = {v.name for v in variants}
     for index, (path, item) in enumerate(top.items("expect")):
+        if isinstance(item, dict) and "compare" in item:
+            continue  # variant comparisons: see _compare_expectations
         r = Reader(top.source, path, item, top.problems, set(EXPECT_METRICS) | {"phase", "variant"})
         if not r.ok:
             continue
@@ -614,6 +618,36 @@ def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant],
         result.append(Expectation(index=index, line=top.source.line(path), metric=metric, op=op, value=value,
                                   text=f"{metric} {raw}" if not isinstance(raw, str) or not _COMPARISON.match(raw)
                                   else f"{metric} {raw.strip()}", phase=phase, variant=variant))
+    return result
+
+
+def _compare_expectations(top: Reader, variants: list[Variant]) -> list[Any]:
+    """`{compare: [variant, reference], crash_rate: "no worse"}` or `{..., p99_latency: "< 1.1x"}`."""
+    from harness.compare import METRICS as COMPARE_METRICS, VariantExpectation
+    result = []
+    names = {v.name for v in variants}
+    for index, (path, item) in enumerate(top.items("expect")):
+        if not isinstance(item, dict) or "compare" not in item:
+            continue
+        r = Reader(top.source, path, item, top.problems, {"compare"} | set(COMPARE_METRICS))
+        if not r.ok:
+            continue
+        metrics = [key for key in r.data if key in COMPARE_METRICS]
+        if len(metrics) != 1:
+            r.problem((), f"a comparison checks exactly one of: {', '.join(COMPARE_METRICS)}")
+            continue
+        pair = r.data["compare"]
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(n, str) for n in pair):
+            r.problem(("compare",), "expected two variant names, like [jemalloc, glibc]")
+            continue
+        for name in pair:
+            if name not in names:
+                r.problem(("compare",), f"no variant named {name!r}")
+        try:
+            result.append(VariantExpectation.parse(pair, metrics[0], str(r.data[metrics[0]]), index=index,
+                                                   line=top.source.line(path)))
+        except ValueError as exc:
+            r.problem((metrics[0],), str(exc))
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.loadshape import LoadShape
 
@@ -221,6 +222,7 @@ class Scenario:
     expect: tuple[Expectation, ...] = ()
     description: str = ""
     cores: "Cores" = field(default_factory=lambda: Cores())
+    compare_expect: tuple[Any, ...] = ()      # harness.compare.VariantExpectation: {compare: [a, b], metric: claim}
 
     @property
     def duration(self) -> float:

@@ -103,3 +103,29 @@ trials: 3
     text = subprocess.run([*HARNESS, "compare", str(run_dir)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert "a-again" in text.stdout and "verdict" in text.stdout
+
+
+def test_comparison_expectations_are_judged(targets: Path, tmp_path: Path) -> None:
+    """{compare: [a, b], crash_rate: "no worse"} holds for identical variants; an impossible ratio claim fails."""
+    scenario = write_scenario(tmp_path, """
+name: compare-expect
+seed: 9
+target:
+  root: @REPO@
+  command: [targets/echo/echo-server, --port, "{port}"]
+fleet: {hosts: 1}
+load: [{hold: {rate: 100, for: 1s}}]
+variants:
+  - {name: a}
+  - {name: b}
+trials: 2
+expect:
+  - {compare: [b, a], crash_rate: "no worse"}
+  - {compare: [b, a], throughput: "> 5x"}
+""")
+    ran = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "r"), "--quiet", "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 1, ran.stderr  # the throughput claim cannot hold
+    judged = {e["text"]: e for e in json.loads(ran.stdout)["expectations"]}
+    assert judged["b vs a: crash_rate no worse"]["held"]
+    assert not judged["b vs a: throughput > 5x"]["held"]
