@@ -11,6 +11,8 @@ judges `{compare: [a, b], metric: claim}` expectations over the result (pure).
 
 from __future__ import annotations
 
+import json
+
 import math
 import operator
 import re
@@ -58,6 +60,12 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             "FROM host_samples GROUP BY trial", NOT_RUNNING)}
         fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
             "SELECT trial, SUM(hosts_alive) AS alive_seconds FROM samples GROUP BY trial")}
+        # Proof of what ran: the allocator and shim each host really had mapped (from /proc/PID/maps).
+        proofs: dict[int, set[str]] = {}
+        for row in store.query("SELECT trial, detail FROM events WHERE kind='proof'"):
+            detail = json.loads(row["detail"] or "{}")
+            proofs.setdefault(row["trial"], set()).add(
+                detail.get("allocator", "?") + ("+shim" if detail.get("shim") else ""))
     finally:
         store.close()
     trials = []
@@ -82,6 +90,7 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             "p50_latency": overall["latency"]["p50"], "p99_latency": overall["latency"]["p99"],
             "throughput": overall["achieved_rate"],
             "peak_rss": hosts.get("peak_rss"),
+            "loaded": sorted(proofs.get(trial["id"], set())),
             "buckets": {b["bucket"]: {"count": b["count"], "crash_class": b["crash_class"],
                                       "signature": b["signature"]} for b in trial["buckets"]},
         })
@@ -143,6 +152,7 @@ def _summarize(name: str, run_id: str, source: str, trials: list[dict[str, Any]]
         "metrics": {m: _spread([t[m] for t in trials]) for m in TRIAL_METRICS},
         "buckets": sorted(buckets.values(), key=lambda b: (-b["crashes"], b["bucket"])),
         "unique_buckets": [],
+        "loaded": sorted({name for t in trials for name in t.get("loaded", [])}),
         "per_trial": [{k: t[k] for k in ("run_id", "trial", "repeat", "seed", "crashes", "first_crash", "end",
                                          "host_hours", "requests") + TRIAL_METRICS}
                       | {"buckets": {b: i["count"] for b, i in t["buckets"].items()}} for t in trials],
@@ -520,6 +530,7 @@ def render_compare(result: dict[str, Any]) -> str:
         ["throughput ok/s"] + [_spread_text(v["metrics"]["throughput"], 1.0) for v in variants],
         ["peak RSS MiB"] + [_spread_text(v["metrics"]["peak_rss"], 1 / 2**20) for v in variants],
         ["unique buckets"] + [str(len(v["unique_buckets"])) for v in variants],
+        ["loaded (proof)"] + [", ".join(v.get("loaded") or ["-"]) for v in variants],
     ]
     headers = [""] + [v["name"] + (" (baseline)" if v["name"] == result["baseline"] else "") for v in variants]
     out += ["", tabulate(table, headers=headers, disable_numparse=True),

@@ -216,7 +216,7 @@ def test_json_is_stable_and_strict(ab_run: Path, ab_result: dict[str, Any]):
     variant = ab_result["variants"][0]
     assert set(variant) == {"name", "run_id", "variant", "trials", "excluded_trials", "crashes", "crashed_trials",
                             "crashed_trials_bound", "exposure", "crash_rate", "overdispersion_p", "first_crash",
-                            "metrics", "buckets", "unique_buckets", "per_trial"}
+                            "metrics", "buckets", "unique_buckets", "per_trial", "loaded"}
     assert set(variant["metrics"]) == {"p50_latency", "p99_latency", "throughput", "peak_rss"}
     row = ab_result["rows"][0]
     assert set(row) == {"variant", "baseline", "metric", "label", "unit", "test", "lower_is_better", "variant_value",

@@ -100,9 +100,10 @@ trials: 3
     result = json.loads(compared.stdout)
     verdicts = [row["verdict"] for row in result["rows"]]
     assert verdicts and all(v.startswith("no difference detected") for v in verdicts), verdicts
+    assert [v["loaded"] for v in result["variants"]] == [["glibc"], ["glibc"]]  # proof of what ran
     text = subprocess.run([*HARNESS, "compare", str(run_dir)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
-    assert "a-again" in text.stdout and "verdict" in text.stdout
+    assert "a-again" in text.stdout and "verdict" in text.stdout and "loaded (proof)" in text.stdout
 
 
 def test_comparison_expectations_are_judged(targets: Path, tmp_path: Path) -> None:
