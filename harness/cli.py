@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="the JSON form (docs/compare.md)")
     compare.add_argument("--results", type=Path, default=Path("results"))
 
+    calibrate = sub.add_parser("calibrate", help="fit a simulated host model to a real run (prints fleet.simulated)")
+    calibrate.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
+    calibrate.add_argument("--trial", type=int, help="which trial (default: the first)")
+    calibrate.add_argument("--hosts", type=int, default=None, help="hosts in the printed model (default: the run's)")
+    calibrate.add_argument("--json", action="store_true")
+    calibrate.add_argument("--results", type=Path, default=Path("results"))
+
     crashes = sub.add_parser("crashes", help="crash buckets of a run, or one bucket's backtrace and fault context")
     crashes.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return _crashes(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         if args.command == "cores":
             return _cores(args)
         return _run(args, sys.argv if argv is None else ["harness", *argv])
@@ -243,6 +252,30 @@ def _cores(args: argparse.Namespace) -> int:
     except (PermissionError, ValueError, RuntimeError) as exc:
         raise HarnessError(str(exc)) from None
     return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from harness.calibrate import calibrate, render
+    from harness.report import find_run
+    try:
+        run_dir = find_run(args.run, args.results)
+    except FileNotFoundError as exc:
+        raise HarnessError(str(exc)) from None
+    result = calibrate(run_dir, args.trial)
+    hosts = args.hosts or _run_hosts(run_dir)
+    print(json.dumps(asdict(result) | {"simulated": result.simulated_block(hosts)}, indent=2) if args.json
+          else render(result, hosts))
+    return EXIT_OK
+
+
+def _run_hosts(run_dir: Path) -> int:
+    from harness.store import open_run
+    store = open_run(run_dir)
+    try:
+        return int(store.query("SELECT hosts FROM runs")[0]["hosts"])
+    finally:
+        store.close()
 
 
 def _compare(args: argparse.Namespace) -> int:
