@@ -161,7 +161,7 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     except ScenarioError:
         scenario = None  # the saved copy no longer validates (older harness): report without judging
     if scenario is not None and scenario.compare_expect:
-        expectations += _judge_comparisons(scenario, run_dir)
+        expectations += _judge_comparisons(scenario, run_dir, report)
     report["expectations"] = expectations
     return report, expectations
 
@@ -176,10 +176,10 @@ def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[d
         raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _judge_comparisons(scenario: Any, run_dir: Path) -> list[dict[str, Any]]:
+def _judge_comparisons(scenario: Any, run_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """{compare: [a, b], metric: claim} expectations, judged with the statistics of `harness compare`."""
     from harness.compare import compare_runs, evaluate_variant_expectations
-    ran = {t["variant"] for t in _trial_variants(run_dir)}
+    ran = {t["variant"] for t in report["trials"] if t["status"] == "complete"}
     wanted = [e for e in scenario.compare_expect if e.variant in ran and e.reference in ran]
     results = []
     if wanted:
@@ -197,15 +197,6 @@ def _judge_comparisons(scenario: Any, run_dir: Path) -> list[dict[str, Any]]:
                             "variant": None, "metric": e.metric, "observed": None,
                             "observed_text": "skipped (a variant of the pair did not run)"})
     return results
-
-
-def _trial_variants(run_dir: Path) -> list[dict[str, Any]]:
-    from harness.store import open_run
-    store = open_run(run_dir)
-    try:
-        return [dict(r) for r in store.query("SELECT variant FROM trials WHERE status='complete'")]
-    finally:
-        store.close()
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import enum
 import os
 import random
+import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,9 +72,6 @@ class Recorder(Protocol):
 class Listener(Protocol):
     def host_ready(self, host: Host) -> None: ...
     def host_gone(self, host: Host) -> None: ...
-
-
-CrashHook = Callable[[Host, ExitInfo, dict[str, Any]], "trio.lowlevel.Task | Any"]
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -140,7 +138,8 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
 
 class FleetSupervisor:
     def __init__(self, hosts: list[Host], target: Target, spawner: Spawner, recorder: Recorder,
-                 listener: Listener, on_crash: Callable[[Host, ExitInfo, dict[str, Any]], None] | None = None):
+                 listener: Listener,
+                 on_crash: Callable[[Host, ExitInfo, dict[str, Any]], Awaitable[None]] | None = None):
         self.hosts = hosts
         self.target = target
         self.spawner = spawner
@@ -327,9 +326,9 @@ class FleetSupervisor:
             record = {"t": round(self.recorder.now(), 6), "wall": time.time(),  # the death, not the triage
                       "host": host.index, "pid": child.pid, "signal": info.signal,
                       "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
-                      "executable": host.extra.get("exe") or _which(host.argv[0])}
+                      "executable": host.extra.get("exe") or resolve_program(host.argv[0])}
             if self.on_crash is not None:
-                await self.on_crash(host, info, record)  # type: ignore[misc]
+                await self.on_crash(host, info, record)
             self.recorder.crash(record)
 
 
@@ -346,9 +345,9 @@ async def _tcp_accepts(port: int, timeout: float) -> bool:
         sock.close()
 
 
-def _which(program: str) -> str:
-    from shutil import which
-    return program if "/" in program else (which(program) or program)
+def resolve_program(program: str) -> str:
+    """A path for argv[0]: as given when it has a slash, else found on PATH (or left as is)."""
+    return program if "/" in program else (shutil.which(program) or program)
 
 
 def _last_line(path: Path) -> str:
@@ -371,6 +370,5 @@ def check_command(argv: list[str], root: Path | None = None) -> None:
         if not os.access(exe, os.X_OK):
             raise HarnessError(f"target command is not executable: {exe}")
     else:
-        from shutil import which
-        if which(exe) is None:
+        if shutil.which(exe) is None:
             raise HarnessError(f"target command not found on PATH: {exe}")

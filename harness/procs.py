@@ -17,7 +17,6 @@ import os
 import resource
 import signal
 import subprocess
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +159,3 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"SIG{number}"
-
-
-def spawner_thread_alive() -> bool:
-    return any(t.name.startswith("harness-spawner") for t in threading.enumerate())

@@ -27,7 +27,7 @@ import trio
 from harness.balancer import Balancer
 from harness.driver import Counters, Driver
 from harness.errors import HarnessError
-from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts
+from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts, resolve_program
 from harness.plan import arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Scenario, Variant
@@ -555,7 +555,7 @@ def _inspect_hosts(hosts: list[Host]) -> list[tuple[Host, int, dict[str, Any]]]:
 
 def _check_interposable(scenario: Scenario, program: str) -> None:
     """Before the run: can LD_PRELOAD reach the target's allocation and lock calls at all?"""
-    path = program if "/" in program else (shutil.which(program) or program)
+    path = resolve_program(program)
     report = check_interposable(Path(path))
     kinds = {fault.kind for fault in scenario.shim_faults}
     why = "; ".join(report.reasons)
