@@ -56,10 +56,10 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     try:
         host_rows = {row["trial"]: dict(row) for row in store.query(
             "SELECT trial, MAX(rss) AS peak_rss, "
-            f"SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE 1 END) AS host_seconds "
+            f"SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) AS host_seconds "
             "FROM host_samples GROUP BY trial", NOT_RUNNING)}
         fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
-            "SELECT trial, SUM(hosts_alive) AS alive_seconds FROM samples GROUP BY trial")}
+            "SELECT trial, SUM(hosts_alive * span) AS alive_seconds FROM samples GROUP BY trial")}
         # Proof of what ran: the allocator and shim each host really had mapped (from /proc/PID/maps).
         proofs: dict[int, set[str]] = {}
         for row in store.query("SELECT trial, detail FROM events WHERE kind='proof'"):

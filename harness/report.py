@@ -23,14 +23,16 @@ MAX_CRASHES_LISTED = 10000  # a simulated 10k-host night has ~100k: counts stay 
 
 
 def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
-    """Samples whose one-second interval [t, t+1) has its middle inside [start, end)."""
-    return [s for s in samples if start <= s["t"] + 0.5 < end]
+    """Samples whose interval [t, t+span) has its middle inside [start, end) (span is 1 second, or a
+    rolled-up window in a long run)."""
+    return [s for s in samples if start <= s["t"] + s.get("span", 1) / 2 < end]
 
 
 def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]], start: float,
                    end: float) -> dict[str, Any]:
     chosen = _window_samples(samples, start, end)
-    seconds = max(len(chosen), 1e-9) if chosen else max(end - start, 1e-9)
+    covered = sum(s.get("span", 1) for s in chosen)
+    seconds = max(covered, 1e-9) if chosen else max(end - start, 1e-9)
     histogram = new_histogram()
     for sample in chosen:
         if sample["hist"]:
@@ -43,7 +45,7 @@ def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]],
         return histogram.get_value_at_percentile(q) / 1e6 if has else None
 
     return {
-        "start": start, "end": end, "seconds": len(chosen),
+        "start": start, "end": end, "seconds": covered,
         "offered": total["offered"], "sent": total["sent"], "ok": total["ok"],
         "errors": {k: total[k] for k in ERROR_KINDS}, "error_total": errors,
         "offered_rate": total["offered"] / seconds if chosen else 0.0,
@@ -101,7 +103,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
     events = _rows(store, "SELECT * FROM events WHERE trial=? ORDER BY id", (tid,))
     for item in crashes + events:
         item["detail"] = json.loads(item["detail"] or "{}")
-    end = max([run["duration"]] + [s["t"] + 1 for s in samples])
+    end = max([run["duration"]] + [s["t"] + s.get("span", 1) for s in samples])
     phase_rows = []
     for phase in phases:
         metrics = window_metrics(samples, crashes, phase["start"], phase["end"])
@@ -168,7 +170,7 @@ def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     end of its second, so a change seen in sample t happened by time t+1."""
     timeline: list[dict[str, Any]] = []
     for sample in samples:
-        end = sample["t"] + 1
+        end = sample["t"] + sample.get("span", 1)
         if timeline and timeline[-1]["alive"] == sample["hosts_alive"]:
             timeline[-1]["to"] = end
         else:

@@ -435,7 +435,7 @@ class Run:
             recorder.next_second += 1
 
     def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver,
-                    supervisor: FleetSupervisor, usage: dict[int, tuple[int, int]]) -> None:
+                    supervisor: FleetSupervisor, usage: dict[int, tuple[int, int, int]]) -> None:
         offered_rate = self.scenario.load.rate(second + 0.5)
         recorder.offered_rate = self.scenario.load.rate(second + 1)
         has = c.latency.get_total_count() > 0
@@ -459,11 +459,11 @@ class Run:
             state = host.state.value
             if host.state == State.UP and not driver.balancer.in_rotation[host.index]:
                 state = "ejected"
-            rss, fds = usage.get(host.pid or -1, (None, None))
+            rss, fds, threads = usage.get(host.pid or -1, (None, None, None))
             recorder.host_samples.append(HostSample(
                 t=second, host=host.index, state=state, pid=host.pid, sent=c.host_sent[host.index],
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
-                inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds,
+                inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds, threads=threads,
                 shim=self._shim.snapshot(host.index) if self._shim is not None else None))
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
@@ -513,14 +513,16 @@ class _Listener:
         self.driver.host_gone(host.index)
 
 
-def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int]]:
+def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int, int]]:
+    """(RSS, open fds, threads) of each process."""
     usage = {}
     for pid in pids:
         if pid is None:
             continue
         try:
             process = psutil.Process(pid)
-            usage[pid] = (process.memory_info().rss, process.num_fds())
+            with process.oneshot():
+                usage[pid] = (process.memory_info().rss, process.num_fds(), process.num_threads())
         except (psutil.Error, OSError):
             continue
     return usage

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,11 +37,14 @@ CREATE TABLE IF NOT EXISTS samples (
     trial INTEGER NOT NULL, t INTEGER NOT NULL, offered INTEGER NOT NULL, sent INTEGER NOT NULL,
     ok INTEGER NOT NULL, timeout INTEGER NOT NULL, conn_error INTEGER NOT NULL, no_host INTEGER NOT NULL,
     bad_reply INTEGER NOT NULL, p50 REAL, p90 REAL, p99 REAL, p999 REAL, max REAL, hosts_alive INTEGER NOT NULL,
-    offered_rate REAL NOT NULL, hist BLOB, PRIMARY KEY (trial, t));
+    offered_rate REAL NOT NULL, hist BLOB, span INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (trial, t));
 CREATE TABLE IF NOT EXISTS host_samples (
     trial INTEGER NOT NULL, t INTEGER NOT NULL, host INTEGER NOT NULL, state TEXT NOT NULL, pid INTEGER,
     sent INTEGER NOT NULL, ok INTEGER NOT NULL, errors INTEGER NOT NULL, inflight INTEGER NOT NULL,
-    rss INTEGER, fds INTEGER, shim TEXT, PRIMARY KEY (trial, t, host));
+    rss INTEGER, fds INTEGER, shim TEXT, threads INTEGER, span INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (trial, t, host));
+CREATE TABLE IF NOT EXISTS harness_samples (
+    wall REAL PRIMARY KEY, trial INTEGER, rss INTEGER NOT NULL, fds INTEGER NOT NULL, threads INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS crashes (
     id INTEGER PRIMARY KEY, trial INTEGER NOT NULL, t REAL NOT NULL, wall REAL NOT NULL, host INTEGER NOT NULL,
     pid INTEGER NOT NULL, signal INTEGER NOT NULL, signal_name TEXT NOT NULL, core_dumped INTEGER NOT NULL,
@@ -52,6 +55,11 @@ CREATE TABLE IF NOT EXISTS triage (
     uid TEXT PRIMARY KEY, crash_class TEXT, signature TEXT, bucket TEXT, in_allocator INTEGER, fault_address TEXT,
     data TEXT NOT NULL);
 """
+
+
+SAMPLE_COLUMNS = ("trial, t, offered, sent, ok, timeout, conn_error, no_host, bad_reply, p50, p90, p99, p999, max, "
+                  "hosts_alive, offered_rate, hist")
+HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class HostSample:
     rss: int | None
     fds: int | None
     shim: dict[str, Any] | None = None
+    threads: int | None = None
 
 
 class RunStore:
@@ -105,6 +114,22 @@ class RunStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        else:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Stores written by schema 1 get the columns and tables added since (all optional)."""
+        try:
+            columns = {r["name"] for r in self.db.execute("PRAGMA table_info(host_samples)")}
+            if columns and "span" not in columns:
+                with self._tx():
+                    self.db.execute("ALTER TABLE samples ADD COLUMN span INTEGER NOT NULL DEFAULT 1")
+                    self.db.execute("ALTER TABLE host_samples ADD COLUMN threads INTEGER")
+                    self.db.execute("ALTER TABLE host_samples ADD COLUMN span INTEGER NOT NULL DEFAULT 1")
+                    self.db.execute("CREATE TABLE IF NOT EXISTS harness_samples (wall REAL PRIMARY KEY, trial INTEGER, "
+                                    "rss INTEGER NOT NULL, fds INTEGER NOT NULL, threads INTEGER NOT NULL)")
+        except sqlite3.OperationalError:
+            pass  # read-only media: readers cope with the old shape
 
     def close(self) -> None:
         self.db.close()
@@ -148,13 +173,13 @@ class RunStore:
                 [(trial, e["t"], e["wall"], e["kind"], e.get("host"), e.get("pid"), json.dumps(e.get("detail", {})))
                  for e in events])
             self.db.executemany(
-                "INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO samples ({SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(trial, s.t, s.offered, s.sent, s.ok, s.timeout, s.conn_error, s.no_host, s.bad_reply, s.p50, s.p90,
                   s.p99, s.p999, s.max, s.hosts_alive, s.offered_rate, s.hist) for s in samples])
             self.db.executemany(
-                "INSERT OR REPLACE INTO host_samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(trial, h.t, h.host, h.state, h.pid, h.sent, h.ok, h.errors, h.inflight, h.rss, h.fds,
-                  json.dumps(h.shim) if h.shim is not None else None) for h in host_samples])
+                  json.dumps(h.shim) if h.shim is not None else None, h.threads) for h in host_samples])
             self.db.executemany(
                 "INSERT INTO crashes (trial, t, wall, host, pid, signal, signal_name, core_dumped, uptime, "
                 "offered_rate, host_inflight, hosts_alive, core_path, executable, stderr_tail, detail, uid) "
@@ -173,6 +198,37 @@ class RunStore:
                 (uid, triage.get("crash_class"), triage.get("signature"), triage.get("bucket"),
                  int(bool(triage.get("in_allocator"))), triage.get("fault_address"), json.dumps(triage)))
 
+    def harness_sample(self, trial: int | None, rss: int, fds: int, threads: int) -> None:
+        """The harness's own footprint, so a soak shows that the harness itself does not leak."""
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO harness_samples VALUES (?,?,?,?,?)",
+                            (time.time(), trial, rss, fds, threads))
+
+    def rollup(self, trial: int, before: int, every: int) -> int:
+        """Per-second rows of `trial` older than second `before` become one row per `every` seconds (per
+        host and process for host rows), so a night-long store stays small. Counts are summed, latency
+        histograms merged (percentiles stay exact), hosts alive is the fewest in the window, memory and
+        fds are the window's last values; `span` says how many seconds a row covers. Returns the rows
+        removed."""
+        end = before - before % every
+        rows = self.db.execute("SELECT * FROM samples WHERE trial=? AND t<? AND span=1 ORDER BY t",
+                               (trial, end)).fetchall()
+        host_rows = self.db.execute("SELECT * FROM host_samples WHERE trial=? AND t<? AND span=1 ORDER BY t, host",
+                                    (trial, end)).fetchall()
+        if not rows and not host_rows:
+            return 0
+        merged = [_merge_samples(group) for group in _windows(rows, every, lambda r: ())]
+        merged_hosts = [_merge_host_samples(group) for group in _windows(host_rows, every,
+                                                                         lambda r: (r["host"], r["pid"]))]
+        with self._tx():
+            self.db.execute("DELETE FROM samples WHERE trial=? AND t<? AND span=1", (trial, end))
+            self.db.execute("DELETE FROM host_samples WHERE trial=? AND t<? AND span=1", (trial, end))
+            self.db.executemany(f"INSERT OR REPLACE INTO samples ({SAMPLE_COLUMNS}, span) "
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged])
+            self.db.executemany(f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}, span) "
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged_hosts])
+        return len(rows) + len(host_rows) - len(merged) - len(merged_hosts)
+
     def _tx(self) -> "_Transaction":
         return _Transaction(self.db)
 
@@ -180,6 +236,36 @@ class RunStore:
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return self.db.execute(sql, args).fetchall()
+
+
+def _windows(rows: list[sqlite3.Row], every: int, key: Any) -> list[list[sqlite3.Row]]:
+    groups: dict[tuple[Any, ...], list[sqlite3.Row]] = {}
+    for row in rows:
+        groups.setdefault((row["t"] // every, *key(row)), []).append(row)
+    return list(groups.values())
+
+
+def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
+    from harness.driver import new_histogram  # the driver's histogram shape; imported late to keep the store light
+    histogram = new_histogram()
+    for row in group:
+        if row["hist"]:
+            histogram.decode_and_add(row["hist"])
+    has = histogram.get_total_count() > 0
+    pct = (lambda q: histogram.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
+    total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
+                                                   "bad_reply")}
+    return (group[0]["t"], total["offered"], total["sent"], total["ok"], total["timeout"], total["conn_error"],
+            total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
+            histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
+            sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
+
+
+def _merge_host_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
+    last = group[-1]
+    return (group[0]["t"], last["host"], last["state"], last["pid"], sum(r["sent"] for r in group),
+            sum(r["ok"] for r in group), sum(r["errors"] for r in group), max(r["inflight"] for r in group),
+            last["rss"], last["fds"], last["shim"], last["threads"], len(group))
 
 
 class _Transaction:
