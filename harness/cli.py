@@ -44,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
+    run.add_argument("--rollup-after", type=_duration_arg, default=3600.0, metavar="DURATION",
+                     help="keep per-second samples for this long, then one row per --rollup-every (default 1h)")
+    run.add_argument("--rollup-every", type=_duration_arg, default=60.0, metavar="DURATION",
+                     help="the rolled-up window (default 1m)")
+
+    resume = sub.add_parser("resume", help="finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C")
+    resume.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
+    resume.add_argument("--results", type=Path, default=Path("results"))
+    resume.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+    resume.add_argument("--quiet", action="store_true", help="no live status line")
+    resume.add_argument("--junit", type=Path, help="also write JUnit XML")
+    resume.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus /metrics here")
 
     compare = sub.add_parser("compare", help="compare the variants of one or more runs, with statistics")
     compare.add_argument("runs", nargs="+", help="results/<run-id> directories, run ids, or 'latest'")
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "cores":
             return _cores(args)
+        if args.command == "resume":
+            return _resume(args, sys.argv if argv is None else ["harness", *argv])
         return _run(args, sys.argv if argv is None else ["harness", *argv])
     except ScenarioError as exc:
         for problem in exc.problems:
@@ -300,19 +314,76 @@ def _crashes(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from harness.report import render_text
-    from harness.runner import RunOptions, run_scenario
+    from harness.resume import Invocation
+    from harness.runner import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
     from harness.metrics import parse_address
+    invocation = Invocation(command=args.command, scenario_base=str(args.scenario.resolve().parent),
+                            scenario_file=str(args.scenario), duration=args.duration, seed=args.seed,
+                            variant=args.variant, trials=args.trials, baseline=getattr(args, "baseline", None),
+                            extra={"rollup_after": args.rollup_after, "rollup_every": args.rollup_every})
+    if args.rollup_every < 1 or args.rollup_after < 0:
+        raise HarnessError("--rollup-every must be at least 1s and --rollup-after not negative")
     options = RunOptions(out_dir=args.out, variant=args.variant, trials=args.trials, status=not args.quiet,
-                         argv=argv, metrics=parse_address(args.metrics) if args.metrics else None)
+                         argv=argv, metrics=parse_address(args.metrics) if args.metrics else None,
+                         invocation=invocation, rollup_after=args.rollup_after, rollup_every=int(args.rollup_every))
+    return _execute(scenario, options, args)
+
+
+def _resume(args: argparse.Namespace, argv: list[str]) -> int:
+    """Finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C (docs/soak.md)."""
+    from harness.loader import build_scenario
+    from harness.report import find_run
+    from harness.resume import resume_point
+    from harness.runner import RunOptions
+    from harness.yamlsource import parse_source
+    try:
+        run_dir = find_run(args.run, args.results)
+    except FileNotFoundError as exc:
+        raise HarnessError(str(exc)) from None
+    point = resume_point(run_dir)
+    invocation = point.invocation
+    where = Path(invocation.scenario_base) / Path(invocation.scenario_file).name
+    scenario = build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where,
+                              duration_override=invocation.duration, seed_override=invocation.seed)
+    if scenario.fleet.simulated is not None:
+        raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
+    from harness.metrics import parse_address
+    options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
+                         status=not args.quiet, argv=argv, invocation=invocation, resume=point,
+                         rollup_after=invocation.extra.get("rollup_after", 3600.0),
+                         rollup_every=int(invocation.extra.get("rollup_every", 60)),
+                         metrics=parse_address(args.metrics) if args.metrics else None)
+    args.baseline = invocation.baseline if getattr(args, "baseline", None) is None else args.baseline
+    return _execute(scenario, options, args)
+
+
+def _execute(scenario: Any, options: Any, args: argparse.Namespace) -> int:
+    """Run (or resume) a scenario, judge it, print the report; the exit code is saved in the store."""
+    from harness.runner import run_scenario
     if scenario.fleet.simulated is not None:
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
         result = trio.run(run_scenario, scenario, options)
+    code = _verdict(result, args)
+    _record_exit_code(result.run_dir, code)
+    return code
+
+
+def _record_exit_code(run_dir: Path, code: int) -> None:
+    from harness.store import open_run
+    store = open_run(run_dir)
+    try:
+        store.set_exit_code(code)
+    finally:
+        store.close()
+
+
+def _verdict(result: Any, args: argparse.Namespace) -> int:
+    from harness.report import render_text
     report, expectations = _judge(result.run_dir)
     _write_junit(args.junit, report, expectations)
     if args.json:

@@ -126,8 +126,12 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "crashes_by_host": {f"h{h}": n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
         "hosts_alive": _alive_timeline(samples),
         "host_losses": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "host-loss"],
+        # A resumed run: where the load timeline continued and how long the harness was down.
+        "gaps": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "gap"],
+        "low_disk": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "low-disk"],
+        # Every host starts once per stretch of the run (a resume starts them all again): not restarts.
         "restarts": sum(1 for e in events if e["kind"] == "start")
-        - len({e["host"] for e in events if e["kind"] == "start"}),
+        - len({e["host"] for e in events if e["kind"] == "start"}) * (1 + sum(e["kind"] == "gap" for e in events)),
         "samples": len(samples),
         "end": end,
     }
@@ -198,6 +202,8 @@ def _ms(value: float | None) -> str:
 def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | None = None) -> str:
     out = [f"run {report['run_id']}  scenario {report['scenario']}  seed {report['seed']}  "
            f"status {report['status']}", f"results: {report['run_dir']}"]
+    if report["status"] in ("incomplete", "interrupted"):
+        out.append(f"stopped before the end: `harness resume {report['run_dir']}` finishes it")
     for trial in report["trials"]:
         title = f"trial {trial['id']}: variant {trial['variant']} (repeat {trial['repeat'] + 1}) — {trial['status']}"
         out += ["", title]
@@ -246,6 +252,12 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
             out.append(f"host-loss at {loss['t']:.2f}s: {loss.get('how')} {hosts}")
         if trial["restarts"] > 0:
             out.append(f"restarts: {trial['restarts']}")
+        for gap in trial["gaps"]:
+            out.append(f"gap: the harness stopped and was resumed at {gap['resumed_at']}s of load after "
+                       f"{gap['down_seconds']:.0f}s down; the load after the gap continues the same seeded stream")
+        for low in trial["low_disk"]:
+            out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
+                       f"cores not collected from then on (crashes still counted)")
     if expectations:
         out += ["", "expectations:"]
         rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (phase {e['phase']})" if e.get("phase") else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import itertools
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -28,9 +30,10 @@ from harness.balancer import Balancer
 from harness.driver import Counters, Driver
 from harness.errors import HarnessError
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts, resolve_program
-from harness.plan import arrivals, choose_hosts, loss_events
+from harness.plan import Arrival, arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Scenario, Variant
+from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
 from harness.store import HostSample, RunStore, Sample
 from harness.collect.coreinstall import find_spooled_record, installed_spool
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
@@ -52,6 +55,11 @@ class RunOptions:
     status: bool = True
     argv: list[str] = field(default_factory=list)
     metrics: tuple[str, int] | None = None      # serve /metrics here during the run
+    invocation: Invocation | None = None         # how the run was started (saved for harness resume)
+    resume: ResumePoint | None = None            # continue this stopped run instead of starting one
+    rollup_after: float = 3600.0                 # per-second samples older than this become ...
+    rollup_every: int = 60                       # ... one row per this many seconds
+    self_sample_every: float = 10.0              # the harness's own RSS/fds/threads, for soaks
 
 
 ALLOCATORS_BY_NAME = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
@@ -142,10 +150,11 @@ class Run:
     def __init__(self, scenario: Scenario, options: RunOptions):
         self.scenario = scenario
         self.options = options
-        self.run_id = new_run_id(scenario.name)
+        self.resume = options.resume
+        self.run_id = self.resume.run_id if self.resume else new_run_id(scenario.name)
         # Absolute: hosts run in their own folders, and paths handed to them (the shim's control
         # file) must mean the same thing there.
-        self.run_dir = (options.out_dir / self.run_id).resolve()
+        self.run_dir = (self.resume.run_dir if self.resume else options.out_dir / self.run_id).resolve()
         self.store: RunStore | None = None
         self.store_lock = trio.CapacityLimiter(1)
         self.interrupted: int | None = None
@@ -153,10 +162,12 @@ class Run:
         self._shim: ShimFaults | None = None
         self._triage_nursery: trio.Nursery | None = None
         self._triage_limiter = trio.CapacityLimiter(1)
-        self._bucket_counts: dict[str, int] = {}
+        self._bucket_counts: dict[str, int] = dict(self.resume.bucket_counts) if self.resume else {}
         self.failed_trials: list[str] = []
         self._warned_shim = False
-        self._core_bytes = 0
+        self._core_bytes = self.resume.core_bytes if self.resume else 0
+        self._trial_number: int | None = None
+        self._start_at = 0
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
@@ -177,30 +188,46 @@ class Run:
         if not cores.findable and installed_spool() is None:
             print(f"harness: warning: cores will not be collected: {cores.advice}", file=sys.stderr)
         self.metrics = Metrics(self.run_dir / "metrics.prom", self.options.metrics)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
-            (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
-        except OSError as exc:
-            self.metrics.close(write=False)
-            raise HarnessError(f"cannot create the results folder {self.run_dir}: {exc.strerror or exc}") from None
-        self.store = RunStore(self.run_dir / "run.db", create=True)
+        if self.resume:
+            self.store = RunStore(self.run_dir / "run.db")
+            await self._store_call(self.store.resume_run, os.getpid())
+        else:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=False)
+                (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
+            except OSError as exc:
+                self.metrics.close(write=False)
+                raise HarnessError(f"cannot create the results folder {self.run_dir}: {exc.strerror or exc}") from None
+            self.store = RunStore(self.run_dir / "run.db", create=True)
+            await self._store_call(
+                self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
+                seed=scenario.seed, duration=scenario.duration, hosts=scenario.fleet.hosts, argv=self.options.argv,
+                phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to) for p in scenario.load.phases],
+                pid=os.getpid())
+            if self.options.invocation is not None:
+                await self._store_call(self.store.set_meta, "invocation", self.options.invocation.to_json())
         self.metrics.hosts.set(scenario.fleet.hosts)
-        await self._store_call(
-            self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
-            seed=scenario.seed, duration=scenario.duration, hosts=scenario.fleet.hosts, argv=self.options.argv,
-            phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to) for p in scenario.load.phases],
-            pid=os.getpid())
         spawner = Spawner()
         aborted = False
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
+                outer.start_soon(self._self_sampler)
                 # Triage of cores runs beside the trials and is waited for at the end.
                 async with trio.open_nursery() as self._triage_nursery:
+                    for crash in self.resume.untriaged if self.resume else ():
+                        # Killed before these were triaged: the cores are still where they were put.
+                        if Path(crash["core_path"]).exists():
+                            self._triage_nursery.start_soon(self._triage, crash["uid"], Path(crash["core_path"]),
+                                                            Path(crash["executable"] or ""))
                     with trio.CancelScope() as self.main_scope:
                         for number, (variant, repeat) in enumerate(trials, start=1):
+                            before = self.resume.trials.get(number) if self.resume else None
+                            if before is not None and before[0] in FINISHED:
+                                continue
                             try:
-                                await self._trial(number, variant, repeat, spawner, len(trials))
+                                await self._trial(number, variant, repeat, spawner, len(trials),
+                                                  start_at=before[1] if before else None)
                             except* TrialFailed as group:
                                 reason = str(group.exceptions[0])
                                 self.failed_trials.append(f"trial {number} ({variant.name}): {reason}")
@@ -231,10 +258,30 @@ class Run:
                     if self.main_scope is not None:
                         self.main_scope.cancel()
 
-    async def _trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int) -> None:
+    async def _self_sampler(self) -> None:
+        """The harness's own footprint, so a night-long soak can show that the harness does not leak."""
+        assert self.store is not None
+        me = psutil.Process()
+        while True:
+            await trio.sleep(self.options.self_sample_every)
+            rss, fds, threads = await trio.to_thread.run_sync(
+                lambda: (me.memory_info().rss, me.num_fds(), me.num_threads()))
+            await self._store_call(self.store.harness_sample, self._trial_number, rss, fds, threads)
+
+    async def _trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
+                     start_at: int | None = None) -> None:
+        """One trial; `start_at` continues a stopped one at that second (harness resume)."""
         scenario = self.scenario
         assert self.store is not None
-        await self._store_call(self.store.begin_trial, number, variant.name, repeat, scenario.seed)
+        self._trial_number = number
+        self._start_at = start_at or 0
+        if start_at is None:
+            await self._store_call(self.store.begin_trial, number, variant.name, repeat, scenario.seed)
+        else:
+            await self._store_call(self.store.resume_trial, number)
+        planned = arrivals(scenario.load, scenario.client.keys, scenario.seed)
+        if self._start_at:
+            planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
         argv, env = apply_variant(scenario.target, variant, scenario.target.command)
         hosts = plan_hosts(scenario.target, scenario.fleet.hosts, self.run_dir / "hosts" / f"t{number}",
                            tuple(argv), env)
@@ -265,11 +312,17 @@ class Run:
                 gc.collect()
                 gc.freeze()
                 load_start = trio.current_time() + 0.05
-                for event in recorder.events:  # start-up events happened before the load: negative times
-                    event["t"] = round(event["t"] - (load_start - recorder.t0), 6)
-                recorder.t0 = load_start
-                recorder.wall0 = time.time() + 0.05
-                await self._store_call(self.store.trial_load_started, number, recorder.wall0)
+                shift = load_start - self._start_at - recorder.t0
+                for event in recorder.events:  # start-up events happened before the load: earlier times
+                    event["t"] = round(event["t"] - shift, 6)
+                recorder.t0 = load_start - self._start_at
+                recorder.wall0 = time.time() + 0.05 - self._start_at
+                recorder.next_second = self._start_at
+                if start_at is None:
+                    await self._store_call(self.store.trial_load_started, number, recorder.wall0)
+                else:
+                    assert self.resume is not None
+                    recorder.event("gap", None, None, **gap_detail(self.resume.stopped_wall, self._start_at))
                 nursery.start_soon(self._writer, number, recorder)
                 nursery.start_soon(self._sampler, recorder, driver, supervisor)
                 if variant.faults:
@@ -278,7 +331,7 @@ class Run:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
-                await driver.send_all(arrivals(scenario.load, scenario.client.keys, scenario.seed), recorder.t0)
+                await driver.send_all(planned, recorder.t0)
                 await driver.drain()
                 driver.abandon_pending()
                 self._final_sample(recorder, driver, supervisor)
@@ -381,9 +434,17 @@ class Run:
             await self._store_call(self.store.write_batch, trial, **batch)
 
     async def _writer(self, trial: int, recorder: Recorder) -> None:
+        assert self.store is not None
+        every = self.options.rollup_every
+        rolled_to = 0
         while True:
             await trio.sleep(FLUSH_INTERVAL)
             await self._flush(trial, recorder)
+            # A long run keeps per-second rows for the last `rollup_after` only: the store stays small.
+            before = int(recorder.next_second - self.options.rollup_after)
+            if before - rolled_to >= every:
+                await self._store_call(self.store.rollup, trial, before, every)
+                rolled_to = before - before % every
 
     async def _sampler(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
         while True:
@@ -469,6 +530,8 @@ class Run:
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
         scenario = self.scenario
         for event in loss_events(scenario.host_losses, scenario.duration):
+            if event.t < self._start_at:
+                continue  # happened before the run was stopped and resumed
             await trio.sleep_until(recorder.t0 + event.t)
             fault = event.fault
             candidates = [h.index for h in supervisor.hosts if h.state == State.UP]
@@ -499,6 +562,14 @@ class Run:
                     f"errors {errors:4d}/s hosts up {supervisor.up_count()}/{len(supervisor.hosts)} "
                     f"crashes {recorder.crash_count}")
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
+def _skip_arrivals(planned: Iterator[Arrival], start_at: float) -> Iterator[Arrival]:
+    """The same seeded stream, advanced to `start_at` (runs in a worker thread: hours of arrivals)."""
+    for arrival in planned:
+        if arrival.t >= start_at:
+            return itertools.chain([arrival], planned)
+    return iter(())
 
 
 class _Listener:

@@ -160,6 +160,37 @@ class RunStore:
             self.db.execute("UPDATE trials SET ended=?, status=?, detail=? WHERE id=?",
                             (time.time(), status, json.dumps(detail or {}), trial))
 
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else default
+
+    def resume_run(self, pid: int) -> None:
+        """A stopped run is running again (harness resume)."""
+        with self._tx():
+            self.db.execute("UPDATE runs SET status='running', ended=NULL, exit_code=NULL, harness_pid=?", (pid,))
+
+    def resume_trial(self, trial: int) -> None:
+        with self._tx():
+            self.db.execute("UPDATE trials SET status='running', ended=NULL WHERE id=?", (trial,))
+
+    def set_exit_code(self, exit_code: int) -> None:
+        """The command's final verdict (expectations and regressions judged), which `latest-good` reads."""
+        with self._tx():
+            self.db.execute("UPDATE runs SET exit_code=?", (exit_code,))
+
+    def mark_core_dropped(self, uid: str, reason: str) -> None:
+        """A kept core was deleted later (to make room for a new bucket's): its triage says so."""
+        with self._tx():
+            row = self.db.execute("SELECT data FROM triage WHERE uid=?", (uid,)).fetchone()
+            if row is not None:
+                data = json.loads(row["data"])
+                data.update(core_kept=False, core_dropped=reason)
+                self.db.execute("UPDATE triage SET data=? WHERE uid=?", (json.dumps(data), uid))
+
     def end_run(self, status: str, exit_code: int) -> None:
         with self._tx():
             self.db.execute("UPDATE runs SET ended=?, status=?, exit_code=?", (time.time(), status, exit_code))
