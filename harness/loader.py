@@ -351,13 +351,14 @@ def _load(top: Reader, duration: float | None) -> LoadShape | None:
 
 
 def _cores(top: Reader) -> Cores:
-    r = top.child("cores", {"max_size", "keep_per_bucket", "sample_every", "disk_cap", "compress"})
+    r = top.child("cores", {"max_size", "keep_per_bucket", "sample_every", "disk_cap", "compress", "min_free"})
     defaults = Cores()
     return Cores(max_size=r.get("max_size", units.parse_size, default=defaults.max_size),
                  keep_per_bucket=r.get("keep_per_bucket", lambda v: max(0, as_int(v)), default=defaults.keep_per_bucket),
                  sample_every=r.get("sample_every", as_positive_int, default=defaults.sample_every),
                  disk_cap=r.get("disk_cap", units.parse_size, default=defaults.disk_cap),
-                 compress=r.get("compress", as_bool, default=defaults.compress))
+                 compress=r.get("compress", as_bool, default=defaults.compress),
+                 min_free=r.get("min_free", units.parse_size, default=defaults.min_free))
 
 
 def _client(top: Reader) -> Client:

@@ -257,7 +257,7 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                        f"{gap['down_seconds']:.0f}s down; the load after the gap continues the same seeded stream")
         for low in trial["low_disk"]:
             out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
-                       f"cores not collected from then on (crashes still counted)")
+                       f"cores not collected while the disk stays low (crashes still counted)")
     if expectations:
         out += ["", "expectations:"]
         rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (phase {e['phase']})" if e.get("phase") else "")

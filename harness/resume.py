@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from harness.collect.retention import KeptCore
 from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
@@ -55,7 +56,7 @@ class ResumePoint:
     trials: dict[int, tuple[str, int]]  # trial number -> (status, second to resume at)
     stopped_wall: float                 # wall time of the last committed write
     bucket_counts: dict[str, int]       # crashes per bucket so far (core retention continues from here)
-    core_bytes: int
+    kept_cores: list[KeptCore]          # cores kept so far, oldest first
     untriaged: list[dict[str, Any]]     # crashes with a core whose triage never finished
 
 
@@ -92,14 +93,15 @@ def _read(store: RunStore, run_dir: Path) -> ResumePoint:
                        "SELECT MAX(wall) FROM crashes UNION ALL SELECT MAX(wall) FROM harness_samples)")
     stopped = last[0]["w"] or run["started"]
     buckets: dict[str, int] = {}
-    core_bytes = 0
-    for row in store.query("SELECT bucket, data FROM triage"):
+    kept: list[KeptCore] = []
+    for row in store.query("SELECT x.uid, x.bucket, x.data FROM triage x LEFT JOIN crashes c ON c.uid = x.uid "
+                           "ORDER BY c.wall"):
         key = row["bucket"] or "untriaged"
         buckets[key] = buckets.get(key, 0) + 1
         data = json.loads(row["data"])
         if data.get("core_kept") and data.get("core_file"):
             try:
-                core_bytes += os.stat(data["core_file"]).st_size
+                kept.append(KeptCore(row["uid"], Path(data["core_file"]), os.stat(data["core_file"]).st_size, key))
             except OSError:
                 pass
     untriaged = [dict(r) for r in store.query(
@@ -107,7 +109,7 @@ def _read(store: RunStore, run_dir: Path) -> ResumePoint:
         "WHERE x.uid IS NULL AND c.core_path IS NOT NULL AND c.uid IS NOT NULL")]
     return ResumePoint(run_id=run["id"], run_dir=run_dir, invocation=Invocation.from_json(invocation),
                        scenario_text=(run_dir / "scenario.yaml").read_text(encoding="utf-8"), trials=trials,
-                       stopped_wall=stopped, bucket_counts=buckets, core_bytes=core_bytes, untriaged=untriaged)
+                       stopped_wall=stopped, bucket_counts=buckets, kept_cores=kept, untriaged=untriaged)
 
 
 def _harness_alive(pid: int | None) -> bool:

@@ -32,11 +32,12 @@ from harness.errors import HarnessError
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts, resolve_program
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
-from harness.scenario import Scenario, Variant
+from harness.scenario import Cores, Scenario, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
 from harness.store import HostSample, RunStore, Sample
 from harness.collect.coreinstall import find_spooled_record, installed_spool
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
+from harness.collect.retention import CoreRetention, KeptCore
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
 from harness.metrics import Metrics
@@ -162,10 +163,11 @@ class Run:
         self._shim: ShimFaults | None = None
         self._triage_nursery: trio.Nursery | None = None
         self._triage_limiter = trio.CapacityLimiter(1)
-        self._bucket_counts: dict[str, int] = dict(self.resume.bucket_counts) if self.resume else {}
+        self._retention = CoreRetention(scenario.cores, dict(self.resume.bucket_counts) if self.resume else {},
+                                        list(self.resume.kept_cores) if self.resume else [])
         self.failed_trials: list[str] = []
         self._warned_shim = False
-        self._core_bytes = self.resume.core_bytes if self.resume else 0
+        self._low_disk = False
         self._trial_number: int | None = None
         self._start_at = 0
 
@@ -378,8 +380,15 @@ class Run:
                                       self._driver.lost_inflight[host.index])
         record["hosts_alive"] = self._supervisor.up_count()
         since = time.time() - (time.monotonic() - host.started_at) - 1
-        record["stderr_tail"], record["core_path"], notes = await trio.to_thread.run_sync(
-            _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores.max_size)
+        record["stderr_tail"], record["core_path"], notes, free = await trio.to_thread.run_sync(
+            _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores)
+        if free is not None and not self._low_disk:
+            # Reported once; crashes are still counted and triage goes on for cores already kept.
+            self._low_disk = True
+            recorder.event("low-disk", host.index, record["pid"], free=free, min_free=self.scenario.cores.min_free,
+                           path=str(host.dir))
+            print(f"harness: warning: low disk ({free // 2**20} MiB free under {host.dir}): cores are not collected "
+                  f"while free space is under cores.min_free; the run goes on", file=sys.stderr)
         record["uid"] = f"{self.run_id}:{record['pid']}:{host.index}:{host.incarnation}"
         if notes:
             record.setdefault("detail", {})["core_notes"] = notes
@@ -392,40 +401,24 @@ class Run:
     async def _triage(self, uid: str, core: Path, executable: Path) -> None:
         """Backtrace, class, signature and bucket of one core, off the supervisor's path so the host
         restarts at once; one at a time, as gdb and eu-stack are heavy on a small machine."""
-        def work() -> dict[str, Any]:
+        def work() -> tuple[dict[str, Any], list[KeptCore]]:
             try:
                 result = triage_core(core, executable, timeout=60).to_dict()
             except Exception as exc:  # triage must never take the run down
                 result = {"crash_class": None, "errors": [f"triage failed: {exc!r}"]}
+            dropped: list[KeptCore] = []
             try:
-                result.update(self._retain_core(core, result.get("bucket") or "untriaged"))
+                kept, dropped = self._retention.decide(uid, core, result.get("bucket") or "untriaged")
+                result.update(kept)
             except OSError as exc:
                 result.setdefault("errors", []).append(f"core retention failed: {exc}")
-            return result
-        result = await trio.to_thread.run_sync(work, limiter=self._triage_limiter)
+            return result, dropped
+        result, dropped = await trio.to_thread.run_sync(work, limiter=self._triage_limiter)
         assert self.store is not None
         await self._store_call(self.store.record_triage, uid, result)
-
-    def _retain_core(self, core: Path, bucket: str) -> dict[str, Any]:
-        """Every crash is counted; its core is kept for the first N of its bucket, then one in M, within
-        the run's disk cap. Says what was dropped and why."""
-        policy = self.scenario.cores
-        seen = self._bucket_counts[bucket] = self._bucket_counts.get(bucket, 0) + 1
-        reason = None
-        if seen > policy.keep_per_bucket and (seen - policy.keep_per_bucket) % policy.sample_every != 0:
-            reason = f"bucket already has {policy.keep_per_bucket} cores (keeping 1 in {policy.sample_every} after)"
-        size = core.stat().st_size if core.exists() else 0
-        if reason is None and self._core_bytes + size > policy.disk_cap:
-            reason = f"the run's core disk cap ({policy.disk_cap} bytes) is reached"
-        if reason is not None:
-            core.unlink(missing_ok=True)
-            return {"core_kept": False, "core_dropped": reason}
-        self._core_bytes += size
-        if policy.compress and shutil.which("zstd"):
-            done = subprocess.run(["zstd", "-q", "-3", "--rm", str(core)], capture_output=True)
-            if done.returncode == 0:
-                return {"core_kept": True, "core_file": str(core) + ".zst"}
-        return {"core_kept": True, "core_file": str(core)}
+        for old in dropped:
+            await self._store_call(self.store.mark_core_dropped, old.uid,
+                                   f"deleted to make room under the core disk cap ({old.bucket} keeps newer cores)")
 
     async def _flush(self, trial: int, recorder: Recorder) -> None:
         batch = recorder.take()
@@ -663,8 +656,9 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
 
 
 def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float,
-                         max_core: int) -> tuple[str, str | None, list[str]]:
-    """(stderr tail, core path in the results, notes). Runs in a worker thread."""
+                         policy: Cores) -> tuple[str, str | None, list[str], int | None]:
+    """(stderr tail, core path in the results, notes, free bytes if the disk is low). Runs in a worker thread."""
+    max_core = policy.max_size
     tail = ""
     try:
         with open(host.stderr, "rb") as handle:
@@ -674,30 +668,44 @@ def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float,
     except OSError:
         pass
     if not core_dumped:
-        return tail, None, []
+        return tail, None, [], None
+    free = _free_bytes(host.dir)
+    low = free is not None and free < policy.min_free
     spool = installed_spool()
     if spool is not None:  # `harness cores install` put our pipe handler in core_pattern
         try:
             record = find_spooled_record(spool, pid, since, timeout=5.0)
         except OSError as exc:
-            return tail, None, [f"cannot read the core spool {spool}: {exc}"]
+            return tail, None, [f"cannot read the core spool {spool}: {exc}"], None
         if record is None or record.core is None:
             notes = list(record.notes) if record else [f"no core for pid {pid} in {spool}"]
-            return tail, None, notes
+            return tail, None, notes, None
+        if low:  # the spooled copy is the pipe handler's to age out
+            return tail, None, [f"core not collected: low disk ({free} bytes free)"], free
         try:
             stored = secure_core(record.core, host.dir / "cores", max_bytes=max_core)
         except (CoreRefused, OSError) as exc:
-            return tail, None, [f"core not kept: {exc}"]
-        return tail, str(stored.path), list(record.notes) + list(stored.notes)
+            return tail, None, [f"core not kept: {exc}"], None
+        return tail, str(stored.path), list(record.notes) + list(stored.notes), None
     found = find_core(host.cwd, pid, since)
     if found is None:
         return tail, None, [f"the kernel reported a core for pid {pid}, but none was found in {host.cwd} "
-                            f"(core_pattern: {core_pattern()})"]
+                            f"(core_pattern: {core_pattern()})"], None
+    if low:  # the core is on the same disk: delete it rather than let the next ones fill it
+        found.unlink(missing_ok=True)
+        return tail, None, [f"core not collected: low disk ({free} bytes free)"], free
     try:
         stored = secure_core(found, host.dir / "cores", max_bytes=max_core)
     except (CoreRefused, OSError) as exc:
-        return tail, None, [f"core not kept: {exc}"]
-    return tail, str(stored.path), list(stored.notes)
+        return tail, None, [f"core not kept: {exc}"], None
+    return tail, str(stored.path), list(stored.notes), None
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 async def run_scenario(scenario: Scenario, options: RunOptions) -> RunResult:

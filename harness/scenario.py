@@ -204,6 +204,7 @@ class Cores:
     sample_every: int = 10                # after that, keep one in this many
     disk_cap: int = 2 * 1024**3           # all cores of a run together
     compress: bool = False                # zstd after triage
+    min_free: int = 512 * 1024**2         # below this much free disk, cores are not collected (the run goes on)
 
 
 @dataclass(frozen=True)
