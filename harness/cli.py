@@ -33,21 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario against a real fleet")
-    run.add_argument("scenario", type=Path)
-    run.add_argument("--variant", help="run only this variant")
-    run.add_argument("--trials", type=int, help="repeats of each variant (overrides the scenario)")
-    run.add_argument("--seed", type=int, help="override the scenario's seed")
-    run.add_argument("--duration", type=_duration_arg, help="override the duration (e.g. 30s)")
-    run.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
-    run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
-    run.add_argument("--quiet", action="store_true", help="no live status line")
-    run.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
-    run.add_argument("--metrics", metavar="ADDR:PORT",
-                     help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
-    run.add_argument("--rollup-after", type=_duration_arg, default=3600.0, metavar="DURATION",
-                     help="keep per-second samples for this long, then one row per --rollup-every (default 1h)")
-    run.add_argument("--rollup-every", type=_duration_arg, default=60.0, metavar="DURATION",
-                     help="the rolled-up window (default 1m)")
+    soak = sub.add_parser("soak", help="a long run (default: the scenario's duration) judged against a baseline "
+                                       "run: new crash buckets, leaks, rate and latency changes (docs/soak.md)")
+    soak.add_argument("--baseline", metavar="RUN|latest-good",
+                      help="compare with this run, or the newest complete run of the scenario that passed")
+    for command in (run, soak):
+        command.add_argument("scenario", type=Path)
+        command.add_argument("--variant", help="run only this variant")
+        command.add_argument("--trials", type=int, help="repeats of each variant (overrides the scenario)")
+        command.add_argument("--seed", type=int, help="override the scenario's seed")
+        command.add_argument("--duration", type=_duration_arg, help="override the duration (e.g. 30s)")
+        command.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
+        command.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+        command.add_argument("--quiet", action="store_true", help="no live status line")
+        command.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
+        command.add_argument("--metrics", metavar="ADDR:PORT",
+                         help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
+        command.add_argument("--rollup-after", type=_duration_arg, default=3600.0, metavar="DURATION",
+                         help="keep per-second samples for this long, then one row per --rollup-every (default 1h)")
+        command.add_argument("--rollup-every", type=_duration_arg, default=60.0, metavar="DURATION",
+                         help="the rolled-up window (default 1m)")
 
     resume = sub.add_parser("resume", help="finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C")
     resume.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
@@ -180,12 +185,14 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return report, expectations
 
 
-def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[dict[str, Any]]) -> None:
+def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[dict[str, Any]],
+                 regressions: dict[str, Any] | None = None) -> None:
     if path is None:
         return
     from harness.junit import write_junit
     try:
-        write_junit(path, report, expectations)
+        write_junit(path, report, expectations, regressions) if regressions is not None else \
+            write_junit(path, report, expectations)
     except OSError as exc:
         raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -329,7 +336,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     options = RunOptions(out_dir=args.out, variant=args.variant, trials=args.trials, status=not args.quiet,
                          argv=argv, metrics=parse_address(args.metrics) if args.metrics else None,
                          invocation=invocation, rollup_after=args.rollup_after, rollup_every=int(args.rollup_every))
-    return _execute(scenario, options, args)
+    if args.command == "soak" and args.baseline not in (None, "latest-good"):
+        from harness.report import find_run
+        try:
+            find_run(args.baseline, args.out)     # a mistyped baseline is an error before the night, not after
+        except FileNotFoundError as exc:
+            raise HarnessError(f"--baseline: {exc}") from None
+    return _execute(scenario, options, args, args.command)
 
 
 def _resume(args: argparse.Namespace, argv: list[str]) -> int:
@@ -356,11 +369,11 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
                          rollup_after=invocation.extra.get("rollup_after", 3600.0),
                          rollup_every=int(invocation.extra.get("rollup_every", 60)),
                          metrics=parse_address(args.metrics) if args.metrics else None)
-    args.baseline = invocation.baseline if getattr(args, "baseline", None) is None else args.baseline
-    return _execute(scenario, options, args)
+    args.baseline = invocation.baseline
+    return _execute(scenario, options, args, invocation.command)
 
 
-def _execute(scenario: Any, options: Any, args: argparse.Namespace) -> int:
+def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str) -> int:
     """Run (or resume) a scenario, judge it, print the report; the exit code is saved in the store."""
     from harness.runner import run_scenario
     if scenario.fleet.simulated is not None:
@@ -368,7 +381,7 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace) -> int:
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
         result = trio.run(run_scenario, scenario, options)
-    code = _verdict(result, args)
+    code = _verdict(result, args, soak=command == "soak")
     _record_exit_code(result.run_dir, code)
     return code
 
@@ -382,21 +395,57 @@ def _record_exit_code(run_dir: Path, code: int) -> None:
         store.close()
 
 
-def _verdict(result: Any, args: argparse.Namespace) -> int:
+def _verdict(result: Any, args: argparse.Namespace, soak: bool = False) -> int:
     from harness.report import render_text
     report, expectations = _judge(result.run_dir)
-    _write_junit(args.junit, report, expectations)
+    regressions = _soak_judgement(result.run_dir, report, args) if soak else None
+    _write_junit(args.junit, report, expectations, regressions)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(render_text(report, expectations))
+        if soak:
+            print(_render_soak(report, regressions))
     if result.signal is not None:
         return 128 + result.signal
     if result.failed_trials:
         for failed in result.failed_trials:
             print(f"harness: error: {failed}", file=sys.stderr)
         return EXIT_USAGE
+    if regressions is not None and regressions.get("failed"):
+        return EXIT_EXPECTATION
     return EXIT_EXPECTATION if any(not e["held"] for e in expectations) else EXIT_OK
+
+
+def _soak_judgement(run_dir: Path, report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+    """Trends of the night, and what changed against the baseline (added to the report as `trends`
+    and `regressions`); None when there is no baseline to compare with."""
+    from harness.regress import compare_to_baseline, find_baseline
+    from harness.trends import run_trends
+    report["trends"] = run_trends(run_dir)
+    report["regressions"] = None
+    if not args.baseline:
+        return None
+    try:
+        baseline = find_baseline(run_dir.parent, report["scenario"], args.baseline, exclude=run_dir)
+    except HarnessError as exc:
+        if args.baseline != "latest-good":
+            raise
+        report["baseline_note"] = str(exc)  # the first night has nothing to compare with
+        return None
+    report["regressions"] = compare_to_baseline(run_dir, baseline)
+    return report["regressions"]
+
+
+def _render_soak(report: dict[str, Any], regressions: dict[str, Any] | None) -> str:
+    from harness.regress import render_regressions
+    from harness.trends import render_trends
+    parts = ["", "trends:", render_trends(report["trends"])]
+    if regressions is not None:
+        parts += ["", render_regressions(regressions)]
+    elif report.get("baseline_note"):
+        parts += ["", f"no baseline: {report['baseline_note']}"]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

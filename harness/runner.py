@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -172,7 +173,12 @@ class Run:
         self._start_at = 0
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
+        try:
+            await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk, most likely: what was committed stays, and the run can be finished later.
+            raise HarnessError(f"cannot write the results store {self.run_dir / 'run.db'}: {exc}; what was "
+                               f"recorded so far is kept: `harness resume {self.run_dir}` continues the run") from None
 
     async def execute(self) -> RunResult:
         scenario = self.scenario
@@ -243,8 +249,11 @@ class Run:
         finally:
             status = "interrupted" if self.interrupted else ("failed" if aborted else "complete")
             with trio.CancelScope(shield=True):
-                await self._store_call(self.store.end_run, status,
-                                       128 + self.interrupted if self.interrupted else (2 if aborted else 0))
+                try:
+                    await self._store_call(self.store.end_run, status,
+                                           128 + self.interrupted if self.interrupted else (2 if aborted else 0))
+                except HarnessError:
+                    pass  # the store cannot be written: the run stays resumable as "incomplete"
             await trio.to_thread.run_sync(spawner.close)
             await trio.to_thread.run_sync(self.metrics.close)
             self.store.close()
