@@ -99,10 +99,24 @@ def _floor(unit: str, level: float) -> float:
     return COUNT_FLOOR
 
 
-def _amount(unit: str, per_hour: float) -> str:
+def _number(value: float) -> str:
+    """Two significant figures at most, no exponent: 3.2, 5, 12, 480."""
+    return f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
+
+
+def human(unit: str, value: float) -> str:
+    """3.2 MiB, 480 KiB, 6 fds (absolute value)."""
+    value = abs(value)
     if unit == "bytes":
-        return f"{format_size(abs(per_hour))}/h"
-    return f"{abs(per_hour):.2g} {unit}/h"
+        for name, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if value >= scale:
+                return f"{_number(value / scale)} {name}"
+        return f"{_number(value)} B"
+    return f"{_number(value)} {unit}"
+
+
+def _amount(unit: str, per_hour: float) -> str:
+    return f"{human(unit, per_hour)}/h"
 
 
 def _judge(unit: str, slope: float | None, low: float | None, high: float | None, level: float,
@@ -203,6 +217,8 @@ def combine(fits: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     level = float(np.median([f["level"] for f in usable]))
     seconds = float(np.median([f["seconds"] for f in usable]))
     verdict, text = _judge(unit, slope, low, high, level, seconds)
+    if verdict == FLAT and counts["leaking"]:     # the typical process is flat; say that some are not
+        text = f"{FLAT} ({counts['leaking']} of {len(usable)} processes leak)"
     return {"slope": slope, "low": low, "high": high, "level": level, "unit": unit, "verdict": verdict,
             "text": text, "method": "median of series", **counts}
 
