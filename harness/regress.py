@@ -60,7 +60,7 @@ from harness import trends as trends_module
 from harness.compare import NOT_RUNNING, _clean, _finish, _pair_row, _spread, _summarize
 from harness.driver import new_histogram
 from harness.errors import HarnessError
-from harness.report import build_report
+from harness.report import _buckets as report_buckets
 from harness.store import open_run
 from harness.units import format_duration
 
@@ -123,86 +123,94 @@ def find_baseline(results_dir: Path, scenario: str, spec: str, exclude: Path | N
 
 # --- reading one run ------------------------------------------------------------------------------
 
-def _host_hours(store: Any, report: dict[str, Any]) -> dict[int, float]:
+def _host_hours(store: Any, trials: Sequence[dict[str, Any]], hosts: int) -> dict[int, float]:
     """Exposure per trial, as `harness compare` counts it: host-seconds with a process (per-host samples),
     else hosts alive per second, else the whole fleet for the trial's length."""
-    hosts = {r["trial"]: r["s"] or 0 for r in store.query(
+    per_host = {r["trial"]: r["s"] or 0 for r in store.query(
         f"SELECT trial, SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) AS s "
         "FROM host_samples GROUP BY trial", NOT_RUNNING)}
     fleet = {r["trial"]: r["s"] or 0 for r in store.query(
         "SELECT trial, SUM(hosts_alive * span) AS s FROM samples GROUP BY trial")}
-    return {t["id"]: hosts.get(t["id"], fleet.get(t["id"], report["hosts"] * max(t["end"], 0))) / 3600.0
-            for t in report["trials"]}
+    return {t["trial"]: per_host.get(t["trial"], fleet.get(t["trial"], hosts * max(t["end"], 0))) / 3600.0
+            for t in trials}
 
 
-def _samples(store: Any, trial: int) -> list[tuple[int, int, int, bytes | None]]:
-    return [tuple(r) for r in store.query("SELECT t, span, ok, hist FROM samples WHERE trial=? ORDER BY t", (trial,))]
-
-
-def _blocks(samples: Sequence[tuple[int, int, int, bytes | None]], block: float) -> list[dict[str, Any]]:
+def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]]:
     """One value per block of `block` seconds from the load's start: p50 and p99 of the block's merged
     histograms (exact), throughput = ok replies per second. Blocks less than half covered are dropped."""
-    groups: dict[int, list[tuple[int, int, int, bytes | None]]] = {}
+    groups: dict[int, list[sqlite3.Row]] = {}
     for sample in samples:
-        if sample[0] >= 0:
-            groups.setdefault(int(sample[0] // block), []).append(sample)
+        if sample["t"] >= 0:
+            groups.setdefault(int(sample["t"] // block), []).append(sample)
     out = []
     for index in sorted(groups):
         members = groups[index]
-        seconds = sum(m[1] for m in members)
+        seconds = sum(m["span"] for m in members)
         if seconds < block / 2:
             continue
         histogram = new_histogram()
         for member in members:
-            if member[3]:
-                histogram.decode_and_add(member[3])
+            if member["hist"]:
+                histogram.decode_and_add(member["hist"])
         has = histogram.get_total_count() > 0
         out.append({"block": index, "p50_latency": histogram.get_value_at_percentile(50) / 1e6 if has else None,
                     "p99_latency": histogram.get_value_at_percentile(99) / 1e6 if has else None,
-                    "throughput": sum(m[2] for m in members) / seconds, "peak_rss": None})
+                    "throughput": sum(m["ok"] for m in members) / seconds, "peak_rss": None})
     return out
 
 
+_CRASHES = ("SELECT c.*, x.crash_class, x.signature, x.bucket, x.in_allocator, x.fault_address, x.data AS triage "
+            "FROM crashes c LEFT JOIN triage x ON x.uid = c.uid WHERE c.trial=? ORDER BY c.t")
+
+
+def _trial(store: Any, row: sqlite3.Row, run: dict[str, Any]) -> dict[str, Any]:
+    """One trial's numbers as compare counts them (exposure filled in later), its buckets as the report
+    groups them, and its samples (for blocks). No histogram is merged here."""
+    samples = store.query("SELECT t, span, sent, ok, hist FROM samples WHERE trial=? ORDER BY t", (row["id"],))
+    crashes = [dict(c) for c in store.query(_CRASHES, (row["id"],))]
+    buckets = report_buckets(crashes)
+    return {
+        "run_id": run["id"], "trial": row["id"], "variant": row["variant"], "repeat": row["repeat"],
+        "seed": row["seed"], "status": "incomplete" if row["status"] == "running" else row["status"],
+        "crashes": len(crashes), "first_crash": max(crashes[0]["t"], 0.0) if crashes else None,
+        "end": float(max([run["duration"]] + [s["t"] + s["span"] for s in samples])),
+        "requests": sum(s["sent"] for s in samples), "host_hours": 0.0,
+        "p50_latency": None, "p99_latency": None, "throughput": None, "peak_rss": None, "loaded": [],
+        "buckets": {b["bucket"]: {"count": b["count"], "crash_class": b["crash_class"], "signature": b["signature"]}
+                    for b in buckets},
+        "bucket_details": buckets, "samples": samples}
+
+
 def _read(run_dir: Path) -> dict[str, Any]:
-    """The report, per-trial numbers (as compare counts them) and per-trial samples of one run."""
-    report = build_report(run_dir)
+    """Run facts and per-trial numbers of one run; failed trials (the set-up was not what was asked, e.g.
+    the allocator was not bound) are left out and listed."""
     store = open_run(run_dir)
     try:
-        exit_code = store.query("SELECT exit_code FROM runs")[0]["exit_code"]
-        exposure = _host_hours(store, report)
-        samples = {t["id"]: _samples(store, t["id"]) for t in report["trials"] if t["status"] != "failed"}
+        rows = store.query("SELECT * FROM runs")
+        if not rows:
+            raise HarnessError(f"{run_dir} holds no run record (the run stopped before it began)")
+        run = dict(rows[0])
+        trials = [_trial(store, row, run) for row in store.query("SELECT * FROM trials ORDER BY id")]
+        exposure = _host_hours(store, trials, run["hosts"])
     finally:
         store.close()
-    trials = []
-    for t in report["trials"]:
-        if t["status"] == "failed":
-            continue
-        overall = t["overall"]
-        trials.append({
-            "run_id": report["run_id"], "trial": t["id"], "variant": t["variant"], "repeat": t["repeat"],
-            "seed": t["seed"], "crashes": t["crashes_total"],
-            "first_crash": max(min(c["t"] for c in t["crashes"]), 0.0) if t["crashes"] else None,
-            "end": float(t["end"]), "host_hours": exposure[t["id"]], "requests": overall["sent"],
-            "p50_latency": overall["latency"]["p50"], "p99_latency": overall["latency"]["p99"],
-            "throughput": overall["achieved_rate"], "peak_rss": None, "loaded": [],
-            "buckets": {b["bucket"]: {"count": b["count"], "crash_class": b["crash_class"],
-                                      "signature": b["signature"]} for b in t["buckets"]}})
-    info = {"run_id": report["run_id"], "run_dir": str(run_dir), "scenario": report["scenario"],
-            "status": report["status"], "exit_code": exit_code, "started": report["started"],
-            "ended": report["ended"], "trials": len(report["trials"]),
-            "excluded_trials": [t["id"] for t in report["trials"] if t["status"] == "failed"]}
-    return {"info": info, "report": report, "trials": trials, "samples": samples}
+    for trial in trials:
+        trial["host_hours"] = exposure[trial["trial"]]
+    info = {"run_id": run["id"], "run_dir": str(run_dir), "scenario": run["scenario"],
+            "status": "incomplete" if run["status"] == "running" else run["status"], "exit_code": run["exit_code"],
+            "started": run["started"], "ended": run["ended"], "trials": len(trials),
+            "excluded_trials": [t["trial"] for t in trials if t["status"] == "failed"]}
+    return {"info": info, "trials": [t for t in trials if t["status"] != "failed"],
+            "variants": list(dict.fromkeys(t["variant"] for t in trials))}
 
 
 # --- buckets ---------------------------------------------------------------------------------------
 
-def _bucket_index(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _bucket_index(trials: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """bucket id -> totals over the run's (not failed) trials, with per-variant counts and the first crash."""
     index: dict[str, dict[str, Any]] = {}
-    for trial in report["trials"]:
-        if trial["status"] == "failed":
-            continue
-        for b in trial["buckets"]:
+    for trial in trials:
+        for b in trial["bucket_details"]:
             entry = index.setdefault(b["bucket"], {
                 "bucket": b["bucket"], "signature": b["signature"], "crash_class": b["crash_class"],
                 "signal": b["signal"], "count": 0, "variants": {}, "hosts": set(), "first_seen": None,
@@ -211,7 +219,7 @@ def _bucket_index(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             entry["variants"][trial["variant"]] = entry["variants"].get(trial["variant"], 0) + b["count"]
             entry["hosts"].update(b["hosts"])
             if entry["first_seen"] is None:     # trials in id order: the first trial that saw it
-                entry["first_seen"] = {"variant": trial["variant"], "trial": trial["id"], "t": b["first_seen"]}
+                entry["first_seen"] = {"variant": trial["variant"], "trial": trial["trial"], "t": b["first_seen"]}
             entry["example_core"] = entry["example_core"] or b["example_core"]
     for entry in index.values():
         entry["hosts"] = sorted(entry["hosts"], key=lambda h: int(h[1:]) if h[1:].isdigit() else 0)
@@ -252,7 +260,7 @@ def _side(name: str, run: dict[str, Any], variant: str, block: float) -> dict[st
     for per-trial values (a soak has one or two long trials: its blocks are the repeats)."""
     trials = [t for t in run["trials"] if t["variant"] == variant]
     side = _summarize(name, run["info"]["run_id"], variant, trials, [], SETTINGS["confidence"])
-    blocks = [b for t in trials for b in _blocks(run["samples"].get(t["trial"], []), block)]
+    blocks = [b for t in trials for b in _blocks(t["samples"], block)]
     side["per_trial"] = blocks
     side["metrics"] = {m: _spread([b[m] for b in blocks]) for m in PERF_METRICS} | {"peak_rss": _spread([])}
     side["blocks"] = len(blocks)
@@ -354,16 +362,12 @@ def _leaks(names: Sequence[str], now: dict[str, Any], before: dict[str, Any]) ->
 
 # --- the comparison --------------------------------------------------------------------------------
 
-def _variant_names(run: dict[str, Any]) -> list[str]:
-    return list(dict.fromkeys(t["variant"] for t in run["report"]["trials"]))
-
-
 def compare_to_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, Any]:
     """What changed in `run_dir` against `baseline_dir` (variants matched by name). Pure reads."""
     run, base = _read(Path(run_dir)), _read(Path(baseline_dir))
     if run["info"]["run_id"] == base["info"]["run_id"]:
         raise HarnessError(f"baseline {baseline_dir} is the run itself")
-    names_now, names_before = _variant_names(run), _variant_names(base)
+    names_now, names_before = run["variants"], base["variants"]
     matched = [n for n in names_now if n in names_before]
     warnings = []
     if run["info"]["scenario"] != base["info"]["scenario"]:
@@ -373,7 +377,7 @@ def compare_to_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, Any]:
     for which, r in (("run", run), ("baseline", base)):
         if r["info"]["excluded_trials"]:
             warnings.append(f"{which}: failed trial(s) {r['info']['excluded_trials']} left out")
-    buckets_now, buckets_before = _bucket_index(run["report"]), _bucket_index(base["report"])
+    buckets_now, buckets_before = _bucket_index(run["trials"]), _bucket_index(base["trials"])
     new, gone = _bucket_changes(buckets_now, buckets_before, set(matched))
     block = _block_length([run, base])
     crash_rows, perf_rows = _rate_and_performance(matched, run, base, block)
