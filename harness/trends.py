@@ -311,7 +311,8 @@ def run_trends(run_dir: Path) -> dict[str, Any]:
         entry = variants.setdefault(trial["variant"], {"trials": [], "series": 0, "metrics": {}})
         entry["trials"].append(trial["id"])
     for name, entry in variants.items():
-        mine = [s for s in series if s["variant"] == name]
+        # A failed trial ran a different set-up than asked (e.g. the allocator was not bound): listed, not counted.
+        mine = [s for s in series if s["variant"] == name and s["trial_status"] != "failed"]
         entry["series"] = len(mine)
         entry["metrics"] = {m: combine([s["metrics"][m] for s in mine]) for m in METRICS}
     settings = {"confidence": CONFIDENCE, "bin_seconds": BIN_SECONDS, "warmup_seconds": WARMUP_SECONDS,
