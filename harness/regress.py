@@ -36,7 +36,7 @@ compare_to_baseline() returns (JSON-safe):
     LEAK = {"variant": name | None (the harness), "metric", "unit", "run": TREND, "baseline": TREND,
             "change": slope difference per hour | None,
             "verdict": "new leak" | "leaks faster" | "still leaks" | "leaks slower" | "fixed" | "unchanged"
-                       | "not comparable",
+                       | "no leak" (none now, the baseline cannot tell) | "not comparable" (this run cannot tell),
             "regression": bool, "text": str}
     TREND = {"slope", "low", "high", "verdict", "text", "series", "leaking"} | None   # as in harness.trends
 
@@ -251,8 +251,10 @@ def _block_length(runs: Sequence[dict[str, Any]]) -> float:
     return float(min(BLOCK_MAX, max(BLOCK_MIN, math.floor(shortest / MIN_BLOCKS))))
 
 
-def _lag1(values: Sequence[float]) -> float:
-    return trends_module._lag1(np.asarray(values, dtype=float) - np.median(values)) if len(values) > 2 else 0.0
+def _block_autocorrelation(values: Sequence[float]) -> float:
+    if len(values) < 3:
+        return 0.0
+    return trends_module.lag1_autocorrelation(np.asarray(values, dtype=float) - np.median(values))
 
 
 def _side(name: str, run: dict[str, Any], variant: str, block: float) -> dict[str, Any]:
@@ -284,7 +286,7 @@ def _rate_and_performance(names: Sequence[str], run: dict[str, Any], base: dict[
                                   f" blocks of {block:.0f}s, {MIN_BLOCKS} a side needed")
             for side in (v, b):
                 values = [x[metric] for x in side["per_trial"] if x[metric] is not None]
-                rho = _lag1(values)
+                rho = _block_autocorrelation(values)
                 if rho > AUTOCORR_NOTE:
                     row["notes"].append(f"{side['name']}: successive blocks correlate (lag-1 r={rho:.2f}): "
                                         "the p-value is optimistic")
@@ -325,26 +327,26 @@ def leak_change(variant: str | None, metric: str, now: dict[str, Any] | None,
     leaked = usable_before and before["verdict"] == trends_module.LEAKS
     if usable_before:
         row["change"] = now["slope"] - before["slope"]
+    rate = trends_module.per_hour_text(unit, now["slope"])
     if leaks_now and not leaked:
         row["verdict"], row["regression"] = "new leak", True
-        was = before["text"] if before is not None else "not recorded"
-        row["text"] = f"new leak: {now['text']} (baseline {was})"
-        return row
-    if leaks_now and leaked:
-        floor = trends_module._floor(unit, now["level"] or 0.0)
+        row["text"] = f"new leak {rate} (baseline {before['text'] if before is not None else 'not recorded'})"
+    elif leaks_now:
+        floor = trends_module.leak_floor(unit, now["level"] or 0.0)
         if now["low"] > before["high"] and row["change"] >= floor:
             row["verdict"], row["regression"] = "leaks faster", True
         elif now["high"] < before["low"] and -row["change"] >= floor:
             row["verdict"] = "leaks slower"
         else:
             row["verdict"] = "still leaks"
-        row["text"] = f"{row['verdict']}: {now['text']} (baseline {before['text']})"
-        return row
-    if leaked:
+        row["text"] = f"{row['verdict']} {rate} (baseline {trends_module.per_hour_text(unit, before['slope'])})"
+    elif leaked:
         row["verdict"], row["text"] = "fixed", f"fixed: {now['text']} (baseline {before['text']})"
-        return row
-    row["verdict"] = "unchanged" if usable_before else "not comparable"
-    row["text"] = f"{row['verdict']}: {now['text']}" + ("" if usable_before else " (baseline too short)")
+    elif usable_before:
+        row["verdict"], row["text"] = "unchanged", f"unchanged: {now['text']}"
+    else:   # no leak now; nothing to compare with
+        row["verdict"], row["text"] = "no leak", f"no leak: {now['text']} (baseline " + (
+            "too short)" if before is not None else "not recorded)")
     return row
 
 
@@ -440,27 +442,25 @@ def render_regressions(result: dict[str, Any]) -> str:
     for b in result["gone_buckets"]:
         out.append(f"gone: bucket {b['bucket']} {b['signature'] or b['signal']} ({b['crash_class']}) "
                    f"x{b['count']} in the baseline ({', '.join(b['variants'])}), not seen in this run")
-    sections = (("crash rate", result["crash_rate"]), ("latency/throughput", result["performance"]))
-    for title, rows in sections:
-        changed = [r for r in rows if r["verdict"] != stats.NO_DIFFERENCE]
-        for r in changed:
-            out.append(f"{title}: {r['variant']} {r['label']} {r['text']}")
-        quiet = len(rows) - len(changed)
-        if quiet:
-            short = [r for r in rows if r["verdict"] == stats.NO_DIFFERENCE and "too short" in r["text"]]
-            out.append(f"{title}: no difference detected in {quiet} row(s)"
-                       + (f" ({len(short)} too short to compare)" if short else ""))
-    moved = [r for r in result["leaks"] if r["verdict"] not in ("unchanged", "not comparable") or _some_leak(r)]
+    rows = result["crash_rate"] + result["performance"]
+    changed = [r for r in rows if r["verdict"] != stats.NO_DIFFERENCE]
+    out += [f"{r['variant']}: {r['label']} {r['text']}" for r in changed]
+    if len(rows) > len(changed):
+        short = sum(1 for r in rows if r["verdict"] == stats.NO_DIFFERENCE and "too short" in r["text"])
+        out.append(f"crash rate, latency, throughput: no difference detected in {len(rows) - len(changed)} row(s)"
+                   + (f" ({short} too short to compare)" if short else ""))
+    quiet_leaks = ("unchanged", "no leak", "not comparable")
+    moved = [r for r in result["leaks"] if r["verdict"] not in quiet_leaks or _some_leak(r)]
     for r in moved:
         who = r["variant"] if r["variant"] is not None else "harness itself"
         some = (f"; {r['run']['leaking']} of {r['run']['series']} processes leak on their own (baseline none)"
                 if _some_leak(r) else "")
-        out.append(f"leaks: {who} {r['metric']} {r['text']}{some}")
+        out.append(f"{who}: {r['metric']} {r['text']}{some}")
     rest = len(result["leaks"]) - len(moved)
     if rest:
         short = sum(1 for r in result["leaks"] if r["verdict"] == "not comparable")
-        out.append(f"leaks: {rest - short} trend(s) unchanged" + (f", {short} not comparable (too short or not "
-                                                                  "recorded)" if short else ""))
+        out.append(f"leak trends: {rest - short} without change" + (f", {short} not comparable (too short or "
+                                                                    "not recorded)" if short else ""))
     if result["only_in_run"] or result["only_in_baseline"]:
         out.append(f"variants only in this run: {', '.join(result['only_in_run']) or '-'}; only in the baseline: "
                    f"{', '.join(result['only_in_baseline']) or '-'}")

@@ -92,7 +92,7 @@ def _per_minute(t: np.ndarray, when: np.ndarray, y: np.ndarray) -> tuple[np.ndar
     return (when[lo] + when[hi]) / 2.0, (ys[lo] + ys[hi]) / 2.0
 
 
-def _floor(unit: str, level: float) -> float:
+def leak_floor(unit: str, level: float) -> float:
     """The smallest slope per hour that counts as a leak (practical significance)."""
     if unit == "bytes":
         return max(BYTES_FLOOR, RELATIVE_FLOOR * abs(level))
@@ -115,7 +115,8 @@ def human(unit: str, value: float) -> str:
     return f"{_number(value)} {unit}"
 
 
-def _amount(unit: str, per_hour: float) -> str:
+def per_hour_text(unit: str, per_hour: float) -> str:
+    """3.2 MiB/h, 6 fds/h (absolute value)."""
     return f"{human(unit, per_hour)}/h"
 
 
@@ -124,17 +125,18 @@ def _judge(unit: str, slope: float | None, low: float | None, high: float | None
     """The verdict: a leak needs the whole interval above 0 AND a slope above the practical floor."""
     if slope is None or low is None or high is None:
         return TOO_SHORT, TOO_SHORT
-    floor = _floor(unit, level)
+    floor = leak_floor(unit, level)
     change = abs(slope) * seconds / 3600.0
     big = abs(slope) >= floor and (unit == "bytes" or change >= COUNT_MIN_CHANGE)
     if low > 0 and big:
-        return LEAKS, f"{LEAKS} {_amount(unit, slope)}"
+        return LEAKS, f"{LEAKS} {per_hour_text(unit, slope)}"
     if high < 0 and big:
-        return SHRINKS, f"{SHRINKS} {_amount(unit, slope)}"
+        return SHRINKS, f"{SHRINKS} {per_hour_text(unit, slope)}"
     return FLAT, FLAT
 
 
-def _lag1(residuals: np.ndarray) -> float:
+def lag1_autocorrelation(residuals: np.ndarray) -> float:
+    """Correlation of successive values (0 when undefined: too few, or constant)."""
     if residuals.size < 3 or np.ptp(residuals) == 0:
         return 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -164,7 +166,7 @@ def fit_series(t: np.ndarray, when: np.ndarray, y: np.ndarray, unit: str) -> dic
     slope, low, high = float(fit.slope), float(fit.low_slope), float(fit.high_slope)
     # Theil-Sen's interval assumes independent residuals; with lag-1 autocorrelation rho the effective
     # number of points is n (1 - rho) / (1 + rho), so the half-widths grow by sqrt((1 + rho) / (1 - rho)).
-    rho = min(max(_lag1(v - (fit.intercept + slope * x)), 0.0), MAX_AUTOCORRELATION)
+    rho = min(max(lag1_autocorrelation(v - (fit.intercept + slope * x)), 0.0), MAX_AUTOCORRELATION)
     widen = math.sqrt((1 + rho) / (1 - rho))
     low, high = slope - (slope - low) * widen, slope + (high - slope) * widen
     result.update(slope=slope * 3600, low=low * 3600, high=high * 3600, autocorrelation=rho)

@@ -158,8 +158,8 @@ def test_crash_rate_latency_and_leak_regressions(night: dict[str, Any]) -> None:
     assert ("NEW bucket abc123 estats_update < handle_request < serve_loop (null-deref) x12 in variant a"
             in text)
     assert "gone: bucket fed789 tw_remove < tw_reap" in text
-    assert "leaks: a rss new leak: leaks 20 MiB/h (baseline flat)" in text
-    assert "latency/throughput: a p50 latency worse" in text
+    assert "a: rss new leak 20 MiB/h (baseline flat)" in text
+    assert "a: p50 latency worse (2x" in text and "a: crash rate worse (13x" in text
     assert "only in the baseline: c" in text
     assert len(text.splitlines()) <= 25, text      # one screen
 
