@@ -70,7 +70,7 @@ PERF_METRICS = ("p50_latency", "p99_latency", "throughput")
 MIN_DIFFERENCE = {"p50_latency": 0.10, "p99_latency": 0.10, "throughput": 0.10}
 BLOCK_MAX = 600.0           # latency/throughput are compared over blocks of this length (s) ...
 BLOCK_MIN = 60.0            # ... shorter for shorter runs (a sixth of the shortest trial), never under a minute
-MIN_BLOCKS = 6              # per side: 6 vs 6 is the least for which a rank test can reach p < 0.05 after Holm
+MIN_BLOCKS = 6              # per side: 6 vs 6 can give a rank-test p of 0.0022, room for Holm over ~20 rows
 AUTOCORR_NOTE = 0.5         # lag-1 autocorrelation of block values above this: say the p-value is optimistic
 SETTINGS = {"alpha": stats.ALPHA, "confidence": stats.CONFIDENCE, "seed": 0, "n_resamples": 9999}
 
@@ -371,35 +371,14 @@ def compare_to_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, Any]:
         raise HarnessError(f"baseline {baseline_dir} is the run itself")
     names_now, names_before = run["variants"], base["variants"]
     matched = [n for n in names_now if n in names_before]
-    warnings = []
-    if run["info"]["scenario"] != base["info"]["scenario"]:
-        warnings.append(f"different scenarios: {run['info']['scenario']} vs baseline {base['info']['scenario']}")
-    if base["info"]["status"] != "complete":
-        warnings.append(f"the baseline is {base['info']['status']}")
-    for which, r in (("run", run), ("baseline", base)):
-        if r["info"]["excluded_trials"]:
-            warnings.append(f"{which}: failed trial(s) {r['info']['excluded_trials']} left out")
     buckets_now, buckets_before = _bucket_index(run["trials"]), _bucket_index(base["trials"])
     new, gone = _bucket_changes(buckets_now, buckets_before, set(matched))
     block = _block_length([run, base])
     crash_rows, perf_rows = _rate_and_performance(matched, run, base, block)
     leaks = _leaks(matched, trends_module.run_trends(Path(run_dir)), trends_module.run_trends(Path(baseline_dir)))
-    per_variant = {}
-    for name in dict.fromkeys(names_now + names_before):
-        per_variant[name] = {
-            "in_run": name in names_now, "in_baseline": name in names_before,
-            "new_buckets": [b["bucket"] for b in new if name in b["new_in"]],
-            "gone_buckets": sorted(b for b, e in buckets_before.items()
-                                   if name in e["variants"] and name not in buckets_now.get(b, {}).get("variants", {})),
-            "crashes": sum(t["crashes"] for t in run["trials"] if t["variant"] == name),
-            "baseline_crashes": sum(t["crashes"] for t in base["trials"] if t["variant"] == name)}
+    per_variant = _per_variant(names_now, names_before, run, base, new, buckets_now, buckets_before)
     reasons = [f"new crash bucket {b['bucket']} {b['signature'] or b['signal']} ({b['crash_class']}) "
                f"x{b['count']} in variant {', '.join(b['new_in'])}" for b in new]
-    attention = ([{"kind": "leak", "variant": r["variant"], "metric": r["metric"], "text": r["text"]}
-                  for r in leaks if r["regression"]]
-                 + [{"kind": "crash_rate" if r["metric"] == "crash_rate" else "performance", "variant": r["variant"],
-                     "metric": r["metric"], "text": r["text"]}
-                    for r in crash_rows + perf_rows if r["verdict"] == stats.WORSE])
     return _clean({
         "schema": REGRESS_SCHEMA, "run": run["info"], "baseline": base["info"], "variants": matched,
         "only_in_run": [n for n in names_now if n not in names_before],
@@ -408,7 +387,44 @@ def compare_to_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, Any]:
         "crash_rate": crash_rows, "performance": perf_rows, "leaks": leaks, "block_seconds": block,
         "holm_family": sum(1 for r in crash_rows + perf_rows if r["p_holm"] is not None),
         "alpha": SETTINGS["alpha"], "confidence": SETTINGS["confidence"], "min_difference": MIN_DIFFERENCE,
-        "failed": bool(new), "reasons": reasons, "attention": attention, "warnings": warnings})
+        "failed": bool(new), "reasons": reasons, "attention": _attention(leaks, crash_rows + perf_rows),
+        "warnings": _warnings(run["info"], base["info"])})
+
+
+def _warnings(run: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    warnings = []
+    if run["scenario"] != base["scenario"]:
+        warnings.append(f"different scenarios: {run['scenario']} vs baseline {base['scenario']}: the load and "
+                        "faults differ")
+    if base["status"] != "complete":
+        warnings.append(f"the baseline is {base['status']}")
+    for which, info in (("run", run), ("baseline", base)):
+        if info["excluded_trials"]:
+            warnings.append(f"{which}: failed trial(s) {info['excluded_trials']} left out")
+    return warnings
+
+
+def _per_variant(names_now: Sequence[str], names_before: Sequence[str], run: dict[str, Any], base: dict[str, Any],
+                 new: Sequence[dict[str, Any]], buckets_now: dict[str, dict[str, Any]],
+                 buckets_before: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in dict.fromkeys([*names_now, *names_before]):
+        out[name] = {
+            "in_run": name in names_now, "in_baseline": name in names_before,
+            "new_buckets": [b["bucket"] for b in new if name in b["new_in"]],
+            "gone_buckets": sorted(b for b, e in buckets_before.items()
+                                   if name in e["variants"] and name not in buckets_now.get(b, {}).get("variants", {})),
+            "crashes": sum(t["crashes"] for t in run["trials"] if t["variant"] == name),
+            "baseline_crashes": sum(t["crashes"] for t in base["trials"] if t["variant"] == name)}
+    return out
+
+
+def _attention(leaks: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The significant regressions other than new buckets (JUnit fails them too)."""
+    return ([{"kind": "leak", "variant": r["variant"], "metric": r["metric"], "text": r["text"]}
+             for r in leaks if r["regression"]]
+            + [{"kind": "crash_rate" if r["metric"] == "crash_rate" else "performance", "variant": r["variant"],
+                "metric": r["metric"], "text": r["text"]} for r in rows if r["verdict"] == stats.WORSE])
 
 
 # --- the morning summary ------------------------------------------------------------------------------
