@@ -191,8 +191,7 @@ def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[d
         return
     from harness.junit import write_junit
     try:
-        write_junit(path, report, expectations, regressions) if regressions is not None else \
-            write_junit(path, report, expectations)
+        write_junit(path, report, expectations, regressions)
     except OSError as exc:
         raise HarnessError(f"cannot write {path}: {exc.strerror or exc}") from None
 
