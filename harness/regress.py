@@ -472,11 +472,12 @@ def render_regressions(result: dict[str, Any]) -> str:
         some = (f"; {r['run']['leaking']} of {r['run']['series']} processes leak on their own (baseline none)"
                 if _some_leak(r) else "")
         out.append(f"{who}: {r['metric']} {r['text']}{some}")
-    rest = len(result["leaks"]) - len(moved)
-    if rest:
-        short = sum(1 for r in result["leaks"] if r["verdict"] == "not comparable")
-        out.append(f"leak trends: {rest - short} without change" + (f", {short} not comparable (too short or "
-                                                                    "not recorded)" if short else ""))
+    short = sum(1 for r in result["leaks"] if r["verdict"] == "not comparable")
+    calm = len(result["leaks"]) - len(moved) - short
+    parts = ([f"{calm} without change"] if calm else []) + (
+        [f"{short} not comparable (too short or not recorded)"] if short else [])
+    if parts:
+        out.append("leak trends: " + ", ".join(parts))
     if result["only_in_run"] or result["only_in_baseline"]:
         out.append(f"variants only in this run: {', '.join(result['only_in_run']) or '-'}; only in the baseline: "
                    f"{', '.join(result['only_in_baseline']) or '-'}")

@@ -16,7 +16,7 @@ Returned dict (JSON-safe; every slope is in units per hour, bytes for rss/heap):
           "trial": 1, "variant": "a", "trial_status": "complete", "host": 0, "pid": 4242,
           "start": 0.0, "end": 28800.0, # seconds from load start (first sample, value time of the last)
           "metrics": {"rss": SLOPE, "heap": SLOPE | None, "fds": SLOPE, "threads": SLOPE}}],
-      "variants": {"a": {"trials": [1, 3], "series": 8,
+      "variants": {"a": {"trials": [1, 3], "series": 8,   # in trial order; series of failed trials not counted
                          "metrics": {"rss": COMBINED, "heap": COMBINED | None, ...}}},
       "harness": {"samples": 2880, "segments": 1,           # the harness process itself (harness_samples)
                   "metrics": {"rss": COMBINED | None, "fds": ..., "threads": ...}},
@@ -27,8 +27,9 @@ Returned dict (JSON-safe; every slope is in units per hour, bytes for rss/heap):
              "warmup": seconds skipped, "level": median value, "autocorrelation": lag-1 of residuals | None,
              "unit": "bytes" | "fds" | "threads",
              "verdict": "leaks" | "shrinks" | "flat" | "too short", "text": "leaks 3.2 MiB/h"}
-    COMBINED = {"slope", "low", "high", "level", "unit", "verdict", "text",
-                "method": "single series" | "median of series",
+    COMBINED = {"slope", "low", "high", "level", "unit", "verdict",   # slope: median of the series' slopes
+                "text": "leaks 3.2 MiB/h" | "flat (1 of 8 processes leak)" | ...,
+                "method": "single series" | "median of series" | "none" (all too short),
                 "series": series with a verdict, "too_short": series too short to judge,
                 "leaking": series that leak on their own, "shrinking": series that shrink on their own}
 
