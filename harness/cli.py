@@ -439,7 +439,7 @@ def _soak_judgement(run_dir: Path, report: dict[str, Any], args: argparse.Namesp
 def _render_soak(report: dict[str, Any], regressions: dict[str, Any] | None) -> str:
     from harness.regress import render_regressions
     from harness.trends import render_trends
-    parts = ["", "trends:", render_trends(report["trends"])]
+    parts = ["", render_trends(report["trends"])]
     if regressions is not None:
         parts += ["", render_regressions(regressions)]
     elif report.get("baseline_note"):
