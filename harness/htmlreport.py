@@ -32,6 +32,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.report import build_report  # noqa: E402
+from harness.units import format_duration  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
 
 MAX_POINTS = 800            # per series and plot: an 8-hour run still draws in well under a second
@@ -305,12 +306,12 @@ def _decorate(ax: Axes, ctx: PlotContext, windows: Sequence[Window] = (), label_
     """Phases as dotted lines labelled along the top, fault windows shaded, gaps hatched."""
     ax.set_xlim(0, ctx.end / ctx.axis.unit)
     top = blended_transform_factory(ax.transData, ax.transAxes)
-    for phase in ctx.phases:
+    for phase, row in zip(ctx.phases, label_rows([p["start"] / ctx.end for p in ctx.phases])):
         if phase["start"] > 0:
             ax.axvline(phase["start"] / ctx.axis.unit, color="#555555", linestyle=":", linewidth=0.8, zorder=1)
         if label_phases and phase["start"] < ctx.end:
-            ax.text(phase["start"] / ctx.axis.unit, 1.0, " " + str(phase["name"]), transform=top, fontsize=7.5,
-                    va="bottom", ha="left", color="#333333", clip_on=False)
+            ax.text(phase["start"] / ctx.axis.unit, 1.0 + 0.075 * row, " " + str(phase["name"]), transform=top,
+                    fontsize=7.5, va="bottom", ha="left", color="#333333", clip_on=False)
     for window in windows:
         color, alpha, hatch = WINDOW_STYLE[window.kind]
         if window.end > window.start:
@@ -318,6 +319,19 @@ def _decorate(ax: Axes, ctx: PlotContext, windows: Sequence[Window] = (), label_
                        hatch=hatch, edgecolor="#888888" if hatch else "none", linewidth=0, zorder=0)
         else:
             ax.axvline(window.start / ctx.axis.unit, color=color, linewidth=1.5, zorder=1)
+
+
+def label_rows(positions: Sequence[float], min_gap: float = 0.09, rows: int = 3) -> list[int]:
+    """Which line each phase label goes on (0 = just above the plot): a label starting closer than
+    `min_gap` (a fraction of the width) to the last one on a line goes up a line, so that short
+    phases (a 10-minute spike in an 8-hour night) keep readable names."""
+    last: list[float] = [-math.inf] * rows
+    chosen = []
+    for x in positions:
+        row = next((r for r in range(rows) if x - last[r] >= min_gap), rows - 1)
+        last[row] = x
+        chosen.append(row)
+    return chosen
 
 
 def _mid(rows: Sequence[dict[str, Any]]) -> list[float]:
@@ -348,7 +362,7 @@ def plot_load(trial: TrialData, ctx: PlotContext) -> Figure:
 def plot_cascade(trial: TrialData, ctx: PlotContext) -> Figure:
     """Hosts alive with crashes per second over it, and a lane per host showing when it was down."""
     lanes = min(max(len(trial.host_ids), 1), MAX_LANES)
-    lane_height = min(2.4, max(0.9, 0.16 * lanes))
+    lane_height = min(3.2, max(0.9, 0.16 * lanes))
     fig, (ax, lane_ax) = plt.subplots(2, 1, figsize=(7.2, 2.7 + lane_height), sharex=True, layout="constrained",
                                       gridspec_kw={"height_ratios": [2.7, lane_height]})
     rows = trial.samples
@@ -412,6 +426,7 @@ def _window_legend(ax: Axes, windows: Sequence[Window]) -> list[Any]:
 def _plot_lanes(ax: Axes, trial: TrialData, ctx: PlotContext) -> None:
     """One lane per host: coloured where the host was not up; a cross at each of its crashes."""
     hosts = trial.host_ids[:MAX_LANES]
+    min_width = ctx.end / 400   # a pixel or two: a 30 s restart in an 8-hour night stays visible
     if not hosts:
         ax.text(0.5, 0.5, "no per-host samples in this run", transform=ax.transAxes, ha="center", va="center",
                 color="#555555")
@@ -424,7 +439,8 @@ def _plot_lanes(ax: Axes, trial: TrialData, ctx: PlotContext) -> None:
         for state, color in STATE_COLORS.items():
             segments = runs_of(t, spans, [r["state"] == state for r in rows])
             if segments:
-                ax.broken_barh([(a / ctx.axis.unit, w / ctx.axis.unit) for a, w in segments], (lane - 0.4, 0.8),
+                ax.broken_barh([(a / ctx.axis.unit, max(w, min_width) / ctx.axis.unit) for a, w in segments],
+                               (lane - 0.4, 0.8),
                                facecolors=color, linewidth=0, zorder=2)
     lane_of = {host: lane for lane, host in enumerate(hosts)}
     marks = [(t, lane_of[h]) for t, h in trial.crashes if h in lane_of]
@@ -477,9 +493,11 @@ def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
     for panel_ax, (key, title, scale) in zip(axes.flat, panels):
         for n, host in enumerate(sorted(trial.hosts)):
             color = colors(n % 10) if len(trial.hosts) <= 10 else colors(n / max(len(trial.hosts) - 1, 1))
-            for i, (xs, ys) in enumerate(_process_series(trial.hosts[host], key, budget)):
-                panel_ax.plot(ctx.axis.x(xs), [y * scale for y in ys], color=color, linewidth=0.9,
-                              label=f"h{host}" if i == 0 else None)
+            xs, ys = [], []
+            for part_x, part_y in _process_series(trial.hosts[host], key, budget):
+                xs += ctx.axis.x(part_x) + [math.nan]   # one line per host, broken between its processes
+                ys += [y * scale for y in part_y] + [math.nan]
+            panel_ax.plot(xs, ys, color=color, linewidth=0.9, label=f"h{host}")
         _decorate(panel_ax, ctx, trial.gaps, label_phases=False)
         panel_ax.set_title(title, loc="left", fontsize=9)
         panel_ax.set_ylim(bottom=0)
@@ -585,13 +603,14 @@ def render_html(run_dir: Path, report: dict[str, Any]) -> str:
     with plt.rc_context(_rc()):
         sections = [
             _header(report, trials),
+            _resolution_note(ctx),
             _summary(report),
-            _plot_section("load", "Offered vs achieved load", trials, ctx, plot_load,
-                          "Scheduled arrivals per second (dashed), good replies and errors per second."),
             _plot_section("cascade", "Cascade: hosts alive and crashes", trials, ctx, plot_cascade,
-                          "Hosts alive (fewest in each second), crashes per second (red bars), fault windows "
+                          "Hosts alive (fewest in each second), crashes (red bars), fault windows "
                           "shaded; below, one lane per host: red down, pink starting, purple paused, orange "
                           "ejected by the balancer; a cross at each crash."),
+            _plot_section("load", "Offered vs achieved load", trials, ctx, plot_load,
+                          "Scheduled arrivals per second (dashed), good replies and errors per second."),
             _plot_section("latency", "Latency percentiles", trials, ctx, plot_latency,
                           "Measured from each request's intended send time; log scale."),
             _plot_section("memory", "Memory and resources per host", trials, ctx, plot_memory,
@@ -600,7 +619,7 @@ def render_html(run_dir: Path, report: dict[str, Any]) -> str:
             _footprint_section(footprint, report),
         ]
     title = f"harness report — {report['scenario']} — {report['run_id']}"
-    nav = "".join(f'<a href="#{s}">{s}</a>' for s in ("load", "cascade", "latency", "memory", "crashes"))
+    nav = "".join(f'<a href="#{s}">{s}</a>' for s in ("cascade", "load", "latency", "memory", "crashes"))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><main><nav>{nav}</nav>" + "".join(sections)
@@ -633,6 +652,14 @@ def _nice_bin(seconds: float) -> float:
     return 3600.0 * math.ceil(seconds / 3600)
 
 
+def _resolution_note(ctx: PlotContext) -> str:
+    if ctx.end <= MAX_POINTS:
+        return ""
+    return (f'<p class="note">A long run: each plotted point merges about {_fmt_seconds(round(ctx.end / MAX_POINTS))} '
+            "of samples (rates are averaged, latency and memory keep the highest value, hosts alive the fewest); "
+            f"crashes are counted per {_fmt_seconds(ctx.crash_bin)}.</p>")
+
+
 def _plot_section(key: str, title: str, trials: list[TrialData], ctx: PlotContext, plot: Any, note: str) -> str:
     cells = []
     for trial in trials:
@@ -651,9 +678,9 @@ def _header(report: dict[str, Any], trials: list[TrialData]) -> str:
     status = str(report["status"])
     wall = (report["ended"] - report["started"]) if report.get("ended") else None
     items = [("run", report["run_id"]), ("scenario", f"{report['scenario']} ({report['scenario_file']})"),
-             ("seed", report["seed"]), ("duration", f"{report['duration']:g} s per trial"), ("hosts", report["hosts"]),
+             ("seed", report["seed"]), ("duration", f"{format_duration(report['duration'])} per trial"), ("hosts", report["hosts"]),
              ("started", _fmt_time(report["started"])), ("ended", _fmt_time(report.get("ended"))),
-             ("wall time", "-" if wall is None else f"{wall:.0f} s"), ("results", report["run_dir"])]
+             ("wall time", "-" if wall is None else format_duration(wall)), ("results", report["run_dir"])]
     meta = "".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in items)
     parts = [f"<header><h1>{esc(report['scenario'])} <span class=\"badge {esc(status)}\">{esc(status)}</span></h1>"
              f"<div class=\"meta\">{meta}</div>"]

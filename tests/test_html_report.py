@@ -331,13 +331,32 @@ def test_report_reads_the_real_fault_windows(cascade_run: Path) -> None:
     assert any(row["live"] for rows in trial.hosts.values() for row in rows)    # the shim's heap counter
 
 
-def test_hostile_strings_from_the_store_are_escaped_on_the_page(cascade_run: Path, tmp_path: Path) -> None:
+def _copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
     copy = tmp_path / "run"
     copy.mkdir()
-    source = sqlite3.connect(cascade_run / "run.db")
+    source = sqlite3.connect(run_dir / "run.db")
     target = sqlite3.connect(copy / "run.db")
     source.backup(target)
     source.close()
+    return copy, target
+
+
+def test_gaps_and_the_harness_footprint_are_drawn_when_recorded(cascade_run: Path, tmp_path: Path) -> None:
+    # a resumed run records its gap; the runner samples its own footprint (both optional in a store)
+    copy, db = _copy_run(cascade_run, tmp_path)
+    db.execute("INSERT INTO events (trial, t, wall, kind, detail) VALUES (1, 9, 0, 'gap', '{\"from\": 9, \"to\": 11}')")
+    db.executemany("INSERT INTO harness_samples VALUES (?, 1, ?, 20, 9)", [(1000.0 + i, (80 + i) * 2**20) for i in range(30)])
+    db.commit()
+    db.close()
+    text = write_html_report(copy).read_text(encoding="utf-8")
+    assert "no samples from 9 s to 11 s" in text
+    cascade = text[text.index('id="cascade-t1"'):]
+    assert "gap in the run" in cascade[:cascade.index("</svg>")]
+    assert 'id="footprint"' in text
+
+
+def test_hostile_strings_from_the_store_are_escaped_on_the_page(cascade_run: Path, tmp_path: Path) -> None:
+    copy, target = _copy_run(cascade_run, tmp_path)
     target.execute("UPDATE triage SET signature=?", (HOSTILE,))
     target.execute("UPDATE trials SET variant=? WHERE id=1", (HOSTILE,))
     target.execute("UPDATE phases SET name=? WHERE idx=0", ("$<script>",))
