@@ -201,6 +201,7 @@ class TrialData:
     crashes: list[tuple[float, int]]            # (t, host), every crash (the report's list is capped)
     windows: list[Window]
     gaps: list[Window] = field(default_factory=list)
+    variant: str = ""
 
     @property
     def host_ids(self) -> list[int]:
@@ -245,7 +246,7 @@ def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData
     label = f"{trial['variant']}" + (f" #{trial['repeat'] + 1}" if trial["repeat"] else "") + f" (trial {tid})"
     windows = fault_windows(_timeline_events(store, tid), end)
     return TrialData(tid, label, samples, _by_host(memory), _by_host(lanes), crashes, windows,
-                     [w for w in windows if w.kind == "gap"])
+                     [w for w in windows if w.kind == "gap"], trial["variant"])
 
 
 def _timeline_events(store: RunStore, tid: int) -> list[dict[str, Any]]:
@@ -291,6 +292,7 @@ class PlotContext:
     latency_range: tuple[float, float] = (0.1, 1000.0)   # ms
     crash_bin: float = 1.0                  # seconds per crash bar
     crash_max: int = 1                      # most crashes in one bar, over all trials
+    trends: dict[str, Any] | None = None    # harness.trends.run_trends(run_dir): verdicts in the memory titles
 
 
 def _rc() -> dict[str, Any]:
@@ -478,6 +480,7 @@ def plot_latency(trial: TrialData, ctx: PlotContext) -> Figure:
 
 MEMORY_PANELS = (("rss", "RSS (MiB)", 1 / 2**20), ("live", "shim heap live (MiB)", 1 / 2**20),
                  ("threads", "threads", 1.0), ("fds", "open fds", 1.0))
+TREND_METRIC = {"rss": "rss", "live": "heap", "threads": "threads", "fds": "fds"}   # our key -> trends' key
 
 
 def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
@@ -499,7 +502,9 @@ def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
                 ys += [y * scale for y in part_y] + [math.nan]
             panel_ax.plot(xs, ys, color=color, linewidth=0.9, label=f"h{host}")
         _decorate(panel_ax, ctx, trial.gaps, label_phases=False)
-        panel_ax.set_title(title, loc="left", fontsize=9)
+        verdict = trend_verdict(ctx.trends, trial.variant, TREND_METRIC[key])
+        panel_ax.set_title(title + (f" — {verdict}" if verdict else ""), loc="left", fontsize=9,
+                           color="#b00000" if verdict.startswith("leaks") else "black")
         panel_ax.set_ylim(bottom=0)
         if scale == 1.0:
             panel_ax.yaxis.set_major_locator(MaxNLocator(integer=True))   # counts of threads and fds
@@ -510,6 +515,12 @@ def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
     if len(trial.hosts) <= 10:
         fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=10, fontsize=7.5)
     return fig
+
+
+def trend_verdict(trends: dict[str, Any] | None, variant: str, metric: str) -> str:
+    """The variant's verdict on one metric ("leaks 3.2 MiB/h", "flat"...), "" when there is none."""
+    fit = ((trends or {}).get("variants", {}).get(variant, {}).get("metrics") or {}).get(metric)
+    return str(fit["text"]) if fit else ""
 
 
 def _process_series(rows: list[dict[str, Any]], key: str, budget: int) -> list[tuple[list[float], list[float]]]:
@@ -576,21 +587,31 @@ nav a{margin-right:14px}
 """
 
 
-def write_html_report(run_dir: Path, out: Path | None = None, *, report: dict[str, Any] | None = None) -> Path:
+def write_html_report(run_dir: Path, out: Path | None = None, *, report: dict[str, Any] | None = None,
+                      trends: dict[str, Any] | None = None) -> Path:
     """Write the run's HTML report (default `run_dir/report.html`) and return its path.
 
     `report` is `build_report(run_dir)` by default; pass a report that has been judged (with its
-    "expectations", as `harness report`/`run` have it) to show the expectations too."""
+    "expectations", as `harness report`/`run` have it) to show the expectations too. `trends` is
+    `harness.trends.run_trends(run_dir)` by default (pass it when already computed)."""
     out = out or run_dir / "report.html"
     report = report if report is not None else build_report(run_dir)
-    page = render_html(run_dir, report)
+    page = render_html(run_dir, report, trends if trends is not None else _trends(run_dir))
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)   # a reader never sees half a page
     return out
 
 
-def render_html(run_dir: Path, report: dict[str, Any]) -> str:
+def _trends(run_dir: Path) -> dict[str, Any]:
+    from harness.trends import run_trends
+    try:
+        return run_trends(run_dir)
+    except Exception as exc:  # noqa: BLE001 - an optional analysis must not cost the whole page
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | None = None) -> str:
     store = open_run(run_dir)
     try:
         trials = [_read_trial(store, trial, int(report["hosts"])) for trial in report["trials"]]
@@ -600,6 +621,7 @@ def render_html(run_dir: Path, report: dict[str, Any]) -> str:
     finally:
         store.close()
     ctx = _context(report, trials)
+    ctx.trends = trends
     with plt.rc_context(_rc()):
         sections = [
             _header(report, trials),
@@ -614,7 +636,8 @@ def render_html(run_dir: Path, report: dict[str, Any]) -> str:
             _plot_section("latency", "Latency percentiles", trials, ctx, plot_latency,
                           "Measured from each request's intended send time; log scale."),
             _plot_section("memory", "Memory and resources per host", trials, ctx, plot_memory,
-                          "One line per process: a restart starts a new line."),
+                          "One line per process: a restart starts a new line. Titles carry the variant's "
+                          "trend verdict.", trend_table(trends)),
             _buckets_section(report, examples),
             _footprint_section(footprint, report),
         ]
@@ -660,14 +683,52 @@ def _resolution_note(ctx: PlotContext) -> str:
             f"crashes are counted per {_fmt_seconds(ctx.crash_bin)}.</p>")
 
 
-def _plot_section(key: str, title: str, trials: list[TrialData], ctx: PlotContext, plot: Any, note: str) -> str:
+def _plot_section(key: str, title: str, trials: list[TrialData], ctx: PlotContext, plot: Any, note: str,
+                  extra: str = "") -> str:
     cells = []
     for trial in trials:
         svg_id = f"{key}-t{trial.id}"
         svg = svg_of(plot(trial, ctx), svg_id, f"{title}: {trial.label}")
         cells.append(f'<div class="cell"><h3>{esc(trial.label)}</h3>{svg}</div>')
     body = "".join(cells) or '<p class="note">no trials recorded</p>'
-    return f'<section id="{key}"><h2>{esc(title)}</h2><p class="note">{esc(note)}</p><div class="grid">{body}</div></section>'
+    return (f'<section id="{key}"><h2>{esc(title)}</h2><p class="note">{esc(note)}</p>{extra}'
+            f'<div class="grid">{body}</div></section>')
+
+
+VERDICT_CLASS = {"leaks": "FAILED", "shrinks": "running", "flat": "held"}
+
+
+def trend_table(trends: dict[str, Any] | None) -> str:
+    """Per variant and metric: the trend verdict (Theil-Sen slope per hour, harness.trends) with its interval."""
+    if not trends:
+        return ""
+    if "error" in trends:
+        return f'<p class="note">trends unavailable: {esc(trends["error"])}</p>'
+    from harness.trends import slope_text
+    metrics = list(trends.get("metrics", []))
+    rows = [(name, entry["metrics"], str(entry.get("series", ""))) for name, entry in trends.get("variants", {}).items()]
+    harness = (trends.get("harness") or {}).get("metrics") or {}
+    if any(harness.values()):
+        rows.append(("(harness itself)", harness, ""))
+    body = []
+    for name, fits, processes in rows:
+        cells = []
+        for metric in metrics:
+            fit = fits.get(metric)
+            if fit is None:
+                cells.append("<td>-</td>")
+                continue
+            badge = VERDICT_CLASS.get(str(fit["verdict"]), "")
+            cells.append(f'<td><span class="badge {badge}">{esc(fit["text"])}</span><br>'
+                         f'<span class="note">{esc(slope_text(fit))}</span></td>')
+        body.append(f"<tr><td>{esc(name)}</td><td class=\"num\">{esc(processes)}</td>{''.join(cells)}</tr>")
+    if not body:
+        return ""
+    head = "".join(f"<th>{esc(m)}</th>" for m in metrics)
+    confidence = trends.get("settings", {}).get("confidence", 0.95)
+    return (f'<h3>Trends</h3><p class="note">Slope per hour of each process (Theil–Sen, warm-up skipped), the median '
+            f"over a variant's processes, {confidence:.0%} interval; a restart starts a new process.</p>"
+            f'<table id="trends"><tr><th>variant</th><th>processes</th>{head}</tr>{"".join(body)}</table>')
 
 
 def _fmt_time(wall: float | None) -> str:
@@ -761,6 +822,14 @@ def merge_buckets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def clock(seconds: float) -> str:
+    """Seconds from load start: 36.96 s, or 7:50:30 in a long run."""
+    if seconds < 600:
+        return f"{seconds:.2f} s"
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 def bucket_table(buckets: list[dict[str, Any]]) -> str:
     head = ("<tr><th>bucket</th><th>crashes</th><th>variants</th><th>class</th><th>signature</th><th>signal</th>"
             "<th>hosts</th><th>first seen</th><th>last seen</th><th>cores kept</th></tr>")
@@ -771,8 +840,8 @@ def bucket_table(buckets: list[dict[str, Any]]) -> str:
         rows.append(f'<tr class="bucket-row"><td><a href="#{anchor(b["bucket"])}"><code>{esc(b["bucket"])}</code></a>'
                     f'</td><td class="num">{b["count"]}</td><td>{esc(variants)}</td><td>{esc(b["crash_class"])}</td>'
                     f'<td><code>{esc(b["signature"] or "-")}</code></td><td>{esc(b["signal"])}</td>'
-                    f'<td>{esc(hosts)}</td><td class="num">{b["first_seen"]:.2f} s</td>'
-                    f'<td class="num">{b["last_seen"]:.2f} s</td><td class="num">{b["cores_kept"]}</td></tr>')
+                    f'<td>{esc(hosts)}</td><td class="num">{clock(b["first_seen"])}</td>'
+                    f'<td class="num">{clock(b["last_seen"])}</td><td class="num">{b["cores_kept"]}</td></tr>')
     return f'<table id="buckets">{head}{"".join(rows)}</table>'
 
 
@@ -787,7 +856,7 @@ def bucket_detail(bucket: dict[str, Any], example: dict[str, Any] | None, run_di
              ("access", data.get("access")), ("instruction", data.get("instruction")),
              ("in allocator", "yes" if bucket.get("in_allocator") else None),
              ("abort message", data.get("abort_message")), ("example core", bucket.get("example_core")),
-             ("example", f"trial {example['trial']}, h{example['host']} pid {example['pid']} at {example['t']:.2f} s"
+             ("example", f"trial {example['trial']}, h{example['host']} pid {example['pid']} at {clock(example['t'])}"
               if example else None)]
     lines += [f"<b>{esc(k)}</b> <code>{esc(v)}</code><br>" for k, v in facts if v not in (None, "", " ")]
     lines.append("</p>")

@@ -15,9 +15,9 @@ import matplotlib.pyplot as plt
 import pytest
 
 from conftest import HARNESS, run_dir_of, write_scenario
-from harness.htmlreport import (MAX_POINTS, PlotContext, TimeAxis, TrialData, Window, anchor, bucket_detail,
-                                bucket_table, decimate, fault_windows, plot_latency, plot_load, runs_of, split_source,
-                                svg_of, write_html_report)
+from harness.htmlreport import (MAX_POINTS, PlotContext, TimeAxis, TrialData, anchor, bucket_detail, bucket_table,
+                                clock, decimate, fault_windows, label_rows, plot_latency, plot_load, runs_of,
+                                split_source, svg_of, trend_table, trend_verdict, write_html_report)
 
 # Three estats hosts under a heap budget: the spike makes malloc fail, estats dereferences the NULL
 # stats block, hosts crash and restart (a cascade); a host-loss kill early on gives a down_for window.
@@ -139,7 +139,33 @@ def test_anchor_and_source_helpers() -> None:
     assert split_source("weird") == ("weird", "")
 
 
+def test_phase_labels_close_together_go_up_a_line_and_clock_reads_long_times() -> None:
+    # an 8-hour night: evening 0, late 3h, midnight 4h, after 4h10m -> "after" must not overlap "midnight"
+    assert label_rows([0, 3 / 8, 4 / 8, (4 + 1 / 6) / 8]) == [0, 0, 0, 1]
+    assert label_rows([0.0, 0.01, 0.02, 0.03, 0.5]) == [0, 1, 2, 2, 0]
+    assert clock(36.964) == "36.96 s" and clock(28230.5) == "7:50:30"
+
+
 HOSTILE = '<script>alert("x")</script>'
+
+
+def _fit(verdict: str, text: str) -> dict:
+    return {"slope": 3.2 * 2**20, "low": 3.0 * 2**20, "high": 3.4 * 2**20, "unit": "bytes", "verdict": verdict,
+            "text": text, "series": 4, "too_short": 0}
+
+
+def test_trend_table_shows_each_variants_verdicts_escaped() -> None:
+    trends = {"metrics": ["rss", "heap"], "settings": {"confidence": 0.95},
+              "variants": {HOSTILE: {"series": 4, "metrics": {"rss": _fit("leaks", "leaks 3.2 MiB/h"), "heap": None}},
+                           "b": {"series": 2, "metrics": {"rss": _fit("flat", "flat"), "heap": None}}},
+              "harness": {"metrics": {"rss": None}}}
+    table = trend_table(trends)
+    assert 'id="trends"' in table and "<script" not in table and "&lt;script&gt;" in table
+    assert "leaks 3.2 MiB/h" in table and "+3.2MiB/h [+3MiB, +3.4MiB]" in table
+    assert trend_verdict(trends, HOSTILE, "rss") == "leaks 3.2 MiB/h"
+    assert trend_verdict(trends, HOSTILE, "heap") == "" and trend_verdict(None, "b", "rss") == ""
+    assert "trends unavailable: ValueError: &lt;bad&gt;" in trend_table({"error": "ValueError: <bad>"})
+    assert trend_table(None) == ""
 
 
 def _bucket(**over: object) -> dict:
@@ -301,6 +327,7 @@ def test_browser_sees_the_bucket_table_with_working_anchors(dom: tuple[_Dom, str
         command = section.split("<pre>")[1].split("</pre>")[0]
         assert command.startswith("harness crashes ") and command.endswith(" " + link[len("#bucket-"):])
     assert parsed.by_id("expectations") is not None
+    assert parsed.by_id("trends") is not None            # harness.trends verdicts (too short in 15 s)
 
 
 def test_screenshot_of_the_page(page: Path, tmp_path: Path) -> None:
