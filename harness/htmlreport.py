@@ -503,6 +503,7 @@ def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
             panel_ax.plot(xs, ys, color=color, linewidth=0.9, label=f"h{host}")
         _decorate(panel_ax, ctx, trial.gaps, label_phases=False)
         verdict = trend_verdict(ctx.trends, trial.variant, TREND_METRIC[key])
+        verdict = "" if verdict.startswith("too short") else verdict   # the table says why; titles stay short
         panel_ax.set_title(title + (f" — {verdict}" if verdict else ""), loc="left", fontsize=9,
                            color="#b00000" if verdict.startswith("leaks") else "black")
         panel_ax.set_ylim(bottom=0)
