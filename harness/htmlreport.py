@@ -3,9 +3,10 @@
 Pure reads of the store, like `harness report`: any past, interrupted or killed run can be drawn.
 `write_html_report(run_dir)` writes `run_dir/report.html`; docs/html-report.md describes the page.
 
-The page has, per trial (variant × repeat) side by side: offered vs achieved load, the cascade
-(hosts alive, crashes per second, each host's down time, fault windows and phases), latency
-percentiles, and memory per host; then the crash buckets with each bucket's backtrace.
+The page has the run's header and expectations, then per trial (variant × repeat) side by side: the
+cascade (hosts alive, crashes per second, each host's down time, fault windows and phases), offered
+vs achieved load, latency percentiles, memory per host with trend verdicts; then the crash buckets
+with each bucket's backtrace.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import re
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,17 +33,17 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.report import build_report  # noqa: E402
-from harness.units import format_duration  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
+from harness.units import format_duration  # noqa: E402
 
-MAX_POINTS = 800            # per series and plot: an 8-hour run still draws in well under a second
+MAX_POINTS = 800            # per series and plot: about a point per pixel; an 8-hour page stays ~1.5 MB
 HOST_POINTS_BUDGET = 6000   # per memory panel, shared by the hosts (64 hosts get ~90 points each)
 MAX_LANE_SEGMENTS = 400     # down-time bars per host lane; shorter gaps between them are merged
 MAX_FRAMES = 30             # backtrace frames shown per bucket
 MAX_LANES = 64              # host lanes in the cascade plot (real fleets have at most 64 hosts)
 MAX_CRASH_MARKS = 3000      # crosses on the host lanes
 
-Reduce = Literal["mean", "max", "min", "last"]
+Reduce = Literal["mean", "max", "min"]
 
 STATE_COLORS = {"down": "#d62728", "starting": "#ff9896", "paused": "#9467bd", "ejected": "#ff7f0e",
                 "stopped": "#7f7f7f"}
@@ -59,8 +60,8 @@ def decimate(t: Sequence[float], values: Sequence[float | None], max_points: int
              how: Reduce = "mean", spans: Sequence[float] | None = None) -> tuple[list[float], list[float]]:
     """At most `max_points` points, by merging samples into equal-time buckets (rows may cover
     different spans: per-second rows, then per-minute roll-ups). `how` says what a merged point
-    keeps: the span-weighted mean (rates), the max (latency: spikes must stay visible), the min
-    (hosts alive: the worst moment), or the last value (memory). None (no data) becomes NaN and is
+    keeps: the span-weighted mean (rates), the max (latency and memory: spikes must stay visible), or
+    the min (hosts alive: the worst moment). None (no data) becomes NaN and is
     skipped inside a bucket; a bucket with no data is NaN, so lines break there."""
     ts = [float(x) for x in t]
     vs = [math.nan if v is None else float(v) for v in values]
@@ -86,8 +87,6 @@ def _reduce(values: list[float], weights: list[float], how: Reduce) -> float:
         return max(values)
     if how == "min":
         return min(values)
-    if how == "last":
-        return values[-1]
     total = sum(weights)
     return sum(v * w for v, w in zip(values, weights)) / total if total else sum(values) / len(values)
 
@@ -684,7 +683,8 @@ def _resolution_note(ctx: PlotContext) -> str:
             f"crashes are counted per {_fmt_seconds(ctx.crash_bin)}.</p>")
 
 
-def _plot_section(key: str, title: str, trials: list[TrialData], ctx: PlotContext, plot: Any, note: str,
+def _plot_section(key: str, title: str, trials: list[TrialData], ctx: PlotContext,
+                  plot: Callable[[TrialData, PlotContext], Figure], note: str,
                   extra: str = "") -> str:
     cells = []
     for trial in trials:
