@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     report.add_argument("--json", action="store_true", help="the stable JSON schema (docs/report-json.md)")
     report.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
+    report.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                        help="write the HTML report (default RUN/report.html) and print its path instead of the "
+                             "text summary (with --json, the path goes to stderr)")
     report.add_argument("--results", type=Path, default=Path("results"))
     return parser
 
@@ -227,11 +230,24 @@ def _report(args: argparse.Namespace) -> int:
         raise HarnessError(str(exc)) from None
     report, expectations = _judge(run_dir)
     _write_junit(args.junit, report, expectations)
+    html_path = _write_html(run_dir, args.html, report) if args.html is not None else None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
+        if html_path is not None:
+            print(html_path, file=sys.stderr)
+    elif html_path is not None:
+        print(html_path)
     else:
         print(render_text(report, expectations))
     return EXIT_EXPECTATION if any(not e["held"] for e in expectations) else EXIT_OK
+
+
+def _write_html(run_dir: Path, target: str, report: dict[str, Any]) -> Path:
+    from harness.htmlreport import write_html_report
+    try:
+        return write_html_report(run_dir, Path(target) if target else None, report=report)
+    except OSError as exc:
+        raise HarnessError(f"cannot write {target or run_dir / 'report.html'}: {exc.strerror or exc}") from None
 
 
 def _size_arg(text: str) -> int:

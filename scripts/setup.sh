@@ -4,7 +4,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-debs=(gcc make libc6-dev gdb elfutils zstd libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 fiu-utils python3-venv)
+# chromium + fonts: the HTML report's test renders the page in a real headless browser.
+debs=(gcc make libc6-dev gdb elfutils zstd libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 fiu-utils python3-venv
+      chromium fonts-dejavu-core)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
