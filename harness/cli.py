@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ def _duration_arg(text: str) -> float:
         return units.parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _html_default() -> bool:
+    """Writing the page costs a few seconds (matplotlib): a caller running many short runs (a test
+    suite) may turn it off with HARNESS_HTML=off."""
+    return os.environ.get("HARNESS_HTML", "on").lower() not in ("off", "0", "no", "false")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
         command.add_argument("--metrics", metavar="ADDR:PORT",
                          help="serve Prometheus /metrics here during the run (e.g. 127.0.0.1:9108)")
+        command.add_argument("--html", action=argparse.BooleanOptionalAction, default=_html_default(),
+                             help="write RUN/report.html at the end (default: on; HARNESS_HTML=off turns it off)")
         command.add_argument("--rollup-after", type=_duration_arg, default=3600.0, metavar="DURATION",
                          help="keep per-second samples for this long, then one row per --rollup-every (default 1h)")
         command.add_argument("--rollup-every", type=_duration_arg, default=60.0, metavar="DURATION",
@@ -61,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--quiet", action="store_true", help="no live status line")
     resume.add_argument("--junit", type=Path, help="also write JUnit XML")
     resume.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus /metrics here")
+    resume.add_argument("--html", action=argparse.BooleanOptionalAction, default=_html_default(),
+                        help="write RUN/report.html at the end (default: on)")
 
     compare = sub.add_parser("compare", help="compare the variants of one or more runs, with statistics")
     compare.add_argument("runs", nargs="+", help="results/<run-id> directories, run ids, or 'latest'")
@@ -421,6 +432,12 @@ def _verdict(result: Any, args: argparse.Namespace, soak: bool = False) -> int:
         print(render_text(report, expectations))
         if soak:
             print(_render_soak(report, regressions))
+    if args.html:
+        try:
+            path = _write_html(result.run_dir, "", report)
+            print(f"html report: {path}", file=sys.stderr if args.json else sys.stdout)
+        except Exception as exc:  # the page is a view: its failure must not cost the run's verdict
+            print(f"harness: warning: the HTML report was not written: {exc}", file=sys.stderr)
     if result.signal is not None:
         return 128 + result.signal
     if result.failed_trials:

@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = [sys.executable, "-m", "harness"]
+# The HTML page costs seconds per run; tests that check it ask for it with --html.
+os.environ.setdefault("HARNESS_HTML", "off")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ fleet: {hosts: 2, balancer: least-loaded}
 load:
   - {hold: {rate: 400, for: 1h}}
 faults:
-  - {kind: alloc-fail, mode: budget, budget: 300KiB}
+  - {kind: alloc-fail, mode: budget, budget: 160KiB}
 variants:
   - {name: stable}
   - {name: new-build, args: {--estats: "@ESTATS@"}}
@@ -32,17 +32,20 @@ variants:
 
 def _soak(tmp_path: Path, estats: str, *extra: str) -> subprocess.CompletedProcess[str]:
     scenario = write_scenario(tmp_path, NIGHT.replace("@ESTATS@", estats))
-    return subprocess.run([*HARNESS, "soak", str(scenario), "--duration", "5s", "--out", "results", "--quiet",
+    return subprocess.run([*HARNESS, "soak", str(scenario), "--duration", "6s", "--out", "results", "--quiet",
                            *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def test_a_new_bucket_against_the_last_good_night_fails_the_soak(targets: Path, tmp_path: Path) -> None:
     # The first night has nothing to compare with: it says so and passes.
-    first = _soak(tmp_path, "off", "--baseline", "latest-good")
+    first = _soak(tmp_path, "off", "--baseline", "latest-good", "--html")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "no baseline" in first.stdout
     assert "trends:" in first.stdout
     (good,) = (tmp_path / "results").iterdir()
+    # The page is written at the end of the run, and says where.
+    assert (good / "report.html").stat().st_size > 10_000
+    assert f"html report: {good.resolve() / 'report.html'}" in first.stdout
     assert query(good, "SELECT exit_code FROM runs")[0]["exit_code"] == 0
 
     # Tonight's build turns estats on: the unchecked allocation crashes under the heap budget.
