@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import trio
 
 from harness.errors import HarnessError
-from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, wait_exit
+from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Target
 
 
@@ -284,6 +284,7 @@ class FleetSupervisor:
                 _last_line(host.stderr)
         with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
             await self._record_exit(host, child, info)
+        await sweep(child)  # what escaped the group (setsid) goes with its incarnation, before any restart
         return info
 
     async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:

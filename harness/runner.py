@@ -191,6 +191,9 @@ class Run:
             phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to) for p in scenario.load.phases],
             pid=os.getpid())
         spawner = Spawner()
+        if spawner.orphans_killed:
+            print(f"harness: warning: killed {len(spawner.orphans_killed)} leftover processes of a harness that was "
+                  f"killed (pids {' '.join(map(str, spawner.orphans_killed))})", file=sys.stderr)
         aborted = False
         try:
             async with trio.open_nursery() as outer:
