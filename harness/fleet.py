@@ -147,6 +147,7 @@ class FleetSupervisor:
         self.listener = listener
         self.on_crash = on_crash
         self.first_start_failed: str | None = None
+        self.first_start_failed_dir: Path | None = None   # the failing host's folder (its logs)
         self._fewest_alive: int | None = None   # since the sampler last looked
         self._ready_once = [trio.Event() for _ in hosts]
 
@@ -251,6 +252,7 @@ class FleetSupervisor:
             self.recorder.event("start-failed", host.index, error=message)
             if host.incarnation == 1:
                 self.first_start_failed = message
+                self.first_start_failed_dir = host.dir
             host.state = State.DOWN
             return None
         host.child = child
@@ -282,6 +284,7 @@ class FleetSupervisor:
                 and host.kill_expected is None:
             self.first_start_failed = f"{host.name} {info.describe()} before accepting connections" + \
                 _last_line(host.stderr)
+            self.first_start_failed_dir = host.dir
         with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
             await self._record_exit(host, child, info)
         await sweep(child)  # what escaped the group (setsid) goes with its incarnation, before any restart
@@ -307,6 +310,7 @@ class FleetSupervisor:
         if host.incarnation == 1 and self.first_start_failed is None:
             self.first_start_failed = (f"{host.name} did not accept connections on port {port} within "
                                        f"{self.target.ready.timeout:g}s")
+            self.first_start_failed_dir = host.dir
         host.kill_expected = "ready-timeout"
         child.signal_group(signal.SIGKILL)
 

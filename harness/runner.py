@@ -263,7 +263,7 @@ class Run:
                     await supervisor.wait_all_started()
                 if supervisor.first_start_failed:
                     raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
-                                       f"(see {hosts[0].stderr.parent}/)")
+                                       f"(see {supervisor.first_start_failed_dir or hosts[0].dir}/)")
                 # Start-up garbage is long-lived: freeze it so collections during the load stay short.
                 gc.collect()
                 gc.freeze()
