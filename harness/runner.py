@@ -396,6 +396,9 @@ class Run:
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
             proofs = await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
+            # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
+            # taken these counters and the hosts are stopping, so this second must not be recorded.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_proofs(recorder, proofs)
             counters = driver.swap_counters()
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
