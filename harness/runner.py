@@ -591,7 +591,12 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
                 keep = max_bytes // 2
                 with open(log, "rb") as source, open(log.with_name(log.name + ".1"), "wb") as rotated:
                     source.seek(max(0, size - keep))
-                    rotated.write(source.read(keep))
+                    while keep > 0:  # in chunks: a large log_max must not become the harness's memory
+                        chunk = source.read(min(keep, 1 << 20))
+                        if not chunk:
+                            break
+                        rotated.write(chunk)
+                        keep -= len(chunk)
                 os.truncate(log, 0)
             except OSError:
                 continue
