@@ -10,7 +10,8 @@
  * Flags:
  *   --port P            TCP port (required; 0 = any free port)
  *   --host ADDR         numeric address to bind (default 127.0.0.1)
- *   --ignore-sigterm    SIGTERM's handler only says so on stderr (SIGINT still exits 0)
+ *   --ignore-sigterm    SIGTERM is only reported on stderr, with the wall-clock time it
+ *                       arrived (SIGINT still exits 0)
  *   --fork-children N   after listening, fork N children that stay in the
  *                       process group and serve the same socket (prefork);
  *                       they never set a parent-death signal
@@ -60,13 +61,14 @@ struct conn {
 static struct conn *conns[MAX_CONNS];
 
 static void on_stop(int sig) { (void)sig; stopping = 1; }
+static volatile sig_atomic_t term_ignored;
+static struct timespec term_at; /* when it arrived, taken in the handler; the loop reports it */
+
 static void on_ignore(int sig)
 {
-    static const char msg[] = "unruly-server: SIGTERM ignored\n"; /* so a test sees it arrived */
     (void)sig;
-    if (write(2, msg, sizeof msg - 1) < 0) {
-        /* nothing to do in a signal handler */
-    }
+    clock_gettime(CLOCK_REALTIME, &term_at); /* async-signal-safe */
+    term_ignored = 1;
 }
 
 static void handle(int sig, void (*fn)(int))
@@ -197,6 +199,11 @@ static int serve(int lfd, int do_flood, double exit_at, int exit_code)
     struct pollfd pfd[MAX_CONNS + 1];
     int idx[MAX_CONNS + 1];
     while (!stopping) {
+        if (term_ignored) { /* so a test can tell how long the supervisor waited before SIGKILL */
+            term_ignored = 0;
+            fprintf(stderr, "%s: pid %d: SIGTERM ignored (at %lld.%09ld)\n", prog, (int)getpid(),
+                    (long long)term_at.tv_sec, term_at.tv_nsec);
+        }
         double left = exit_at > 0 ? exit_at - now_s() : -1;
         if (exit_at > 0 && left <= 0) {
             fprintf(stderr, "%s: --exit-after reached, exiting with code %d\n", prog, exit_code);
