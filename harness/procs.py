@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import resource
 import signal
@@ -32,6 +33,7 @@ from harness import reaper
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_spawners = itertools.count(1)  # tags stay distinct when one process has several spawners
 
 
 def _child_setup(parent_pid: int) -> None:
@@ -71,11 +73,11 @@ class Spawner:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-spawner")
         self._parent = os.getpid()
-        self._owner = reaper.owner_id()
+        self._prefix = f"{reaper.owner_id()}/{next(_spawners)}"
         self._serial = 0
         # Leftovers of harnesses killed with their watchdog (kill -9 of both): nobody else will.
         self.orphans_killed = reaper.kill_orphans()
-        self._watchdog, self._watch_fd = _start_watchdog(self._owner)
+        self._watchdog, self._watch_fd = _start_watchdog(self._prefix)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -84,7 +86,7 @@ class Spawner:
 
     def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
         self._serial += 1
-        tag = f"{self._owner}/{self._serial}"
+        tag = f"{self._prefix}/{self._serial}"
         env = {**env, reaper.TAG_VAR: tag}
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out_fd = os.open(stdout, flags, 0o644)
@@ -158,14 +160,14 @@ async def stop(child: Child, grace: float) -> int:
         return status
 
 
-def _start_watchdog(owner: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
     """The watchdog reads a pipe whose only writer is this process: when the harness dies, even by
     SIGKILL, the pipe closes and the watchdog kills what the harness left. Its own session keeps
     it out of a ^C or a kill of the harness's process group."""
     read_fd, write_fd = os.pipe()  # not inheritable: no target holds the write end open
     try:
         watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper.__file__, owner], stdin=read_fd, stdout=subprocess.DEVNULL,
+            [sys.executable, "-I", "-S", reaper.__file__, prefix], stdin=read_fd, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
     except OSError:
         os.close(write_fd)

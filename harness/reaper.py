@@ -3,13 +3,14 @@
 A host's process group does not hold everything: a target may setsid() a child out of it (a
 daemonising helper), and when the harness is killed with SIGKILL only the direct child gets the
 parent-death signal, so the rest of its group lives on, reparented to init. What those processes
-keep is their environment: every process the spawner starts carries HARNESS_PROCESS_TAG=OWNER/N
-(OWNER names the harness: pid namespace, pid, start time; N the spawn), and children inherit it.
+keep is their environment: every process a spawner starts carries HARNESS_PROCESS_TAG=OWNER/S/N
+(OWNER names the harness: pid namespace, pid, start time; S the spawner, N the spawn), and children
+inherit it.
 Three sweeps use it:
 - after a host's leader is reaped: whatever still carries its tag (escaped the group) is killed;
 - the watchdog (this file run as a script, one per harness, in its own session): it blocks on a
   pipe from the harness; when the harness dies, however it dies, the kernel closes the pipe and
-  the watchdog kills everything tagged with that harness's OWNER;
+  the watchdog kills everything tagged by its spawner (OWNER/S);
 - at the start of a run: processes tagged by a harness that no longer runs (harness and watchdog
   both killed) are killed.
 A process that clears its environment (execve with a fresh one) escapes all three.
@@ -127,9 +128,9 @@ def kill_spawn(tag: str) -> list[int]:
     return kill_tagged(lambda found: found == tag)
 
 
-def kill_owned(owner: str) -> list[int]:
-    """Everything any spawn of one harness left."""
-    return kill_tagged(lambda found: found.startswith(owner + "/"))
+def kill_owned(prefix: str) -> list[int]:
+    """Everything left by any spawn of one harness (OWNER) or of one of its spawners (OWNER/S)."""
+    return kill_tagged(lambda found: found.startswith(prefix + "/"))
 
 
 def kill_orphans() -> list[int]:
@@ -145,12 +146,12 @@ def kill_orphans() -> list[int]:
     return kill_tagged(orphaned)
 
 
-def watch(owner: str) -> None:
+def watch(prefix: str) -> None:
     """Block until stdin (a pipe from the harness) closes, then kill what the harness left."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the harness, which stops its hosts itself
     while os.read(0, 4096):
         pass
-    kill_owned(owner)
+    kill_owned(prefix)
 
 
 if __name__ == "__main__":

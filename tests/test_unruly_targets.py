@@ -398,7 +398,7 @@ def test_reaper_kills_only_tagged_processes_of_dead_owners(tmp_path: Path) -> No
     namespace, pid, start = me.split(".")
     dead = f"{namespace}.{pid}.{int(start) + 1}"          # this pid, another start time: a reused pid
     elsewhere = f"not-{namespace}.{pid}.{int(start) + 1}"  # another pid namespace: cannot be judged
-    tags = {"live": f"{me}/1", "dead": f"{dead}/1", "elsewhere": f"{elsewhere}/1", "untagged": None}
+    tags = {"live": f"{me}/1/1", "dead": f"{dead}/1/1", "elsewhere": f"{elsewhere}/1/1", "untagged": None}
     procs = {}
     try:
         for name, tag in tags.items():
@@ -411,8 +411,9 @@ def test_reaper_kills_only_tagged_processes_of_dead_owners(tmp_path: Path) -> No
         reaper.kill_orphans()
         assert procs["dead"].wait(timeout=10) == -signal.SIGKILL
         assert all(procs[n].poll() is None for n in ("live", "elsewhere", "untagged"))
-        assert reaper.kill_spawn(f"{me}/2") == []  # another spawn of a live owner: untouched
-        assert reaper.kill_owned(me) == [procs["live"].pid]
+        assert reaper.kill_spawn(f"{me}/1/2") == []  # another spawn of a live owner: untouched
+        assert reaper.kill_owned(f"{me}/2") == []  # another spawner of a live owner: untouched
+        assert reaper.kill_owned(f"{me}/1") == [procs["live"].pid]
         assert procs["live"].wait(timeout=10) == -signal.SIGKILL
     finally:
         for proc in procs.values():
