@@ -157,7 +157,7 @@ async def stop(child: Child, grace: float) -> int:
                 child.signal_group(signal.SIGKILL)
         status = await wait_exit(child)  # at once when already reaped
         await sweep(child)
-        return status
+    return status
 
 
 def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
@@ -167,7 +167,7 @@ def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | 
     read_fd, write_fd = os.pipe()  # not inheritable: no target holds the write end open
     try:
         watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper.__file__, prefix], stdin=read_fd, stdout=subprocess.DEVNULL,
+            [sys.executable, "-I", "-S", reaper.SCRIPT, prefix], stdin=read_fd, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
     except OSError:
         os.close(write_fd)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 
 TAG_VAR = "HARNESS_PROCESS_TAG"
+SCRIPT = os.path.abspath(__file__)  # what the watchdog runs
 _TAG_PREFIX = TAG_VAR.encode() + b"="
 
 
