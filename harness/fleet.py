@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import trio
 
 from harness.errors import HarnessError
-from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, wait_exit
+from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Target
 
 
@@ -147,6 +147,7 @@ class FleetSupervisor:
         self.listener = listener
         self.on_crash = on_crash
         self.first_start_failed: str | None = None
+        self.first_start_failed_dir: Path | None = None   # the failing host's folder (its logs)
         self._fewest_alive: int | None = None   # since the sampler last looked
         self._ready_once = [trio.Event() for _ in hosts]
 
@@ -251,6 +252,7 @@ class FleetSupervisor:
             self.recorder.event("start-failed", host.index, error=message)
             if host.incarnation == 1:
                 self.first_start_failed = message
+                self.first_start_failed_dir = host.dir
             host.state = State.DOWN
             return None
         host.child = child
@@ -282,8 +284,10 @@ class FleetSupervisor:
                 and host.kill_expected is None:
             self.first_start_failed = f"{host.name} {info.describe()} before accepting connections" + \
                 _last_line(host.stderr)
+            self.first_start_failed_dir = host.dir
         with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
             await self._record_exit(host, child, info)
+        await sweep(child)  # what escaped the group (setsid) goes with its incarnation, before any restart
         return info
 
     async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:
@@ -306,6 +310,7 @@ class FleetSupervisor:
         if host.incarnation == 1 and self.first_start_failed is None:
             self.first_start_failed = (f"{host.name} did not accept connections on port {port} within "
                                        f"{self.target.ready.timeout:g}s")
+            self.first_start_failed_dir = host.dir
         host.kill_expected = "ready-timeout"
         child.signal_group(signal.SIGKILL)
 

@@ -8,23 +8,32 @@
 - Exits are awaited through a pidfd (no SIGCHLD handler, no polling) and reaped with waitpid,
   which keeps the raw status: signal number and whether a core was dumped.
 - RLIMIT_CORE is raised in the child so crashes leave cores in the host's directory.
+- What leaves the group (setsid) or outlives a SIGKILLed harness (the leader's children: the
+  parent-death signal is not inherited) is found by the tag every spawn carries in its
+  environment and killed: after each exit, by a watchdog process when the harness dies, and at
+  the next start (see harness/reaper.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import resource
 import signal
 import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from harness import reaper
+
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_spawners = itertools.count(1)  # tags stay distinct when one process has several spawners
 
 
 def _child_setup(parent_pid: int) -> None:
@@ -45,6 +54,7 @@ class Child:
     popen: subprocess.Popen[bytes]
     reaped: bool = False
     status: int | None = None
+    tag: str = ""            # reaper.TAG_VAR in its environment, inherited by all it forks
 
     def signal_group(self, sig: int) -> bool:
         """Signal the whole process group; False when it is already gone."""
@@ -63,11 +73,21 @@ class Spawner:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-spawner")
         self._parent = os.getpid()
+        self._prefix = f"{reaper.owner_id()}/{next(_spawners)}"
+        self._serial = 0
+        # Leftovers of harnesses killed with their watchdog (kill -9 of both): nobody else will.
+        self.orphans_killed = reaper.kill_orphans()
+        self._watchdog, self._watch_fd = _start_watchdog(self._prefix)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        _stop_watchdog(self._watchdog, self._watch_fd)
+        self._watchdog, self._watch_fd = None, None
 
     def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
+        self._serial += 1
+        tag = f"{self._prefix}/{self._serial}"
+        env = {**env, reaper.TAG_VAR: tag}
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out_fd = os.open(stdout, flags, 0o644)
         err_fd = os.open(stderr, flags, 0o644)
@@ -79,7 +99,7 @@ class Spawner:
         finally:
             os.close(out_fd)
             os.close(err_fd)
-        return Child(pid=popen.pid, popen=popen)
+        return Child(pid=popen.pid, popen=popen, tag=tag)
 
     async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
         token = trio.lowlevel.current_trio_token()
@@ -116,16 +136,56 @@ async def wait_exit(child: Child) -> int:
     return status
 
 
+async def sweep(child: Child) -> None:
+    """Kill what left the child's process group (setsid) and still carries its tag. Separate from
+    wait_exit, which must return at once: the caller tells the balancer first."""
+    if child.tag:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(reaper.kill_spawn, child.tag)
+
+
 async def stop(child: Child, grace: float) -> int:
-    """SIGTERM the group (resuming it if paused), SIGKILL after `grace`; always reaps."""
+    """SIGTERM the group (resuming it if paused), SIGKILL after `grace`; always reaps, then kills
+    what escaped the group."""
     with trio.CancelScope(shield=True):
         if not child.reaped:
             child.signal_group(signal.SIGCONT)
             child.signal_group(signal.SIGTERM)
             with trio.move_on_after(grace):
-                return await wait_exit(child)
-            child.signal_group(signal.SIGKILL)
-        return await wait_exit(child)
+                await wait_exit(child)
+            if not child.reaped:
+                child.signal_group(signal.SIGKILL)
+        status = await wait_exit(child)  # at once when already reaped
+        await sweep(child)
+    return status
+
+
+def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+    """The watchdog reads a pipe whose only writer is this process: when the harness dies, even by
+    SIGKILL, the pipe closes and the watchdog kills what the harness left. Its own session keeps
+    it out of a ^C or a kill of the harness's process group."""
+    read_fd, write_fd = os.pipe()  # not inheritable: no target holds the write end open
+    try:
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", reaper.SCRIPT, prefix], stdin=read_fd, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
+    except OSError:
+        os.close(write_fd)
+        return None, None  # degraded: the sweeps after each exit and at the next start remain
+    finally:
+        os.close(read_fd)
+    return watchdog, write_fd
+
+
+def _stop_watchdog(watchdog: subprocess.Popen[bytes] | None, write_fd: int | None) -> None:
+    if write_fd is not None:
+        os.close(write_fd)  # EOF: it sweeps (nothing left by now) and exits
+    if watchdog is not None:
+        try:
+            watchdog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
 
 
 def _returncode(status: int) -> int:

@@ -216,6 +216,9 @@ class Run:
                 await self._store_call(self.store.set_meta, "invocation", self.options.invocation.to_json())
         self.metrics.hosts.set(scenario.fleet.hosts)
         spawner = Spawner()
+        if spawner.orphans_killed:
+            print(f"harness: warning: killed {len(spawner.orphans_killed)} leftover processes of a harness that was "
+                  f"killed (pids {' '.join(map(str, spawner.orphans_killed))})", file=sys.stderr)
         aborted = False
         try:
             async with trio.open_nursery() as outer:
@@ -318,7 +321,7 @@ class Run:
                     await supervisor.wait_all_started()
                 if supervisor.first_start_failed:
                     raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
-                                       f"(see {hosts[0].stderr.parent}/)")
+                                       f"(see {supervisor.first_start_failed_dir or hosts[0].dir}/)")
                 # Start-up garbage is long-lived: freeze it so collections during the load stay short.
                 gc.collect()
                 gc.freeze()
@@ -456,6 +459,9 @@ class Run:
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
             proofs = await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
+            # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
+            # taken these counters and the hosts are stopping, so this second must not be recorded.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_proofs(recorder, proofs)
             counters = driver.swap_counters()
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
@@ -658,7 +664,12 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
                 keep = max_bytes // 2
                 with open(log, "rb") as source, open(log.with_name(log.name + ".1"), "wb") as rotated:
                     source.seek(max(0, size - keep))
-                    rotated.write(source.read(keep))
+                    while keep > 0:  # in chunks: a large log_max must not become the harness's memory
+                        chunk = source.read(min(keep, 1 << 20))
+                        if not chunk:
+                            break
+                        rotated.write(chunk)
+                        keep -= len(chunk)
                 os.truncate(log, 0)
             except OSError:
                 continue
