@@ -268,7 +268,8 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
             if len(trial["crashes_by_host"]) > 16:
                 by_host = f"{len(trial['crashes_by_host'])} hosts"
             out.append(f"crashes: {trial['crashes_total']} ({by_signal}; {by_host})")
-            crash_rows = [[f"{c['t']:.2f}", c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"], c["crash_class"] or "-",
+            crash_rows = [[f"{c['t']:.2f}", c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
+                           c["crash_class"] or "-",
                            c["bucket"] or "-", "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s",
                            f"{c['offered_rate']:.0f}", c["hosts_alive"]] for c in trial["crashes"][:20]]
             out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
@@ -278,7 +279,8 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
         else:
             out.append("crashes: none")
         if trial.get("groups"):
-            out.append("groups: " + "; ".join(f"{name} ({g['hosts']} hosts): sent {g['sent']}, ok {g['ok']}, "
+            out.append("groups: " + "; ".join(f"{name} ({g['hosts']} host{'s' if g['hosts'] != 1 else ''}): "
+                                              f"sent {g['sent']}, ok {g['ok']}, "
                                               f"errors {g['errors']}, crashes {g['crashes']}"
                                               for name, g in trial["groups"].items()))
         segments = [f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"]]
