@@ -660,7 +660,8 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
     O_APPEND descriptor, the newest half of the cap moves to <log>.1, the log restarts empty.
     A target that floods its output costs disk and a little CPU, never the harness's memory."""
     for host in hosts:
-        limit = host.target.log_max if host.target else max_bytes   # a group may set its own
+        target = getattr(host, "target", None)        # a fleet group may set its own log_max
+        limit = target.log_max if target is not None else max_bytes
         for log in (host.stdout, host.stderr):
             try:
                 size = log.stat().st_size
