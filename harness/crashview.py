@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.store import open_run
+from harness.store import RunStore, open_run
 
 
 def render_buckets(report: dict[str, Any]) -> str:
@@ -22,12 +22,23 @@ def render_buckets(report: dict[str, Any]) -> str:
     return tabulate(rows, headers=["bucket", "variant", "crashes", "class", "signature", "hosts", "cores kept"])
 
 
+def _host_names(store: RunStore) -> dict[tuple[int, int], str]:
+    """(trial, host index) -> name, for a mixed fleet's hosts (estats-0); others are h<index>."""
+    names = {}
+    for row in store.query("SELECT trial, host, detail FROM events WHERE kind='start'"):
+        name = json.loads(row["detail"] or "{}").get("name")
+        if name:
+            names[(row["trial"], row["host"])] = name
+    return names
+
+
 def render_bucket(run_dir: Path, bucket: str) -> str | None:
     store = open_run(run_dir)
     try:
         rows = [dict(r) for r in store.query(
             "SELECT c.*, t.variant, x.bucket, x.data FROM crashes c JOIN trials t ON t.id = c.trial "
             "LEFT JOIN triage x ON x.uid = c.uid WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+        names = _host_names(store)
     finally:
         store.close()
     if not rows:
@@ -35,14 +46,16 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
     triaged = [json.loads(r["data"]) for r in rows]
     example_index = next((i for i, t in enumerate(triaged) if t.get("core_kept", True)), 0)
     example, row = triaged[example_index], rows[example_index]
-    hosts = ", ".join(sorted({"h" + str(r["host"]) for r in rows}))
+    def host_name(r: dict[str, Any]) -> str:
+        return names.get((r["trial"], r["host"]), f"h{r['host']}")
+    hosts = ", ".join(sorted({host_name(r) for r in rows}))
     variants = ", ".join(sorted({r["variant"] for r in rows}))
     out = [f"bucket {row['bucket']}: {example.get('crash_class')} — {example.get('class_detail', '')}",
            f"signature: {example.get('signature')}  (version {example.get('signature_version')}, "
            f"method {example.get('signature_method')}){'  [inside the allocator]' if example.get('in_allocator') else ''}",
            f"crashes: {len(rows)} on {hosts} (variants: {variants})",
            "",
-           f"example: host h{row['host']} pid {row['pid']} at t={row['t']:.2f}s, {example.get('signal_name')} "
+           f"example: host {host_name(row)} pid {row['pid']} at t={row['t']:.2f}s, {example.get('signal_name')} "
            f"({example.get('si_code_name')}), uptime {row['uptime']:.1f}s, offered {row['offered_rate']:.0f}/s, "
            f"{row['host_inflight']} requests in flight on the host",
            f"fault address: {example.get('fault_address')} (from {example.get('address_source')}; "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import socket
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -83,7 +83,9 @@ class HostLink:
 
 
 class Driver:
-    def __init__(self, target: Target, client: Client, ports: list[int], balancer: Balancer):
+    def __init__(self, target: Target, client: Client, ports: list[int], balancer: Balancer,
+                 expect_replies: Sequence[str | None] | None = None):
+        """`expect_replies`: each host's reply pattern, for a fleet of different kinds (default: the target's)."""
         self.target = target
         self.client = client
         self.balancer = balancer
@@ -91,7 +93,9 @@ class Driver:
         self.counters = Counters(len(ports))
         self.lag = new_histogram()                 # intended -> actual send, whole run (µs)
         self.terminator = target.terminator.encode()
-        self.reply_pattern = re.compile(target.expect_reply.encode()) if target.expect_reply else None
+        patterns = list(expect_replies) if expect_replies is not None else [target.expect_reply] * len(ports)
+        compiled = {p: re.compile(p.encode()) for p in set(patterns) if p}
+        self.reply_patterns = [compiled[p] if p else None for p in patterns]
         self.request_head, _, self.request_tail = target.request.partition("{key}")
         self._nursery: trio.Nursery | None = None
         self.finished_sending = False
@@ -329,13 +333,14 @@ class Driver:
                     continue
                 *replies, buffer = buffer.split(terminator)
                 counters = counters_of.counters
+                pattern = self.reply_patterns[conn.host]
                 for reply in replies:
                     if not conn.pending:
                         break  # a line nobody asked for (a banner): ignore
                     due, _sent = conn.pending.popleft()
                     self.inflight -= 1
                     self.balancer.finished(conn.host)
-                    if self.reply_pattern is not None and not self.reply_pattern.search(reply):
+                    if pattern is not None and not pattern.search(reply):
                         counters.bad_reply += 1
                         counters.host_errors[conn.host] += 1
                         continue

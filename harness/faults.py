@@ -41,11 +41,13 @@ def slot_for(fault: ShimFault, budget: int | None = None) -> FaultSlot:
 
 
 def fault_hosts(scenario: Scenario, fault: ShimFault) -> list[int]:
-    """Which hosts a fault applies to: all by default, else a seeded choice fixed for the run."""
-    count = fault.hosts.resolve(scenario.fleet.hosts)
-    if count >= scenario.fleet.hosts:
-        return list(range(scenario.fleet.hosts))
-    return sorted(stream(scenario.seed, f"shim-fault:{fault.index}").sample(range(scenario.fleet.hosts), count))
+    """Which hosts a fault applies to: all of its groups' (the whole fleet by default), or a seeded choice
+    among them fixed for the run."""
+    pool = scenario.hosts_in(fault.groups)
+    count = fault.hosts.resolve(len(pool))
+    if count >= len(pool):
+        return pool
+    return sorted(stream(scenario.seed, f"shim-fault:{fault.index}").sample(pool, count))
 
 
 def counters_summary(counters: ShimCounters) -> dict[str, Any]:

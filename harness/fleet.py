@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +19,8 @@ import trio
 
 from harness.errors import HarnessError
 from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
-from harness.scenario import Target
+from harness.scenario import Group, Target, Variant
+from harness.variants import apply_variant, variant_for_group
 
 
 class State(enum.Enum):
@@ -49,6 +50,8 @@ class Host:
     down_until: float = 0.0
     crashes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    group: str = ""                   # its fleet group ("" in a fleet without groups)
+    target: Target | None = None      # what it runs with (its group's target); None: the supervisor's
 
     @property
     def pid(self) -> int | None:
@@ -110,11 +113,15 @@ def render(template: str, values: dict[str, str]) -> str:
 
 
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
-               extra_env: dict[str, str]) -> list[Host]:
+               extra_env: dict[str, str], *, group: str = "", first: int = 0,
+               taken: set[int] | None = None) -> list[Host]:
+    """`count` hosts of one kind, numbered from `first` in the fleet. A group's hosts are named after it
+    (estats-0, estats-1: what the report shows), others h<index>; `taken` keeps ports distinct across calls."""
     hosts = []
-    taken: set[int] = set()
-    for index in range(count):
-        name = f"h{index}"
+    taken = set() if taken is None else taken
+    for number in range(count):
+        index = first + number
+        name = f"{group}-{number}" if group else f"h{index}"
         directory = hosts_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -132,7 +139,23 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         cwd = Path(render(target.cwd, values))
         if not cwd.is_absolute():
             cwd = target.root / cwd
-        hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd))
+        hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd,
+                          group=group, target=target))
+    return hosts
+
+
+def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path) -> list[Host]:
+    """Every group's hosts in fleet order, each with its group's target and what the variant changes there."""
+    hosts: list[Host] = []
+    taken: set[int] = set()
+    for group in groups:
+        applied = variant_for_group(variant, group.name)
+        argv, env = apply_variant(group.target, applied, group.target.command)
+        planned = plan_hosts(group.target, group.hosts, hosts_dir, tuple(argv), env, group=group.name,
+                             first=len(hosts), taken=taken)
+        for host in planned:
+            host.extra["allocator"] = applied.allocator   # what the proof of this host must show
+        hosts += planned
     return hosts
 
 
@@ -150,6 +173,10 @@ class FleetSupervisor:
         self.first_start_failed_dir: Path | None = None   # the failing host's folder (its logs)
         self._fewest_alive: int | None = None   # since the sampler last looked
         self._ready_once = [trio.Event() for _ in hosts]
+
+    def target_of(self, host: Host) -> Target:
+        """A host's own settings (ready, restart, stop_grace): its group's in a mixed fleet."""
+        return host.target or self.target
 
     def alive_count(self) -> int:
         return sum(1 for h in self.hosts if h.state in (State.UP, State.PAUSED, State.STARTING))
@@ -215,7 +242,7 @@ class FleetSupervisor:
     # --- the per-host loop ------------------------------------------------------------------
 
     async def _supervise(self, host: Host) -> None:
-        policy = self.target.restart
+        policy = self.target_of(host).restart
         try:
             while True:
                 delay = host.down_until - time.monotonic()
@@ -257,7 +284,8 @@ class FleetSupervisor:
             return None
         host.child = child
         host.started_at = time.monotonic()
-        self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv)
+        named = {"name": host.name, "group": host.group} if host.group else {}  # the report names grouped hosts
+        self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv, **named)
         status: int | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -272,7 +300,7 @@ class FleetSupervisor:
                 self.listener.host_gone(host)
             if status is None:  # cancelled: the run is stopping
                 with trio.CancelScope(shield=True):
-                    status = await stop(child, self.target.stop_grace)
+                    status = await stop(child, self.target_of(host).stop_grace)
                     stopped = ExitInfo.from_status(status)
                     self.recorder.event("stop", host.index, child.pid, how=stopped.describe())
                     # A target that dies of anything but our SIGTERM/SIGKILL while stopping (an abort in
@@ -291,10 +319,11 @@ class FleetSupervisor:
         return info
 
     async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:
-        port = int(render(self.target.ready.port, {"port": str(host.port)}))
-        deadline = trio.current_time() + self.target.ready.timeout
+        ready = self.target_of(host).ready
+        port = int(render(ready.port, {"port": str(host.port)}))
+        deadline = trio.current_time() + ready.timeout
         while trio.current_time() < deadline:
-            if await _tcp_accepts(port, self.target.ready.interval):
+            if await _tcp_accepts(port, ready.interval):
                 try:  # the real executable (argv[0] may be a wrapper or a name on PATH)
                     host.extra["exe"] = os.readlink(f"/proc/{child.pid}/exe")
                 except OSError:
@@ -305,11 +334,11 @@ class FleetSupervisor:
                 self._ready_once[host.index].set()
                 self.listener.host_ready(host)
                 return
-            await trio.sleep(self.target.ready.interval)
-        self.recorder.event("ready-timeout", host.index, child.pid, timeout=self.target.ready.timeout)
+            await trio.sleep(ready.interval)
+        self.recorder.event("ready-timeout", host.index, child.pid, timeout=ready.timeout)
         if host.incarnation == 1 and self.first_start_failed is None:
             self.first_start_failed = (f"{host.name} did not accept connections on port {port} within "
-                                       f"{self.target.ready.timeout:g}s")
+                                       f"{ready.timeout:g}s")
             self.first_start_failed_dir = host.dir
         host.kill_expected = "ready-timeout"
         child.signal_group(signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import errno as errno_module
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from harness.fields import (
 )
 from harness.loadshape import LoadShape, PhaseSpec
 from harness.scenario import (
-    ALLOCATORS, Client, Cores, Expectation, Fault, Fleet, HostLoss, HostSelection, Keys, Ready, Restart, Scenario,
-    ShimFault, Target, Variant, Window,
+    ALLOCATORS, Client, Cores, Expectation, Fault, Fleet, Group, HostLoss, HostSelection, Keys, Ready, Restart,
+    Scenario, ShimFault, Target, Variant, Window,
 )
 from harness.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
@@ -77,13 +78,14 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
                                        f"got {duration_override:g}s")
         else:
             duration = duration_override
-    target = _target(top, path)
-    fleet = _fleet(top)
+    group_names = _group_names(top)
+    target = _target(top, path, command_required=group_names is None)   # with groups, each group may give it
+    fleet = _fleet(top, target)
     load = _load(top, duration)
     client = _client(top)
     cores = _cores(top)
-    faults = _faults(top, fleet.hosts if fleet else 1)
-    variants = _variants(top)
+    faults = _faults(top, fleet, group_names)
+    variants = _variants(top, fleet, group_names)
     trials = top.get("trials", as_positive_int, default=1)
     # Phase names are checked against the load as written too: a shorter --duration that cuts a phase
     # off does not make the scenario invalid (that expectation just has no data in such a run).
@@ -143,9 +145,17 @@ def _templates_ok(reader: Reader, key: str | PathKey, argv: tuple[str, ...] | li
 
 # --- sections -----------------------------------------------------------------------------------
 
-def _target(top: Reader, path: Path) -> Target | None:
-    r = top.child("target", {"root", "build", "command", "protocol", "request", "terminator", "expect_reply",
-                             "ready", "restart", "env", "cwd", "stop_grace", "log_max"}, required=True)
+TARGET_KEYS = {"root", "build", "command", "protocol", "request", "terminator", "expect_reply", "ready", "restart",
+               "env", "cwd", "stop_grace", "log_max"}
+# What a fleet group may set for its own hosts; the rest of the target is the client's side, shared by
+# every host behind the one balancer (one request stream, one terminator).
+GROUP_OVERRIDES = {"build", "command", "env", "ready", "restart", "expect_reply", "cwd", "stop_grace", "log_max"}
+FLEET_WIDE = {"root", "protocol", "request", "terminator"}
+MAX_REAL_HOSTS = 512
+
+
+def _target(top: Reader, path: Path, command_required: bool = True) -> Target | None:
+    r = top.child("target", TARGET_KEYS, required=True)
     if not r.ok:
         return None
     root_text = r.get("root", as_str, default=".")
@@ -154,44 +164,53 @@ def _target(top: Reader, path: Path) -> Target | None:
     except (OSError, ValueError) as exc:
         r.problem(("root",), f"not a usable path: {exc}")
         root = path.parent
-    command = r.get("command", as_argv, required=True, default=None)
-    build = r.get("build", as_argv, default=None)
-    _templates_ok(r, "command", command)
+    if command_required and not r.has("command") and "command" not in r.misspelt:
+        r.problem(("command",), "missing required field 'command'")
     protocol = r.get("protocol", one_of("line"), default="line")
     request = r.get("request", as_str, default="GET {key}\n")
     if isinstance(request, str) and "\n" not in request and protocol == "line":
         r.problem(("request",), "a line request must end with a newline (write it as \"GET {key}\\n\")")
     terminator = r.get("terminator", as_str, default="\n")
-    expect_reply = r.get("expect_reply", as_str, default=None)
-    if expect_reply is not None:
+    base = Target(root=root, command=("?",), protocol=protocol, request=request, terminator=terminator)
+    return _host_settings(r, base)
+
+
+def _host_settings(r: Reader, base: Target) -> Target:
+    """The settings a host runs with (command, build, env, ready, restart...), each defaulting to `base`'s:
+    read for the target itself, and again for each fleet group over the target. env, ready and restart
+    merge key by key (a group's `restart: {backoff: 2s}` keeps the target's policy)."""
+    command = r.get("command", as_argv, default=base.command)
+    _templates_ok(r, "command", command)
+    expect_reply = r.get("expect_reply", as_str, default=base.expect_reply)
+    if expect_reply is not None and r.has("expect_reply"):
         try:
             re.compile(expect_reply)
         except (re.error, OverflowError, RecursionError) as exc:
             r.problem(("expect_reply",), f"not a valid regular expression: {exc}")
     ready_r = r.child("ready", {"tcp", "timeout", "interval"})
     ready = Ready(
-        port=ready_r.get("tcp", _ready_port, default="{port}"),
-        timeout=ready_r.get("timeout", _positive_duration, default=5.0),
-        interval=ready_r.get("interval", _positive_duration, default=0.02),
+        port=ready_r.get("tcp", _ready_port, default=base.ready.port),
+        timeout=ready_r.get("timeout", _positive_duration, default=base.ready.timeout),
+        interval=ready_r.get("interval", _positive_duration, default=base.ready.interval),
     )
     restart_r = r.child("restart", {"policy", "backoff", "max_backoff", "reset_after"})
     restart = Restart(
-        policy=restart_r.get("policy", one_of("always", "on-failure", "never"), default="always"),
-        backoff=restart_r.get("backoff", _duration, default=1.0),
-        max_backoff=restart_r.get("max_backoff", _duration, default=30.0),
-        reset_after=restart_r.get("reset_after", _duration, default=10.0),
+        policy=restart_r.get("policy", one_of("always", "on-failure", "never"), default=base.restart.policy),
+        backoff=restart_r.get("backoff", _duration, default=base.restart.backoff),
+        max_backoff=restart_r.get("max_backoff", _duration, default=base.restart.max_backoff),
+        reset_after=restart_r.get("reset_after", _duration, default=base.restart.reset_after),
     )
     env = r.get("env", as_str_map, default={})
     for name, value in env.items():
         _templates_ok(r, ("env", name), value)
-    cwd = r.get("cwd", as_str, default="{dir}")
-    _templates_ok(r, "cwd", cwd)
-    return Target(
-        root=root, command=command or ("?",), build=build, protocol=protocol, request=request,
-        terminator=terminator, expect_reply=expect_reply, ready=ready, restart=restart,
-        env=env, cwd=cwd,
-        stop_grace=r.get("stop_grace", _duration, default=2.0), log_max=r.get("log_max", units.parse_size,
-                                                                              default=16 * 1024 * 1024),
+    cwd = r.get("cwd", as_str, default=base.cwd)
+    if r.has("cwd"):
+        _templates_ok(r, "cwd", cwd)
+    return replace(
+        base, command=command, build=r.get("build", as_argv, default=base.build), expect_reply=expect_reply,
+        ready=ready, restart=restart, env={**base.env, **env}, cwd=cwd,
+        stop_grace=r.get("stop_grace", _duration, default=base.stop_grace),
+        log_max=r.get("log_max", units.parse_size, default=base.log_max),
     )
 
 
@@ -206,21 +225,96 @@ def _ready_port(value: Any) -> str:
     return str(value)
 
 
-def _fleet(top: Reader) -> Fleet | None:
-    r = top.child("fleet", {"hosts", "balancer", "simulated"}, required=True)
+def _fleet(top: Reader, target: Target | None) -> Fleet | None:
+    r = top.child("fleet", {"hosts", "balancer", "simulated", "groups"}, required=True)
     if not r.ok:
         return None
     balancer = r.get("balancer", one_of("round-robin", "least-loaded"), default="least-loaded")
     if r.has("simulated"):
+        if r.has("groups"):
+            r.problem(("groups",), "groups are for real fleets; a simulated fleet models one kind of host")
         model = _simulated(r)
         if model is None:
             return None
         _simulated_variants(top, model)
         return Fleet(hosts=model.hosts, balancer=balancer, simulated=model)
-    hosts = r.get("hosts", as_positive_int, required=True, default=1)
-    if hosts > 512:
-        r.problem(("hosts",), f"{hosts} real hosts is more than one machine can run (at most 512)")
-    return Fleet(hosts=hosts, balancer=balancer)
+    groups = _groups(r, target) if r.has("groups") else ()
+    total = sum(group.hosts for group in groups)
+    hosts = r.get("hosts", as_positive_int, required=not r.has("groups"), default=total or 1)
+    if groups and r.has("hosts") and hosts != total:
+        counts = " + ".join(f"{group.hosts} {group.name}" for group in groups)
+        r.problem(("hosts",), f"{hosts} hosts, but the groups add up to {total} ({counts}): "
+                              f"drop fleet.hosts or make them agree")
+    if groups:
+        hosts = total
+    if hosts > MAX_REAL_HOSTS:
+        r.problem(("groups",) if groups and not r.has("hosts") else ("hosts",),
+                  f"{hosts} real hosts is more than one machine can run (at most {MAX_REAL_HOSTS})")
+    return Fleet(hosts=hosts, balancer=balancer, groups=groups)
+
+
+GROUP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
+def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
+    """fleet.groups: [{name, hosts, <overrides of the target>}], hosts numbered in this order."""
+    items = fleet.items("groups")
+    if fleet.data.get("groups") is None or fleet.data.get("groups") == []:
+        fleet.problem(("groups",), "expected at least one group, like [{name: estats, hosts: 2, command: [...]}]")
+    base = target or Target(root=Path("."), command=("?",))
+    groups: list[Group] = []
+    for path, item in items:
+        r = Reader(fleet.source, path, item, fleet.problems, {"name", "hosts"} | GROUP_OVERRIDES | FLEET_WIDE,
+                   what="a group like {name: estats, hosts: 2, command: [...]}")
+        if not r.ok:
+            continue
+        for key in sorted(FLEET_WIDE & set(r.data)):
+            r.problem((key,), f"'{key}' is shared by the whole fleet (one balancer, one request stream): "
+                              f"set it once in target.{key}")
+        name = r.get("name", as_str, required=True, default=None)
+        if name is not None and not GROUP_NAME.fullmatch(name):
+            r.problem(("name",), f"a group name starts with a letter and uses letters, digits, '.', '_' and '-' "
+                                 f"(it names the hosts: {name}-0, {name}-1...), got {name!r}")
+        elif name is not None and any(group.name == name for group in groups):
+            r.problem(("name",), f"group name {name!r} is used twice")
+        hosts = r.get("hosts", as_positive_int, required=True, default=None)
+        settings = _host_settings(r, base)
+        if settings.command == ("?",) and target is not None and not r.has("command") \
+                and "command" not in r.misspelt:
+            r.problem((), f"group {name or '?'} has no command: give it here or in target.command")
+        if name is not None and hosts is not None:
+            groups.append(Group(name=name, hosts=hosts, target=settings))
+    return tuple(groups)
+
+
+def _group_names(top: Reader) -> set[str] | None:
+    """The fleet's group names as written (None: the fleet has no groups), for faults and variants."""
+    fleet = top.data.get("fleet")
+    if not isinstance(fleet, dict) or not isinstance(fleet.get("groups"), list):
+        return None
+    return {g["name"] for g in fleet["groups"] if isinstance(g, dict) and isinstance(g.get("name"), str)}
+
+
+def _groups_field(r: Reader, names: set[str] | None, what: str) -> tuple[str, ...]:
+    """`groups: estats` or `groups: [estats, arena]`: names of fleet groups, each checked."""
+    if not r.has("groups"):
+        return ()
+    value = r.data["groups"]
+    chosen = [value] if isinstance(value, str) else value
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) and n for n in chosen):
+        r.problem(("groups",), f"expected a group name or a list of them, got {describe(value)}")
+        return ()
+    if names is None:
+        r.problem(("groups",), f"the fleet has no groups (fleet.groups) for {what} to choose from")
+        return ()
+    for name in chosen:
+        if name not in names:
+            hint = difflib.get_close_matches(name, sorted(names), n=1)
+            r.problem(("groups",), f"no fleet group named {name!r}" + (f" (did you mean '{hint[0]}'?)" if hint else
+                                   f" (groups: {', '.join(sorted(names))})"))
+    if len(set(chosen)) != len(chosen):
+        r.problem(("groups",), "a group is named twice")
+    return tuple(dict.fromkeys(chosen))
 
 
 def _simulated(fleet: Reader) -> "SimModel | None":
@@ -381,7 +475,7 @@ def _client(top: Reader) -> Client:
                   probe_interval=r.get("probe_interval", _positive_duration, default=0.25), keys=keys)
 
 
-def _hosts_selection(r: Reader, fleet_size: int) -> HostSelection:
+def _hosts_selection(r: Reader, fleet_size: int, where: str = "the fleet has") -> HostSelection:
     if not r.has("hosts"):
         return HostSelection()
     value = r.data["hosts"]
@@ -393,7 +487,7 @@ def _hosts_selection(r: Reader, fleet_size: int) -> HostSelection:
             return HostSelection()
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         if value > fleet_size:
-            r.problem(("hosts",), f"{value} hosts asked but the fleet has {fleet_size}")
+            r.problem(("hosts",), f"{value} hosts asked but {where} {fleet_size}")
         return HostSelection(count=value)
     if value == "all":
         return HostSelection()
@@ -404,10 +498,11 @@ def _hosts_selection(r: Reader, fleet_size: int) -> HostSelection:
 
 FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error"]
 _WINDOW_KEYS = {"from", "until", "every", "for"}
-_SHIM_COMMON = {"kind", "mode", "hosts", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
+_SHIM_COMMON = {"kind", "mode", "hosts", "groups", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
 
 
-def _faults(top: Reader, fleet_size: int) -> list[Fault]:
+def _faults(top: Reader, fleet: Fleet | None, group_names: set[str] | None) -> list[Fault]:
+    fleet_size = fleet.hosts if fleet else 1
     faults: list[Fault] = []
     for index, (path, item) in enumerate(top.items("faults")):
         if not isinstance(item, dict):
@@ -420,13 +515,17 @@ def _faults(top: Reader, fleet_size: int) -> list[Fault]:
         fault: Fault | None
         if kind == "host-loss":
             r = Reader(top.source, path, item, top.problems,
-                       {"kind", "at", "how", "hosts", "down_for"} | _WINDOW_KEYS)
+                       {"kind", "at", "how", "hosts", "down_for", "groups"} | _WINDOW_KEYS)
+            if r.has("groups"):  # not yet: its hosts are picked among every host up at that moment
+                r.problem(("groups",), "a host-loss picks among the whole fleet; 'groups' is for alloc-fail "
+                                       "and lock-error")
             fault = _host_loss(r, index, fleet_size)
         elif kind in ("alloc-fail", "lock-error"):
             extra = {"budget", "spread", "min_size", "max_size", "function", "functions"} if kind == "alloc-fail" else \
                 {"errno", "function", "functions"}
             r = Reader(top.source, path, item, top.problems, _SHIM_COMMON | extra)
-            fault = _shim_fault(r, index, kind, fleet_size)
+            groups = _groups_field(r, group_names, "a fault")
+            fault = _shim_fault(r, index, kind, _pool_size(fleet, groups), groups)
             if fault is not None:
                 _check_shim_fault(r, fault)
         else:
@@ -473,7 +572,25 @@ def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:
                     down_for=down_for)
 
 
-def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int) -> ShimFault | None:
+def _pool_size(fleet: Fleet | None, groups: tuple[str, ...]) -> int:
+    """How many hosts a fault with these groups chooses among (the whole fleet without groups)."""
+    if fleet is None or not groups:
+        return fleet.hosts if fleet else 1
+    return sum(group.hosts for group in fleet.groups if group.name in groups) or fleet.hosts
+
+
+def _groups_phrase(groups: tuple[str, ...] | list[str]) -> str:
+    return f"group {groups[0]}" if len(groups) == 1 else f"groups {', '.join(groups)}"
+
+
+def _pool_words(groups: tuple[str, ...]) -> str:
+    """The subject of '... hosts asked but <the fleet has> N'."""
+    if not groups:
+        return "the fleet has"
+    return _groups_phrase(groups) + (" has" if len(groups) == 1 else " have")
+
+
+def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int, groups: tuple[str, ...] = ()) -> ShimFault | None:
     mode = r.get("mode", one_of("random", "nth", "after", "budget"), default="random")
     mode_fits = not (kind == "lock-error" and mode == "budget")
     if not mode_fits:
@@ -515,7 +632,8 @@ def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int) -> ShimFault 
             callers = tuple(names)
     probability = r.get("probability", _probability, default=0.0)
     fault = ShimFault(
-        index=index, kind=kind, mode=mode, window=window, hosts=_hosts_selection(r, fleet_size), functions=functions,
+        index=index, kind=kind, mode=mode, window=window, hosts=_hosts_selection(r, fleet_size, _pool_words(groups)),
+        functions=functions,
         probability=probability, nth=r.get("nth", as_positive_int, default=0),
         after=r.get("after", lambda v: max(0, as_int(v)), default=0),
         budget=r.get("budget", units.parse_size, default=0) if kind == "alloc-fail" else 0,
@@ -524,7 +642,7 @@ def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int) -> ShimFault 
         errno_name=errno_name, times=r.get("times", lambda v: as_int(v) if as_int(v) >= -1 else _bad_times(v),
                                            default=-1),
         callers=callers,
-        spread=r.get("spread", _spread, default=0.0) if kind == "alloc-fail" else 0.0,
+        spread=r.get("spread", _spread, default=0.0) if kind == "alloc-fail" else 0.0, groups=groups,
     )
     return fault if mode_fits else None   # a mode the kind cannot have: its parameters are not worth checking
 
@@ -557,12 +675,12 @@ def _check_shim_fault(r: Reader, fault: ShimFault) -> None:
         r.problem(("min_size",), "min_size is larger than max_size")
 
 
-def _variants(top: Reader) -> list[Variant]:
+def _variants(top: Reader, fleet: Fleet | None = None, group_names: set[str] | None = None) -> list[Variant]:
     variants: list[Variant] = []
     names: set[str] = set()
     for path, item in top.items("variants"):
         r = Reader(top.source, path, item, top.problems, {"name", "args", "env", "command", "build", "allocator",
-                                                                   "faults"})
+                                                                   "faults", "groups"})
         if not r.ok:
             continue
         name = r.get("name", as_str, required=True, default="?")
@@ -578,10 +696,32 @@ def _variants(top: Reader) -> list[Variant]:
         args = r.get("args", as_str_map, default={})
         for flag, value in args.items():
             _templates_ok(r, ("args", flag), value)
+        groups = _groups_field(r, group_names, "a variant")
+        if fleet is not None and fleet.groups and not groups:
+            _variant_fits_every_group(r, fleet, command, args)
         variants.append(Variant(name=name, args=args, faults=r.get("faults", as_bool, default=True),
                                 env=r.get("env", as_str_map, default={}), command=command,
-                                build=r.get("build", as_argv, default=None), allocator=allocator))
+                                build=r.get("build", as_argv, default=None), allocator=allocator, groups=groups))
     return variants
+
+
+def _variant_fits_every_group(r: Reader, fleet: Fleet, command: tuple[str, ...] | None,
+                              args: dict[str, str]) -> None:
+    """A variant without `groups:` changes every group. In a mixed fleet, one command for all, or a flag
+    that some group's command lacks (it would be added there, and most servers exit on an unknown flag),
+    is almost surely meant for some groups only: say so rather than start a fleet that cannot run."""
+    if command is not None and len(fleet.groups) > 1:
+        r.problem(("command",), f"this command would replace the command of every group "
+                                f"({', '.join(g.name for g in fleet.groups)}): say which groups it is for "
+                                f"(groups: [...])")
+        return
+    for flag in args:
+        lacking = [g.name for g in fleet.groups if flag not in (command or g.target.command)]
+        if lacking:
+            having = [g.name for g in fleet.groups if g.name not in lacking]
+            hint = f" (groups: [{', '.join(having)}])" if having else " (groups: [...])"
+            r.problem(("args", flag), f"flag {flag!r} is not in the command of {_groups_phrase(lacking)} "
+                                      f"and would be added there: say which groups this variant is for{hint}")
 
 
 _COMPARISON = re.compile(r"^\s*(<=|>=|==|<|>)\s*(.+?)\s*$")

@@ -104,6 +104,9 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
     for item in crashes + events:
         item["detail"] = json.loads(item["detail"] or "{}")
     end = max([run["duration"]] + [s["t"] + s.get("span", 1) for s in samples])
+    names = _host_names(events)
+    for crash in crashes:
+        crash["host_name"] = names.get(crash["host"], f"h{crash['host']}")
     phase_rows = []
     for phase in phases:
         metrics = window_metrics(samples, crashes, phase["start"], phase["end"])
@@ -120,12 +123,15 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "crashes": [{k: c[k] for k in ("t", "host", "pid", "signal", "signal_name", "core_dumped", "uptime",
                                        "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
                                        "detail", "crash_class", "signature", "bucket", "in_allocator",
-                                       "fault_address")} for c in crashes[:MAX_CRASHES_LISTED]],
+                                       "fault_address", "host_name")} for c in crashes[:MAX_CRASHES_LISTED]],
         "buckets": _buckets(crashes),
         "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
-        "crashes_by_host": {f"h{h}": n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
+        "crashes_by_host": {names.get(h, f"h{h}"): n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
         "hosts_alive": _alive_timeline(samples),
-        "host_losses": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "host-loss"],
+        "host_losses": [{"t": e["t"], **e["detail"],
+                         "host_names": [names.get(h, f"h{h}") for h in e["detail"].get("hosts", [])]}
+                        for e in events if e["kind"] == "host-loss"],
+        **({"groups": _group_totals(store, tid, events, crashes)} if _has_groups(events) else {}),
         # A resumed run: where the load timeline continued and how long the harness was down.
         "gaps": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "gap"],
         "low_disk": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "low-disk"],
@@ -135,6 +141,35 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "samples": len(samples),
         "end": end,
     }
+
+
+def _host_names(events: list[dict[str, Any]]) -> dict[int, str]:
+    """Host index -> name: a mixed fleet's hosts are named after their group (estats-0), others h<index>."""
+    return {e["host"]: e["detail"]["name"] for e in events if e["kind"] == "start" and "name" in e["detail"]}
+
+
+def _has_groups(events: list[dict[str, Any]]) -> bool:
+    return any(e["kind"] == "start" and e["detail"].get("group") for e in events)
+
+
+def _group_totals(store: RunStore, trial: int, events: list[dict[str, Any]],
+                  crashes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per fleet group: hosts, requests sent, good replies, errors and crashes (a mixed fleet's groups
+    should each have served)."""
+    group_of = {e["host"]: e["detail"]["group"] for e in events if e["kind"] == "start" and e["detail"].get("group")}
+    totals: dict[str, dict[str, int]] = {}
+    for name in dict.fromkeys(group_of[h] for h in sorted(group_of)):
+        totals[name] = {"hosts": sum(1 for g in group_of.values() if g == name), "sent": 0, "ok": 0, "errors": 0,
+                        "crashes": 0}
+    for row in _rows(store, "SELECT host, sum(sent) AS sent, sum(ok) AS ok, sum(errors) AS errors "
+                            "FROM host_samples WHERE trial=? GROUP BY host", (trial,)):
+        if row["host"] in group_of:
+            for key in ("sent", "ok", "errors"):
+                totals[group_of[row["host"]]][key] += row[key] or 0
+    for crash in crashes:
+        if crash["host"] in group_of:
+            totals[group_of[crash["host"]]]["crashes"] += 1
+    return totals
 
 
 def _core_kept(crash: dict[str, Any]) -> bool:
@@ -158,7 +193,7 @@ def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "bucket": key, "count": len(members), "crash_class": first["crash_class"] or "untriaged",
             "signature": first["signature"] or "", "signal": first["signal_name"],
             "in_allocator": bool(first["in_allocator"]), "fault_address": first["fault_address"],
-            "hosts": sorted({f"h{m['host']}" for m in members}), "first_seen": members[0]["t"],
+            "hosts": sorted({m.get("host_name") or f"h{m['host']}" for m in members}), "first_seen": members[0]["t"],
             "last_seen": members[-1]["t"],
             "example_core": (json.loads(example["triage"]).get("core_file") if example.get("triage") else None)
             or (example["core_path"] if _core_kept(example) else None),
@@ -233,7 +268,8 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
             if len(trial["crashes_by_host"]) > 16:
                 by_host = f"{len(trial['crashes_by_host'])} hosts"
             out.append(f"crashes: {trial['crashes_total']} ({by_signal}; {by_host})")
-            crash_rows = [[f"{c['t']:.2f}", f"h{c['host']}", c["pid"], c["signal_name"], c["crash_class"] or "-",
+            crash_rows = [[f"{c['t']:.2f}", c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
+                           c["crash_class"] or "-",
                            c["bucket"] or "-", "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s",
                            f"{c['offered_rate']:.0f}", c["hosts_alive"]] for c in trial["crashes"][:20]]
             out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
@@ -242,13 +278,18 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                 out.append(f"... and {len(trial['crashes']) - 20} more (harness report --json)")
         else:
             out.append("crashes: none")
+        if trial.get("groups"):
+            out.append("groups: " + "; ".join(f"{name} ({g['hosts']} host{'s' if g['hosts'] != 1 else ''}): "
+                                              f"sent {g['sent']}, ok {g['ok']}, "
+                                              f"errors {g['errors']}, crashes {g['crashes']}"
+                                              for name, g in trial["groups"].items()))
         segments = [f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"]]
         if len(segments) > 24:  # big fleets change every second: show the start and the end
             segments = segments[:12] + [f"... ({len(segments) - 18} more)"] + segments[-6:]
         timeline = " ".join(segments)
         out.append(f"hosts alive over time: {timeline or '-'}")
         for loss in trial["host_losses"]:
-            hosts = ", ".join(f"h{h}" for h in loss.get("hosts", [])) or "none available"
+            hosts = ", ".join(loss.get("host_names") or [f"h{h}" for h in loss.get("hosts", [])]) or "none available"
             out.append(f"host-loss at {loss['t']:.2f}s: {loss.get('how')} {hosts}")
         if trial["restarts"] > 0:
             out.append(f"restarts: {trial['restarts']}")

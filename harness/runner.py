@@ -30,10 +30,10 @@ import trio
 from harness.balancer import Balancer
 from harness.driver import Counters, Driver
 from harness.errors import HarnessError
-from harness.fleet import FleetSupervisor, Host, State, check_command, plan_hosts, resolve_program
+from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
-from harness.scenario import Cores, Scenario, Variant
+from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
 from harness.store import HostSample, RunStore, Sample
 from harness.collect.coreinstall import find_spooled_record, installed_spool
@@ -44,7 +44,7 @@ from harness.faults import ShimFaults
 from harness.metrics import Metrics
 from harness.shim.interpose import check_interposable, mapped_objects, shim_loaded
 from harness.shim.build import ShimBuildError, ensure_shim
-from harness.variants import apply_variant
+from harness.variants import apply_variant, variant_for_group
 
 FLUSH_INTERVAL = 1.0
 
@@ -183,14 +183,17 @@ class Run:
     async def execute(self) -> RunResult:
         scenario = self.scenario
         trials = trial_order(scenario, self.options.variant, self.options.trials or scenario.trials)
-        builds = {scenario.target.build} | {v.build for v, _ in trials if v.build}
+        builds = {scenario.target.build} | {g.target.build for g in scenario.host_groups} \
+            | {v.build for v, _ in trials if v.build}
         for build in sorted((b for b in builds if b), key=str):
             await build_target(build, scenario.target.root)
         for variant, _ in trials:
-            argv = apply_variant(scenario.target, variant, scenario.target.command)[0]
-            check_command(argv, scenario.target.root)
-            if scenario.shim_faults and variant.faults:
-                _check_interposable(scenario, argv[0])
+            for group in scenario.host_groups:
+                argv = apply_variant(group.target, variant_for_group(variant, group.name), group.target.command)[0]
+                check_command(argv, group.target.root)
+                faults = scenario.shim_faults_for(group.name)
+                if faults and variant.faults:
+                    _check_interposable(scenario, argv[0], faults)
 
         cores = core_pattern_status()
         if not cores.findable and installed_spool() is None:
@@ -296,13 +299,12 @@ class Run:
         planned = arrivals(scenario.load, scenario.client.keys, scenario.seed)
         if self._start_at:
             planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
-        argv, env = apply_variant(scenario.target, variant, scenario.target.command)
-        hosts = plan_hosts(scenario.target, scenario.fleet.hosts, self.run_dir / "hosts" / f"t{number}",
-                           tuple(argv), env)
+        hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
         recorder = Recorder()
         self._shim = await self._prepare_shim(hosts)
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
-        driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer)
+        driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
+                        expect_replies=[(h.target or scenario.target).expect_reply for h in hosts])
         listener = _Listener(driver, recorder)
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash)
         self._recorder = recorder
@@ -317,7 +319,7 @@ class Run:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(supervisor.run)
                 await nursery.start(driver.serve)
-                with trio.move_on_after(scenario.target.ready.timeout + 5):
+                with trio.move_on_after(max(g.target.ready.timeout for g in scenario.host_groups) + 5):
                     await supervisor.wait_all_started()
                 if supervisor.first_start_failed:
                     raise HarnessError(f"target failed to start: {supervisor.first_start_failed} "
@@ -472,7 +474,7 @@ class Run:
     def _check_proofs(self, recorder: Recorder, proofs: list[tuple[Host, int, dict[str, Any]]]) -> None:
         for host, pid, proof in proofs:
             recorder.event("proof", host.index, pid, **proof, variant=self._variant_name)
-            wanted = self._variant_allocator
+            wanted = host.extra.get("allocator", self._variant_allocator)   # a variant may skip some groups
             if wanted and wanted in ALLOCATORS_BY_NAME and proof["allocator"] != wanted:
                 raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but {host.name} (pid {pid}) "
                                   f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
@@ -629,22 +631,24 @@ def _inspect_hosts(hosts: list[Host]) -> list[tuple[Host, int, dict[str, Any]]]:
             "allocator": allocators[0] if allocators else "glibc",
             "allocator_libraries": [o for o in objects if any(m in Path(o).name for _, m in ALLOCATOR_MARKERS)],
             "shim": bool(shim) and shim_loaded(pid, Path(shim)), "executable": host.extra.get("exe"),
-            "preload": host.env.get("LD_PRELOAD", ""),
+            "preload": host.env.get("LD_PRELOAD", ""), **({"group": host.group} if host.group else {}),
         }))
     return seen
 
 
-def _check_interposable(scenario: Scenario, program: str) -> None:
-    """Before the run: can LD_PRELOAD reach the target's allocation and lock calls at all?"""
+def _check_interposable(scenario: Scenario, program: str, faults: tuple[ShimFault, ...] | None = None) -> None:
+    """Before the run: can LD_PRELOAD reach the target's allocation and lock calls at all? (`faults`: the ones
+    aimed at this program's hosts, default all)"""
+    faults = scenario.shim_faults if faults is None else faults
     path = resolve_program(program)
     report = check_interposable(Path(path))
-    kinds = {fault.kind for fault in scenario.shim_faults}
+    kinds = {fault.kind for fault in faults}
     why = "; ".join(report.reasons)
     if not report.preloadable:
         raise HarnessError(f"cannot inject faults into {path}: {why}")
     if "alloc-fail" in kinds and not report.alloc_faults:
         raise HarnessError(f"allocation faults cannot reach {path}: {why}")
-    exe_locks = any(f.kind == "lock-error" and f.callers in ((), ("exe",)) for f in scenario.shim_faults)
+    exe_locks = any(f.kind == "lock-error" and f.callers in ((), ("exe",)) for f in faults)
     if exe_locks and not report.lock_faults:
         print(f"harness: warning: {path} does not call pthread lock functions itself; lock errors with the default "
               f"caller filter (the executable) will inject nothing ({why or 'no pthread_mutex_lock import'})",
@@ -656,12 +660,14 @@ def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
     O_APPEND descriptor, the newest half of the cap moves to <log>.1, the log restarts empty.
     A target that floods its output costs disk and a little CPU, never the harness's memory."""
     for host in hosts:
+        target = getattr(host, "target", None)        # a fleet group may set its own log_max
+        limit = target.log_max if target is not None else max_bytes
         for log in (host.stdout, host.stderr):
             try:
                 size = log.stat().st_size
-                if size <= max_bytes:
+                if size <= limit:
                     continue
-                keep = max_bytes // 2
+                keep = limit // 2
                 with open(log, "rb") as source, open(log.with_name(log.name + ".1"), "wb") as rotated:
                     source.seek(max(0, size - keep))
                     while keep > 0:  # in chunks: a large log_max must not become the harness's memory

@@ -81,10 +81,24 @@ class SimModel:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A kind of host in a mixed fleet (fleet.groups): its own command, build, env, ready, restart...
+
+    `target` is already resolved: the scenario's target with this group's overrides on top.
+    Docs: docs/scenario-groups.md.
+    """
+
+    name: str
+    hosts: int
+    target: Target
+
+
+@dataclass(frozen=True)
 class Fleet:
     hosts: int
     balancer: str = "least-loaded"    # round-robin | least-loaded
     simulated: SimModel | None = None
+    groups: tuple[Group, ...] = ()    # empty: one kind of host, the scenario's target
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,7 @@ class ShimFault:
     times: int = -1
     callers: tuple[str, ...] = ()
     spread: float = 0.0               # budget: each host's budget varies by up to +-spread (seeded)
+    groups: tuple[str, ...] = ()      # only hosts of these fleet groups (empty: the whole fleet)
 
 
 Fault = HostLoss | ShimFault
@@ -181,6 +196,7 @@ class Variant:
     build: tuple[str, ...] | None = None
     allocator: str | None = None                           # glibc | jemalloc | tcmalloc | mimalloc | path
     faults: bool = True                                    # false: a control run (shim loaded, nothing injected)
+    groups: tuple[str, ...] = ()                           # args/env/command/allocator apply to these (empty: all)
 
 
 @dataclass(frozen=True)
@@ -239,3 +255,21 @@ class Scenario:
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
+
+    def shim_faults_for(self, group: str) -> tuple[ShimFault, ...]:
+        """The alloc-fail and lock-error faults that may reach this group's hosts."""
+        return tuple(f for f in self.shim_faults if not f.groups or group in f.groups)
+
+    @property
+    def host_groups(self) -> tuple[Group, ...]:
+        """The fleet's groups in host order; a fleet without groups is one unnamed group of the target."""
+        return self.fleet.groups or (Group(name="", hosts=self.fleet.hosts, target=self.target),)
+
+    def hosts_in(self, groups: tuple[str, ...] = ()) -> list[int]:
+        """Indices of the hosts in these groups (every host when none are named)."""
+        indices, first = [], 0
+        for group in self.host_groups:
+            if not groups or group.name in groups:
+                indices.extend(range(first, first + group.hosts))
+            first += group.hosts
+        return indices

@@ -31,6 +31,14 @@ def allocator_library(name: str) -> str | None:
     return name
 
 
+def variant_for_group(variant: Variant, group: str) -> Variant:
+    """What a variant changes in one fleet group: all of it, unless it names other groups (then nothing
+    but its name and whether faults run, which are the trial's)."""
+    if not variant.groups or group in variant.groups:
+        return variant
+    return Variant(name=variant.name, faults=variant.faults)
+
+
 def apply_variant(target: Target, variant: Variant, command: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """(argv template, extra environment) for hosts of this variant."""
     argv = list(variant.command or command)
