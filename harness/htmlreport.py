@@ -127,8 +127,9 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
             label = f"host-loss {how} " + (", ".join(f"h{h}" for h in hosts) or "(none up)")
             windows.append(Window(event["t"], max(back, default=event["t"]), "host-loss", label))
         elif kind == "gap":
-            start, stop = float(detail.get("from", event["t"])), float(detail.get("to", event["t"]))
-            windows.append(Window(start, stop, "gap", "gap (harness not running)"))
+            # The load timeline continues where it stopped (harness resume): a mark, with the time down.
+            start = float(detail.get("resumed_at", event["t"]))
+            windows.append(Window(start, start, "gap", f"resumed after {float(detail.get('down_seconds', 0)):.0f} s down"))
     windows += [Window(start, end, "shim", label) for start, label in armed.values()]
     return sorted(windows, key=lambda w: (w.start, w.kind))
 
@@ -748,8 +749,8 @@ def _header(report: dict[str, Any], trials: list[TrialData]) -> str:
              f"<div class=\"meta\">{meta}</div>"]
     gaps = [(t.label, g) for t in trials for g in t.gaps]
     if gaps:
-        rows = "".join(f"<li>{esc(label)}: no samples from {g.start:.0f} s to {g.end:.0f} s (resumed run)</li>"
-                       for label, g in gaps)
+        rows = "".join(f"<li>{esc(label)}: the harness stopped and the run was resumed at {g.start:.0f} s of load, "
+                       f"{esc(g.label)}; the load after it continues the same seeded stream</li>" for label, g in gaps)
         parts.append(f"<p><b>Gaps</b></p><ul>{rows}</ul>")
     expectations = report.get("expectations")
     if expectations:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from harness.collect.retention import CoreRetention, KeptCore, make_room
 from harness.scenario import Cores
@@ -81,3 +84,55 @@ def test_low_disk_stops_core_collection_not_the_run(targets: Path, tmp_path: Pat
     assert not [p for p in run_dir.rglob("core*") if p.is_file()]
     notes = [json.loads(r["detail"]).get("core_notes", []) for r in query(run_dir, "SELECT detail FROM crashes")]
     assert any("low disk" in " ".join(n) for n in notes)
+
+
+FULL_DISK = """
+name: full-disk
+seed: 4
+target:
+  root: @REPO@
+  command: [targets/unruly/unruly-server, --port, "{port}", --flood]
+  log_max: 4MiB
+fleet: {hosts: 1}
+load:
+  - {hold: {rate: 50, for: 6s}}
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem that fills up: a tmpfs of a few MiB (root only)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_it_resumes_once_there_is_space(targets: Path, tmp_path: Path,
+                                                                              small_disk: Path) -> None:
+    scenario = write_scenario(tmp_path, FULL_DISK)
+    full = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(small_disk), "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    # The flooding host fills the disk; the store cannot commit: one line, exit 2, no traceback.
+    assert full.returncode == 2, full.stdout + full.stderr
+    assert "Traceback" not in full.stderr
+    error = [line for line in full.stderr.splitlines() if line.startswith("harness: error:")]
+    assert len(error) == 1 and "cannot write the results store" in error[0] and "harness resume" in error[0]
+    (run_dir,) = [p for p in small_disk.iterdir() if (p / "run.db").exists()]
+    before = query(run_dir, "SELECT t FROM samples")
+    assert query(run_dir, "SELECT status FROM runs")[0]["status"] == "running"   # left resumable
+    # Make room (as an operator would), then finish the run.
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    resumed = subprocess.run([*HARNESS, "resume", str(run_dir), "--quiet", "--json"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["status"] == "complete"
+    assert {r["t"] for r in before} <= {r["t"] for r in query(run_dir, "SELECT t FROM samples")}
+    assert len(report["trials"][0]["gaps"]) == 1

@@ -104,7 +104,7 @@ def test_fault_windows_pair_arms_with_disarms_and_follow_lost_hosts_back() -> No
         {"t": 30.2, "kind": "start", "host": 1, "detail": {}},      # a start does not end a pause...
         {"t": 32.0, "kind": "resume", "host": 1, "detail": {}},     # ...its resume does
         {"t": 40.0, "kind": "host-loss", "host": None, "detail": {"how": "kill", "hosts": []}},
-        {"t": 41.0, "kind": "gap", "host": None, "detail": {"from": 41.0, "to": 50.0}},
+        {"t": 41.0, "kind": "gap", "host": None, "detail": {"resumed_at": 41, "down_seconds": 9.0}},
         {"t": 55.0, "kind": "host-loss", "host": None, "detail": {"how": "kill", "hosts": [3]}},   # never back
     ]
     windows = fault_windows(events, end=60.0)
@@ -114,7 +114,7 @@ def test_fault_windows_pair_arms_with_disarms_and_follow_lost_hosts_back() -> No
     assert ("host-loss", 6.0, 9.5) in spans                 # until the last lost host is back
     assert ("host-loss", 30.0, 32.0) in spans
     assert ("host-loss", 40.0, 40.0) in spans                # nobody up to lose: an instant
-    assert ("gap", 41.0, 50.0) in spans
+    assert ("gap", 41.0, 41.0) in spans
     assert ("host-loss", 55.0, 60.0) in spans
     assert [w.start for w in windows] == sorted(w.start for w in windows)
     assert next(w for w in windows if w.start == 0.0).label == "alloc-fail budget armed"
@@ -371,12 +371,13 @@ def _copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
 def test_gaps_and_the_harness_footprint_are_drawn_when_recorded(cascade_run: Path, tmp_path: Path) -> None:
     # a resumed run records its gap; the runner samples its own footprint (both optional in a store)
     copy, db = _copy_run(cascade_run, tmp_path)
-    db.execute("INSERT INTO events (trial, t, wall, kind, detail) VALUES (1, 9, 0, 'gap', '{\"from\": 9, \"to\": 11}')")
+    db.execute("INSERT INTO events (trial, t, wall, kind, detail) VALUES (1, 9, 0, 'gap', "
+               "'{\"resumed_at\": 9, \"down_seconds\": 42.4}')")
     db.executemany("INSERT INTO harness_samples VALUES (?, 1, ?, 20, 9)", [(1000.0 + i, (80 + i) * 2**20) for i in range(30)])
     db.commit()
     db.close()
     text = write_html_report(copy).read_text(encoding="utf-8")
-    assert "no samples from 9 s to 11 s" in text
+    assert "resumed at 9 s of load, resumed after 42 s down" in text
     cascade = text[text.index('id="cascade-t1"'):]
     assert "gap in the run" in cascade[:cascade.index("</svg>")]
     assert 'id="footprint"' in text
