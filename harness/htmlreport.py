@@ -202,6 +202,10 @@ class TrialData:
     windows: list[Window]
     gaps: list[Window] = field(default_factory=list)
     variant: str = ""
+    names: dict[int, str] = field(default_factory=dict)   # a mixed fleet's hosts are named after their group
+
+    def name(self, host: int) -> str:
+        return self.names.get(host, f"h{host}")
 
     @property
     def host_ids(self) -> list[int]:
@@ -245,8 +249,11 @@ def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData
     crashes = [(r["t"], r["host"]) for r in store.query("SELECT t, host FROM crashes WHERE trial=? ORDER BY t", (tid,))]
     label = f"{trial['variant']}" + (f" #{trial['repeat'] + 1}" if trial["repeat"] else "") + f" (trial {tid})"
     windows = fault_windows(_timeline_events(store, tid), end)
+    names = {r["host"]: r["name"] for r in store.query(
+        "SELECT host, json_extract(detail, '$.name') AS name FROM events WHERE trial=? AND kind='start' "
+        "AND json_extract(detail, '$.name') IS NOT NULL GROUP BY host", (tid,))}
     return TrialData(tid, label, samples, _by_host(memory), _by_host(lanes), crashes, windows,
-                     [w for w in windows if w.kind == "gap"], trial["variant"])
+                     [w for w in windows if w.kind == "gap"], trial["variant"], names)
 
 
 def _timeline_events(store: RunStore, tid: int) -> list[dict[str, Any]]:
@@ -452,7 +459,7 @@ def _plot_lanes(ax: Axes, trial: TrialData, ctx: PlotContext) -> None:
         ax.scatter(crash_x, crash_y, marker="x", s=14, color="black", linewidths=0.8, zorder=3)
     ax.set_ylim(len(hosts) - 0.5, -0.5)
     step = max(1, math.ceil(len(hosts) / 16))
-    ax.set_yticks(range(0, len(hosts), step), [f"h{h}" for h in hosts[::step]], fontsize=7)
+    ax.set_yticks(range(0, len(hosts), step), [trial.name(h) for h in hosts[::step]], fontsize=7)
     ax.grid(False)
     ax.set_ylabel("host")
 
@@ -500,7 +507,7 @@ def plot_memory(trial: TrialData, ctx: PlotContext) -> Figure:
             for part_x, part_y in _process_series(trial.hosts[host], key, budget):
                 xs += ctx.axis.x(part_x) + [math.nan]   # one line per host, broken between its processes
                 ys += [y * scale for y in part_y] + [math.nan]
-            panel_ax.plot(xs, ys, color=color, linewidth=0.9, label=f"h{host}")
+            panel_ax.plot(xs, ys, color=color, linewidth=0.9, label=trial.name(host))
         _decorate(panel_ax, ctx, trial.gaps, label_phases=False)
         verdict = trend_verdict(ctx.trends, trial.variant, TREND_METRIC[key])
         verdict = "" if verdict.startswith("too short") else verdict   # the table says why; titles stay short

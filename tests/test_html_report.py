@@ -394,3 +394,15 @@ def test_hostile_strings_from_the_store_are_escaped_on_the_page(cascade_run: Pat
     text = out.read_text(encoding="utf-8")
     assert "<script" not in text.lower()
     assert "&lt;script&gt;" in text
+
+
+def test_a_mixed_fleets_hosts_are_labelled_by_their_group_names(cascade_run: Path, tmp_path: Path) -> None:
+    copy, db = _copy_run(cascade_run, tmp_path)
+    db.execute("UPDATE events SET detail = json_set(detail, '$.name', 'estats-' || host) "
+               "WHERE kind = 'start' AND trial = 1")
+    db.commit()
+    db.close()
+    text = write_html_report(copy).read_text(encoding="utf-8")
+    cascade = text[text.index('id="cascade-t1"'):]
+    cascade = cascade[:cascade.index("</svg>")]
+    assert "estats-0" in cascade and "estats-2" in cascade
