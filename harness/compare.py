@@ -102,7 +102,7 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 # --- per-variant summaries ---------------------------------------------------------------------
 
-def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+def spread_of(values: Sequence[float | None]) -> dict[str, Any]:
     present = sorted(float(v) for v in values if v is not None)
     if not present:
         return {"median": None, "min": None, "max": None, "n": 0, "missing": len(values)}
@@ -115,7 +115,7 @@ def _rate_dict(rate: stats.Rate) -> dict[str, Any]:
             "upper_bound": rate.upper_bound, "rule_of_three": rate.rule_of_three}
 
 
-def _summarize(name: str, run_id: str, source: str, trials: list[dict[str, Any]], excluded: list[dict[str, Any]],
+def summarize_variant(name: str, run_id: str, source: str, trials: list[dict[str, Any]], excluded: list[dict[str, Any]],
                confidence: float) -> dict[str, Any]:
     crashes = sum(t["crashes"] for t in trials)
     host_hours = sum(t["host_hours"] for t in trials)
@@ -149,7 +149,7 @@ def _summarize(name: str, run_id: str, source: str, trials: list[dict[str, Any]]
         "first_crash": {"trials": first.trials, "crashed": first.crashed, "censored": first.censored,
                         "median": first.median, "earliest": first.earliest, "latest": first.latest,
                         "censored_at": first.censored_at},
-        "metrics": {m: _spread([t[m] for t in trials]) for m in TRIAL_METRICS},
+        "metrics": {m: spread_of([t[m] for t in trials]) for m in TRIAL_METRICS},
         "buckets": sorted(buckets.values(), key=lambda b: (-b["crashes"], b["bucket"])),
         "unique_buckets": [],
         "loaded": sorted({name for t in trials for name in t.get("loaded", [])}),
@@ -192,7 +192,7 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
-def _pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
+def pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
               n_resamples: int) -> dict[str, Any]:
     """One comparison row before the multiplicity correction: estimates, raw p-value, smallest possible p.
 
@@ -315,7 +315,7 @@ def _cannot_reach(row: dict[str, Any], variants: Mapping[str, dict[str, Any]], a
     return text + (f", p<{row['threshold']:.2g} needed" if row["min_p"] < alpha else "")
 
 
-def _finish(rows: list[dict[str, Any]], variants: Mapping[str, dict[str, Any]], *, alpha: float,
+def finish_rows(rows: list[dict[str, Any]], variants: Mapping[str, dict[str, Any]], *, alpha: float,
             min_difference: float | Mapping[str, float] | None) -> None:
     """Holm-Tarone over every row that is a test, then what each row could detect, then the verdicts."""
     adjusted, thresholds = stats.holm_tarone(
@@ -355,10 +355,10 @@ def _finish(rows: list[dict[str, Any]], variants: Mapping[str, dict[str, Any]], 
 def _rows_for(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metrics: Sequence[str], settings: dict[str, Any],
               min_difference: float | Mapping[str, float] | None) -> tuple[list[dict[str, Any]], int]:
     """The rows of these (variant, baseline) pairs, corrected together; and Tarone's K at the first step."""
-    rows = [_pair_row(m, v, b, confidence=settings["confidence"], seed=settings["seed"],
+    rows = [pair_row(m, v, b, confidence=settings["confidence"], seed=settings["seed"],
                       n_resamples=settings["n_resamples"]) for v, b in pairs for m in metrics]
     by_name = {side["name"]: side for pair in pairs for side in pair}
-    _finish(rows, by_name, alpha=settings["alpha"], min_difference=min_difference)
+    finish_rows(rows, by_name, alpha=settings["alpha"], min_difference=min_difference)
     tested = [r["min_p"] for r in rows if r["p_holm"] is not None]
     return rows, stats.tarone_size(tested, settings["alpha"]) if tested else 0
 
@@ -426,7 +426,7 @@ def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
                     for t in trials if t["status"] != "complete"]
         if excluded:
             warnings.append(f"{display}: {len(excluded)} trial(s) not complete, left out")
-        variants.append(_summarize(display, run_id, name, complete, excluded, confidence))
+        variants.append(summarize_variant(display, run_id, name, complete, excluded, confidence))
     for variant in variants:
         others = {b for other in variants if other is not variant for b in (x["bucket"] for x in other["buckets"])}
         variant["unique_buckets"] = [b["bucket"] for b in variant["buckets"] if b["bucket"] not in others]
@@ -446,7 +446,7 @@ def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
                         f" trials cannot give a rank-test p below {short[0]['min_p']:.2g}, p<{short[0]['threshold']:.2g}"
                         f" is needed, so those rows cannot be significant; {_trials_needed(planned, alpha)} trials per "
                         f"variant are enough for {planned} such rows")
-    return _clean({
+    return json_safe({
         "schema": COMPARE_SCHEMA, "runs": runs, "scenario": runs[0]["scenario"], "baseline": base["name"],
         "alpha": alpha, "confidence": confidence, "min_difference": min_difference,
         "holm_family": family, "tarone_k": tarone,
@@ -460,12 +460,12 @@ def _trial_counts(row: dict[str, Any], variants: list[dict[str, Any]]) -> tuple[
             by_name[row["baseline"]]["metrics"][row["metric"]]["n"])
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: nan and inf become null, numpy scalars plain numbers, tuples lists."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
@@ -616,7 +616,7 @@ def _row_for(result: dict[str, Any], variant: dict[str, Any], reference: dict[st
     settings = result["settings"]
     metrics = list(dict.fromkeys(list(settings["metrics"]) + [metric]))
     rows, _ = _rows_for([(variant, reference)], metrics, settings, result["min_difference"])
-    return next(r for r in _clean(rows) if r["metric"] == metric)
+    return next(r for r in json_safe(rows) if r["metric"] == metric)
 
 
 def evaluate_variant_expectations(expectations: Sequence[VariantExpectation],
@@ -666,4 +666,4 @@ def evaluate_variant_expectations(expectations: Sequence[VariantExpectation],
                 observed_text = f"{stats.fmt_ratio(ratio)}{interval}" + ("" if conclusive else " (inconclusive)")
         out.append(base | {"held": held, "conclusive": conclusive, "observed": ratio, "low": low, "high": high,
                            "verdict": verdict, "observed_text": observed_text})
-    return _clean(out)
+    return json_safe(out)

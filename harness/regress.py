@@ -57,10 +57,10 @@ import numpy as np
 
 from harness import stats
 from harness import trends as trends_module
-from harness.compare import NOT_RUNNING, _clean, _finish, _pair_row, _spread, _summarize
+from harness.compare import NOT_RUNNING, json_safe, finish_rows, pair_row, spread_of, summarize_variant
 from harness.driver import new_histogram
 from harness.errors import HarnessError
-from harness.report import _buckets as report_buckets
+from harness.report import crash_buckets as report_buckets
 from harness.store import open_run
 from harness.units import format_duration
 
@@ -261,10 +261,10 @@ def _side(name: str, run: dict[str, Any], variant: str, block: float) -> dict[st
     """compare's per-variant summary of this run's trials of `variant`, with per-block values standing in
     for per-trial values (a soak has one or two long trials: its blocks are the repeats)."""
     trials = [t for t in run["trials"] if t["variant"] == variant]
-    side = _summarize(name, run["info"]["run_id"], variant, trials, [], SETTINGS["confidence"])
+    side = summarize_variant(name, run["info"]["run_id"], variant, trials, [], SETTINGS["confidence"])
     blocks = [b for t in trials for b in _blocks(t["samples"], block)]
     side["per_trial"] = blocks
-    side["metrics"] = {m: _spread([b[m] for b in blocks]) for m in PERF_METRICS} | {"peak_rss": _spread([])}
+    side["metrics"] = {m: spread_of([b[m] for b in blocks]) for m in PERF_METRICS} | {"peak_rss": spread_of([])}
     side["blocks"] = len(blocks)
     return side
 
@@ -276,10 +276,10 @@ def _rate_and_performance(names: Sequence[str], run: dict[str, Any], base: dict[
     for name in names:
         v, b = _side(name, run, name, block), _side(f"{name} (baseline)", base, name, block)
         by_name[v["name"]], by_name[b["name"]] = v, b
-        rows.append(_pair_row("crash_rate", v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
+        rows.append(pair_row("crash_rate", v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
                               n_resamples=SETTINGS["n_resamples"]))
         for metric in PERF_METRICS:
-            row = _pair_row(metric, v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
+            row = pair_row(metric, v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
                             n_resamples=SETTINGS["n_resamples"])
             if min(v["metrics"][metric]["n"], b["metrics"][metric]["n"]) < MIN_BLOCKS:
                 row["_reason"] = (f"too short to compare: {v['metrics'][metric]['n']} and {b['metrics'][metric]['n']}"
@@ -292,7 +292,7 @@ def _rate_and_performance(names: Sequence[str], run: dict[str, Any], base: dict[
                                         "the p-value is optimistic")
             row["blocks"] = [v["metrics"][metric]["n"], b["metrics"][metric]["n"]]
             rows.append(row)
-    _finish(rows, by_name, alpha=SETTINGS["alpha"], min_difference=MIN_DIFFERENCE)
+    finish_rows(rows, by_name, alpha=SETTINGS["alpha"], min_difference=MIN_DIFFERENCE)
     for row in rows:
         if row["metric"] in PERF_METRICS:   # compare's wording is about trials; here the repeats are blocks
             row["text"] = row["text"].replace(" trials", " blocks")
@@ -379,7 +379,7 @@ def compare_to_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, Any]:
     per_variant = _per_variant(names_now, names_before, run, base, new, buckets_now, buckets_before)
     reasons = [f"new crash bucket {b['bucket']} {b['signature'] or b['signal']} ({b['crash_class']}) "
                f"x{b['count']} in variant {', '.join(b['new_in'])}" for b in new]
-    return _clean({
+    return json_safe({
         "schema": REGRESS_SCHEMA, "run": run["info"], "baseline": base["info"], "variants": matched,
         "only_in_run": [n for n in names_now if n not in names_before],
         "only_in_baseline": [n for n in names_before if n not in names_now],

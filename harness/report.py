@@ -124,7 +124,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
                                        "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
                                        "detail", "crash_class", "signature", "bucket", "in_allocator",
                                        "fault_address", "host_name")} for c in crashes[:MAX_CRASHES_LISTED]],
-        "buckets": _buckets(crashes),
+        "buckets": crash_buckets(crashes),
         "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
         "crashes_by_host": {names.get(h, f"h{h}"): n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
         "hosts_alive": _alive_timeline(samples),
@@ -178,7 +178,7 @@ def _core_kept(crash: dict[str, Any]) -> bool:
     return json.loads(crash["triage"]).get("core_kept", True) if crash.get("triage") else True
 
 
-def _buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def crash_buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Crashes grouped by signature bucket (untriaged ones by signal), most frequent first."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for crash in crashes:

@@ -51,7 +51,7 @@ import numpy as np
 from scipy import stats
 from tabulate import tabulate
 
-from harness.compare import NOT_RUNNING, _clean
+from harness.compare import NOT_RUNNING, json_safe
 from harness.store import open_run
 from harness.units import format_duration, format_size
 
@@ -323,7 +323,7 @@ def run_trends(run_dir: Path) -> dict[str, Any]:
                 "bytes_floor": BYTES_FLOOR, "relative_floor": RELATIVE_FLOOR, "count_floor": COUNT_FLOOR,
                 "count_min_change": COUNT_MIN_CHANGE, "max_autocorrelation": MAX_AUTOCORRELATION,
                 "n_resamples": N_RESAMPLES, "seed": SEED}
-    return _clean({"schema": TRENDS_SCHEMA, "run_id": run[0]["id"] if run else Path(run_dir).name,
+    return json_safe({"schema": TRENDS_SCHEMA, "run_id": run[0]["id"] if run else Path(run_dir).name,
                    "run_dir": str(run_dir), "settings": settings, "metrics": list(METRICS), "series": series,
                    "variants": variants, "harness": harness})
 
