@@ -36,6 +36,15 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, LATENCY_MAX_US, 3)
 
 
+def release_histogram(histogram: HdrHistogram) -> None:
+    """Free a histogram's ~190 KB counts array now. An hdrh histogram is a reference cycle (histogram <->
+    its encoder), so dropping the last reference frees nothing until the cyclic GC runs: a rollup merging a
+    minute of rows held all 60 decoded histograms (~11 MiB) at once, in a worker thread's malloc arena,
+    and glibc keeps an arena's high-water mark, so the harness's RSS stepped up by ~10 MiB per arena. Only
+    for histograms that are done with (decoded for a merge, or a second's counters once encoded)."""
+    histogram.encoder = None
+
+
 @dataclass
 class Counters:
     """What happened in one sampling interval (one second)."""

@@ -28,7 +28,7 @@ import psutil
 import trio
 
 from harness.balancer import Balancer
-from harness.driver import Counters, Driver
+from harness.driver import Counters, Driver, release_histogram
 from harness.errors import HarnessError
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
@@ -536,6 +536,7 @@ class Run:
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
                 inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds, threads=threads,
                 shim=self._shim.snapshot(host.index) if self._shim is not None else None))
+        release_histogram(c.latency)  # encoded above: free it now, not at the next GC (see release_histogram)
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
         scenario = self.scenario

@@ -277,19 +277,26 @@ def _windows(rows: list[sqlite3.Row], every: int, key: Any) -> list[list[sqlite3
 
 
 def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
-    from harness.driver import new_histogram  # the driver's histogram shape; imported late to keep the store light
+    # the driver's histogram shape; imported late to keep the store light
+    from harness.driver import new_histogram, release_histogram
+    from hdrh.histogram import HdrHistogram
     histogram = new_histogram()
     for row in group:
         if row["hist"]:
-            histogram.decode_and_add(row["hist"])
+            # Not decode_and_add: the decoded histogram must be freed before the next row's is made.
+            other = HdrHistogram.decode(row["hist"])
+            histogram.add(other)
+            release_histogram(other)
     has = histogram.get_total_count() > 0
     pct = (lambda q: histogram.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
     total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
                                                    "bad_reply")}
-    return (group[0]["t"], total["offered"], total["sent"], total["ok"], total["timeout"], total["conn_error"],
-            total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
-            histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
-            sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
+    merged = (group[0]["t"], total["offered"], total["sent"], total["ok"], total["timeout"], total["conn_error"],
+              total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
+              histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
+              sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
+    release_histogram(histogram)
+    return merged
 
 
 def _merge_host_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
