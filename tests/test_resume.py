@@ -55,7 +55,7 @@ def _kill_at_random_moment(run: subprocess.Popen[str], run_dir: Path, seconds: i
     run.wait(timeout=30)
 
 
-@settings(max_examples=3, deadline=None, derandomize=True,
+@settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seconds=st.integers(min_value=1, max_value=12), fraction=st.floats(min_value=0.0, max_value=0.99))
 def test_sigkill_at_a_random_moment_then_report_and_resume(targets: Path, tmp_path_factory, seconds: int,
