@@ -174,7 +174,9 @@ def _validate(paths: list[Path]) -> int:
     for file in files:
         try:
             scenario = load_scenario(file)
-            print(f"{file}: ok ({scenario.fleet.hosts} hosts, {units.format_duration(scenario.duration)}, "
+            mix = ", ".join(f"{g.hosts} {g.name}" for g in scenario.fleet.groups)
+            print(f"{file}: ok ({scenario.fleet.hosts} hosts{': ' + mix if mix else ''}, "
+                  f"{units.format_duration(scenario.duration)}, "
                   f"{len(scenario.faults)} faults, {len(scenario.expect)} expectations)")
         except ScenarioError as exc:
             failed += 1

@@ -229,3 +229,10 @@ faults:
     assert {c["host_name"] for c in trial["crashes"]} == {"estats-0"}
     assert any("estats_update" in b["signature"] for b in trial["buckets"])
     assert (run_dir / "hosts" / "t1" / "echo-0" / "stdout.log").exists()
+
+
+def test_harness_validate_lists_a_mixed_fleets_groups() -> None:
+    result = subprocess.run([*HARNESS, "validate", "scenarios/nightly-soak.yaml"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "nightly-soak.yaml: ok (6 hosts: 2 estats, 2 twq, 2 arena, 8h," in result.stdout
