@@ -369,10 +369,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                          argv=argv, metrics=parse_address(args.metrics) if args.metrics else None,
                          invocation=invocation, rollup_after=args.rollup_after, rollup_every=int(args.rollup_every))
     if args.command == "soak" and args.baseline not in (None, "latest-good"):
-        from harness.report import find_run
-        try:
-            find_run(args.baseline, args.out)     # a mistyped baseline is an error before the night, not after
-        except FileNotFoundError as exc:
+        from harness.regress import find_baseline
+        try:   # resolved as at the end of the night: a baseline that will not resolve is an error now, not after
+            find_baseline(args.out, scenario.name, args.baseline, exclude=None)
+        except HarnessError as exc:
             raise HarnessError(f"--baseline: {exc}") from None
     return _execute(scenario, options, args, args.command)
 
