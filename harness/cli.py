@@ -239,12 +239,18 @@ def _judge_comparisons(scenario: Any, run_dir: Path, report: dict[str, Any]) -> 
     return results
 
 
-def _report(args: argparse.Namespace) -> int:
-    from harness.report import find_run, render_text
+def _run_dir(args: argparse.Namespace) -> Path:
+    """The run a command names (a directory, a run id or 'latest'), or a one-line error."""
+    from harness.report import find_run
     try:
-        run_dir = find_run(args.run, args.results)
+        return find_run(args.run, args.results)
     except FileNotFoundError as exc:
         raise HarnessError(str(exc)) from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.report import render_text
+    run_dir = _run_dir(args)
     report, expectations = _judge(run_dir)
     _write_junit(args.junit, report, expectations)
     html_path = _write_html(run_dir, args.html, report) if args.html is not None else None
@@ -301,11 +307,7 @@ def _cores(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from harness.calibrate import calibrate, render
-    from harness.report import find_run
-    try:
-        run_dir = find_run(args.run, args.results)
-    except FileNotFoundError as exc:
-        raise HarnessError(str(exc)) from None
+    run_dir = _run_dir(args)
     result = calibrate(run_dir, args.trial)
     hosts = args.hosts or _run_hosts(run_dir)
     print(json.dumps(asdict(result) | {"simulated": result.simulated_block(hosts)}, indent=2) if args.json
@@ -336,11 +338,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _crashes(args: argparse.Namespace) -> int:
     from harness.crashview import render_bucket, render_buckets
-    from harness.report import build_report, find_run
-    try:
-        run_dir = find_run(args.run, args.results)
-    except FileNotFoundError as exc:
-        raise HarnessError(str(exc)) from None
+    from harness.report import build_report
+    run_dir = _run_dir(args)
     report = build_report(run_dir)
     if args.bucket is None:
         print(render_buckets(report))
@@ -380,14 +379,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 def _resume(args: argparse.Namespace, argv: list[str]) -> int:
     """Finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C (docs/soak.md)."""
     from harness.loader import build_scenario
-    from harness.report import find_run
     from harness.resume import resume_point
     from harness.runner import RunOptions
     from harness.yamlsource import parse_source
-    try:
-        run_dir = find_run(args.run, args.results)
-    except FileNotFoundError as exc:
-        raise HarnessError(str(exc)) from None
+    run_dir = _run_dir(args)
     point = resume_point(run_dir)
     invocation = point.invocation
     where = Path(invocation.scenario_base) / Path(invocation.scenario_file).name
