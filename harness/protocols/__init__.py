@@ -1,0 +1,152 @@
+"""Protocol codecs, sans-IO (the h11 way): bytes out from a request template, complete replies in.
+
+A codec has no I/O of its own. For each protocol a module provides:
+- `parse_request(value) -> template` and `parse_expect(value) -> expectation`: validation of what the
+  scenario wrote (raise `Invalid` with a one-line message; the loader adds file, line and field);
+- `compile(spec) -> Encoder`: `encoder.encode(key, seq) -> bytes`, the request on the wire;
+- `Decoder()`: one per connection; `feed(data) -> list of replies`, complete and in request order,
+  fed whatever the socket returned; `eof() -> list` completes a reply the server ends by closing;
+  `closing` is set once a reply said the server closes the connection after it. A reply that cannot
+  be parsed raises `ProtocolError` with the offending bytes: the connection is then closed and its
+  requests in flight are errors, never shifted onto later requests;
+- `check(expect, reply) -> None | kind`: None when the reply is what the request expects, else the
+  kind of bad reply (`http_5xx`, `resp_error`, `mismatch`...).
+The driver, the readiness probe and the set-up requests all go through these.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+PROTOCOLS = ("line", "http", "resp", "memcached")
+PLACEHOLDERS = ("key", "value", "seq")     # what a request template may contain
+EXCERPT = 200                              # bytes of an unparseable reply kept as evidence
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a reply of the protocol (or a reply nobody asked for)."""
+
+    def __init__(self, reason: str, data: bytes):
+        super().__init__(reason)
+        self.reason = reason
+        self.excerpt = bytes(data[:EXCERPT])
+
+
+class Encoder(Protocol):
+    def encode(self, key: str, seq: int) -> bytes: ...
+
+
+class Decoder(Protocol):
+    closing: bool
+
+    def feed(self, data: bytes) -> list[Any]: ...
+
+    def eof(self) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of the scenario's mix (or of set-up, or the readiness probe), as validated.
+
+    `template` and `expect` are in the protocol's own form (see each codec's parse_request and
+    parse_expect); `value_size` is the length of the seeded payload that `{value}` stands for."""
+
+    name: str
+    template: Any
+    expect: Any = None
+    weight: float = 1.0
+    value_size: int = 0
+
+
+def codec(protocol: str) -> ModuleType:
+    """The codec module of a protocol (validated names only)."""
+    from harness.protocols import http, line, memcached, resp
+    return {"line": line, "http": http, "resp": resp, "memcached": memcached}[protocol]
+
+
+def payload(seed: int, size: int) -> str:
+    """The seeded payload `{value}` stands for: printable, the same for a seed and size."""
+    rng = random.Random(f"{seed}:value:{size}")
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(rng.choice(alphabet) for _ in range(size))
+
+
+class TextTemplate:
+    """A text with {key}, {value} and {seq} placeholders, rendered by str.format (C speed).
+
+    Every other brace is literal (an nginx-style `{` in a body stays as written)."""
+
+    __slots__ = ("text", "fields", "_format", "_value")
+
+    def __init__(self, text: str, value: str = ""):
+        self.text = text
+        self.fields = placeholders_in(text)
+        escaped = text.replace("{", "{{").replace("}", "}}")
+        for name in PLACEHOLDERS:
+            escaped = escaped.replace("{{" + name + "}}", "{" + name + "}")
+        self._format: Callable[..., str] = escaped.format
+        self._value = value
+
+    def render(self, key: str, seq: int) -> str:
+        if not self.fields:
+            return self.text
+        return self._format(key=key, value=self._value, seq=seq)
+
+
+def placeholders_in(text: str) -> tuple[str, ...]:
+    """The known placeholders a text uses, in order of first use."""
+    found = [m.group(1) for m in re.finditer(r"\{([A-Za-z_]+)\}", text) if m.group(1) in PLACEHOLDERS]
+    return tuple(dict.fromkeys(found))
+
+
+def unknown_placeholders(text: str) -> list[str]:
+    """`{name}` fields that are not request placeholders (a typo such as {kye})."""
+    return [m.group(1) for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", text) if m.group(1) not in PLACEHOLDERS]
+
+
+class Pattern:
+    """A reply expectation: a regular expression searched in the reply's text (as bytes).
+
+    It may use {key}, {seq} and {value}: they stand for the request's own values (escaped), so
+    `expect: "^{key}$"` checks that each reply belongs to its request, not to a neighbour."""
+
+    __slots__ = ("text", "keyed", "_compiled", "_value")
+
+    def __init__(self, text: str, value: str = ""):
+        self.text = text
+        self._value = value
+        self.keyed = bool(placeholders_in(text))
+        self._compiled = None if self.keyed else re.compile(text.encode())
+
+    def matches(self, reply: bytes, key: str, seq: int) -> bool:
+        if self._compiled is not None:
+            return self._compiled.search(reply) is not None
+        rendered = self.text
+        for name, field in (("key", key), ("seq", str(seq)), ("value", self._value)):
+            rendered = rendered.replace("{" + name + "}", re.escape(field))
+        return re.compile(rendered.encode()).search(reply) is not None   # re caches compiled patterns
+
+    def with_value(self, value: str) -> "Pattern":
+        return Pattern(self.text, value)
+
+
+def parse_pattern(value: Any) -> Pattern | None:
+    """`expect:` of the text protocols: a regular expression (searched, not anchored)."""
+    from harness.fields import Invalid, describe
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a regular expression, got {describe(value)}")
+    probe = value
+    for name in PLACEHOLDERS:
+        probe = probe.replace("{" + name + "}", "x")
+    try:
+        re.compile(probe)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise Invalid(f"not a valid regular expression: {exc}") from None
+    return Pattern(value)
