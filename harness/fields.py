@@ -156,7 +156,14 @@ def as_number(value: Any) -> float:
     return number
 
 
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False, "y": True, "n": False}
+
+
 def as_bool(value: Any) -> bool:
+    """true/false; the YAML 1.1 words (yes/no/on/off) too, where a boolean is what the field means.
+    (The loader reads YAML 1.2, where those words are text, so string fields keep them as written.)"""
+    if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
     if not isinstance(value, bool):
         raise Invalid(f"expected true or false, got {describe(value)}")
     return value

@@ -16,9 +16,10 @@ from harness.fields import (
     describe, one_of,
 )
 from harness.loadshape import LoadShape, PhaseSpec
+from harness.protocols import PROTOCOLS, RequestSpec, codec, parse_pattern
 from harness.scenario import (
     ALLOCATORS, Client, Cores, Expectation, Fault, Fleet, Group, HostLoss, HostSelection, Keys, Ready, Restart,
-    Scenario, ShimFault, Target, Variant, Window,
+    Scenario, SetupStep, ShimFault, Target, Variant, Window,
 )
 from harness.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
@@ -41,6 +42,7 @@ MAX_STEPS = 10_000
 MAX_ZIPF_KEYS = 2_000_000
 LATENCY_METRICS = ("p50_latency", "p90_latency", "p99_latency", "p999_latency", "max_latency")
 EXPECT_METRICS = ("crashes", "error_rate", "timeout_rate", "throughput", "hosts_alive") + LATENCY_METRICS
+REQUEST_METRICS = ("error_rate", "timeout_rate", "throughput") + LATENCY_METRICS   # may name a request
 
 
 def load_scenario(path: Path | str, *, duration: float | None = None, seed: int | None = None) -> Scenario:
@@ -90,7 +92,7 @@ def build_scenario(source: Source, path: Path, *, duration_override: float | Non
     # Phase names are checked against the load as written too: a shorter --duration that cuts a phase
     # off does not make the scenario invalid (that expectation just has no data in such a run).
     written = LoadShape.build(list(load.specs)) if load is not None and duration_override is not None else None
-    expect = _expectations(top, load, variants, written)
+    expect = _expectations(top, load, variants, written, target)
     compare_expect = _compare_expectations(top, variants)
     if not problems and (target is None or fleet is None or load is None):  # each None has a problem; be sure
         top.problem((), "the scenario needs target, fleet and load")
@@ -145,13 +147,19 @@ def _templates_ok(reader: Reader, key: str | PathKey, argv: tuple[str, ...] | li
 
 # --- sections -----------------------------------------------------------------------------------
 
-TARGET_KEYS = {"root", "build", "command", "protocol", "request", "terminator", "expect_reply", "ready", "restart",
-               "env", "cwd", "stop_grace", "log_max"}
+TARGET_KEYS = {"root", "build", "command", "protocol", "request", "requests", "terminator", "expect_reply",
+               "expect_status", "value_size", "setup", "files", "ready", "restart", "env", "cwd", "stop_grace",
+               "log_max"}
 # What a fleet group may set for its own hosts; the rest of the target is the client's side, shared by
 # every host behind the one balancer (one request stream, one terminator).
-GROUP_OVERRIDES = {"build", "command", "env", "ready", "restart", "expect_reply", "cwd", "stop_grace", "log_max"}
-FLEET_WIDE = {"root", "protocol", "request", "terminator"}
+GROUP_OVERRIDES = {"build", "command", "env", "ready", "restart", "expect_reply", "setup", "files", "cwd",
+                   "stop_grace", "log_max"}
+FLEET_WIDE = {"root", "protocol", "request", "requests", "terminator", "expect_status", "value_size"}
+REQUEST_KEYS = {"name", "weight", "request", "expect", "expect_status", "value_size"}
+DEFAULT_REQUESTS = {"line": "GET {key}\n", "http": "GET /", "resp": ["GET", "{key}"], "memcached": "get {key}\r\n"}
 MAX_REAL_HOSTS = 512
+MAX_VALUE_SIZE = 64 * 1024 * 1024
+MAX_SETUP = 10_000_000
 
 
 def _target(top: Reader, path: Path, command_required: bool = True) -> Target | None:
@@ -166,13 +174,83 @@ def _target(top: Reader, path: Path, command_required: bool = True) -> Target | 
         root = path.parent
     if command_required and not r.has("command") and "command" not in r.misspelt:
         r.problem(("command",), "missing required field 'command'")
-    protocol = r.get("protocol", one_of("line"), default="line")
-    request = r.get("request", as_str, default="GET {key}\n")
-    if isinstance(request, str) and "\n" not in request and protocol == "line":
-        r.problem(("request",), "a line request must end with a newline (write it as \"GET {key}\\n\")")
+    protocol = r.get("protocol", one_of(*PROTOCOLS), default="line")
+    if r.has("terminator") and protocol != "line":
+        r.problem(("terminator",), f"only the line protocol has a terminator; {protocol} replies end by its rules")
+    if r.has("expect_status") and protocol != "http":
+        r.problem(("expect_status",), f"expect_status is for http; for {protocol} write expect_reply")
+    if r.has("expect_reply") and protocol == "http":
+        r.problem(("expect_reply",), "for http, write expect_status (like 2xx, [200, 304] or 200-399)")
+    value_size = r.get("value_size", _value_size, default=0)
+    expect_status = r.get("expect_status", _protocol_expect("http"), default=None) if protocol == "http" else None
+    requests = _requests(r, protocol, value_size, expect_status)
     terminator = r.get("terminator", as_str, default="\n")
-    base = Target(root=root, command=("?",), protocol=protocol, request=request, terminator=terminator)
+    base = Target(root=root, command=("?",), protocol=protocol, requests=requests, terminator=terminator)
     return _host_settings(r, base)
+
+
+def _value_size(value: Any) -> int:
+    size = units.parse_size(value) if isinstance(value, str) else as_int(value)
+    if not 0 <= size <= MAX_VALUE_SIZE:
+        raise Invalid(f"expected a size from 0 to {MAX_VALUE_SIZE // 2**20}MiB, got {describe(value)}")
+    return size
+
+
+def _protocol_expect(protocol: str) -> Any:
+    module = codec(protocol)
+    return module.parse_expect
+
+
+def _requests(r: Reader, protocol: str, value_size: int, expect_status: Any) -> tuple[RequestSpec, ...]:
+    """`request:` (one) or `requests:` (a mix by weight), each template checked by its protocol's codec."""
+    module = codec(protocol)
+    default_expect = expect_status if protocol == "http" else None
+    if r.has("request") and r.has("requests"):
+        r.problem(("requests",), "give either request (one) or requests (a mix), not both")
+    if not r.has("requests"):
+        template = r.get("request", module.parse_request, default=None)
+        if template is None and not r.has("request"):
+            template = module.parse_request(DEFAULT_REQUESTS[protocol])
+        if template is None:
+            return ()
+        if default_expect is None and protocol == "http":
+            default_expect = module.parse_expect(None)
+        return (RequestSpec("default", template, default_expect, value_size=value_size),)
+    items = r.items("requests")
+    if r.data.get("requests") == []:
+        r.problem(("requests",), "expected at least one request, like [{name: get, weight: 90, request: ...}]")
+    specs: list[RequestSpec] = []
+    for item_path, item in items:
+        q = Reader(r.source, item_path, item, r.problems, REQUEST_KEYS,
+                   what="a request like {name: get, weight: 90, request: ...}")
+        if not q.ok:
+            continue
+        name = q.get("name", as_str, required=True, default=None)
+        if name is not None and not GROUP_NAME.fullmatch(name):
+            q.problem(("name",), f"a request name starts with a letter and uses letters, digits, '.', '_' and '-', "
+                                 f"got {name!r}")
+        elif name is not None and any(s.name == name for s in specs):
+            q.problem(("name",), f"request name {name!r} is used twice")
+        weight = q.get("weight", as_number, default=1.0)
+        if not weight > 0:
+            q.problem(("weight",), f"expected a weight greater than zero, got {weight:g}")
+        template = q.get("request", module.parse_request, required=True, default=None)
+        expect = _request_expect(q, protocol, default_expect)
+        size = q.get("value_size", _value_size, default=value_size)
+        if name is not None and template is not None:
+            specs.append(RequestSpec(name, template, expect, weight=weight, value_size=size))
+    return tuple(specs)
+
+
+def _request_expect(q: Reader, protocol: str, default: Any) -> Any:
+    module = codec(protocol)
+    if protocol == "http":
+        if q.has("expect"):
+            q.problem(("expect",), "for http, write expect_status (like 2xx, [200, 304] or 200-399)")
+        return q.get("expect_status", module.parse_expect, default=default or module.parse_expect(None))
+    if q.has("expect_status"):
+        q.problem(("expect_status",), f"expect_status is for http; for {protocol} write expect")
+    return q.get("expect", module.parse_expect, default=None)
 
 
 def _host_settings(r: Reader, base: Target) -> Target:
@@ -184,15 +262,12 @@ def _host_settings(r: Reader, base: Target) -> Target:
     expect_reply = r.get("expect_reply", as_str, default=base.expect_reply)
     if expect_reply is not None and r.has("expect_reply"):
         try:
-            re.compile(expect_reply)
-        except (re.error, OverflowError, RecursionError) as exc:
-            r.problem(("expect_reply",), f"not a valid regular expression: {exc}")
-    ready_r = r.child("ready", {"tcp", "timeout", "interval"})
-    ready = Ready(
-        port=ready_r.get("tcp", _ready_port, default=base.ready.port),
-        timeout=ready_r.get("timeout", _positive_duration, default=base.ready.timeout),
-        interval=ready_r.get("interval", _positive_duration, default=base.ready.interval),
-    )
+            parse_pattern(expect_reply)
+        except Invalid as exc:
+            r.problem(("expect_reply",), str(exc))
+    ready = _ready(r, base)
+    setup = _setup(r, base) if r.has("setup") else base.setup
+    files = _files(r, base.root) if r.has("files") else base.files
     restart_r = r.child("restart", {"policy", "backoff", "max_backoff", "reset_after"})
     restart = Restart(
         policy=restart_r.get("policy", one_of("always", "on-failure", "never"), default=base.restart.policy),
@@ -208,10 +283,99 @@ def _host_settings(r: Reader, base: Target) -> Target:
         _templates_ok(r, "cwd", cwd)
     return replace(
         base, command=command, build=r.get("build", as_argv, default=base.build), expect_reply=expect_reply,
-        ready=ready, restart=restart, env={**base.env, **env}, cwd=cwd,
+        ready=ready, restart=restart, env={**base.env, **env}, cwd=cwd, setup=setup, files=files,
         stop_grace=r.get("stop_grace", _duration, default=base.stop_grace),
         log_max=r.get("log_max", units.parse_size, default=base.log_max),
     )
+
+
+def _ready(r: Reader, base: Target) -> Ready:
+    """ready: {tcp: PORT} (accepts connections), {request: ..., expect: ...} (a good reply in the target's
+    protocol) or {http: /path, status: 200}; each with timeout and interval."""
+    q = r.child("ready", {"tcp", "http", "status", "request", "expect", "timeout", "interval"})
+    protocol, probe = base.ready.protocol, base.ready.probe
+    if q.has("http") and q.has("request"):
+        q.problem(("http",), "give either http (a path) or request (in the target's protocol), not both")
+    elif q.has("http"):
+        if q.has("expect"):
+            q.problem(("expect",), "an http readiness probe checks status:, not expect:")
+        path = q.get("http", as_str, default="/")
+        http = codec("http")
+        try:
+            template = http.parse_request({"method": "GET", "path": path})
+        except Invalid as exc:
+            q.problem(("http",), str(exc))
+            template = http.parse_request("GET /")
+        expect = q.get("status", http.parse_expect, default=http.parse_expect("2xx"))
+        protocol, probe = "http", RequestSpec("ready", template, expect)
+    elif q.has("request"):
+        if q.has("status"):
+            q.problem(("status",), "status: goes with an http probe ({http: /health, status: 200})")
+        module = codec(base.protocol)
+        template = q.get("request", module.parse_request, default=None)
+        if template is not None:
+            expect = q.get("expect", module.parse_expect, default=None) if base.protocol != "http" else \
+                q.get("expect", module.parse_expect, default=module.parse_expect(None))
+            protocol, probe = base.protocol, RequestSpec("ready", template, expect)
+    else:
+        for key in ("status", "expect"):
+            if q.has(key):
+                q.problem((key,), f"{key}: goes with a probe request (ready: {{request: ...}} or {{http: /path}})")
+    return Ready(port=q.get("tcp", _ready_port, default=base.ready.port),
+                 timeout=q.get("timeout", _positive_duration, default=base.ready.timeout),
+                 interval=q.get("interval", _positive_duration, default=base.ready.interval),
+                 protocol=protocol, probe=probe)
+
+
+def _setup(r: Reader, base: Target) -> tuple[SetupStep, ...]:
+    """setup: [{request: ..., keys: all | count: N, expect: ...}] sent to every incarnation before load."""
+    module = codec(base.protocol)
+    steps: list[SetupStep] = []
+    if r.data.get("setup") not in (None, []) and not isinstance(r.data.get("setup"), list):
+        r.problem(("setup",), "expected a list of requests like [{request: ..., keys: all}]")
+        return ()
+    for item_path, item in r.items("setup"):
+        q = Reader(r.source, item_path, item, r.problems, {"request", "keys", "count", "expect", "expect_status",
+                                                            "value_size"},
+                   what="a set-up request like {request: ..., keys: all} or {request: ..., count: 100}")
+        if not q.ok:
+            continue
+        template = q.get("request", module.parse_request, required=True, default=None)
+        if q.has("keys") and q.has("count"):
+            q.problem(("count",), "give either keys: all (every key of client.keys once) or count: N, not both")
+        all_keys = q.get("keys", one_of("all"), default=None) == "all"
+        count = q.get("count", as_positive_int, default=1)
+        if count > MAX_SETUP:
+            q.problem(("count",), f"at most {MAX_SETUP} set-up requests per step, got {count}")
+        expect = _request_expect(q, base.protocol, base.requests[0].expect if base.protocol == "http" and
+                                 base.requests else None)
+        size = q.get("value_size", _value_size, default=base.requests[0].value_size if base.requests else 0)
+        if template is not None:
+            steps.append(SetupStep(RequestSpec("setup", template, expect, value_size=size), count=count,
+                                   all_keys=all_keys))
+    return tuple(steps)
+
+
+def _files(r: Reader, root: Path) -> tuple[tuple[str, str], ...]:
+    """files: {name-in-the-host-folder: template-file}: rendered with the host's placeholders at start."""
+    value = r.data.get("files")
+    if not isinstance(value, dict) or not value:
+        r.problem(("files",), "expected a mapping like {nginx.conf: configs/nginx.conf}")
+        return ()
+    result = []
+    for name, source in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            r.problem(("files", str(name)), "a file name in the host's folder: letters, digits, '.', '_', '-' "
+                                            "(no folders)")
+            continue
+        if not isinstance(source, str) or not source:
+            r.problem(("files", name), f"expected the path of a template file, got {describe(source)}")
+            continue
+        if not (root / source).is_file():
+            r.problem(("files", name), f"no such file: {root / source}")
+            continue
+        result.append((name, source))
+    return tuple(result)
 
 
 def _ready_port(value: Any) -> str:
@@ -728,13 +892,13 @@ _COMPARISON = re.compile(r"^\s*(<=|>=|==|<|>)\s*(.+?)\s*$")
 
 
 def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant],
-                  written: LoadShape | None = None) -> list[Expectation]:
+                  written: LoadShape | None = None, target: Target | None = None) -> list[Expectation]:
     result: list[Expectation] = []
     variant_names = {v.name for v in variants}
     for index, (path, item) in enumerate(top.items("expect")):
         if isinstance(item, dict) and "compare" in item:
             continue  # variant comparisons: see _compare_expectations
-        r = Reader(top.source, path, item, top.problems, set(EXPECT_METRICS) | {"phase", "variant"})
+        r = Reader(top.source, path, item, top.problems, set(EXPECT_METRICS) | {"phase", "variant", "request"})
         if not r.ok:
             continue
         metrics = [key for key in r.data if key in EXPECT_METRICS]
@@ -756,9 +920,18 @@ def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant],
         variant = r.get("variant", as_str, default=None)
         if variant is not None and variant not in variant_names:
             r.problem(("variant",), f"no variant named {variant!r}")
+        request = r.get("request", as_str, default=None)
+        if request is not None:
+            names = [spec.name for spec in target.requests] if target is not None else []
+            if metric not in REQUEST_METRICS:
+                r.problem(("request",), f"{metric} is a fleet-wide figure; per request: {', '.join(REQUEST_METRICS)}")
+            elif target is not None and request not in names:
+                hint = difflib.get_close_matches(request, names, n=1)
+                r.problem(("request",), f"no request named {request!r}" + (f" (did you mean '{hint[0]}'?)" if hint
+                                        else f" (requests: {', '.join(names)})"))
         result.append(Expectation(index=index, line=top.source.line(path), metric=metric, op=op, value=value,
                                   text=f"{metric} {raw}" if not isinstance(raw, str) or not _COMPARISON.match(raw)
-                                  else f"{metric} {raw.strip()}", phase=phase, variant=variant))
+                                  else f"{metric} {raw.strip()}", phase=phase, variant=variant, request=request))
     return result
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.loadshape import LoadShape
+from harness.protocols import RequestSpec
 
 ALLOCATORS = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
 
@@ -17,6 +18,17 @@ class Ready:
     port: str = "{port}"          # template of the TCP port to probe
     timeout: float = 5.0
     interval: float = 0.02
+    protocol: str | None = None   # None: ready once it accepts TCP; else the probe's protocol
+    probe: RequestSpec | None = None   # a request that must get a good reply
+
+
+@dataclass(frozen=True)
+class SetupStep:
+    """Requests sent to every incarnation of a host once it is ready, before it gets load."""
+
+    request: RequestSpec
+    count: int                    # how many; {seq} runs from 0, {key} is the seq-th key of client.keys
+    all_keys: bool = False        # count is the key space: every key once
 
 
 @dataclass(frozen=True)
@@ -32,10 +44,12 @@ class Target:
     root: Path                    # relative paths in build/command resolve here
     command: tuple[str, ...]
     build: tuple[str, ...] | None = None
-    protocol: str = "line"
-    request: str = "GET {key}\n"
-    terminator: str = "\n"
-    expect_reply: str | None = None   # regex a good reply matches; else counted as bad_reply
+    protocol: str = "line"        # line | http | resp | memcached (harness.protocols)
+    requests: tuple[RequestSpec, ...] = (RequestSpec("default", "GET {key}\n"),)   # the mix, by weight
+    terminator: str = "\n"        # line protocol: end of a reply
+    expect_reply: str | None = None   # default expectation of requests that give none (as written)
+    setup: tuple[SetupStep, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()   # (name in the host's folder, template file under root)
     ready: Ready = field(default_factory=Ready)
     restart: Restart = field(default_factory=Restart)
     env: dict[str, str] = field(default_factory=dict)
@@ -209,6 +223,7 @@ class Expectation:
     text: str                         # as written, for messages
     phase: str | None = None
     variant: str | None = None
+    request: str | None = None        # one request of the mix (by name)
 
 
 @dataclass(frozen=True)

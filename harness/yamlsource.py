@@ -82,11 +82,42 @@ MAX_DEPTH = 64           # nesting of mappings and lists
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+class _Core12Loader(yaml.SafeLoader):
+    """YAML 1.2 core schema for plain scalars: only true/false are booleans (so `yes`, `no`, `on`, `off`
+    in args, env and templates stay the words written), no sexagesimal numbers (1:30 is text), and a
+    leading zero does not make an octal (010 is ten; write 0o10)."""
+
+
+_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_Core12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Core12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Core12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+_Core12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+class _Core12Constructor(yaml.constructor.SafeConstructor):
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        text = str(self.construct_scalar(node))   # type: ignore[arg-type]
+        if text.startswith(("0o", "0x")):
+            return int(text, 0)
+        return int(text, 10)
+
+
+_Core12Constructor.add_constructor("tag:yaml.org,2002:int", _Core12Constructor.construct_yaml_int)
+
+
 def parse_source(text: str, file: str) -> Source:
     """Parse YAML, keeping lines. Raises ScenarioError only when the text is not YAML at all;
     other reading problems are left in `Source.problems`."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Core12Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -125,7 +156,7 @@ class _Converter:
 
     def __init__(self, source: Source):
         self.source = source
-        self.constructor = yaml.constructor.SafeConstructor()
+        self.constructor = _Core12Constructor()
         self.count = 0
         self.active: set[int] = set()     # ids of the collections being converted (recursive aliases)
         self.too_big = False
