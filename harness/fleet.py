@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import trio
 
 from harness.errors import HarnessError
+from harness.exchange import Outcome
+from harness.hostprep import HostPrep
 from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Group, Target, Variant
 from harness.variants import apply_variant, variant_for_group
@@ -112,6 +114,18 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
+def write_rendered(path: Path, template: Path, values: dict[str, str]) -> None:
+    """A host's config file from its template, placeholders filled ({port} {dir} {index}...); every other
+    brace is left alone (nginx and VCL are full of them). Written without following a planted link."""
+    try:
+        text = render(template.read_text(encoding="utf-8"), values)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"cannot write {path} from {template}: {exc}") from None
+
+
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
                extra_env: dict[str, str], *, group: str = "", first: int = 0,
                taken: set[int] | None = None) -> list[Host]:
@@ -139,6 +153,8 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         cwd = Path(render(target.cwd, values))
         if not cwd.is_absolute():
             cwd = target.root / cwd
+        for name, source in target.files:
+            write_rendered(directory / name, target.root / source, values)
         hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd,
                           group=group, target=target))
     return hosts
@@ -162,8 +178,11 @@ def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path) -> li
 class FleetSupervisor:
     def __init__(self, hosts: list[Host], target: Target, spawner: Spawner, recorder: Recorder,
                  listener: Listener,
-                 on_crash: Callable[[Host, ExitInfo, dict[str, Any]], Awaitable[None]] | None = None):
+                 on_crash: Callable[[Host, ExitInfo, dict[str, Any]], Awaitable[None]] | None = None,
+                 prep: HostPrep | None = None):
+        """`prep` checks readiness by protocol and sends set-up requests (default: TCP connect, no set-up)."""
         self.hosts = hosts
+        self.prep = prep
         self.target = target
         self.spawner = spawner
         self.recorder = recorder
@@ -250,7 +269,7 @@ class FleetSupervisor:
                     await trio.sleep(delay)
                 info = await self._run_once(host)
                 self._ready_once[host.index].set()
-                expected = host.kill_expected not in (None, "ready-timeout")
+                expected = host.kill_expected not in (None, "ready-timeout", "setup-failed")
                 if info is not None and time.monotonic() - host.started_at >= policy.reset_after:
                     host.consecutive_failures = 0
                 if not expected:
@@ -319,15 +338,21 @@ class FleetSupervisor:
         return info
 
     async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:
-        ready = self.target_of(host).ready
+        target = self.target_of(host)
+        ready = target.ready
         port = int(render(ready.port, {"port": str(host.port)}))
         deadline = trio.current_time() + ready.timeout
+        last = None
         while trio.current_time() < deadline:
-            if await _tcp_accepts(port, ready.interval):
+            last = await self._check_ready(target, port, min(max(ready.interval, 1.0),
+                                                             deadline - trio.current_time()))
+            if last.ok:
                 try:  # the real executable (argv[0] may be a wrapper or a name on PATH)
                     host.extra["exe"] = os.readlink(f"/proc/{child.pid}/exe")
                 except OSError:
                     host.extra.pop("exe", None)
+                if not await self._set_up(host, child, target):
+                    return
                 host.state = State.UP
                 self.recorder.event("ready", host.index, child.pid,
                                     after=round(time.monotonic() - host.started_at, 4))
@@ -335,13 +360,36 @@ class FleetSupervisor:
                 self.listener.host_ready(host)
                 return
             await trio.sleep(ready.interval)
-        self.recorder.event("ready-timeout", host.index, child.pid, timeout=ready.timeout)
+        why = last.describe() if last is not None else "no check ran"
+        self.recorder.event("ready-timeout", host.index, child.pid, timeout=ready.timeout, last=why)
         if host.incarnation == 1 and self.first_start_failed is None:
-            self.first_start_failed = (f"{host.name} did not accept connections on port {port} within "
-                                       f"{ready.timeout:g}s")
+            what = "did not accept connections" if ready.probe is None else "did not answer its readiness probe"
+            self.first_start_failed = (f"{host.name} {what} on port {port} within {ready.timeout:g}s ({why})")
             self.first_start_failed_dir = host.dir
         host.kill_expected = "ready-timeout"
         child.signal_group(signal.SIGKILL)
+
+    async def _check_ready(self, target: Target, port: int, timeout: float) -> Outcome:
+        if self.prep is not None:
+            return await self.prep.ready(target, port, timeout)
+        return Outcome(good=1) if await _tcp_accepts(port, timeout) else Outcome(error="no connection")
+
+    async def _set_up(self, host: Host, child: Child, target: Target) -> bool:
+        """Set-up requests before the host gets load; a failure kills it like a readiness timeout."""
+        if self.prep is None or not target.setup:
+            return True
+        outcome, took = await self.prep.setup(target, host.port)
+        if outcome.ok:
+            self.recorder.event("setup", host.index, child.pid, requests=outcome.sent, seconds=round(took, 4))
+            return True
+        self.recorder.event("setup-failed", host.index, child.pid, sent=outcome.sent, good=outcome.good,
+                            bad=outcome.bad, why=outcome.describe())
+        if host.incarnation == 1 and self.first_start_failed is None:
+            self.first_start_failed = f"{host.name}: set-up failed: {outcome.describe()}"
+            self.first_start_failed_dir = host.dir
+        host.kill_expected = "setup-failed"
+        child.signal_group(signal.SIGKILL)
+        return False
 
     async def _record_exit(self, host: Host, child: Child, info: ExitInfo) -> None:
         uptime = time.monotonic() - host.started_at

@@ -21,11 +21,12 @@ def stream(seed: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Arrival:
     index: int
     t: float          # intended send time, seconds from the start of the load
     key: str
+    request: int = 0  # which request of the mix (index into target.requests)
 
 
 class KeyPicker:
@@ -41,22 +42,45 @@ class KeyPicker:
 
     def pick(self) -> str:
         if self.cumulative is None:
-            return f"k{self.rng.randrange(self.space)}"
+            return key_name(self.rng.randrange(self.space))
         point = self.rng.random() * self.cumulative[-1]
-        return f"k{bisect.bisect_left(self.cumulative, point)}"
+        return key_name(bisect.bisect_left(self.cumulative, point))
 
 
-def arrivals(shape: LoadShape, keys: Keys, seed: int) -> Iterator[Arrival]:
-    """A non-homogeneous Poisson process with rate r(t), by inverting Λ(t) (exact, no thinning)."""
+def key_name(number: int) -> str:
+    """The key numbered `number` in the key space (what {key} becomes; set-up's keys: all walks them)."""
+    return f"k{number}"
+
+
+def arrivals(shape: LoadShape, keys: Keys, seed: int, weights: tuple[float, ...] = ()) -> Iterator[Arrival]:
+    """A non-homogeneous Poisson process with rate r(t), by inverting Λ(t) (exact, no thinning).
+
+    Each arrival's request is drawn from the mix by `weights` on a stream of its own, so adding a
+    request to the mix changes neither the arrival times nor the keys."""
     gaps = stream(seed, "arrivals")
     picker = KeyPicker(keys, stream(seed, "keys"))
+    chooser = RequestChooser(weights, stream(seed, "requests"))
     total = 0.0
     for index in itertools.count():
         total += gaps.expovariate(1.0)
         t = shape.inverse(total)
         if t is None or t >= shape.duration:
             return
-        yield Arrival(index, t, picker.pick())
+        yield Arrival(index, t, picker.pick(), chooser.pick())
+
+
+class RequestChooser:
+    """Which request of the mix an arrival is, by weight (always 0 for a single request)."""
+
+    def __init__(self, weights: tuple[float, ...], rng: random.Random):
+        self.rng = rng
+        self.cumulative = list(itertools.accumulate(weights)) if len(weights) > 1 else []
+
+    def pick(self) -> int:
+        if not self.cumulative:
+            return 0
+        point = self.rng.random() * self.cumulative[-1]
+        return min(bisect.bisect_right(self.cumulative, point), len(self.cumulative) - 1)
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,15 @@ import psutil
 import trio
 
 from harness.balancer import Balancer
-from harness.driver import Counters, Driver, release_histogram
+from harness.driver import Counters, Driver
 from harness.errors import HarnessError
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program
+from harness.hostprep import HostPrep
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
-from harness.store import HostSample, RunStore, Sample
+from harness.store import HostSample, RequestSample, RunStore, Sample
 from harness.collect.coreinstall import find_spooled_record, installed_spool
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
 from harness.collect.retention import CoreRetention, KeptCore
@@ -90,6 +91,8 @@ class Recorder:
         self.crashes: list[dict[str, Any]] = []
         self.samples: list[Sample] = []
         self.host_samples: list[HostSample] = []
+        self.request_samples: list[RequestSample] = []
+        self.reply_counts: list[tuple[int, str, str, int]] = []   # (second, family, name, count)
         self.crash_count = 0
         self.offered_rate = 0.0
         self.last_sample: Sample | None = None
@@ -111,8 +114,10 @@ class Recorder:
 
     def take(self) -> dict[str, list[Any]]:
         batch = {"events": self.events, "crashes": self.crashes, "samples": self.samples,
-                 "host_samples": self.host_samples}
+                 "host_samples": self.host_samples, "request_samples": self.request_samples,
+                 "reply_counts": self.reply_counts}
         self.events, self.crashes, self.samples, self.host_samples = [], [], [], []
+        self.request_samples, self.reply_counts = [], []
         return batch
 
 
@@ -296,7 +301,8 @@ class Run:
             await self._store_call(self.store.begin_trial, number, variant.name, repeat, scenario.seed)
         else:
             await self._store_call(self.store.resume_trial, number)
-        planned = arrivals(scenario.load, scenario.client.keys, scenario.seed)
+        planned = arrivals(scenario.load, scenario.client.keys, scenario.seed,
+                           tuple(spec.weight for spec in scenario.target.requests))
         if self._start_at:
             planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
@@ -304,9 +310,11 @@ class Run:
         self._shim = await self._prepare_shim(hosts)
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
         driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
-                        expect_replies=[(h.target or scenario.target).expect_reply for h in hosts])
+                        expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],
+                        seed=scenario.seed, on_event=recorder.event)
         listener = _Listener(driver, recorder)
-        supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash)
+        supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash,
+                                     prep=HostPrep(scenario))
         self._recorder = recorder
         self._variant_name = variant.name
         self._variant_allocator = variant.allocator
@@ -366,7 +374,8 @@ class Run:
                                        {"failure": failure if status == "failed" else None,"send_lag_us": {q: driver.lag.get_value_at_percentile(float(q))
                                                       for q in ("50", "99", "99.9", "100")},
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
-                                                   "crashes": h.crashes} for h in hosts]})
+                                                   "crashes": h.crashes} for h in hosts],
+                                        "resent": driver.resent, "protocol_errors": driver.protocol_errors})
                 if self.options.status:
                     print(file=sys.stderr)
                 if self._shim is not None:
@@ -519,6 +528,16 @@ class Run:
             max=c.latency.get_max_value() / 1e6 if has else None, hosts_alive=alive, offered_rate=offered_rate,
             hist=c.latency.encode() if has else None)
         recorder.samples.append(recorder.last_sample)
+        names = [spec.name for spec in self.scenario.target.requests]
+        for name, r in zip(names, c.per_request):
+            if r.offered or r.ok or r.timeout or r.conn_error or r.bad_reply:
+                has_r = r.latency.get_total_count() > 0
+                recorder.request_samples.append(RequestSample(
+                    t=second, name=name, offered=r.offered, sent=r.sent, ok=r.ok, timeout=r.timeout,
+                    conn_error=r.conn_error, no_host=r.no_host, bad_reply=r.bad_reply,
+                    hist=r.latency.encode() if has_r else None))
+        recorder.reply_counts.extend((second, "bad", kind, count) for kind, count in c.bad_kinds.items())
+        recorder.reply_counts.extend((second, "status", str(code), count) for code, count in c.status.items())
         self.metrics.offered.set(c.offered)
         self.metrics.achieved.set(c.ok)
         for kind in ("timeout", "conn_error", "no_host", "bad_reply"):
@@ -536,7 +555,7 @@ class Run:
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
                 inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds, threads=threads,
                 shim=self._shim.snapshot(host.index) if self._shim is not None else None))
-        release_histogram(c.latency)  # encoded above: free it now, not at the next GC (see release_histogram)
+        c.release()  # encoded above: free the histograms now, not at the next GC (see release_histogram)
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
         scenario = self.scenario

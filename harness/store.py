@@ -51,6 +51,13 @@ CREATE TABLE IF NOT EXISTS crashes (
     uptime REAL NOT NULL, offered_rate REAL NOT NULL, host_inflight INTEGER NOT NULL, hosts_alive INTEGER NOT NULL,
     core_path TEXT, executable TEXT, stderr_tail TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}',
     uid TEXT);
+CREATE TABLE IF NOT EXISTS request_samples (
+    trial INTEGER NOT NULL, t INTEGER NOT NULL, name TEXT NOT NULL, offered INTEGER NOT NULL, sent INTEGER NOT NULL,
+    ok INTEGER NOT NULL, timeout INTEGER NOT NULL, conn_error INTEGER NOT NULL, no_host INTEGER NOT NULL,
+    bad_reply INTEGER NOT NULL, hist BLOB, span INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (trial, t, name));
+CREATE TABLE IF NOT EXISTS reply_counts (
+    trial INTEGER NOT NULL, t INTEGER NOT NULL, family TEXT NOT NULL, name TEXT NOT NULL, count INTEGER NOT NULL,
+    span INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (trial, t, family, name));
 CREATE TABLE IF NOT EXISTS triage (
     uid TEXT PRIMARY KEY, crash_class TEXT, signature TEXT, bucket TEXT, in_allocator INTEGER, fault_address TEXT,
     data TEXT NOT NULL);
@@ -60,6 +67,9 @@ CREATE TABLE IF NOT EXISTS triage (
 SAMPLE_COLUMNS = ("trial, t, offered, sent, ok, timeout, conn_error, no_host, bad_reply, p50, p90, p99, p999, max, "
                   "hosts_alive, offered_rate, hist")
 HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads"
+REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error, no_host, bad_reply, hist"
+# Tables added after schema 2: created on open when missing (older stores simply have no rows in them).
+ADDED_TABLES = ("request_samples", "reply_counts")
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,22 @@ class Sample:
     max: float | None
     hosts_alive: int
     offered_rate: float
+    hist: bytes | None
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """One request name's outcomes in one second (a mix of several requests only)."""
+
+    t: int
+    name: str
+    offered: int
+    sent: int
+    ok: int
+    timeout: int
+    conn_error: int
+    no_host: int
+    bad_reply: int
     hist: bytes | None
 
 
@@ -128,6 +154,12 @@ class RunStore:
                     self.db.execute("ALTER TABLE host_samples ADD COLUMN span INTEGER NOT NULL DEFAULT 1")
                     self.db.execute("CREATE TABLE IF NOT EXISTS harness_samples (wall REAL PRIMARY KEY, trial INTEGER, "
                                     "rss INTEGER NOT NULL, fds INTEGER NOT NULL, threads INTEGER NOT NULL)")
+            tables = {r["name"] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and not set(ADDED_TABLES) <= tables:
+                with self._tx():
+                    for statement in SCHEMA.split(";"):
+                        if any(f"EXISTS {name} (" in statement for name in ADDED_TABLES):
+                            self.db.execute(statement)
         except sqlite3.OperationalError:
             pass  # read-only media: readers cope with the old shape
 
@@ -196,7 +228,9 @@ class RunStore:
             self.db.execute("UPDATE runs SET ended=?, status=?, exit_code=?", (time.time(), status, exit_code))
 
     def write_batch(self, trial: int, *, events: list[dict[str, Any]] = (), samples: list[Sample] = (),  # type: ignore[assignment]
-                    host_samples: list[HostSample] = (), crashes: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+                    host_samples: list[HostSample] = (), crashes: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                    request_samples: list[RequestSample] = (),  # type: ignore[assignment]
+                    reply_counts: list[tuple[int, str, str, int]] = ()) -> None:  # type: ignore[assignment]
         """Everything the runner gathered since the last batch, in one transaction."""
         with self._tx():
             self.db.executemany(
@@ -219,6 +253,13 @@ class RunStore:
                   c["uptime"], c["offered_rate"], c["host_inflight"], c["hosts_alive"], c.get("core_path"),
                   c.get("executable"), c.get("stderr_tail", ""), json.dumps(c.get("detail", {})), c.get("uid"))
                  for c in crashes])
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO request_samples ({REQUEST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(trial, r.t, r.name, r.offered, r.sent, r.ok, r.timeout, r.conn_error, r.no_host, r.bad_reply, r.hist)
+                 for r in request_samples])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO reply_counts (trial, t, family, name, count) VALUES (?,?,?,?,?)",
+                [(trial, t, family, name, count) for t, family, name, count in reply_counts])
 
     def record_triage(self, uid: str, triage: dict[str, Any]) -> None:
         """A core's triage, keyed by its crash's uid (either may be written first)."""
@@ -246,14 +287,28 @@ class RunStore:
                                (trial, end)).fetchall()
         host_rows = self.db.execute("SELECT * FROM host_samples WHERE trial=? AND t<? AND span=1 ORDER BY t, host",
                                     (trial, end)).fetchall()
+        request_rows = self.db.execute("SELECT * FROM request_samples WHERE trial=? AND t<? AND span=1 ORDER BY t",
+                                       (trial, end)).fetchall()
+        count_rows = self.db.execute("SELECT * FROM reply_counts WHERE trial=? AND t<? AND span=1 ORDER BY t",
+                                     (trial, end)).fetchall()
         if not rows and not host_rows:
             return 0
         merged = [_merge_samples(group) for group in _windows(rows, every, lambda r: ())]
         merged_hosts = [_merge_host_samples(group) for group in _windows(host_rows, every,
                                                                          lambda r: (r["host"], r["pid"]))]
+        merged_requests = [_merge_request_samples(group) for group in _windows(request_rows, every,
+                                                                               lambda r: (r["name"],))]
+        merged_counts = [(g[0]["t"], g[0]["family"], g[0]["name"], sum(r["count"] for r in g), len(g))
+                         for g in _windows(count_rows, every, lambda r: (r["family"], r["name"]))]
         with self._tx():
             self.db.execute("DELETE FROM samples WHERE trial=? AND t<? AND span=1", (trial, end))
             self.db.execute("DELETE FROM host_samples WHERE trial=? AND t<? AND span=1", (trial, end))
+            self.db.execute("DELETE FROM request_samples WHERE trial=? AND t<? AND span=1", (trial, end))
+            self.db.execute("DELETE FROM reply_counts WHERE trial=? AND t<? AND span=1", (trial, end))
+            self.db.executemany(f"INSERT OR REPLACE INTO request_samples ({REQUEST_SAMPLE_COLUMNS}, span) "
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged_requests])
+            self.db.executemany("INSERT OR REPLACE INTO reply_counts (trial, t, family, name, count, span) "
+                                "VALUES (?,?,?,?,?,?)", [(trial, *m) for m in merged_counts])
             self.db.executemany(f"INSERT OR REPLACE INTO samples ({SAMPLE_COLUMNS}, span) "
                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged])
             self.db.executemany(f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}, span) "
@@ -277,16 +332,8 @@ def _windows(rows: list[sqlite3.Row], every: int, key: Any) -> list[list[sqlite3
 
 
 def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
-    # the driver's histogram shape; imported late to keep the store light
-    from harness.driver import new_histogram, release_histogram
-    from hdrh.histogram import HdrHistogram
-    histogram = new_histogram()
-    for row in group:
-        if row["hist"]:
-            # Not decode_and_add: the decoded histogram must be freed before the next row's is made.
-            other = HdrHistogram.decode(row["hist"])
-            histogram.add(other)
-            release_histogram(other)
+    from harness.driver import release_histogram
+    histogram = _merged_histogram(group)
     has = histogram.get_total_count() > 0
     pct = (lambda q: histogram.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
     total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
@@ -295,6 +342,32 @@ def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
               total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
               histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
               sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
+    release_histogram(histogram)
+    return merged
+
+
+def _merged_histogram(rows: list[sqlite3.Row]) -> Any:
+    # the driver's histogram shape; imported late to keep the store light
+    from harness.driver import new_histogram, release_histogram
+    from hdrh.histogram import HdrHistogram
+    histogram = new_histogram()
+    for row in rows:
+        if row["hist"]:
+            # Not decode_and_add: the decoded histogram must be freed before the next row's is made.
+            other = HdrHistogram.decode(row["hist"])
+            histogram.add(other)
+            release_histogram(other)
+    return histogram
+
+
+def _merge_request_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
+    from harness.driver import release_histogram
+    histogram = _merged_histogram(group)
+    total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
+                                                   "bad_reply")}
+    merged = (group[0]["t"], group[0]["name"], total["offered"], total["sent"], total["ok"], total["timeout"],
+              total["conn_error"], total["no_host"], total["bad_reply"],
+              histogram.encode() if histogram.get_total_count() else None, len(group))
     release_histogram(histogram)
     return merged
 

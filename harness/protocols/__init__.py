@@ -16,6 +16,7 @@ The driver, the readiness probe and the set-up requests all go through these.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -126,13 +127,18 @@ class Pattern:
     def matches(self, reply: bytes, key: str, seq: int) -> bool:
         if self._compiled is not None:
             return self._compiled.search(reply) is not None
-        rendered = self.text
-        for name, field in (("key", key), ("seq", str(seq)), ("value", self._value)):
-            rendered = rendered.replace("{" + name + "}", re.escape(field))
-        return re.compile(rendered.encode()).search(reply) is not None   # re caches compiled patterns
+        return _keyed(self.text, key, str(seq) if "{seq}" in self.text else "", self._value).search(reply) is not None
 
     def with_value(self, value: str) -> "Pattern":
         return Pattern(self.text, value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _keyed(text: str, key: str, seq: str, value: str) -> re.Pattern[bytes]:
+    """The pattern for one key (compiled once per key: re's own cache holds only 512)."""
+    for name, field in (("key", key), ("seq", seq), ("value", value)):
+        text = text.replace("{" + name + "}", re.escape(field))
+    return re.compile(text.encode())
 
 
 def parse_pattern(value: Any) -> Pattern | None:
