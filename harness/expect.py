@@ -13,8 +13,13 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 
 
 def _observe(expectation: Expectation, trial: dict[str, Any]) -> float | None:
-    windows = [trial["overall"]] if expectation.phase is None else [
-        p for p in trial["phases"] if p["name"] == expectation.phase or p["name"].split("#")[0] == expectation.phase]
+    scope = trial
+    if expectation.request is not None:
+        scope = (trial.get("requests") or {}).get(expectation.request)
+        if scope is None:
+            return None   # a mix of one request has no per-request rows: no data
+    windows = [scope["overall"]] if expectation.phase is None else [
+        p for p in scope["phases"] if p["name"] == expectation.phase or p["name"].split("#")[0] == expectation.phase]
     if not windows:
         return None
     metric = expectation.metric
@@ -73,6 +78,6 @@ def evaluate(scenario: Scenario, report: dict[str, Any]) -> list[dict[str, Any]]
             held, text = True, "skipped (this variant did not run)"
         results.append({"index": expectation.index, "line": expectation.line, "metric": expectation.metric,
                         "op": expectation.op, "limit": expectation.value, "phase": expectation.phase,
-                        "variant": expectation.variant, "text": expectation.text, "held": held,
+                        "variant": expectation.variant, "request": expectation.request, "text": expectation.text, "held": held,
                         "observed": worst, "observed_text": text})
     return results

@@ -635,6 +635,7 @@ def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | 
             _header(report, trials),
             _resolution_note(ctx),
             _summary(report),
+            _requests_section(report),
             _plot_section("cascade", "Cascade: hosts alive and crashes", trials, ctx, plot_cascade,
                           "Hosts alive (fewest in each second), crashes (red bars), fault windows "
                           "shaded; below, one lane per host: red down, pink starting, purple paused, orange "
@@ -791,6 +792,31 @@ def _summary(report: dict[str, Any]) -> str:
                        if c is None else f"<td>{esc(c)}</td>") for i, c in enumerate(cells))
         rows.append(f"<tr>{tds}</tr>")
     return f'<section id="summary"><h2>Trials</h2><table>{header}{"".join(rows)}</table></section>'
+
+
+def _requests_section(report: dict[str, Any]) -> str:
+    """Per request of the mix, per trial; reply kinds and HTTP statuses. Empty for a single request."""
+    rows = []
+    for trial in report["trials"]:
+        replies = trial.get("replies") or {}
+        kinds = " ".join(f"{k}={v}" for k, v in (replies.get("bad_kinds") or {}).items())
+        for name, metrics in (trial.get("requests") or {}).items():
+            o = metrics["overall"]
+            lat = o["latency"]
+            cells = [trial["id"], f"{trial['variant']} #{trial['repeat'] + 1}", name, o["offered"],
+                     f"{o['achieved_rate']:.0f}", f"{o['error_rate'] * 100:.2f}%", _ms(lat["p50"]), _ms(lat["p99"]),
+                     _ms(lat["p999"])]
+            rows.append("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if i >= 3 else f"<td>{esc(c)}</td>"
+                                         for i, c in enumerate(cells)) + "</tr>")
+        if kinds or replies.get("status"):
+            status = " ".join(f"{k}={v}" for k, v in (replies.get("status") or {}).items())
+            rows.append(f'<tr><td>{esc(trial["id"])}</td><td colspan="8">bad replies by kind: {esc(kinds or "none")}'
+                        + (f"; HTTP status: {esc(status)}" if status else "") + "</td></tr>")
+    if not rows:
+        return ""
+    header = ("<tr><th>trial</th><th>variant</th><th>request</th><th>offered</th><th>ok/s</th><th>error rate</th>"
+              "<th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th></tr>")
+    return f'<section id="requests"><h2>Requests</h2><table>{header}{"".join(rows)}</table></section>'
 
 
 def _bucket_examples(store: RunStore) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,14 @@ def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> 
 def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]], start: float,
                    end: float) -> dict[str, Any]:
     chosen = _window_samples(samples, start, end)
+    return {**traffic_metrics(chosen, start, end),
+            "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
+            "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
+            "crashes": sum(1 for c in crashes if start <= c["t"] < end)}
+
+
+def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """Counts, rates and latency percentiles over these samples (fleet-wide rows, or one request's)."""
     covered = sum(s.get("span", 1) for s in chosen)
     seconds = max(covered, 1e-9) if chosen else max(end - start, 1e-9)
     histogram = new_histogram()
@@ -54,10 +62,28 @@ def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]],
         "timeout_rate": total["timeout"] / total["offered"] if total["offered"] else 0.0,
         "latency": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "p999": pct(99.9),
                     "max": histogram.get_max_value() / 1e6 if has else None},
-        "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
-        "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
-        "crashes": sum(1 for c in crashes if start <= c["t"] < end),
     }
+
+
+def _requests(store: RunStore, tid: int, phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per request of a mix: the whole run and each phase, like the fleet-wide tables."""
+    rows = _rows(store, "SELECT * FROM request_samples WHERE trial=? ORDER BY t", (tid,))
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    return {name: {"overall": traffic_metrics(samples, -math.inf, math.inf),
+                   "phases": [{"name": p["name"], **traffic_metrics(_window_samples(samples, p["start"], p["end"]),
+                                                                     p["start"], p["end"])} for p in phases]}
+            for name, samples in by_name.items()}
+
+
+def _replies(store: RunStore, tid: int) -> dict[str, dict[str, int]]:
+    """Bad replies by kind (http_5xx, resp_error, protocol_error...) and HTTP replies by status code."""
+    result: dict[str, dict[str, int]] = {"bad_kinds": {}, "status": {}}
+    for row in _rows(store, "SELECT family, name, sum(count) AS n FROM reply_counts WHERE trial=? "
+                            "GROUP BY family, name ORDER BY family, name", (tid,)):
+        result["bad_kinds" if row["family"] == "bad" else "status"][row["name"]] = row["n"]
+    return result
 
 
 def _rows(store: RunStore, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -140,6 +166,12 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         - len({e["host"] for e in events if e["kind"] == "start"}) * (1 + sum(e["kind"] == "gap" for e in events)),
         "samples": len(samples),
         "end": end,
+        "requests": _requests(store, tid, phases),
+        "replies": _replies(store, tid),
+        "protocol_errors": [{"t": e["t"], "host": e["host"], "host_name": names.get(e["host"], f"h{e['host']}"),
+                             **e["detail"]} for e in events if e["kind"] == "protocol-error"],
+        "setup": [{"t": e["t"], "host": e["host"], "kind": e["kind"], **e["detail"]}
+                  for e in events if e["kind"] in ("setup", "setup-failed")],
     }
 
 
@@ -252,6 +284,7 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                          phase["crashes"], phase["hosts_alive_min"] if phase["hosts_alive_min"] is not None else "-"])
         out.append(tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
                                            "p99.9 ms", "errors", "crashes", "min alive"]))
+        out += _request_lines(trial)
         if trial["buckets"]:
             bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", " ".join(b["hosts"]),
                             f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]
@@ -301,11 +334,43 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                        f"cores not collected while the disk stays low (crashes still counted)")
     if expectations:
         out += ["", "expectations:"]
-        rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (phase {e['phase']})" if e.get("phase") else "")
+        rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (request {e['request']})" if e.get("request") else "")
+                 + (f" (phase {e['phase']})" if e.get("phase") else "")
                  + (f" (variant {e['variant']})" if e.get("variant") else ""), e["observed_text"]]
                 for e in expectations]
         out.append(tabulate(rows, headers=["", "expectation", "observed"]))
     return "\n".join(out)
+
+
+def _request_lines(trial: dict[str, Any]) -> list[str]:
+    """The mix's requests side by side, reply kinds and HTTP statuses, protocol errors, set-up failures."""
+    out = []
+    requests = trial.get("requests") or {}
+    if requests:
+        rows = []
+        for name, metrics in requests.items():
+            overall = metrics["overall"]
+            lat = overall["latency"]
+            rows.append([name, overall["offered"], f"{overall['offered_rate']:.0f}", f"{overall['achieved_rate']:.0f}",
+                         _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["p999"]),
+                         " ".join(f"{k}={v}" for k, v in overall["errors"].items() if v) or "0"])
+        out.append(tabulate(rows, headers=["request", "offered", "offered/s", "ok/s", "p50 ms", "p99 ms",
+                                           "p99.9 ms", "errors"]))
+    replies = trial.get("replies") or {}
+    if replies.get("bad_kinds"):
+        out.append("bad replies by kind: " + " ".join(f"{k}={v}" for k, v in replies["bad_kinds"].items()))
+    if replies.get("status"):
+        out.append("HTTP status: " + " ".join(f"{k}={v}" for k, v in replies["status"].items()))
+    errors = trial.get("protocol_errors") or []
+    if errors:
+        total = trial["detail"].get("protocol_errors", len(errors))
+        first = errors[0]
+        out.append(f"protocol errors: {total} (first at {first['t']:.2f}s on {first['host_name']}: {first['reason']}; "
+                   f"bytes {first['excerpt'][:60]!r})")
+    failed = [s for s in trial.get("setup") or [] if s["kind"] == "setup-failed"]
+    if failed:
+        out.append(f"set-up failed {len(failed)} time(s) (first: {failed[0]['why']})")
+    return out
 
 
 def find_run(arg: str, results: Path = Path("results")) -> Path:
