@@ -403,3 +403,49 @@ def test_document_must_be_a_mapping(text):
 def test_unreadable_file(tmp_path, capsys):
     code, errors, _ = validate(capsys, tmp_path / "missing.yaml")
     assert code == 2 and len(errors) == 1 and "cannot read" in errors[0]
+
+
+def test_yaml_words_stay_strings_where_strings_are_meant(tmp_path):
+    """YAML 1.1 would turn yes/no/on/off into booleans: args, env, command and templates keep the words."""
+    scenario = load_scenario_text(textwrap.dedent("""
+        name: words
+        target:
+          command: [redis-server, --port, "{port}", --appendonly, no, --daemonize, off]
+          env: {FEATURE: on, OTHER: yes}
+          protocol: resp
+          request: [CONFIG, SET, appendonly, yes]
+        fleet: {hosts: 1}
+        load: [{hold: {rate: 10, for: 1s}}]
+        variants:
+          - {name: a, args: {--appendonly: yes}}
+          - {name: control, faults: off}
+        """), str(tmp_path / "s.yaml"))
+    assert scenario.target.command[-4:] == ("--appendonly", "no", "--daemonize", "off")
+    assert scenario.target.env == {"FEATURE": "on", "OTHER": "yes"}
+    assert scenario.target.requests[0].template == ("CONFIG", "SET", "appendonly", "yes")
+    assert scenario.variants[0].args == {"--appendonly": "yes"}
+    assert scenario.variants[1].faults is False     # a boolean field still takes the word
+
+
+def test_request_mix_is_drawn_by_weight_on_its_own_stream():
+    from harness.loadshape import LoadShape, PhaseSpec  # noqa: F401
+    from harness.plan import arrivals
+    from harness.scenario import Keys
+    scenario = load_scenario_text(textwrap.dedent("""
+        name: mix
+        target:
+          command: [x, "{port}"]
+          requests:
+            - {name: a, weight: 90, request: "A {key}\\n"}
+            - {name: b, weight: 10, request: "B {key}\\n"}
+        fleet: {hosts: 1}
+        load: [{hold: {rate: 2000, for: 5s}}]
+        """), "mix.yaml")
+    weights = tuple(r.weight for r in scenario.target.requests)
+    mixed = list(arrivals(scenario.load, Keys(), 7, weights))
+    plain = list(arrivals(scenario.load, Keys(), 7))
+    # The same arrival times and keys with or without the mix; about 10% are b (binomial: 6 sigma).
+    assert [(a.t, a.key) for a in mixed] == [(a.t, a.key) for a in plain]
+    share = sum(a.request == 1 for a in mixed) / len(mixed)
+    n = len(mixed)
+    assert abs(share - 0.1) < 6 * (0.1 * 0.9 / n) ** 0.5
