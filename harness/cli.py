@@ -174,6 +174,10 @@ def _validate(paths: list[Path]) -> int:
     for file in files:
         try:
             scenario = load_scenario(file)
+            from harness.proof.check import allocator_problems
+            refused = allocator_problems(scenario)   # executables already there: a preload that cannot work
+            if refused:
+                raise ScenarioError(refused)
             mix = ", ".join(f"{g.hosts} {g.name}" for g in scenario.fleet.groups)
             print(f"{file}: ok ({scenario.fleet.hosts} hosts{': ' + mix if mix else ''}, "
                   f"{units.format_duration(scenario.duration)}, "

@@ -179,10 +179,15 @@ class FleetSupervisor:
     def __init__(self, hosts: list[Host], target: Target, spawner: Spawner, recorder: Recorder,
                  listener: Listener,
                  on_crash: Callable[[Host, ExitInfo, dict[str, Any]], Awaitable[None]] | None = None,
-                 prep: HostPrep | None = None):
+                 prep: HostPrep | None = None,
+                 prove: Callable[[Host, Child, str], Awaitable[None]] | None = None):
         """`prep` checks readiness by protocol and sends set-up requests (default: TCP connect, no set-up)."""
         self.hosts = hosts
         self.prep = prep
+        # Proof of what runs (harness.proof), taken for every incarnation: "exec" when it is started (from the
+        # files: a host that dies before it is ready keeps that one), "ready" once it accepts connections and
+        # before it joins the balancer's rotation, so before any load reaches it.
+        self.prove = prove
         self.target = target
         self.spawner = spawner
         self.recorder = recorder
@@ -303,8 +308,11 @@ class FleetSupervisor:
             return None
         host.child = child
         host.started_at = time.monotonic()
+        host.extra.pop("proof", None)
         named = {"name": host.name, "group": host.group} if host.group else {}  # the report names grouped hosts
         self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv, **named)
+        if self.prove is not None:
+            await self.prove(host, child, "exec")
         status: int | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -351,6 +359,8 @@ class FleetSupervisor:
                     host.extra["exe"] = os.readlink(f"/proc/{child.pid}/exe")
                 except OSError:
                     host.extra.pop("exe", None)
+                if self.prove is not None:
+                    await self.prove(host, child, "ready")
                 if not await self._set_up(host, child, target):
                     return
                 host.state = State.UP
@@ -409,6 +419,8 @@ class FleetSupervisor:
                       "host": host.index, "pid": child.pid, "signal": info.signal,
                       "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
                       "executable": host.extra.get("exe") or resolve_program(host.argv[0])}
+            if host.extra.get("proof") is not None:   # the proof of the incarnation that crashed
+                record["detail"] = {"proof": host.extra["proof"]}
             if self.on_crash is not None:
                 await self.on_crash(host, info, record)
             self.recorder.crash(record)

@@ -521,7 +521,7 @@ def _simulated(fleet: Reader) -> "SimModel | None":
 def _simulated_variants(top: Reader, model: "SimModel") -> None:
     """In a simulated fleet a variant's args override model fields: {hosts: 800, memory.budget: 64MiB}."""
     from harness.sim import params
-    for path, item in top.items("variants"):
+    for index, (path, item) in enumerate(top.items("variants")):
         if not isinstance(item, dict) or not isinstance(item.get("args"), dict):
             continue
         changes: dict[str, str] = {}
@@ -842,7 +842,7 @@ def _check_shim_fault(r: Reader, fault: ShimFault) -> None:
 def _variants(top: Reader, fleet: Fleet | None = None, group_names: set[str] | None = None) -> list[Variant]:
     variants: list[Variant] = []
     names: set[str] = set()
-    for path, item in top.items("variants"):
+    for index, (path, item) in enumerate(top.items("variants")):
         r = Reader(top.source, path, item, top.problems, {"name", "args", "env", "command", "build", "allocator",
                                                                    "faults", "groups"})
         if not r.ok:
@@ -865,7 +865,8 @@ def _variants(top: Reader, fleet: Fleet | None = None, group_names: set[str] | N
             _variant_fits_every_group(r, fleet, command, args)
         variants.append(Variant(name=name, args=args, faults=r.get("faults", as_bool, default=True),
                                 env=r.get("env", as_str_map, default={}), command=command,
-                                build=r.get("build", as_argv, default=None), allocator=allocator, groups=groups))
+                                build=r.get("build", as_argv, default=None), allocator=allocator, groups=groups,
+                                line=top.source.line((*path, "allocator")), index=index))
     return variants
 
 

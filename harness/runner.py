@@ -29,7 +29,7 @@ import trio
 
 from harness.balancer import Balancer
 from harness.driver import Counters, Driver
-from harness.errors import HarnessError
+from harness.errors import HarnessError, ScenarioError
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program
 from harness.hostprep import HostPrep
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
@@ -43,9 +43,12 @@ from harness.collect.retention import CoreRetention, KeptCore
 from harness.collect.triage import triage_core
 from harness.faults import ShimFaults
 from harness.metrics import Metrics
-from harness.shim.interpose import check_interposable, mapped_objects, shim_loaded
+from harness.shim.interpose import check_interposable, shim_loaded
 from harness.shim.build import ShimBuildError, ensure_shim
 from harness.variants import apply_variant, variant_for_group
+from harness.proof.binding import contradiction, prove_files, prove_process
+from harness.proof.check import allocator_problems
+from harness.collect.objects import ObjectStore, object_list, save_deleted
 
 FLUSH_INTERVAL = 1.0
 
@@ -63,9 +66,6 @@ class RunOptions:
     rollup_after: float = 3600.0                 # per-second samples older than this become ...
     rollup_every: int = 60                       # ... one row per this many seconds
     self_sample_every: float = 10.0              # the harness's own RSS/fds/threads, for soaks
-
-
-ALLOCATORS_BY_NAME = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
 
 
 class TrialFailed(Exception):
@@ -121,6 +121,13 @@ class Recorder:
         return batch
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups: what a message should say."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def new_run_id(name: str) -> str:
     return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
 
@@ -173,6 +180,8 @@ class Run:
                                         list(self.resume.kept_cores) if self.resume else [])
         self.failed_trials: list[str] = []
         self._warned_shim = False
+        self._warned_proof: set[str] = set()
+        self._objects = ObjectStore(self.run_dir / "objects")
         self._low_disk = False
         self._trial_number: int | None = None
         self._start_at = 0
@@ -192,6 +201,10 @@ class Run:
             | {v.build for v, _ in trials if v.build}
         for build in sorted((b for b in builds if b), key=str):
             await build_target(build, scenario.target.root)
+        # Built now: a variant whose allocator cannot take effect is refused before the night, not found out at 3am.
+        refused = await trio.to_thread.run_sync(allocator_problems, scenario, {v.name for v, _ in trials})
+        if refused:
+            raise ScenarioError(refused)
         for variant, _ in trials:
             for group in scenario.host_groups:
                 argv = apply_variant(group.target, variant_for_group(variant, group.name), group.target.command)[0]
@@ -248,7 +261,7 @@ class Run:
                                 await self._trial(number, variant, repeat, spawner, len(trials),
                                                   start_at=before[1] if before else None)
                             except* TrialFailed as group:
-                                reason = str(group.exceptions[0])
+                                reason = str(_leaf(group))
                                 self.failed_trials.append(f"trial {number} ({variant.name}): {reason}")
                                 print(f"harness: trial {number} ({variant.name}) FAILED: {reason}", file=sys.stderr)
                             if self.interrupted:
@@ -314,7 +327,7 @@ class Run:
                         seed=scenario.seed, on_event=recorder.event)
         listener = _Listener(driver, recorder)
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash,
-                                     prep=HostPrep(scenario))
+                                     prep=HostPrep(scenario), prove=self._prove)
         self._recorder = recorder
         self._variant_name = variant.name
         self._variant_allocator = variant.allocator
@@ -362,7 +375,7 @@ class Run:
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
             status = "interrupted" if self.interrupted else "failed"
-            failure = str(exc.exceptions[0]) if isinstance(exc, BaseExceptionGroup) and exc.exceptions else str(exc)
+            failure = str(_leaf(exc))
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -468,38 +481,65 @@ class Run:
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
             # there would lose a second of outcomes).
             usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
-            proofs = await trio.to_thread.run_sync(_inspect_hosts, supervisor.hosts)
+            await trio.to_thread.run_sync(_save_deleted_objects, supervisor.hosts, self._objects)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
             # taken these counters and the hosts are stopping, so this second must not be recorded.
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_proofs(recorder, proofs)
             counters = driver.swap_counters()
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
             if recorder.next_second % 5 == 0:
                 await trio.to_thread.run_sync(self.metrics.write_textfile)
 
-    def _check_proofs(self, recorder: Recorder, proofs: list[tuple[Host, int, dict[str, Any]]]) -> None:
-        for host, pid, proof in proofs:
-            recorder.event("proof", host.index, pid, **proof, variant=self._variant_name)
-            wanted = host.extra.get("allocator", self._variant_allocator)   # a variant may skip some groups
-            if wanted and wanted in ALLOCATORS_BY_NAME and proof["allocator"] != wanted:
-                raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but {host.name} (pid {pid}) "
-                                  f"runs with {proof['allocator']}: LD_PRELOAD={proof['preload'] or '(none)'} was "
-                                  f"not honoured (static or setuid executable, or an allocator linked in)")
-            if self._shim is not None:
-                # Mapped is not enough: the shim must also have attached its control file.
-                attached = any(p.pid == pid for p in self._shim.files[host.index].counters().processes)
-                loaded = proof["shim"] and attached
-                recorder.event("shim-check", host.index, pid, loaded=loaded, mapped=proof["shim"],
-                               attached=attached)
-                if not loaded and not self._warned_shim:
-                    self._warned_shim = True
-                    why = ("its control file was not attached (see the host's stderr)" if proof["shim"] else
-                           "static executable, setuid, or LD_PRELOAD dropped by a wrapper?")
-                    print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
-                          f"will not reach it ({why})", file=sys.stderr)
+    async def _prove(self, host: Host, child: Any, stage: str) -> None:
+        """Proof of what this incarnation runs (harness.proof): from the files at exec, from the live process
+        (scope, GOT read back, mapped objects) once it is ready; it goes with the host's crash rows. A variant
+        the proof contradicts fails its trial; a shim that is not active is a warning."""
+        pid = child.pid
+        shim = host.extra.get("shim")
+
+        def work() -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+            if stage == "exec":
+                return prove_files(resolve_program(host.argv[0]), host.env)[0].to_dict(), [], False
+            proof = prove_process(pid).to_dict()
+            if proof["stage"] == "error":
+                return proof, [], False
+            objects = object_list(pid)
+            save_deleted(pid, self._objects)
+            return proof, objects, bool(shim) and shim_loaded(pid, Path(shim))
+
+        proof, objects, shim_mapped = await trio.to_thread.run_sync(work)
+        if stage == "ready" and proof["stage"] == "error" and host.extra.get("proof"):
+            host.extra["proof"]["errors"] = proof["errors"]   # died meanwhile: the exec proof stands
+            return
+        host.extra["proof"] = compact_proof(proof)
+        if stage == "exec":
+            return
+        recorder = self._recorder
+        named = {"group": host.group, "name": host.name} if host.group else {}
+        recorder.event("proof", host.index, pid, **{k: v for k, v in proof.items() if k != "pid"}, objects=objects,
+                       shim_mapped=shim_mapped, variant=self._variant_name, **named)
+        wanted = host.extra.get("allocator", self._variant_allocator)   # a variant may skip some groups
+        why = contradiction(proof, wanted) if wanted else None
+        if why:
+            raise TrialFailed(f"variant {self._variant_name} asked for {wanted}, but in {host.name} (pid {pid}) "
+                              f"{why}")
+        for warning in proof["warnings"]:
+            if warning not in self._warned_proof:
+                self._warned_proof.add(warning)
+                print(f"harness: warning: {host.name} (variant {self._variant_name}): {warning}", file=sys.stderr)
+        if self._shim is not None:
+            # Mapped is not enough: the shim must also have attached its control file.
+            attached = any(p.pid == pid for p in self._shim.files[host.index].counters().processes)
+            loaded = shim_mapped and attached
+            recorder.event("shim-check", host.index, pid, loaded=loaded, mapped=shim_mapped, attached=attached)
+            if not loaded and not self._warned_shim:
+                self._warned_shim = True
+                why = ("its control file was not attached (see the host's stderr)" if shim_mapped else
+                       "static executable, setuid, or LD_PRELOAD dropped by a wrapper?")
+                print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
+                      f"will not reach it ({why})", file=sys.stderr)
 
     def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
                       stopped: bool = False) -> None:
@@ -629,31 +669,21 @@ def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int, int]]:
     return usage
 
 
-ALLOCATOR_MARKERS = (("jemalloc", "libjemalloc"), ("tcmalloc", "libtcmalloc"), ("mimalloc", "libmimalloc"))
+def compact_proof(proof: dict[str, Any]) -> dict[str, Any]:
+    """What a crash row keeps of its incarnation's proof (the full one is the `proof` event)."""
+    keep = ("stage", "pid", "executable", "preload", "allocator", "source", "object", "shim", "warnings",
+            "got_check", "errors")
+    compact = {k: proof.get(k) for k in keep}
+    compact["mapped_unbound"] = sorted({m["allocator"] for m in proof.get("mapped_unbound", [])})
+    compact["bound"] = {name: sym.get("object") for name, sym in proof.get("symbols", {}).items()}
+    return compact
 
 
-def _inspect_hosts(hosts: list[Host]) -> list[tuple[Host, int, dict[str, Any]]]:
-    """Proof of what ran: for each new process, the allocator and shim really mapped (from
-    /proc/PID/maps, not from the configuration)."""
-    seen = []
+def _save_deleted_objects(hosts: list[Host], store: ObjectStore) -> None:
+    """Objects deleted while mapped (a compiled VCL .so) are copied while their process lives (for bundles)."""
     for host in hosts:
-        pid = host.pid
-        if pid is None or host.state != State.UP or host.extra.get("inspected") == pid:
-            continue
-        host.extra["inspected"] = pid
-        try:
-            objects = mapped_objects(pid)
-        except OSError:
-            continue
-        allocators = [name for name, marker in ALLOCATOR_MARKERS if any(marker in Path(o).name for o in objects)]
-        shim = host.extra.get("shim")
-        seen.append((host, pid, {
-            "allocator": allocators[0] if allocators else "glibc",
-            "allocator_libraries": [o for o in objects if any(m in Path(o).name for _, m in ALLOCATOR_MARKERS)],
-            "shim": bool(shim) and shim_loaded(pid, Path(shim)), "executable": host.extra.get("exe"),
-            "preload": host.env.get("LD_PRELOAD", ""), **({"group": host.group} if host.group else {}),
-        }))
-    return seen
+        if host.pid is not None and host.state == State.UP:
+            save_deleted(host.pid, store)
 
 
 def _check_interposable(scenario: Scenario, program: str, faults: tuple[ShimFault, ...] | None = None) -> None:

@@ -211,6 +211,8 @@ class Variant:
     allocator: str | None = None                           # glibc | jemalloc | tcmalloc | mimalloc | path
     faults: bool = True                                    # false: a control run (shim loaded, nothing injected)
     groups: tuple[str, ...] = ()                           # args/env/command/allocator apply to these (empty: all)
+    line: int = 0                                          # of its `allocator:` (or of the variant), for messages
+    index: int = 0                                         # position in variants:, for messages
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,10 @@ variants:
         by_variant.setdefault(proof["variant"], set()).add(proof["allocator"])
     assert by_variant == {"glibc": {"glibc"}, "jemalloc": {"jemalloc"}, "tcmalloc": {"tcmalloc"}}
     jemalloc = next(p for _, p in proofs if p["variant"] == "jemalloc")
-    assert any("libjemalloc.so" in lib for lib in jemalloc["allocator_libraries"])
+    assert "libjemalloc.so" in jemalloc["object"] and jemalloc["source"] == "preload"
+    assert all(p["source"] == "glibc" for _, p in proofs if p["variant"] == "glibc")
+    # The live GOT was read back and agrees with the dynamic linker's rules, in every host.
+    assert {p["got_check"] for _, p in proofs} == {"agrees"}
     # Trials were interleaved and every variant saw the same arrivals (same seed, same count).
     trials = query(run_dir, "SELECT id, variant FROM trials ORDER BY id")
     assert [t["variant"] for t in trials] == ["glibc", "jemalloc", "tcmalloc"]
@@ -47,31 +50,48 @@ variants:
     assert len(set(offered.values())) == 1
 
 
-def test_allocator_that_cannot_be_bound_fails_the_trial(targets: Path, tmp_path: Path) -> None:
+def test_allocator_that_cannot_be_bound_is_refused_or_fails_the_trial(targets: Path, tmp_path: Path) -> None:
+    """A static executable with a preload variant: refused before the night (validate and run, exit 2). Behind a
+    wrapper the check cannot see through, the live proof contradicts the variant: the trial fails, same words."""
     binary = tmp_path / "static-echo"
     built = subprocess.run(["gcc", "-O1", "-static", "-o", str(binary), str(REPO / "targets/echo/echo.c")],
                            capture_output=True, text=True)
     if built.returncode != 0:
         pytest.skip(f"cannot link statically here: {built.stderr.strip()[:200]}")
-    scenario = write_scenario(tmp_path, f"""
+    template = """
 name: unbound
 target:
-  command: [{binary}, --port, "{{port}}"]
-fleet: {{hosts: 1}}
-load: [{{hold: {{rate: 20, for: 3s}}}}]
+  command: [@COMMAND@]
+fleet: {hosts: 1}
+load: [{hold: {rate: 20, for: 3s}}]
 variants:
-  - {{name: jemalloc, allocator: jemalloc}}
-""")
-    result = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], cwd=tmp_path,
+  - {name: plain}
+  - {name: jemalloc, allocator: jemalloc}
+"""
+    direct = write_scenario(tmp_path, template.replace("@COMMAND@", f'{binary}, --port, "{{port}}"'), "direct.yaml")
+    for command in (["validate", str(direct)], ["run", str(direct), "--out", str(tmp_path / "r0"), "--quiet"]):
+        refused = subprocess.run([*HARNESS, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr
+        line = refused.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"{direct}:9: variants[1].allocator: variant jemalloc asks for jemalloc, but")
+        assert "statically linked" in line and "use a `build` variant" in line
+    assert not (tmp_path / "r0").exists() or not list((tmp_path / "r0").glob("*/run.db"))
+    wrapped = write_scenario(tmp_path, template.replace("@COMMAND@", f'sh, -c, \'exec {binary} --port "$0"\', '
+                                                                     f'"{{port}}"'), "wrapped.yaml")
+    assert subprocess.run([*HARNESS, "validate", str(wrapped)], capture_output=True, timeout=60).returncode == 0
+    result = subprocess.run([*HARNESS, "run", str(wrapped), "--out", str(tmp_path / "r"), "--quiet"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "asked for jemalloc, but h0" in result.stderr and "runs with glibc" in result.stderr
+    assert "variant jemalloc asked for jemalloc, but in h0" in result.stderr
+    assert "malloc is bound to glibc (static in executable" in result.stderr
+    assert "statically linked" in result.stderr and "use a `build` variant" in result.stderr
     run_dir = run_dir_of(tmp_path / "r")
     assert run_dir is not None
-    trial = query(run_dir, "SELECT status, detail FROM trials")[0]
-    assert trial["status"] == "failed"
-    assert "asked for jemalloc" in json.loads(trial["detail"])["failure"]
+    trials = query(run_dir, "SELECT variant, status, detail FROM trials ORDER BY id")
+    assert [(t["variant"], t["status"]) for t in trials] == [("plain", "complete"), ("jemalloc", "failed")]
+    assert "asked for jemalloc" in json.loads(trials[1]["detail"])["failure"]
 
 
 def test_compare_a_against_a_finds_no_difference(targets: Path, tmp_path: Path) -> None:
