@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.proof.elf import R_X86_64_64, R_X86_64_JUMP_SLOT, ElfObject, ElfReadError, load
-from harness.proof.live import (Mapping, file_identity, load_bias, mapping_at, read_environ, read_maps, read_words,
-                                secure_execution)
-from harness.proof.scope import Scope, ScopeEntry, build_scope, lookup
+from harness.proof.live import (Mapping, file_identity, link_map, load_bias, mapping_at, read_environ, read_maps,
+                                read_words, secure_execution)
+from harness.proof.scope import Scope, ScopeEntry, build_scope, lookup, split_preload
 
 PROVEN = ("malloc", "free", "calloc", "realloc", "posix_memalign", "aligned_alloc", "malloc_usable_size", "_Znwm")
 ALLOCATOR_SPECIFIC = ("nallocx", "mallctl", "mallctlnametomib", "mallctlbymib", "malloc_stats_print", "mallocx",
@@ -222,8 +222,12 @@ def prove_process(pid: int, executable: str | None = None) -> Proof:
         proof.errors.append(f"cannot read /proc/{pid}: {exc.strerror or exc}")
         return proof
     # /proc/PID/exe names the file as it was opened; read it there even when it was replaced since.
-    proof, scope = prove_files(f"/proc/{pid}/exe" if executable is None else exe_path, env,
-                               secure=bool(secure_execution(pid)), shown=exe_path.removesuffix(" (deleted)"))
+    exe_file = f"/proc/{pid}/exe" if executable is None else exe_path
+    env, preload_note = _actual_preload(pid, exe_file, env, maps)
+    proof, scope = prove_files(exe_file, env, secure=bool(secure_execution(pid)),
+                               shown=exe_path.removesuffix(" (deleted)"))
+    if preload_note:
+        proof.missing.append(preload_note)
     proof.stage = "ready" if proof.stage != "error" else "error"
     proof.pid = pid
     if scope is None:
@@ -234,6 +238,44 @@ def prove_process(pid: int, executable: str | None = None) -> Proof:
     except OSError as exc:
         proof.got_check, proof.got_note = "not read", f"cannot read /proc/{pid}/mem: {exc.strerror or exc}"
     return proof
+
+
+def _actual_preload(pid: int, exe_file: str, env: dict[str, str],
+                    maps: list[Mapping]) -> tuple[dict[str, str], str]:
+    """The environment with LD_PRELOAD as ld.so really loaded it. /proc/PID/environ is the memory the process
+    started with, which some rewrite (setproctitle); ld.so's link map says which objects it loaded before the
+    executable's own DT_NEEDED libraries: those are the preloads."""
+    try:
+        exe = load(exe_file)
+    except ElfReadError:
+        return env, ""
+    bias = load_bias(maps, exe.identity, exe.first_vaddr)
+    chain = link_map(pid, bias + exe.dynamic_vaddr) if bias is not None and exe.dynamic_vaddr is not None else None
+    if chain is None:
+        return env, ("" if "LD_PRELOAD" in env else
+                     "LD_PRELOAD: the environment shows none and ld.so's link map could not be read")
+    loaded = [name for name in chain[1:] if name.startswith("/")]
+    loaded_ids = {_identity(name) for name in loaded}
+    declared = split_preload(env.get("LD_PRELOAD", ""))
+    if declared:
+        # Declared and loaded; ld.so skips (with a message on stderr) a preload it cannot load.
+        kept = [p for p in declared if "/" not in p or _identity(p) in loaded_ids]
+        dropped = [p for p in declared if p not in kept]
+        env = dict(env, LD_PRELOAD=" ".join(kept))
+        return env, (f"LD_PRELOAD entries ld.so did not load: {' '.join(dropped)}" if dropped else "")
+    preloads = []
+    for name in loaded:
+        try:
+            soname = load(name).soname
+        except ElfReadError:
+            break
+        if soname in exe.needed or os.path.basename(name) in exe.needed:
+            break
+        preloads.append(name)
+    if not preloads:
+        return env, ""
+    return dict(env, LD_PRELOAD=" ".join(preloads)), (
+        "LD_PRELOAD read from ld.so's link map (the process rewrote its environment)")
 
 
 def _unbound(proof: Proof, scope: Scope, maps: list[Mapping]) -> None:

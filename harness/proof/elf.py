@@ -88,6 +88,7 @@ class ElfObject:
     version_files: dict[int, str]             # needed version index -> the library named in .gnu.version_r
     has_versym: bool
     first_vaddr: int                          # lowest PT_LOAD p_vaddr (page-aligned): load bias = start - this
+    dynamic_vaddr: int | None = None          # PT_DYNAMIC (unrelocated): DT_DEBUG there leads to ld.so's link map
     relocations: list[Relocation] = field(default_factory=list)
     plt_ranges: list[tuple[int, int]] = field(default_factory=list)   # .plt/.plt.sec (unrelocated)
     static_allocators: dict[str, str] = field(default_factory=dict)   # allocator -> evidence (executables)
@@ -169,8 +170,11 @@ def is_elf64_x86(path: str) -> bool:
 def _read(elf: ELFFile, path: str, identity: tuple[int, int]) -> ElfObject:
     interpreter = None
     first_vaddr = None
+    dynamic_vaddr = None
     for segment in elf.iter_segments():
-        if segment["p_type"] == "PT_INTERP":
+        if segment["p_type"] == "PT_DYNAMIC":
+            dynamic_vaddr = segment["p_vaddr"]
+        elif segment["p_type"] == "PT_INTERP":
             interpreter = segment.get_interp_name()
         elif segment["p_type"] == "PT_LOAD":
             vaddr = segment["p_vaddr"] & ~0xFFF
@@ -200,7 +204,7 @@ def _read(elf: ELFFile, path: str, identity: tuple[int, int]) -> ElfObject:
     obj = ElfObject(path=path, identity=identity, elf_type=elf["e_type"], interpreter=interpreter, soname=soname,
                     needed=needed, rpath=rpath, runpath=runpath, nodeflib=nodeflib, bind_now=bind_now,
                     symbols=symbols, version_names=version_names, version_files=version_files,
-                    has_versym=has_versym, first_vaddr=first_vaddr or 0)
+                    has_versym=has_versym, first_vaddr=first_vaddr or 0, dynamic_vaddr=dynamic_vaddr)
     dynsym = elf.get_section_by_name(".dynsym")
     names = {s.index: s.name for syms in symbols.values() for s in syms}
     for section in elf.iter_sections():

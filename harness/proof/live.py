@@ -101,3 +101,38 @@ def read_words(pid: int, addresses: list[int]) -> dict[int, int]:
     finally:
         os.close(fd)
     return values
+
+
+DT_NULL, DT_DEBUG = 0, 21
+
+
+def link_map(pid: int, dynamic_address: int) -> list[str] | None:
+    """The objects ld.so loaded, in its link-map order (the executable first, as ""), from the r_debug that the
+    executable's DT_DEBUG entry points to. This is ld.so's own record: it survives a process that rewrites its
+    environment (redis's setproctitle zeroes /proc/PID/environ). None when it cannot be read."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        r_debug = None
+        for index in range(512):
+            entry = os.pread(fd, 16, dynamic_address + 16 * index)
+            if len(entry) < 16:
+                return None
+            tag, value = struct.unpack("<qQ", entry)
+            if tag == DT_NULL:
+                break
+            if tag == DT_DEBUG:
+                r_debug = value
+        if not r_debug:
+            return None
+        node = struct.unpack("<Q", os.pread(fd, 8, r_debug + 8))[0]      # r_debug.r_map
+        names: list[str] = []
+        while node and len(names) < 4096:
+            _l_addr, l_name, _l_ld, l_next = struct.unpack("<QQQQ", os.pread(fd, 32, node))
+            raw = os.pread(fd, 4096, l_name).split(b"\0", 1)[0] if l_name else b""
+            names.append(raw.decode(errors="surrogateescape"))
+            node = l_next
+        return names
+    except (OSError, struct.error):
+        return None
+    finally:
+        os.close(fd)
