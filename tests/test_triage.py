@@ -26,6 +26,8 @@ from harness.collect.classify import poison_pattern
 from harness.collect.elfcore import PF_R, PF_W, Segment, read_build_id
 from harness.collect.signature import SIGNATURE_VERSION, bucket_id, find_cycle
 from harness.collect.x86 import is_canonical, parse_gdb_instruction, recompute_fault_address
+from harness.collect.decode import decode
+from harness.collect.x86 import SI_KERNEL
 
 CRASHER = Path(__file__).parent / "crashers" / "crasher.c"
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
@@ -127,6 +129,8 @@ CASES = [
     ("sigill", "plain", "illegal-instruction", signal.SIGILL, "check_invariant"),
     ("fpe", "plain", "fpe", signal.SIGFPE, "compute_ratio"),
     ("thread-null", "plain", "null-deref", signal.SIGSEGV, "worker_step"),
+    ("memcpy-poison", "plain", "poison-address", signal.SIGSEGV, "message_copy"),
+    ("memset-poison", "plain", "poison-address", signal.SIGSEGV, "message_clear"),
 ]
 
 
@@ -139,12 +143,26 @@ def test_crash_is_classified_and_signed(crashes, mode, env, klass, sig, top):
     assert tri.crash_class == klass, (tri.class_detail, tri.errors)
     assert tri.signature_frames[0] == top, tri.signature
     assert tri.signature_version == SIGNATURE_VERSION
-    assert tri.tools == {"frames": "eu-stack", "siginfo": "gdb", "instruction": "gdb"}
+    assert tri.tools["frames"] == "eu-stack" and tri.tools["siginfo"] == "gdb"
+    assert tri.tools["instruction"].startswith("capstone (bytes from "), tri.tools
     assert tri.errors == []
     # The executable's build id is among the loaded objects' build ids.
     assert read_build_id(crash.binary) in tri.build_ids.values()
     assert any(name.startswith("libc.so") for name in tri.build_ids)
     json.dumps(tri.to_dict())  # JSON-ready
+
+
+@pytest.mark.parametrize("mode", ["memcpy-poison", "memset-poison"])
+def test_poison_pointer_inside_glibc_string_functions(crashes, mode):
+    """The fault is in libc's vectorised memcpy/memset (#GP, si_addr 0): capstone decodes the instruction from
+    libc's bytes at pc and the address comes back as the poison pointer, not NULL."""
+    _, tri = crashes(mode)
+    assert tri.si_code == SI_KERNEL and tri.reported_si_addr == 0
+    assert tri.crashing_thread[0].module and tri.crashing_thread[0].module.startswith("libc.so")
+    assert tri.address_source == "instruction"
+    assert tri.fault_address is not None and tri.fault_address >> 32 == 0x5A5A5A5A, hex(tri.fault_address or 0)
+    assert tri.access == ("write" if mode.startswith("memset") else "read")
+    assert tri.tools["instruction"].startswith("capstone (bytes from /") and "libc.so" in tri.tools["instruction"]
 
 
 def test_null_deref_reports_offset_and_threshold(crashes):
@@ -256,7 +274,9 @@ def test_missing_tools_give_a_clear_result_not_an_exception(crashes):
                                                              "gdb": "/nonexistent/gdb"})
     assert any("eu-stack not found" in e and "elfutils" in e for e in tri.errors)
     assert any("gdb not found" in e for e in tri.errors)
-    assert tri.tools == {"frames": "none", "siginfo": "core-notes", "instruction": "none"}
+    assert tri.tools["frames"] == "none" and tri.tools["siginfo"] == "core-notes"
+    # Capstone needs no tool: the instruction is decoded from the executable's bytes at pc.
+    assert tri.tools["instruction"] == f"capstone (bytes from {crash.binary})" and tri.instruction
     # The core's own notes still give signal, si_addr and registers: still a NULL deref.
     assert tri.signal == signal.SIGSEGV and tri.fault_address == 0x20
     assert tri.crash_class == "null-deref"
@@ -269,9 +289,27 @@ def test_without_eu_stack_gdb_backtrace_is_used(crashes):
     assert tri.signature == ref.signature and tri.bucket == ref.bucket
 
 
-def test_non_canonical_without_gdb_is_not_called_null(crashes):
-    crash, _ = crashes("uaf", env_name="glibc-junk")
+def test_non_canonical_without_gdb_is_recomputed_from_the_core_alone(crashes):
+    """No gdb: registers from the core's notes, the instruction from the bytes at pc (capstone)."""
+    crash, ref = crashes("uaf", env_name="glibc-junk")
     tri = triage_core(crash.core, crash.binary, tool_paths={"gdb": "/nonexistent/gdb"})
+    assert tri.reported_si_addr == 0 and tri.tools["siginfo"] == "core-notes"
+    assert tri.fault_address == ref.fault_address and tri.crash_class == "poison-address"
+
+
+def test_undecodable_si_kernel_fault_is_not_called_null(crashes, tmp_path):
+    """Neither the bytes at pc (the executable moved away) nor gdb: the address stays unknown, never NULL."""
+    crash, _ = crashes("uaf", env_name="glibc-junk")
+    moved = tmp_path / "elsewhere"
+    shutil.copy(crash.binary, moved)
+    core = tmp_path / "core"
+    shutil.copy(crash.core, core)
+    hidden = crash.binary.with_name(crash.binary.name + ".hidden")
+    crash.binary.rename(hidden)
+    try:
+        tri = triage_core(core, moved, tool_paths={"gdb": "/nonexistent/gdb"})
+    finally:
+        hidden.rename(crash.binary)
     assert tri.reported_si_addr == 0 and tri.fault_address is None
     assert tri.crash_class == "unknown" and "not necessarily NULL" in tri.class_detail
 
@@ -632,6 +670,46 @@ def test_recompute_fault_address(line, regs, expected, access):
                                   "=> 0x5555:\tud2", "=> 0x5555:\tmov    %rax,%rbx"])
 def test_recompute_no_memory_operand(line):
     assert recompute_fault_address(parse_gdb_instruction(line), {"rax": 1, "rbx": 2}) is None
+
+
+AVX512_FORMS = [
+    # what glibc's memmove/memset-evex and -avx512 variants use, assembled here by GNU as
+    ("vmovdqu8 %ymm16,(%rdi){%k1}", {"rdi": 0x5A5A5A5A5A5A5A5A}, 0x5A5A5A5A5A5A5A5A, "write"),
+    ("vmovdqu64 -0x40(%rsi,%rdx),%zmm17", {"rsi": 0xA5A5A5A5A5A5A5A5, "rdx": 0x80}, 0xA5A5A5A5A5A5A5E5, "read"),
+    ("vmovdqu64 %zmm16,-0x40(%rdi,%rdx,1)", {"rdi": 0x5A5A5A5A5A5A5A00, "rdx": 0x100}, 0x5A5A5A5A5A5A5AC0, "write"),
+    ("vmovdqu8 (%rsi),%xmm16{%k1}{z}", {"rsi": 0xDEAD000000000100}, 0xDEAD000000000100, "read"),
+    ("vmovntdq %zmm18,0x40(%rdi)", {"rdi": 0x3F3F3F3F3F3F3F3F}, 0x3F3F3F3F3F3F3F7F, "write"),
+    ("rep stosb %al,%es:(%rdi)", {"rdi": 0xCDCDCDCDCDCDCDCD}, 0xCDCDCDCDCDCDCDCD, "write"),
+    ("lock cmpxchg %rdx,(%rdi)", {"rdi": 0x5A5A5A5A5A5A5A5A}, 0x5A5A5A5A5A5A5A5A, "write"),
+    ("call *0x8(%rax)", {"rax": 0x3F3F3F3F3F3F3F3F}, 0x3F3F3F3F3F3F3F47, "read"),
+    ("jmp *%rax", {"rax": 0xDEADBEEFDEADBEEF}, 0xDEADBEEFDEADBEEF, "exec"),
+    ("mov %fs:0x28,%rax", {"fs_base": 0x7F0000001000}, 0x7F0000001028, "read"),
+    ("addq $1,0x20(%rax)", {"rax": 0xA5A5A5A5A5A5A5A5}, 0xA5A5A5A5A5A5A5C5, "write"),
+]
+
+
+def _assemble(text: str, tmp: Path) -> bytes:
+    source, obj, raw = tmp / "i.s", tmp / "i.o", tmp / "i.bin"
+    source.write_text(f".text\n{text}\n")
+    subprocess.run(["as", "-o", str(obj), str(source)], check=True, capture_output=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True, capture_output=True)
+    return raw.read_bytes()
+
+
+@pytest.mark.parametrize("text,regs,expected,access", AVX512_FORMS, ids=[f[0] for f in AVX512_FORMS])
+def test_capstone_decodes_the_forms_gdb_text_missed(text, regs, expected, access, tmp_path):
+    """The real bytes of each instruction (GNU as), decoded by capstone: effective address and access."""
+    code = _assemble(text, tmp_path)
+    decoded = decode(code + b"\x90" * 8, 0x7F0000400000, regs)
+    assert decoded is not None and decoded.size == len(code)
+    assert decoded.fault is not None and (decoded.fault.address, decoded.fault.access) == (expected, access), \
+        (decoded.text, decoded.fault)
+
+
+def test_capstone_vector_index_has_no_single_address(tmp_path):
+    code = _assemble("vpgatherdd (%rax,%zmm1,4),%zmm0{%k1}", tmp_path)
+    decoded = decode(code, 0x1000, {"rax": 0x5A5A5A5A5A5A5A5A})
+    assert decoded is not None and "gather" in decoded.text and decoded.fault is None
 
 
 def test_is_canonical():

@@ -18,6 +18,7 @@ PT_NOTE = 4
 PF_X, PF_W, PF_R = 1, 2, 4
 NT_PRSTATUS = 1
 NT_SIGINFO = 0x53494749
+NT_FILE = 0x46494C45
 NT_GNU_BUILD_ID = 3
 EM_X86_64 = 62
 ET_CORE = 4
@@ -42,6 +43,7 @@ class Segment:
     end: int
     flags: int  # PF_R | PF_W | PF_X
     file_size: int  # bytes present in the core (0 for segments the kernel did not dump)
+    offset: int = 0  # where those bytes are in the core file
 
     @property
     def perms(self) -> str:
@@ -60,6 +62,10 @@ class CoreInfo:
     si_pid: int | None = None  # same union read as kill info: meaningful for SI_USER/SI_TKILL
     threads: int = 0
     notes_truncated: bool = False
+    files: list["MappedFile"] = field(default_factory=list)  # NT_FILE: what the process had mapped, and where
+
+    def file_at(self, addr: int) -> "MappedFile | None":
+        return next((f for f in self.files if f.start <= addr < f.end), None)
 
     def segment_at(self, addr: int) -> Segment | None:
         lo, hi = 0, len(self.segments)
@@ -73,6 +79,15 @@ class CoreInfo:
             else:
                 return s
         return None
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    start: int
+    end: int
+    offset: int  # in bytes, into the file
+    path: str  # as the kernel named it at the crash ("(deleted)" suffix kept off; see deleted)
+    deleted: bool = False
 
 
 def _read_exact(fd: int, offset: int, n: int) -> bytes:
@@ -136,7 +151,7 @@ def read_core(path: Path) -> CoreInfo:
         budget = [_MAX_NOTE_BYTES]
         for p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz in _phdrs(fd, phoff, phentsize, phnum):
             if p_type == PT_LOAD:
-                info.segments.append(Segment(p_vaddr, p_vaddr + p_memsz, p_flags, p_filesz))
+                info.segments.append(Segment(p_vaddr, p_vaddr + p_memsz, p_flags, p_filesz, p_offset))
             elif p_type == PT_NOTE:
                 for ntype, name, doff, dsz in _notes(fd, p_offset, p_filesz, budget):
                     if ntype == NT_PRSTATUS and name == b"CORE":
@@ -147,6 +162,8 @@ def read_core(path: Path) -> CoreInfo:
                             info.pid = struct.unpack_from("<i", desc, 32)[0]
                             regs = struct.unpack_from("<27Q", desc, _PRSTATUS_REG_OFFSET)
                             info.registers = dict(zip(PRSTATUS_REGS, regs))
+                    elif ntype == NT_FILE and name == b"CORE" and not info.files and 16 <= dsz <= _MAX_NOTE_BYTES:
+                        info.files = _mapped_files(_read_exact(fd, doff, dsz))
                     elif ntype == NT_SIGINFO and name == b"CORE" and info.si_signo is None and dsz >= 24:
                         desc = _read_exact(fd, doff, 24)
                         info.si_signo, _errno, info.si_code = struct.unpack_from("<iii", desc, 0)
@@ -158,6 +175,21 @@ def read_core(path: Path) -> CoreInfo:
         return info
     finally:
         os.close(fd)
+
+
+def _mapped_files(desc: bytes) -> list[MappedFile]:
+    """NT_FILE: count, page size, count x (start, end, offset in pages), then count NUL-terminated names."""
+    count, page = struct.unpack_from("<QQ", desc, 0)
+    if count > len(desc) // 24:
+        return []
+    names = desc[16 + 24 * count:].split(b"\0")
+    out = []
+    for i in range(count):
+        start, end, pages = struct.unpack_from("<QQQ", desc, 16 + 24 * i)
+        raw = names[i].decode("utf-8", "surrogateescape") if i < len(names) else ""
+        deleted = raw.endswith(" (deleted)")
+        out.append(MappedFile(start, end, pages * page, raw.removesuffix(" (deleted)"), deleted))
+    return out
 
 
 def read_build_id(path: Path) -> str | None:

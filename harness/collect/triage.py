@@ -22,6 +22,7 @@ from .classify import Classification, CrashFacts, classify
 from .elfcore import CoreInfo, ElfError, read_build_id, read_core
 from .frames import Frame, ThreadStack
 from .signature import SIGNATURE_VERSION, Signature, bucket_id, crash_state
+from .decode import decode_at_pc
 from .x86 import SI_KERNEL, recompute_fault_address
 
 FAULT_SIGNALS = {_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE}
@@ -233,13 +234,21 @@ def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
     tri.crashing_tid = threads[0].tid if threads else crashing_tid
     tri.crashing_thread = list(threads[0].frames) if threads else []
 
-    # The faulting instruction, and the x86-64 trap.
-    insn = facts.instructions[0] if facts.instructions else None
-    next_pc = facts.instructions[1].address if len(facts.instructions) > 1 else None
-    tri.tools["instruction"] = "gdb" if insn else "none"
-    if insn is not None:
-        tri.instruction = insn.text
-    recomputed = recompute_fault_address(insn, regs, next_pc) if insn is not None and regs else None
+    # The faulting instruction, and the x86-64 trap: capstone on the bytes at pc (from the core, or the file
+    # mapped there); gdb's text only when those bytes cannot be read.
+    decoded = decode_at_pc(core, info, regs.get("rip"), regs) if regs else None
+    if decoded is not None:
+        tri.instruction = decoded.text
+        tri.tools["instruction"] = "capstone (bytes from the core)" if decoded.source == "core" else \
+            f"capstone (bytes from {decoded.source})"
+        recomputed = decoded.fault
+    else:
+        insn = facts.instructions[0] if facts.instructions else None
+        next_pc = facts.instructions[1].address if len(facts.instructions) > 1 else None
+        tri.tools["instruction"] = "gdb text (bytes at pc unreadable)" if insn else "none"
+        if insn is not None:
+            tri.instruction = insn.text
+        recomputed = recompute_fault_address(insn, regs, next_pc) if insn is not None and regs else None
     if tri.signal == _signal.SIGSEGV and tri.si_code == SI_KERNEL and not tri.reported_si_addr:
         if recomputed is not None:
             tri.fault_address, tri.address_source, tri.access = recomputed.address, "instruction", recomputed.access

@@ -115,6 +115,12 @@ NOIPA void big_then_crash(long mib) {
     free(p);
 }
 
+/* A use-after-free whose poisoned pointer reaches glibc's memcpy/memset: the fault is inside libc's
+   vectorised copy (AVX2 or AVX-512 forms, whichever this CPU selects). */
+struct message { char *body; size_t len; };
+NOIPA void message_copy(struct message *m, char *out) { memcpy(out, m->body, m->len); }
+NOIPA void message_clear(struct message *m) { memset(m->body, 0, m->len); }
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "";
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -147,6 +153,11 @@ int main(int argc, char **argv) {
         pthread_t t;
         pthread_create(&t, NULL, worker_main, NULL);
         pthread_join(t, NULL);
+    }
+    else if (!strcmp(mode, "memcpy-poison") || !strcmp(mode, "memset-poison")) {
+        static char out[4096];
+        struct message m = {(char *)0x5a5a5a5a5a5a5a5aULL, 256};   /* jemalloc's junk where the pointer was */
+        if (mode[3] == 'c') message_copy(&m, out); else message_clear(&m);
     }
     else if (!strcmp(mode, "big")) { big_then_crash(argc > 2 ? atol(argv[2]) : 100); }
     else if (!strcmp(mode, "small")) {  /* like "null", with the crash instant on stderr for the bench */
