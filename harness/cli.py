@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     crashes.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
     crashes.add_argument("--results", type=Path, default=Path("results"))
+    crashes.add_argument("--bundle", type=Path, metavar="FILE",
+                         help="write the bucket's example core with the executable, every mapped object, the triage "
+                              "and a gdb command file to this archive (.tar.gz, .tar.xz)")
+    crashes.add_argument("--gdb", action="store_true", help="open the bucket's example core in gdb")
 
     cores = sub.add_parser("cores", help="collect cores through a core_pattern pipe handler (root)")
     cores.add_argument("action", choices=["install", "uninstall", "status"])
@@ -346,7 +350,21 @@ def _crashes(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     report = build_report(run_dir)
     if args.bucket is None:
+        if args.bundle or args.gdb:
+            raise HarnessError("--bundle and --gdb need a BUCKET (harness crashes RUN lists them)")
         print(render_buckets(report))
+        return EXIT_OK
+    if args.bundle or args.gdb:
+        from harness.collect.bundle import open_in_gdb, write_bundle
+        from harness.crashview import bucket_example
+        example = bucket_example(run_dir, args.bucket)
+        if example is None:
+            raise HarnessError(f"no crash bucket {args.bucket!r} in {run_dir} (harness crashes {run_dir} lists them)")
+        if args.gdb:
+            return open_in_gdb(run_dir, *example)
+        plan = write_bundle(run_dir, *example, args.bundle)
+        print(f"{args.bundle}: core, {len(plan.objects)} objects, triage, gdb.cmd"
+              + (f"; missing: {'; '.join(plan.missing)}" if plan.missing else ""))
         return EXIT_OK
     text = render_bucket(run_dir, args.bucket)
     if text is None:

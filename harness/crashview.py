@@ -8,6 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
 
@@ -30,6 +31,26 @@ def _host_names(store: RunStore) -> dict[tuple[int, int], str]:
         if name:
             names[(row["trial"], row["host"])] = name
     return names
+
+
+def bucket_example(run_dir: Path, bucket: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(crash row, triage) of the bucket's example: the first crash whose core was kept."""
+    store = open_run(run_dir)
+    try:
+        rows = [dict(r) for r in store.query(
+            "SELECT c.*, x.bucket, x.data FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
+            "WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+    finally:
+        store.close()
+    if not rows:
+        return None
+    if len({r["bucket"] for r in rows}) > 1:
+        raise HarnessError(f"{bucket!r} names several buckets ({', '.join(sorted({r['bucket'] for r in rows}))}): "
+                           f"give more of the id")
+    triaged = [json.loads(r["data"]) for r in rows]
+    index = next((i for i, t in enumerate(triaged) if t.get("core_kept", True) and
+                  (t.get("core_file") or rows[i]["core_path"])), 0)
+    return rows[index], triaged[index]
 
 
 def render_bucket(run_dir: Path, bucket: str) -> str | None:
@@ -62,6 +83,7 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
            f"si_addr {example.get('reported_si_addr')})",
            f"instruction: {example.get('instruction') or '-'}",
            f"executable: {row['executable']}",
+           f"allocator (proof of this incarnation): {_proof_text(json.loads(row['detail'] or '{}').get('proof'))}",
            f"core: {example.get('core_file') or row['core_path'] or '-'}"
            + ("" if example.get("core_kept", True) else f" (dropped: {example.get('core_dropped')})"),
            "", "crashing thread:"]
@@ -85,3 +107,13 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
     if tail:
         out += ["", "stderr (last lines):"] + [f"  {line}" for line in tail]
     return "\n".join(out)
+
+
+def _proof_text(proof: dict[str, Any] | None) -> str:
+    if not proof:
+        return "unknown (no proof was recorded for this incarnation)"
+    from harness.proof.binding import summarize
+    text = summarize(proof) + f" [{proof.get('stage')}]"
+    for warning in proof.get("warnings") or []:
+        text += f"; warning: {warning}"
+    return text
