@@ -60,12 +60,15 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             "FROM host_samples GROUP BY trial", NOT_RUNNING)}
         fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
             "SELECT trial, SUM(hosts_alive * span) AS alive_seconds FROM samples GROUP BY trial")}
-        # Proof of what ran: the allocator and shim each host really had mapped (from /proc/PID/maps).
+        # Proof of what ran: the allocator malloc was bound to in each host (harness.proof), with where it
+        # came from, and "+shim" when malloc went through the fault shim.
         proofs: dict[int, set[str]] = {}
         for row in store.query("SELECT trial, detail FROM events WHERE kind='proof'"):
             detail = json.loads(row["detail"] or "{}")
+            source = detail.get("source")
             proofs.setdefault(row["trial"], set()).add(
-                detail.get("allocator", "?") + ("+shim" if detail.get("shim") else ""))
+                detail.get("allocator", "?") + (f" ({source})" if source and source != "glibc" else "")
+                + ("+shim" if detail.get("shim") else ""))
     finally:
         store.close()
     trials = []

@@ -160,6 +160,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         **({"groups": _group_totals(store, tid, events, crashes)} if _has_groups(events) else {}),
         # A resumed run: where the load timeline continued and how long the harness was down.
         "gaps": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "gap"],
+        "proof": _proof_summary(events),
         "low_disk": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "low-disk"],
         # Every host starts once per stretch of the run (a resume starts them all again): not restarts.
         "restarts": sum(1 for e in events if e["kind"] == "start")
@@ -266,6 +267,20 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f}"
 
 
+def _proof_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per trial, from every incarnation's proof: what malloc was bound to (one line per distinct binding),
+    allocators mapped but not bound, warnings (mixed bindings, the GOT disagreeing with ld.so's rules)."""
+    from harness.proof.binding import summarize
+    proofs = [e["detail"] for e in events if e["kind"] == "proof" and "source" in e["detail"]]
+    return {"hosts_proven": len(proofs),
+            "bindings": sorted({summarize(p) for p in proofs}),
+            "allocators": sorted({p.get("allocator") for p in proofs if p.get("allocator")}),
+            "sources": sorted({p.get("source") for p in proofs if p.get("source")}),
+            "mapped_unbound": sorted({m["allocator"] for p in proofs for m in p.get("mapped_unbound", [])}),
+            "got_check": sorted({p.get("got_check") for p in proofs if p.get("got_check")}),
+            "warnings": sorted({w for p in proofs for w in p.get("warnings", [])})}
+
+
 def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | None = None) -> str:
     out = [f"run {report['run_id']}  scenario {report['scenario']}  seed {report['seed']}  "
            f"status {report['status']}", f"results: {report['run_dir']}"]
@@ -274,6 +289,10 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
     for trial in report["trials"]:
         title = f"trial {trial['id']}: variant {trial['variant']} (repeat {trial['repeat'] + 1}) — {trial['status']}"
         out += ["", title]
+        proof = trial.get("proof") or {}
+        out.append("allocator (proof): " + ("; ".join(proof["bindings"]) if proof.get("bindings") else "unknown "
+                                            "(no host was proven)"))
+        out += [f"  warning: {w}" for w in proof.get("warnings", [])]
         rows = []
         for phase in trial["phases"] + [{"name": "all", **trial["overall"]}]:
             lat = phase["latency"]
