@@ -480,8 +480,7 @@ class Run:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
             # there would lose a second of outcomes).
-            usage = await trio.to_thread.run_sync(_process_usage, [h.pid for h in supervisor.hosts])
-            await trio.to_thread.run_sync(_save_deleted_objects, supervisor.hosts, self._objects)
+            usage = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self._objects)
             await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
             # taken these counters and the hosts are stopping, so this second must not be recorded.
@@ -679,11 +678,14 @@ def compact_proof(proof: dict[str, Any]) -> dict[str, Any]:
     return compact
 
 
-def _save_deleted_objects(hosts: list[Host], store: ObjectStore) -> None:
-    """Objects deleted while mapped (a compiled VCL .so) are copied while their process lives (for bundles)."""
+def _usage_and_objects(hosts: list[Host], store: ObjectStore) -> dict[int, tuple[int, int, int]]:
+    """Each host's usage; and objects deleted while mapped (a compiled VCL .so) are copied while their process
+    lives (for crash bundles). One worker-thread hop for both: the sampler's second stays short."""
+    usage = _process_usage([h.pid for h in hosts])
     for host in hosts:
         if host.pid is not None and host.state == State.UP:
             save_deleted(host.pid, store)
+    return usage
 
 
 def _check_interposable(scenario: Scenario, program: str, faults: tuple[ShimFault, ...] | None = None) -> None:
