@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     cores.add_argument("--max-bytes", type=_size_arg, default=None, help="largest core kept (e.g. 1GiB)")
     cores.add_argument("--keep-exe", action="append", default=None,
                        help="only these programs' cores go to the spool; others go where they went before")
+    cores.add_argument("--max-age", type=_duration_arg, default=None,
+                       help="unclaimed records and cores older than this are removed (default 7d)")
 
     validate = sub.add_parser("validate", help="check scenario files (or directories of them)")
     validate.add_argument("paths", type=Path, nargs="+")
@@ -298,6 +300,8 @@ def _cores(args: argparse.Namespace) -> int:
                 options["max_bytes"] = args.max_bytes
             if args.keep_exe:
                 options["keep_exe"] = args.keep_exe
+            if args.max_age is not None:
+                options["max_age_seconds"] = int(args.max_age)
             result = coreinstall.install(spool, **options)
             print(f"core_pattern is now {result.pattern}")
             print(f"cores go to {result.spool_dir}; `harness cores uninstall` restores the previous pattern")
@@ -307,6 +311,9 @@ def _cores(args: argparse.Namespace) -> int:
         else:
             state = coreinstall.status(spool)
             print(json.dumps(state, indent=2, default=str))
+            if state["handler_runnable"] is False:  # installed, and every core on the machine is being lost
+                print(f"harness: error: {state['advice']}", file=sys.stderr)
+                return EXIT_EXPECTATION
     except (PermissionError, ValueError, RuntimeError) as exc:
         raise HarnessError(str(exc)) from None
     return EXIT_OK

@@ -162,6 +162,8 @@ class Driver:
         self.lost_inflight = [0] * len(ports)
         self.resent = 0                 # requests sent again after the server closed as it announced
         self.protocol_errors = 0
+        self.unsent = 0                 # arrivals of the plan never sent: still due when the load had to end
+        self.unsent_exact = True        # False: the tail of an enormous plan was estimated, not counted
 
     # --- the supervisor's callbacks ---------------------------------------------------------
 
@@ -193,8 +195,10 @@ class Driver:
             task_status.started()
             await trio.sleep_forever()
 
-    async def send_all(self, arrivals: Iterator[Arrival], start: float) -> None:
-        """Send every arrival at start + arrival.t (trio clock)."""
+    async def send_all(self, arrivals: Iterator[Arrival], start: float, until: float | None = None) -> Arrival | None:
+        """Send every arrival at start + arrival.t (trio clock). A driver that falls behind stops once the
+        clock passes `until` (the planned end plus the client timeout): the first arrival it did not send
+        is returned, and it and the rest of the plan are the caller's to count as unsent."""
         timer = PreciseTimer()
         behind = 0
         try:
@@ -209,7 +213,10 @@ class Driver:
                     behind += 1
                     if behind % 32 == 0:
                         await trio.lowlevel.checkpoint()
+                        if until is not None and trio.current_time() > until:
+                            return arrival
                 self._send(arrival, due)
+            return None
         finally:
             timer.close()
             self.finished_sending = True

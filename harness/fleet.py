@@ -20,6 +20,7 @@ import trio
 from harness.errors import HarnessError
 from harness.exchange import Outcome
 from harness.hostprep import HostPrep
+from harness.logsink import HostLogs
 from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Group, Target, Variant
 from harness.variants import apply_variant, variant_for_group
@@ -54,6 +55,7 @@ class Host:
     extra: dict[str, Any] = field(default_factory=dict)
     group: str = ""                   # its fleet group ("" in a fleet without groups)
     target: Target | None = None      # what it runs with (its group's target); None: the supervisor's
+    logs: HostLogs | None = None      # pipes its output goes through (None: straight to the files)
 
     @property
     def pid(self) -> int | None:
@@ -137,7 +139,7 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         index = first + number
         name = f"{group}-{number}" if group else f"h{index}"
         directory = hosts_dir / name
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # in the run's trusted 0700 folder
         port = free_port()
         while port in taken:
             port = free_port()
@@ -197,6 +199,7 @@ class FleetSupervisor:
         self.first_start_failed_dir: Path | None = None   # the failing host's folder (its logs)
         self._fewest_alive: int | None = None   # since the sampler last looked
         self._ready_once = [trio.Event() for _ in hosts]
+        self.forced = False     # a second SIGINT/SIGTERM: stop without grace
 
     def target_of(self, host: Host) -> Target:
         """A host's own settings (ready, restart, stop_grace): its group's in a mixed fleet."""
@@ -296,8 +299,10 @@ class FleetSupervisor:
         host.state = State.STARTING
         host.incarnation += 1
         try:
-            child = await self.spawner.spawn(host.argv, cwd=host.cwd, env=host.env, stdout=host.stdout,
-                                             stderr=host.stderr)
+            logs = host.logs
+            child = await self.spawner.spawn(host.argv, cwd=host.cwd, env=host.env,
+                                             stdout=logs.stdout_fd if logs else host.stdout,
+                                             stderr=logs.stderr_fd if logs else host.stderr)
         except OSError as exc:
             message = f"cannot start {host.argv[0]}: {exc.strerror or exc}"
             self.recorder.event("start-failed", host.index, error=message)
@@ -327,7 +332,7 @@ class FleetSupervisor:
                 self.listener.host_gone(host)
             if status is None:  # cancelled: the run is stopping
                 with trio.CancelScope(shield=True):
-                    status = await stop(child, self.target_of(host).stop_grace)
+                    status = await stop(child, 0.0 if self.forced else self.target_of(host).stop_grace)
                     stopped = ExitInfo.from_status(status)
                     self.recorder.event("stop", host.index, child.pid, how=stopped.describe())
                     # A target that dies of anything but our SIGTERM/SIGKILL while stopping (an abort in
@@ -338,7 +343,7 @@ class FleetSupervisor:
         if host.incarnation == 1 and not self._ready_once[host.index].is_set() and self.first_start_failed is None \
                 and host.kill_expected is None:
             self.first_start_failed = f"{host.name} {info.describe()} before accepting connections" + \
-                _last_line(host.stderr)
+                _last_line(host)
             self.first_start_failed_dir = host.dir
         with trio.CancelScope(shield=True):  # a crash seen is a crash recorded, even while stopping
             await self._record_exit(host, child, info)
@@ -444,14 +449,28 @@ def resolve_program(program: str) -> str:
     return program if "/" in program else (shutil.which(program) or program)
 
 
-def _last_line(path: Path) -> str:
+def stderr_tail(host: Host, size: int) -> bytes:
+    """The last bytes a host wrote to stderr: from its pipe's sink (drained first: the process is dead,
+    so all it wrote is in the pipe), else from the file."""
+    if host.logs is not None and host.logs.pump is not None:
+        host.logs.pump.flush(host.logs.stderr)
+        return host.logs.stderr.tail(size)
     try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 512))
-            lines = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+        fd = os.open(host.stderr, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return ""
+        return b""
+    try:
+        end = os.fstat(fd).st_size
+        return os.pread(fd, size, max(0, end - size))
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _last_line(host: Host) -> str:
+    text = stderr_tail(host, 512).decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
     return f": {lines[-1].strip()}" if lines else ""
 
 

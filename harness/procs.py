@@ -78,30 +78,37 @@ class Spawner:
         # Leftovers of harnesses killed with their watchdog (kill -9 of both): nobody else will.
         self.orphans_killed = reaper.kill_orphans()
         self._watchdog, self._watch_fd = _start_watchdog(self._prefix)
+        # Targets get the umask the harness was started with (the harness itself runs with 077).
+        self.child_umask = -1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         _stop_watchdog(self._watchdog, self._watch_fd)
         self._watchdog, self._watch_fd = None, None
 
-    def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
+    def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path | int,
+                    stderr: Path | int) -> Child:
         self._serial += 1
         tag = f"{self._prefix}/{self._serial}"
         env = {**env, reaper.TAG_VAR: tag}
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        out_fd = os.open(stdout, flags, 0o644)
-        err_fd = os.open(stderr, flags, 0o644)
+        # Pipes the harness drains (harness/logsink.py), or files (never through a symlink, 0600).
+        out_fd = stdout if isinstance(stdout, int) else _open_log(stdout)
+        err_fd = stderr if isinstance(stderr, int) else _open_log(stderr)
         try:
             popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
                 start_new_session=True, close_fds=True, preexec_fn=lambda: _child_setup(self._parent),
+                umask=self.child_umask,
             )
         finally:
-            os.close(out_fd)
-            os.close(err_fd)
+            if not isinstance(stdout, int):
+                os.close(out_fd)
+            if not isinstance(stderr, int):
+                os.close(err_fd)
         return Child(pid=popen.pid, popen=popen, tag=tag)
 
-    async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> Child:
+    async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path | int,
+                    stderr: Path | int) -> Child:
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr)
@@ -186,6 +193,14 @@ def _stop_watchdog(watchdog: subprocess.Popen[bytes] | None, write_fd: int | Non
         except subprocess.TimeoutExpired:
             watchdog.kill()
             watchdog.wait()
+
+
+def _open_log(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_nlink != 1:
+        os.close(fd)
+        raise OSError(f"{path} has other links: not written")
+    return fd
 
 
 def _returncode(status: int) -> int:

@@ -30,14 +30,18 @@ import trio
 from harness.balancer import Balancer
 from harness.driver import Counters, Driver
 from harness.errors import HarnessError, ScenarioError
-from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program
+from harness.capacity import DRIVER_MAX_RATE
+from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program, stderr_tail
 from harness.hostprep import HostPrep
+from harness.loadshape import LoadShape
 from harness.plan import Arrival, arrivals, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
+from harness.logsink import LogPump
+from harness.safefs import RunLock, Untrusted, check_trusted_path, create_run_dir
 from harness.store import HostSample, RequestSample, RunStore, Sample
-from harness.collect.coreinstall import find_spooled_record, installed_spool
+from harness.collect.coreinstall import claim_record, find_spooled_record, installed_spool
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
 from harness.collect.retention import CoreRetention, KeptCore
 from harness.collect.triage import triage_core
@@ -66,6 +70,7 @@ class RunOptions:
     rollup_after: float = 3600.0                 # per-second samples older than this become ...
     rollup_every: int = 60                       # ... one row per this many seconds
     self_sample_every: float = 10.0              # the harness's own RSS/fds/threads, for soaks
+    lock: RunLock | None = None                  # resume: the run folder's lock, taken before reading it
 
 
 class TrialFailed(Exception):
@@ -79,6 +84,8 @@ class RunResult:
     status: str                # complete | interrupted
     signal: int | None = None
     failed_trials: list[str] = field(default_factory=list)
+    lock: RunLock | None = None    # held until the caller has recorded the verdict
+    forced: bool = False           # a second SIGINT/SIGTERM: hosts killed, exit at once
 
 
 class Recorder:
@@ -169,6 +176,9 @@ class Run:
         # Absolute: hosts run in their own folders, and paths handed to them (the shim's control
         # file) must mean the same thing there.
         self.run_dir = (self.resume.run_dir if self.resume else options.out_dir / self.run_id).resolve()
+        self.lock: RunLock | None = options.lock
+        self.forced = False
+        self._missing_records = 0          # crashes whose record the core handler never wrote
         self.store: RunStore | None = None
         self.store_lock = trio.CapacityLimiter(1)
         self.interrupted: int | None = None
@@ -213,20 +223,41 @@ class Run:
                 if faults and variant.faults:
                     _check_interposable(scenario, argv[0], faults)
 
+        if not self.resume:
+            try:  # refused before any work, with one line; checked again as the run folder is made
+                check_trusted_path(self.options.out_dir, what="results folder")
+            except Untrusted as exc:
+                raise HarnessError(f"{exc}: refusing to write there (another user could redirect what root "
+                                   f"writes); use --out with a folder only you or root can write") from None
         cores = core_pattern_status()
         if not cores.findable and installed_spool() is None:
             print(f"harness: warning: cores will not be collected: {cores.advice}", file=sys.stderr)
+        # Everything the run writes is the harness user's alone (0600 files, 0700 folders); targets
+        # get the umask the harness was started with.
+        umask = os.umask(0o077)
+        try:
+            return await self._execute(scenario, trials, umask)
+        finally:
+            os.umask(umask)
+
+    async def _execute(self, scenario: Scenario, trials: list[tuple[Variant, int]], umask: int) -> RunResult:
+        if self.resume:
+            if self.lock is None:
+                self.lock = RunLock.take(self.run_dir)
+        else:
+            try:
+                self.run_dir, self.lock = create_run_dir(self.options.out_dir, self.run_id, scenario.text)
+            except Untrusted as exc:
+                raise HarnessError(f"{exc}: refusing to write there (another user could redirect what root "
+                                   f"writes); use --out with a folder only you or root can write") from None
+            except OSError as exc:
+                raise HarnessError(f"cannot create the results folder {self.run_dir}: {exc.strerror or exc}") \
+                    from None
         self.metrics = Metrics(self.run_dir / "metrics.prom", self.options.metrics)
         if self.resume:
             self.store = RunStore(self.run_dir / "run.db")
             await self._store_call(self.store.resume_run, os.getpid())
         else:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=False)
-                (self.run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
-            except OSError as exc:
-                self.metrics.close(write=False)
-                raise HarnessError(f"cannot create the results folder {self.run_dir}: {exc.strerror or exc}") from None
             self.store = RunStore(self.run_dir / "run.db", create=True)
             await self._store_call(
                 self.store.begin_run, run_id=self.run_id, scenario=scenario.name, scenario_file=scenario.file,
@@ -237,6 +268,7 @@ class Run:
                 await self._store_call(self.store.set_meta, "invocation", self.options.invocation.to_json())
         self.metrics.hosts.set(scenario.fleet.hosts)
         spawner = Spawner()
+        spawner.child_umask = umask
         if spawner.orphans_killed:
             print(f"harness: warning: killed {len(spawner.orphans_killed)} leftover processes of a harness that was "
                   f"killed (pids {' '.join(map(str, spawner.orphans_killed))})", file=sys.stderr)
@@ -281,17 +313,36 @@ class Run:
             await trio.to_thread.run_sync(spawner.close)
             await trio.to_thread.run_sync(self.metrics.close)
             self.store.close()
-        return RunResult(self.run_id, self.run_dir, status, self.interrupted, self.failed_trials)
+        return RunResult(self.run_id, self.run_dir, status, self.interrupted, self.failed_trials, lock=self.lock,
+                         forced=self.forced)
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if self.interrupted is None:
                     self.interrupted = signum
-                    print(f"\nharness: {signal.Signals(signum).name} received, stopping the fleet...",
-                          file=sys.stderr)
+                    print(f"\nharness: {signal.Signals(signum).name} received, stopping the fleet "
+                          f"(again to kill it at once)...", file=sys.stderr)
                     if self.main_scope is not None:
                         self.main_scope.cancel()
+                elif not self.forced:
+                    # A second signal: no more grace for anyone. SIGKILL every host (what escaped its group
+                    # is swept after each exit as usual), stop waiting for triage (resume triages what is
+                    # left), and let the shielded flushes write what was gathered.
+                    self.forced = True
+                    print(f"harness: {signal.Signals(signum).name} again: killing the hosts now", file=sys.stderr)
+                    self._kill_hosts()
+                    if self._triage_nursery is not None:
+                        self._triage_nursery.cancel_scope.cancel()
+
+    def _kill_hosts(self) -> None:
+        supervisor = getattr(self, "_supervisor", None)
+        if supervisor is None:
+            return
+        supervisor.forced = True          # and any host that was about to start again does not
+        for host in supervisor.hosts:
+            if host.child is not None and not host.child.reaped:
+                host.child.signal_group(signal.SIGKILL)
 
     async def _self_sampler(self) -> None:
         """The harness's own footprint, so a night-long soak can show that the harness does not leak."""
@@ -320,6 +371,14 @@ class Run:
             planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
         recorder = Recorder()
+        # Output goes through pipes into capped files from the first start to the last stop.
+        pump = LogPump()
+        try:
+            for host in hosts:
+                host.logs = pump.attach(host.dir, (host.target or scenario.target).log_max)
+        except OSError as exc:
+            await trio.to_thread.run_sync(pump.close)
+            raise HarnessError(f"cannot create the host logs under {self.run_dir / 'hosts'}: {exc}") from None
         self._shim = await self._prepare_shim(hosts)
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
         driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
@@ -368,7 +427,13 @@ class Run:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
-                await driver.send_all(planned, recorder.t0)
+                # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
+                until = recorder.t0 + scenario.duration + scenario.client.timeout
+                first_unsent = await driver.send_all(planned, recorder.t0, until)
+                if first_unsent is not None:
+                    driver.unsent, driver.unsent_exact = await trio.to_thread.run_sync(
+                        count_unsent, first_unsent, planned, scenario.load)
+                    self._report_unsent(recorder, driver)
                 await driver.drain()
                 driver.abandon_pending()
                 self._final_sample(recorder, driver, supervisor)
@@ -381,11 +446,15 @@ class Run:
             with trio.CancelScope(shield=True):
                 if status != "complete":
                     self._final_sample(recorder, driver, supervisor, stopped=True)
+                await trio.to_thread.run_sync(pump.close)  # the hosts are stopped: take their last output
+                self._log_overflow(recorder, hosts)
                 recorder.event("trial-end", status=status)
                 await self._flush(number, recorder)
                 await self._store_call(self.store.end_trial, number, status,
                                        {"failure": failure if status == "failed" else None,"send_lag_us": {q: driver.lag.get_value_at_percentile(float(q))
                                                       for q in ("50", "99", "99.9", "100")},
+                                        **({"unsent": driver.unsent, "unsent_exact": driver.unsent_exact}
+                                           if driver.unsent else {}),
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts],
                                         "resent": driver.resent, "protocol_errors": driver.protocol_errors})
@@ -393,6 +462,32 @@ class Run:
                     print(file=sys.stderr)
                 if self._shim is not None:
                     self._shim.close()
+
+    def _report_unsent(self, recorder: Recorder, driver: Driver) -> None:
+        """Arrivals the driver could not send by the planned end plus the timeout: never dropped silently."""
+        count = driver.unsent if driver.unsent_exact else f"about {driver.unsent:.3g}"
+        recorder.event("unsent", None, None, unsent=driver.unsent, exact=driver.unsent_exact,
+                       at=round(recorder.now(), 3))
+        print(f"\nharness: warning: the driver could not keep up: {count} planned arrivals were not sent by the "
+              f"planned end plus the client timeout (counted as unsent; one driver process sends about "
+              f"{DRIVER_MAX_RATE:,}/s here)", file=sys.stderr)
+
+    def _log_overflow(self, recorder: Recorder, hosts: list[Host]) -> None:
+        """What targets wrote beyond log_max (dropped, never written) is an event per host, and said once."""
+        total = 0
+        for host in hosts:
+            if host.logs is None:
+                continue
+            out, err = host.logs.stdout, host.logs.stderr
+            if out.dropped_total or err.dropped_total or out.errors or err.errors:
+                recorder.event("log-dropped", host.index, None, stdout=out.dropped_total, stderr=err.dropped_total,
+                               log_max=out.cap, written=out.received + err.received - out.dropped_total
+                               - err.dropped_total, errors=out.errors + err.errors)
+                total += out.dropped_total + err.dropped_total
+        if total:
+            print(f"harness: warning: targets wrote more than log_max a second: {total / 2**20:.1f} MiB of their "
+                  f"output was dropped (counted in 'log-dropped' events; each log keeps its newest part)",
+                  file=sys.stderr)
 
     async def _prepare_shim(self, hosts: list[Host]) -> ShimFaults | None:
         if not self.scenario.shim_faults:
@@ -416,8 +511,15 @@ class Run:
                                       self._driver.lost_inflight[host.index])
         record["hosts_alive"] = self._supervisor.up_count()
         since = time.time() - (time.monotonic() - host.started_at) - 1
-        record["stderr_tail"], record["core_path"], notes, free = await trio.to_thread.run_sync(
-            _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores)
+        record["stderr_tail"], record["core_path"], notes, free, missing = await trio.to_thread.run_sync(
+            _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores,
+            _record_timeout(self._missing_records))
+        if missing:
+            self._missing_records += 1
+            if self._missing_records == 1:
+                print(f"harness: warning: the core handler wrote no record for {host.name} (pid {record['pid']}): "
+                      f"its spool may be full or the handler broken (`harness cores status`); later crashes "
+                      f"wait less for theirs", file=sys.stderr)
         if free is not None and not self._low_disk:
             # Reported once; crashes are still counted and triage goes on for cores already kept.
             self._low_disk = True
@@ -449,7 +551,8 @@ class Run:
             except OSError as exc:
                 result.setdefault("errors", []).append(f"core retention failed: {exc}")
             return result, dropped
-        result, dropped = await trio.to_thread.run_sync(work, limiter=self._triage_limiter)
+        # Abandoned on a forced stop (a second Ctrl-C): the thread finishes on its own, resume triages the core.
+        result, dropped = await trio.to_thread.run_sync(work, limiter=self._triage_limiter, abandon_on_cancel=True)
         assert self.store is not None
         await self._store_call(self.store.record_triage, uid, result)
         for old in dropped:
@@ -481,7 +584,6 @@ class Run:
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
             # there would lose a second of outcomes).
             usage = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self._objects)
-            await trio.to_thread.run_sync(_cap_logs, supervisor.hosts, self.scenario.target.log_max)
             # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
             # taken these counters and the hosts are stopping, so this second must not be recorded.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -633,6 +735,21 @@ class Run:
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
 
+def count_unsent(first: Arrival, rest: Iterator[Arrival], shape: LoadShape,
+                 budget: float = 1.0) -> tuple[int, bool]:
+    """How many arrivals of the plan were never sent: `first` and what is left in `rest`. Counted one by
+    one for up to `budget` seconds (exact); the tail of a plan too large for that (rate: 1e9) is its
+    expected number of arrivals, Λ(end) - Λ(t), and the count is flagged as an estimate."""
+    count, last = 1, first.t
+    deadline = time.monotonic() + budget
+    for arrival in rest:
+        count += 1
+        last = arrival.t
+        if count % 4096 == 0 and time.monotonic() > deadline:
+            return count + round(shape.total_expected() - shape.expected(last)), False
+    return count, True
+
+
 def _skip_arrivals(planned: Iterator[Arrival], start_at: float) -> Iterator[Arrival]:
     """The same seeded stream, advanced to `start_at` (runs in a worker thread: hours of arrivals)."""
     for arrival in planned:
@@ -707,76 +824,61 @@ def _check_interposable(scenario: Scenario, program: str, faults: tuple[ShimFaul
               file=sys.stderr)
 
 
-def _cap_logs(hosts: list[Host], max_bytes: int) -> None:
-    """Keep each host's output within ~1.5x max_bytes, copy-truncate style: the target keeps its
-    O_APPEND descriptor, the newest half of the cap moves to <log>.1, the log restarts empty.
-    A target that floods its output costs disk and a little CPU, never the harness's memory."""
-    for host in hosts:
-        target = getattr(host, "target", None)        # a fleet group may set its own log_max
-        limit = target.log_max if target is not None else max_bytes
-        for log in (host.stdout, host.stderr):
-            try:
-                size = log.stat().st_size
-                if size <= limit:
-                    continue
-                keep = limit // 2
-                with open(log, "rb") as source, open(log.with_name(log.name + ".1"), "wb") as rotated:
-                    source.seek(max(0, size - keep))
-                    while keep > 0:  # in chunks: a large log_max must not become the harness's memory
-                        chunk = source.read(min(keep, 1 << 20))
-                        if not chunk:
-                            break
-                        rotated.write(chunk)
-                        keep -= len(chunk)
-                os.truncate(log, 0)
-            except OSError:
-                continue
-
-
-def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float,
-                         policy: Cores) -> tuple[str, str | None, list[str], int | None]:
-    """(stderr tail, core path in the results, notes, free bytes if the disk is low). Runs in a worker thread."""
-    max_core = policy.max_size
-    tail = ""
+def _record_timeout(missed: int) -> float:
+    """How long to wait for the core handler's record of a crash. With core_pipe_limit > 0 the kernel
+    waits for the handler before the process is reaped, so the record is there when we see the death;
+    the wait is only slack. With 0 the handler may still be writing. Once records went missing in this
+    run, wait less: a full or broken spool must not cost every restart seconds."""
     try:
-        with open(host.stderr, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 2048))
-            tail = handle.read().decode(errors="replace")
-    except OSError:
-        pass
+        waits = int(Path("/proc/sys/kernel/core_pipe_limit").read_text().strip()) > 0
+    except (OSError, ValueError):
+        waits = False
+    full = 1.0 if waits else 5.0
+    return full if not missed else 0.2
+
+
+def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float, policy: Cores,
+                         record_timeout: float = 5.0) -> tuple[str, str | None, list[str], int | None, bool]:
+    """(stderr tail, core path in the results, notes, free bytes if the disk is low, whether the core
+    handler's record is missing). Runs in a worker thread."""
+    max_core = policy.max_size
+    tail = stderr_tail(host, 2048).decode(errors="replace")
     if not core_dumped:
-        return tail, None, [], None
+        return tail, None, [], None, False
     free = _free_bytes(host.dir)
     low = free is not None and free < policy.min_free
     spool = installed_spool()
     if spool is not None:  # `harness cores install` put our pipe handler in core_pattern
         try:
-            record = find_spooled_record(spool, pid, since, timeout=5.0)
+            record = find_spooled_record(spool, pid, since, timeout=record_timeout)
         except OSError as exc:
-            return tail, None, [f"cannot read the core spool {spool}: {exc}"], None
-        if record is None or record.core is None:
-            notes = list(record.notes) if record else [f"no core for pid {pid} in {spool}"]
-            return tail, None, notes, None
+            return tail, None, [f"cannot read the core spool {spool}: {exc}"], None, False
+        if record is None:
+            return tail, None, [f"no record of the crash from the core handler in {spool} within "
+                                f"{record_timeout:g}s (spool full or handler broken?)"], None, True
+        if record.core is None:
+            claim_record(record)
+            return tail, None, list(record.notes), None, False
         if low:  # the spooled copy is the pipe handler's to age out
-            return tail, None, [f"core not collected: low disk ({free} bytes free)"], free
+            return tail, None, [f"core not collected: low disk ({free} bytes free)"], free, False
         try:
             stored = secure_core(record.core, host.dir / "cores", max_bytes=max_core)
         except (CoreRefused, OSError) as exc:
-            return tail, None, [f"core not kept: {exc}"], None
-        return tail, str(stored.path), list(record.notes) + list(stored.notes), None
+            return tail, None, [f"core not kept: {exc}"], None, False
+        claim_record(record)
+        return tail, str(stored.path), list(record.notes) + list(stored.notes), None, False
     found = find_core(host.cwd, pid, since)
     if found is None:
         return tail, None, [f"the kernel reported a core for pid {pid}, but none was found in {host.cwd} "
-                            f"(core_pattern: {core_pattern()})"], None
+                            f"(core_pattern: {core_pattern()})"], None, False
     if low:  # the core is on the same disk: delete it rather than let the next ones fill it
         found.unlink(missing_ok=True)
-        return tail, None, [f"core not collected: low disk ({free} bytes free)"], free
+        return tail, None, [f"core not collected: low disk ({free} bytes free)"], free, False
     try:
         stored = secure_core(found, host.dir / "cores", max_bytes=max_core)
     except (CoreRefused, OSError) as exc:
-        return tail, None, [f"core not kept: {exc}"], None
-    return tail, str(stored.path), list(stored.notes), None
+        return tail, None, [f"core not kept: {exc}"], None, False
+    return tail, str(stored.path), list(stored.notes), None, False
 
 
 def _free_bytes(path: Path) -> int | None:

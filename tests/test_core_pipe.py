@@ -96,7 +96,7 @@ def test_handler_as_the_kernel_runs_it(spool: Path) -> None:
     data = fake_core(1, 3 * 1024 * 1024 + 17)  # more than a pipe buffer, not a multiple of anything
     rc = run_handler(handler, spool, data, pid=4242, tid=4243, exe="!opt!my svc!bin", close_stdout=True)
     assert rc == 0
-    name = f"core.4242.{T}.11"
+    name = f"core.4242.{T}.11.u0"
     assert visible(spool) == {name, f"{name}.json"}  # no temp left behind
     core = spool / name
     st = os.lstat(core)
@@ -126,18 +126,18 @@ def test_concurrent_invocations_lose_nothing(spool: Path) -> None:
     by_content = {(spool / n).read_bytes(): n for n in cores}
     for pid, run in runs:
         name = by_content[run.data]  # each core is exactly one invocation's bytes
-        assert name.startswith(f"core.{pid}.{T}.11")
+        assert name.startswith(f"core.{pid}.{T}.11.u0")
         rec = sidecar(spool, name)
         assert rec["core"] == name and rec["pid"] == pid and rec["bytes_written"] == len(run.data)
     assert sorted(n for n in cores if n.startswith("core.6000.")) == [
-        f"core.6000.{T}.11", *(f"core.6000.{T}.11.{k}" for k in range(1, 5))]
+        f"core.6000.{T}.11.u0", *(f"core.6000.{T}.11.u0.{k}" for k in range(1, 5))]
 
 
 def test_oversize_core_truncated_and_stdin_drained(spool: Path) -> None:
     handler = prepare_spool(spool, max_bytes=64 * 1024)
     data = fake_core(2, 8 * 1024 * 1024)  # 8 pipe buffers past the limit: a handler that stops reading blocks us
     assert run_handler(handler, spool, data, pid=77) == 0  # finish(): the writer saw no EPIPE
-    name = f"core.77.{T}.11"
+    name = f"core.77.{T}.11.u0"
     assert (spool / name).read_bytes() == data[:64 * 1024]
     rec = sidecar(spool, name)
     assert rec["status"] == "written" and rec["truncated"] is True and rec["limited_by"] == "max_core_bytes"
@@ -149,13 +149,13 @@ def test_rlimit_core_is_honoured(spool: Path) -> None:
     handler = prepare_spool(spool)
     data = fake_core(3, 300_000)
     assert run_handler(handler, spool, data, pid=80, rlimit="100000") == 0
-    rec = sidecar(spool, f"core.80.{T}.11")
+    rec = sidecar(spool, f"core.80.{T}.11.u0")
     assert rec["limited_by"] == "RLIMIT_CORE" and rec["truncated"] and rec["bytes_received"] == len(data)
-    assert (spool / f"core.80.{T}.11").read_bytes() == data[:100_000]
+    assert (spool / f"core.80.{T}.11.u0").read_bytes() == data[:100_000]
     # RLIMIT_CORE 0: the process asked for no core (the kernel's own rule for file patterns).
     assert run_handler(handler, spool, data, pid=81, rlimit="0") == 0
-    assert not (spool / f"core.81.{T}.11").exists()
-    rec = sidecar(spool, f"core.81.{T}.11")
+    assert not (spool / f"core.81.{T}.11.u0").exists()
+    rec = sidecar(spool, f"core.81.{T}.11.u0")
     assert rec["status"] == "skipped" and rec["core"] is None and rec["bytes_received"] == len(data)
 
 
@@ -182,7 +182,7 @@ def test_planted_symlinks_not_followed(tmp_path: Path, spool: Path) -> None:
     victim, victim2 = tmp_path / "victim", tmp_path / "victim2"
     victim.write_bytes(b"precious")
     victim2.write_bytes(b"precious too")
-    name = f"core.93.{T}.11"
+    name = f"core.93.{T}.11.u0"
     (spool / name).symlink_to(victim)  # where the core would go
     (spool / f"{name}.1.json").symlink_to(victim2)  # where the next name's sidecar would go
     data = fake_core(5, 500_000)
@@ -201,8 +201,8 @@ def test_spool_caps_drop_but_record(spool: Path) -> None:
     data = fake_core(6, 200_000)
     for pid in (100, 101, 102):
         assert run_handler(handler, spool, data, pid=pid) == 0
-    assert (spool / f"core.101.{T}.11").exists() and not (spool / f"core.102.{T}.11").exists()
-    rec = sidecar(spool, f"core.102.{T}.11")
+    assert (spool / f"core.101.{T}.11.u0").exists() and not (spool / f"core.102.{T}.11.u0").exists()
+    rec = sidecar(spool, f"core.102.{T}.11.u0")
     assert rec["status"] == "dropped" and rec["core"] is None and "max_cores" in rec["reason"]
     assert rec["bytes_received"] == len(data)
 
@@ -210,11 +210,15 @@ def test_spool_caps_drop_but_record(spool: Path) -> None:
     handler = prepare_spool(byte_spool, max_spool_bytes=300_000)
     for pid in (110, 111, 112):
         assert run_handler(handler, byte_spool, data, pid=pid) == 0
-    second = sidecar(byte_spool, f"core.111.{T}.11")
-    assert second["limited_by"] == "max_spool_bytes" and second["bytes_written"] == 100_000
-    assert (byte_spool / f"core.111.{T}.11").read_bytes() == data[:100_000]
-    third = sidecar(byte_spool, f"core.112.{T}.11")
+    # The second fits only partly: it is dropped whole (a kept core is never cut short by the spool's cap),
+    # and says so; the cap holds.
+    second = sidecar(byte_spool, f"core.111.{T}.11.u0")
+    assert second["status"] == "dropped" and second["core"] is None and "max_spool_bytes" in second["reason"]
+    assert second["bytes_received"] == len(data) and second["bytes_written"] == 0
+    assert not (byte_spool / f"core.111.{T}.11.u0").exists()
+    third = sidecar(byte_spool, f"core.112.{T}.11.u0")
     assert third["status"] == "dropped" and "max_spool_bytes" in third["reason"]
+    assert sum(p.stat().st_size for p in byte_spool.glob("core.*") if not p.name.endswith(".json")) <= 300_000
 
 
 def test_disk_full_drains_and_records(tmp_path: Path) -> None:
@@ -245,8 +249,8 @@ def test_disk_full_drains_and_records(tmp_path: Path) -> None:
         proc.stdin.write(data)  # BrokenPipeError here would mean the handler gave up reading
         proc.stdin.close()
         assert proc.wait(30) == 1
-        assert visible(spool) == {f"core.130.{T}.11.json"}  # no core, no temp
-        rec = sidecar(spool, f"core.130.{T}.11")
+        assert visible(spool) == {f"core.130.{T}.11.u0.json"}  # no core, no temp
+        rec = sidecar(spool, f"core.130.{T}.11.u0")
         assert rec["status"] == "error" and rec["core"] is None and rec["bytes_received"] == len(data)
         assert "No space" in rec["reason"]
     finally:
@@ -287,23 +291,23 @@ def test_cores_not_kept_are_forwarded_like_the_kernel(tmp_path: Path, spool: Pat
         st = os.lstat(target)
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (uid, gid)
         assert target.read_bytes() == data and victim.read_bytes() == b"precious"
-        rec = sidecar(spool, f"core.{pid}.{T}.11")
+        rec = sidecar(spool, f"core.{pid}.{T}.11.u{uid}")
         assert rec["status"] == "forwarded" and rec["core"] is None and rec["forwarded_to"] == str(target)
         assert rec["bytes_written"] == rec["bytes_received"] == len(data)
         assert not any(n.startswith(f"core.{pid}.") and not n.endswith(".json") for n in os.listdir(spool))
 
         # Where the process's user may not write, neither do we (the kernel would fail the same way).
         assert run_handler(handler, spool, data, pid=locked_pid, uid=uid, gid=gid, exe=exe) == 0
-        rec = sidecar(spool, f"core.{locked_pid}.{T}.11")
+        rec = sidecar(spool, f"core.{locked_pid}.{T}.11.u{uid}")
         assert rec["status"] == "skipped" and "Permission denied" in rec["reason"] and os.listdir(locked) == []
         # A pid now owned by someone else (reused): nothing written anywhere.
         assert run_handler(handler, spool, data, pid=pid, uid=uid + 1, gid=gid, exe=exe, t=T + 1) == 0
-        rec = sidecar(spool, f"core.{pid}.{T + 1}.11")
+        rec = sidecar(spool, f"core.{pid}.{T + 1}.11.u{uid + 1}")
         assert rec["status"] == "skipped" and "reused" in rec["reason"]
         # The kept program's core goes to the spool as usual.
         assert run_handler(handler, spool, data, pid=pid, uid=uid, gid=gid, exe=str(kept).replace("/", "!"),
                            t=T + 2) == 0
-        assert (spool / f"core.{pid}.{T + 2}.11").read_bytes() == data
+        assert (spool / f"core.{pid}.{T + 2}.11.u{uid}").read_bytes() == data
     finally:
         for p in procs:
             p.kill()
@@ -315,8 +319,8 @@ def test_find_spooled_record(spool: Path) -> None:
     data = fake_core(7, 100_000)
     assert run_handler(handler, spool, data, pid=120, t=T) == 0
     assert run_handler(handler, spool, data, pid=120, t=T + 5) == 0  # the same pid again, later: dropped
-    assert find_spooled_core(spool, 120, T - 0.5) == spool / f"core.120.{T}.11"  # the first crash since
-    assert find_spooled_core(spool, 120, T + 0.7) == spool / f"core.120.{T}.11"  # %t has whole seconds
+    assert find_spooled_core(spool, 120, T - 0.5) == spool / f"core.120.{T}.11.u0"  # the first crash since
+    assert find_spooled_core(spool, 120, T + 0.7) == spool / f"core.120.{T}.11.u0"  # %t has whole seconds
     later = find_spooled_record(spool, 120, T + 1)
     assert later is not None and later.core is None and later.status == "dropped"
     assert any("max_cores" in n for n in later.notes)

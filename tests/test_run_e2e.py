@@ -270,8 +270,9 @@ expect:
         log = run_dir / "hosts" / "t1" / host / "stdout.log"
         rotated = log.with_name("stdout.log.1")
         assert rotated.exists(), "the flood reached the cap and was rotated"
-        # Bounded: the cap, plus at most what one second of flooding adds before the next check.
-        assert rotated.stat().st_size <= 1024 * 1024
+        # Bounded: no file ever passes the cap (the rest is counted and dropped).
+        assert rotated.stat().st_size <= 2 * 1024 * 1024 and log.stat().st_size <= 2 * 1024 * 1024
+    assert "output was dropped" in result.stderr
     # The flooding `yes` children were stopped with their hosts.
     ps = subprocess.run(["pgrep", "-f", "flooding-the-log"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""

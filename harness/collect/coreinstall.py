@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -56,11 +57,12 @@ DEFAULT_MAX_CORES = pipe_handler.DEFAULT_LIMITS["max_cores"]
 DEFAULT_MAX_SPOOL_BYTES = pipe_handler.DEFAULT_LIMITS["max_spool_bytes"]
 DEFAULT_KEEP_FREE_BYTES = pipe_handler.DEFAULT_LIMITS["keep_free_bytes"]
 DEFAULT_PIPE_LIMIT = 16
+QUOTA_KEYS = ("max_records", "uid_share_percent", "others_share_percent", "max_age_seconds")
 SPECIFIERS = "%P %I %u %g %s %t %c %d %h %E"  # see pipe_handler's docstring for the argument contract
 CORENAME_MAX = 127  # the kernel keeps 128 bytes of core_pattern including the NUL, silently
 SHEBANG_MAX = 255  # BINPRM_BUF_SIZE
 POLL = 0.02
-_NAME = re.compile(r"^core\.(\d+)\.(\d+)\.(\d+)(?:\.(\d+))?(\.json)?$")
+_NAME = pipe_handler.PUBLISHED  # core.PID.TIME.SIGNAL[.uUID][.K][.json]
 
 
 @dataclass(frozen=True)
@@ -252,14 +254,19 @@ def _read_state(spool: Path) -> dict | None:
 
 def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_cores: int = DEFAULT_MAX_CORES,
                   max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES, keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES,
-                  keep_exe: Sequence[str | os.PathLike] | None = None, python: str = sys.executable) -> Path:
+                  keep_exe: Sequence[str | os.PathLike] | None = None, python: str = sys.executable,
+                  **quotas: int) -> Path:
     """Create the spool (0700), write limits.json and the handler copy, and check that the handler
     accepts the spool when run like the kernel runs it. Does not touch core_pattern. Returns the
-    handler's path."""
+    handler's path. `quotas`: max_records, uid_share_percent, others_share_percent, max_age_seconds
+    (pipe_handler.DEFAULT_LIMITS)."""
     spool = _resolve_spool(spool_dir)
+    unknown = set(quotas) - set(QUOTA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown spool limits: {', '.join(sorted(unknown))}")
     for name, value in (("max_bytes", max_bytes), ("max_cores", max_cores), ("max_spool_bytes", max_spool_bytes),
-                        ("keep_free_bytes", keep_free_bytes)):
-        if not isinstance(value, int) or value < 0:
+                        ("keep_free_bytes", keep_free_bytes), *quotas.items()):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
     if any(c.isspace() or c == "%" for c in str(spool)):
         raise ValueError(f"spool {spool}: no spaces or % allowed (the kernel splits and expands the pattern)")
@@ -284,7 +291,8 @@ def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, 
     _check_trusted(spool, "spool directory", final_owner_only=True)
 
     limits = {"max_core_bytes": max_bytes, "max_cores": max_cores, "max_spool_bytes": max_spool_bytes,
-              "keep_free_bytes": keep_free_bytes, "max_records": pipe_handler.DEFAULT_LIMITS["max_records"],
+              "keep_free_bytes": keep_free_bytes,
+              **{key: quotas.get(key, pipe_handler.DEFAULT_LIMITS[key]) for key in QUOTA_KEYS},
               "keep_exe": None if keep_exe is None else [os.path.realpath(e) for e in keep_exe]}  # %E is resolved
     _atomic_write(spool, LIMITS_NAME, (json.dumps(limits, indent=1, sort_keys=True) + "\n").encode(), 0o600)
     source = Path(pipe_handler.__file__).read_text(encoding="utf-8")
@@ -310,7 +318,7 @@ def prepare_spool(spool_dir: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES, 
 def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_MAX_BYTES,
             max_cores: int = DEFAULT_MAX_CORES, max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
             keep_free_bytes: int = DEFAULT_KEEP_FREE_BYTES, keep_exe: Sequence[str | os.PathLike] | None = None,
-            pipe_limit: int = DEFAULT_PIPE_LIMIT, python: str = sys.executable) -> InstallResult:
+            pipe_limit: int = DEFAULT_PIPE_LIMIT, python: str = sys.executable, **quotas: int) -> InstallResult:
     """Point core_pattern at our handler writing into spool_dir (only keep_exe's cores when given; the
     rest go where the previous pattern puts them, if it is a plain relative name). Raises PermissionError when not root
     or /proc/sys is read-only, ValueError for an unusable spool/interpreter/pattern, RuntimeError when the
@@ -325,7 +333,7 @@ def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_M
         raise ValueError(f"core_pattern would be {len(pattern.encode())} bytes and the kernel keeps {CORENAME_MAX}: "
                          f"use a shorter spool path than {spool} (e.g. {DEFAULT_SPOOL})")
     handler = prepare_spool(spool, max_bytes=max_bytes, max_cores=max_cores, max_spool_bytes=max_spool_bytes,
-                            keep_free_bytes=keep_free_bytes, keep_exe=keep_exe, python=python)
+                            keep_free_bytes=keep_free_bytes, keep_exe=keep_exe, python=python, **quotas)
     limits = _read_json(spool / LIMITS_NAME) or {}
 
     current = core_pattern()
@@ -360,13 +368,17 @@ def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_M
                 pass
 
     new_limit = max(pipe_limit, current_limit) if already else max(pipe_limit, int(previous["core_pipe_limit"]))
+    # The pattern first: once it is ours, uninstall restores both values from the state written above,
+    # so an install killed between the two writes (even by SIGKILL) leaves nothing uninstall cannot undo.
+    # SIGINT/SIGTERM wait until both are written (or undone below).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
-        if new_limit != current_limit:
-            _write_sysctl(CORE_PIPE_LIMIT, str(new_limit))
         if current != pattern:
             _write_sysctl(CORE_PATTERN, pattern)
         if core_pattern() != pattern:
             raise RuntimeError(f"core_pattern reads back as {core_pattern()!r}, not {pattern!r}")
+        if new_limit != current_limit:
+            _write_sysctl(CORE_PIPE_LIMIT, str(new_limit))
     except BaseException:
         # Leave the machine as we found it.
         for path, value in ((CORE_PATTERN, current), (CORE_PIPE_LIMIT, str(current_limit))):
@@ -380,6 +392,8 @@ def install(spool_dir: Path | str = DEFAULT_SPOOL, *, max_bytes: int = DEFAULT_M
             except OSError:
                 pass
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return InstallResult(spool, handler, pattern, new_limit, previous["core_pattern"],
                          int(previous["core_pipe_limit"]), already, limits)
 
@@ -394,6 +408,14 @@ def uninstall(spool_dir: Path | str = DEFAULT_SPOOL) -> UninstallResult:
     ours = current == our_pattern(spool) or installed_spool(current) == spool
     if not ours:
         msg = f"core_pattern is {current!r}, not our handler for {spool}: left as is"
+        limit = _read_int(CORE_PIPE_LIMIT)
+        if state is not None and current == state["core_pattern"] and limit != state.get("core_pipe_limit"):
+            # An install stopped before it wrote the pattern (older harnesses wrote the pipe limit first).
+            try:
+                _write_sysctl(CORE_PIPE_LIMIT, str(int(state.get("core_pipe_limit", 0))))
+                msg += f"; core_pipe_limit restored to {state.get('core_pipe_limit')} (an interrupted install)"
+            except (OSError, ValueError, TypeError):
+                pass
         if state is not None:
             msg += f" (the remembered {state['core_pattern']!r} was stale and is forgotten)"
             _remove(spool / STATE_NAME)
@@ -422,6 +444,63 @@ def _handler_stale(spool: Path) -> bool:
         return installed.split(b"\n", 1)[-1] != Path(pipe_handler.__file__).read_bytes()
     except OSError:
         return False
+
+
+def handler_problems(handler: Path, spool: Path) -> list[str] | None:
+    """Why the kernel could not run this handler for this spool ([] = it can), None when it cannot be
+    told without root (the spool is root's alone). Checks what the kernel needs: the handler a trusted
+    executable file, its #! interpreter there, executable and trusted, and the handler accepting the
+    spool when run as the kernel runs it."""
+    problems: list[str] = []
+    try:
+        st = os.lstat(handler)
+    except OSError as e:
+        return [f"the handler {handler} is missing ({e.strerror})"]
+    if not stat.S_ISREG(st.st_mode):
+        return [f"the handler {handler} is not a regular file"]
+    if not st.st_mode & 0o100:
+        problems.append(f"the handler {handler} is not executable (mode {stat.S_IMODE(st.st_mode):o})")
+    try:
+        _check_trusted(handler, "handler")
+    except (ValueError, OSError) as e:
+        problems.append(str(e))
+    try:
+        fd = os.open(handler, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            first = os.read(fd, SHEBANG_MAX + 1).split(b"\n", 1)[0].decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return problems + [f"cannot read the handler {handler}: {e.strerror}"]
+    if not first.startswith("#!") or not first[2:].split():
+        return problems + [f"the handler {handler} has no #! line"]
+    interpreter = Path(first[2:].split()[0])
+    if not interpreter.is_file() or not os.access(interpreter, os.X_OK):
+        problems.append(f"its interpreter {interpreter} is missing or not executable (the kernel logs "
+                        f"'pipe failed' and every core is lost)")
+    else:
+        try:
+            _check_trusted(Path(os.path.realpath(interpreter)), "its interpreter")
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+    if problems:
+        return problems
+    if os.geteuid() != 0:
+        return None
+    try:
+        proc = subprocess.run([str(handler), "--check", str(spool)], env={}, cwd="/", stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"the handler does not run: {e}"]
+    try:
+        report = json.loads(proc.stdout.decode() or "{}")
+    except ValueError:
+        report = {}
+    if proc.returncode != 0 or not report.get("ok"):
+        detail = report.get("error") or proc.stderr.decode(errors="replace").strip()[-300:] or \
+            f"exit status {proc.returncode}"
+        return [f"the handler rejects its spool: {detail}"]
+    return []
 
 
 def _is_regular(path: Path) -> bool:
@@ -506,6 +585,19 @@ def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
         advice = f"pattern pipes cores to {st.handler}; run `harness cores install` to collect them here"
     else:
         advice = f"{st.advice}; no handler needed (`harness cores install` is optional)"
+    runnable: bool | None = None
+    problems: list[str] = []
+    pattern_argv = _handler_argv(current) if current else None
+    if pattern_argv is not None:  # the handler the kernel would run now, whichever spool it names
+        checked = handler_problems(Path(pattern_argv[0]), Path(pattern_argv[1]) if len(pattern_argv) > 1
+                                   else Path(pattern_argv[0]).parent)
+        runnable = None if checked is None else not checked
+        problems = checked or []
+        if problems:
+            advice = (f"BROKEN: the kernel cannot run the installed handler, so every core on this machine is "
+                      f"lost: {problems[0]}; run `harness cores install` again (or `harness cores uninstall`)")
+        elif checked is None:
+            advice += "; (whether the handler runs can only be checked as root)"
     stale = ours and _handler_stale(spool)
     if stale:
         advice += ("; the installed handler differs from this checkout's pipe_handler.py: "
@@ -522,6 +614,8 @@ def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
         "spool_dir": str(spool),
         "handler_present": _is_regular(spool / HANDLER_NAME),
         "handler_stale": stale,
+        "handler_runnable": runnable,   # None: no harness handler in the pattern, or not checkable without root
+        "handler_problems": problems,
         "previous": ({"core_pattern": state["core_pattern"], "core_pipe_limit": state.get("core_pipe_limit")}
                      if state else None),
         "spool": summary,
@@ -534,7 +628,7 @@ def status(spool_dir: Path | str = DEFAULT_SPOOL) -> dict[str, Any]:
 
 def _scan(spool: Path, pid: int, since: float) -> SpooledCore | None:
     """The complete record of pid's first crash at or after since; None if there is none or it is
-    still being written. Temp names are .tmp.core.PID.TIME.SIGNAL.HANDLERPID.N[.json]."""
+    still being written. Temp names are .tmp.core.PID.TIME.SIGNAL.uUID.HANDLERPID.N[.json]."""
     first = math.floor(since)  # %t has whole seconds
     cores: dict[str, os.DirEntry] = {}
     records: dict[str, os.DirEntry] = {}
@@ -548,11 +642,11 @@ def _scan(spool: Path, pid: int, since: float) -> SpooledCore | None:
                     busy.add(".".join(parts[:4]))
                 continue
             m = _NAME.match(name)
-            if not m or int(m.group(1)) != pid or int(m.group(2)) < first:
+            if not m or m.group(1) != str(pid) or not m.group(2).isdigit() or int(m.group(2)) < first:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue  # never a symlink planted under a core's name
-            if m.group(5):
+            if m.group(6):
                 records[name[:-5]] = entry
             else:
                 cores[name] = entry
@@ -574,7 +668,7 @@ def _scan(spool: Path, pid: int, since: float) -> SpooledCore | None:
 def _order(name: str) -> tuple[int, int]:
     m = _NAME.match(name)
     assert m is not None
-    return int(m.group(2)), int(m.group(4) or 0)
+    return int(m.group(2)), int(m.group(5) or 0)
 
 
 def _spooled(core: Path | None, sidecar: Path | None, rec: dict[str, Any]) -> SpooledCore:
@@ -600,6 +694,16 @@ def find_spooled_record(spool_dir: Path | str, pid: int, since: float, *, timeou
         if found is not None or time.monotonic() >= deadline:
             return found
         time.sleep(POLL)
+
+
+def claim_record(found: SpooledCore) -> None:
+    """The runner took this crash (its core moved into the results, the record's notes into the crash):
+    its sidecar goes, so the spool's record limits count only crashes nobody claimed (those age out)."""
+    if found.sidecar is not None:
+        try:
+            os.unlink(found.sidecar)
+        except OSError:
+            pass
 
 
 def find_spooled_core(spool_dir: Path | str, pid: int, since: float, *, timeout: float = 0.0) -> Path | None:

@@ -228,7 +228,7 @@ class CoreRefused(Exception):
 
 def _open_dest(dest_dir: Path, name: str) -> tuple[int, Path]:
     """Create dest_dir/name with O_EXCL|O_NOFOLLOW, 0600; add .1, .2… rather than overwrite."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for i in range(1000):
         cand = dest_dir / (name if i == 0 else f"{name}.{i}")
         try:

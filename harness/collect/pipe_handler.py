@@ -33,7 +33,15 @@ crashed process is reaped only once the core and its sidecar are in place:
 * opens SPOOL component by component from "/" with O_NOFOLLOW|O_DIRECTORY; refuses symlinks and
   directories that others could write into (then drains and logs to /dev/kmsg);
 * reads SPOOL/limits.json (max_core_bytes default 1 GiB, max_cores 100, max_spool_bytes 8 GiB,
-  keep_free_bytes 256 MiB, max_records 10000);
+  keep_free_bytes 256 MiB, max_records 10000, uid_share_percent 25, others_share_percent 50,
+  max_age_seconds 7 days);
+* takes an flock on the spool for its decisions and reservations (never while copying). Under it:
+  records and cores older than max_age_seconds, and temp files of handlers that died, are removed
+  (so unclaimed crashes of other users age out; the runner removes the records it claims);
+* quotas, so other users' crashes cannot starve the harness's: the spool's owner (root: the harness)
+  has only the global limits; any other uid at most uid_share_percent of each (records, cores,
+  bytes), and all other uids together at most others_share_percent. A crash over a records limit is
+  not recorded at all (one line in the kernel log), over a cores or bytes limit it is "dropped";
 * RLIMIT below one page: the process did not ask for a core (as the kernel does for file patterns):
   status "skipped";
 * limits.json "keep_exe" (a list of executable paths; absent/null = keep every core): the core of any
@@ -43,26 +51,30 @@ crashed process is reaped only once the core and its sidecar are in place:
   groups after unlinking an old one, capped by RLIMIT_CORE only. Only plain file names are forwarded
   ("core", "core.%p", "core.%e.%p.%t"...): a previous pipe, absolute or directory pattern, a
   suidsafe dump, or a pid whose owner or executable no longer match (reused) make it "skipped";
-* spool already holding max_cores cores or max_spool_bytes bytes, or the disk
-  within keep_free_bytes of full: status "dropped". Past max_records sidecars nothing is written;
-* otherwise copies stdin into a temp file created with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, at most
-  min(max_core_bytes, RLIMIT, room left in the spool and on disk) bytes; the rest is read and
-  discarded, and the sidecar says truncated. A write error (disk full) removes the partial core,
-  drains, and records status "error";
+* caps are reserved, not just checked: under the lock, a core's temp file (O_CREAT|O_EXCL|O_NOFOLLOW,
+  0600) is extended (sparse) to min(max_core_bytes, RLIMIT, room left under max_spool_bytes, the quotas
+  and keep_free_bytes on the disk) before a byte is written, and every other handler counts that
+  reservation (and its unwritten part against the free space), so concurrent crashes never pass a cap.
+  A core that outgrows its reservation asks for more under the lock (free space is checked again);
+  at max_core_bytes or RLIMIT it is truncated (the sidecar says so); when the spool, a quota or the
+  disk has no more room it is dropped whole (status "dropped", with the reason): a kept core is
+  complete or truncated by its own limit, never by a neighbour's. At the end the file is cut to what
+  was written. Nothing there at all: "dropped" at once. A write error removes the partial core and
+  records status "error". stdin is always read to the end;
 * publishes with link() (never replaces anything: an existing name, or a symlink planted there, makes
-  it take the next suffix) as ``core.<PID>.<TIME>.<SIGNAL>[.<k>]``, then the sidecar
+  it take the next suffix) as ``core.<PID>.<TIME>.<SIGNAL>.u<UID>[.<k>]``, then the sidecar
   ``<core name>.json`` (same rules). The sidecar appears last: sidecar present => core complete.
-  Records without a core (skipped/dropped/error) still get ``core.<PID>.<TIME>.<SIGNAL>[.<k>].json``.
+  Records without a core (skipped/dropped/error) still get a sidecar of that name.
 
 Cores are not fsync'ed (crash evidence, not data; the kernel would wait for the disk).
-The caps are checked at start, so concurrent handlers can overshoot them by at most the number of
-handlers running at once (core_pipe_limit).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -77,7 +89,13 @@ DEFAULT_LIMITS = {
     "keep_free_bytes": 256 << 20,
     "max_records": 10000,
     "keep_exe": None,
+    "uid_share_percent": 25,       # any uid but the spool's owner: at most this share of each limit
+    "others_share_percent": 50,    # all such uids together
+    "max_age_seconds": 7 * 86400,  # unclaimed records and cores go after this long
 }
+PUBLISHED = re.compile(r"^core\.(\d+|x)\.(\d+|x)\.(\d+|x)(?:\.u(\d+|x))?(?:\.(\d+))?(\.json)?$")
+TEMP = re.compile(r"^\.tmp\.core\.(?:\d+|x)\.(?:\d+|x)\.(?:\d+|x)(?:\.u(\d+|x))?\.(\d+)\.\d+(\.json)?$")
+RESERVE_STEP = 64 << 20  # a core that outgrows its first reservation asks for this much more at a time
 STATE_FILE = "previous_core_pattern.json"
 ARG_NAMES = ("pid", "tid", "uid", "gid", "signal", "time", "rlimit_core", "dump_mode", "hostname", "exe")
 CHUNK = 1 << 20
@@ -131,6 +149,7 @@ class Stdin:
         self.eof = False
         self._splice = hasattr(os, "splice")
         self._buf = bytearray(CHUNK)
+        self._pending = b""   # read by at_eof(), not yet written
         self._null = -1
         try:
             import fcntl  # builtin module: cheap
@@ -142,6 +161,10 @@ class Stdin:
         """Move up to limit bytes into out_fd; returns bytes written. Raises OSError from the write side
         (stdin errors count as EOF: there is nothing left to drain)."""
         written = 0
+        while self._pending and written < limit:
+            w = os.write(out_fd, self._pending[:limit - written])
+            self._pending = self._pending[w:]
+            written += w
         while written < limit and not self.eof:
             want = min(CHUNK, limit - written)
             if self._splice:
@@ -168,6 +191,15 @@ class Stdin:
                 written += w
         return written
 
+    def at_eof(self) -> bool:
+        """Whether the core has ended: reads ahead (kept for the next copy_to) when it cannot tell yet."""
+        if self._pending:
+            return False
+        if not self.eof:
+            n = self._read(CHUNK)
+            self._pending = bytes(self._buf[:n])
+        return not self._pending
+
     def _read(self, want: int) -> int:
         try:
             n = os.readv(0, [memoryview(self._buf)[:want]])
@@ -181,7 +213,8 @@ class Stdin:
         return n
 
     def drain(self) -> int:
-        """Read and discard to EOF; returns bytes discarded."""
+        """Read and discard to EOF; returns bytes discarded (what at_eof() read ahead included)."""
+        self._pending = b""
         start = self.received
         if self._splice and self._null < 0:
             try:
@@ -283,27 +316,121 @@ def is_core_name(name: str) -> bool:
     return name.startswith("core.") and not name.endswith(".json")
 
 
-def spool_usage(dfd: int) -> dict:
-    """Regular files only (a planted symlink counts for nothing): published cores and their bytes,
-    sidecars, and bytes of cores still being written."""
-    cores = size = records = partial = 0
+def _uid_of(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def spool_usage(dfd: int, *, prune_before: float | None = None) -> dict:
+    """What the spool holds, regular files only (a planted symlink counts for nothing): published cores and
+    their bytes, sidecars (records), cores being written with the bytes reserved for them (and the part
+    of it not yet on disk), records being made, per uid. With prune_before (call with the lock held):
+    published files older than that, and temp files of handlers that are gone, are removed first."""
+    usage: dict = {"cores": 0, "bytes": 0, "records": 0, "partial": 0, "outstanding": 0, "pending_records": 0,
+                   "pruned": 0, "uids": {}}
+
+    def per(uid: int | None) -> list[int]:
+        return usage["uids"].setdefault("x" if uid is None else str(uid), [0, 0, 0])  # cores, bytes, records
+
     with os.scandir(dfd) as it:
         for entry in it:
             name = entry.name
             try:
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                if name.endswith(".json") and name.startswith("core."):
-                    records += 1
-                elif is_core_name(name):
-                    cores += 1
-                    size += entry.stat(follow_symlinks=False).st_size
-                elif name.startswith(".tmp.core.") and not name.endswith(".json"):
-                    partial += 1
-                    size += entry.stat(follow_symlinks=False).st_size
+                temp = TEMP.match(name) if name.startswith(".tmp.core.") else None
+                published = PUBLISHED.match(name) if temp is None else None
+                if temp is None and published is None:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if prune_before is not None and (
+                        (published is not None and st.st_mtime < prune_before)
+                        or (temp is not None and (not _alive(int(temp.group(2))) or st.st_mtime < prune_before))):
+                    os.unlink(name, dir_fd=dfd)
+                    usage["pruned"] += 1
+                    continue
+                if temp is not None:
+                    mine = per(_uid_of(temp.group(1)))
+                    if temp.group(3):
+                        usage["pending_records"] += 1
+                        mine[2] += 1
+                    else:
+                        usage["partial"] += 1
+                        usage["bytes"] += st.st_size
+                        usage["outstanding"] += max(0, st.st_size - st.st_blocks * 512)
+                        mine[0] += 1
+                        mine[1] += st.st_size
+                    continue
+                mine = per(_uid_of(published.group(4)))
+                if published.group(6):
+                    usage["records"] += 1
+                    mine[2] += 1
+                else:
+                    usage["cores"] += 1
+                    usage["bytes"] += st.st_size
+                    mine[0] += 1
+                    mine[1] += st.st_size
             except OSError:
                 continue
-    return {"cores": cores, "bytes": size, "records": records, "partial": partial}
+    return usage
+
+
+class Quota:
+    """The limits that apply to one crash's uid (see the module docstring)."""
+
+    KEYS = ("max_cores", "max_spool_bytes", "max_records")
+
+    def __init__(self, limits: dict, usage: dict, uid: int | None, owner: int):
+        self.checks: list[tuple[list[int], list[int], str]] = []  # (limits, counts) of cores, bytes, records
+        totals = [usage["cores"] + usage["partial"], usage["bytes"], usage["records"] + usage["pending_records"]]
+        self.checks.append(([limits[k] for k in self.KEYS], totals, "{key} ({limit})"))
+        if uid != owner:
+            share, others = limits["uid_share_percent"], limits["others_share_percent"]
+            mine = usage["uids"].get("x" if uid is None else str(uid), [0, 0, 0])
+            theirs = [sum(v[i] for k, v in usage["uids"].items() if k != str(owner)) for i in range(3)]
+            self.checks.append(([limits[k] * share // 100 for k in self.KEYS], mine,
+                                f"uid {uid}'s quota ({share}% of {{key}}: {{limit}})"))
+            self.checks.append(([limits[k] * others // 100 for k in self.KEYS], theirs,
+                                f"other users' share ({others}% of {{key}}: {{limit}})"))
+
+    def _full(self, index: int) -> str | None:
+        for limits, counts, name in self.checks:
+            if counts[index] >= limits[index]:
+                return name.format(key=self.KEYS[index], limit=limits[index]) + " is reached"
+        return None
+
+    def records_full(self) -> str | None:
+        return self._full(2)
+
+    def cores_full(self) -> str | None:
+        return self._full(0)
+
+    def byte_room(self) -> tuple[int, str]:
+        return min(((limits[1] - counts[1], name.format(key="max_spool_bytes", limit=limits[1]))
+                    for limits, counts, name in self.checks), key=lambda c: c[0])
+
+
+class SpoolLock:
+    """flock on the spool directory: decisions and reservations are made one handler at a time."""
+
+    def __init__(self, dfd: int):
+        self.dfd = dfd
+
+    def __enter__(self) -> "SpoolLock":
+        fcntl.flock(self.dfd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.dfd, fcntl.LOCK_UN)
 
 
 # --- one dump ------------------------------------------------------------------------------------------
@@ -403,54 +530,50 @@ def handle(argv: list[str], stdin: Stdin) -> int:
 def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
     limits, notes = read_limits(dfd)
     record["limits"], record["notes"] = limits, notes
-    usage = spool_usage(dfd)
-    if usage["records"] >= limits["max_records"]:
-        stdin.drain()
-        kmsg(f"{spool} holds {usage['records']} records (max_records {limits['max_records']}): "
-             f"crash of pid {record['pid']} (signal {record['signal']}) not recorded")
-        return 0
-    base = f"core.{_name_part(record['pid'])}.{_name_part(record['time'])}.{_name_part(record['signal'])}"
+    owner = os.fstat(dfd).st_uid  # the harness's uid (root)
+    uid = record["uid"]
+    base = (f"core.{_name_part(record['pid'])}.{_name_part(record['time'])}.{_name_part(record['signal'])}"
+            f".u{_name_part(uid)}")
     rlimit = record["rlimit_core"]
     keep = limits["keep_exe"]
-    if rlimit is not None and rlimit < MIN_CORE:
-        record["status"], record["reason"] = "skipped", f"RLIMIT_CORE is {rlimit}: the process asked for no core"
-    elif keep is not None and _esc(record["exe"] or "") not in {_esc(k) for k in keep}:
-        forward(dfd, record, stdin)
-    elif usage["cores"] >= limits["max_cores"]:
-        record["status"], record["reason"] = "dropped", (f"spool holds {usage['cores']} cores "
-                                                         f"(max_cores {limits['max_cores']})")
-    elif usage["bytes"] >= limits["max_spool_bytes"]:
-        record["status"], record["reason"] = "dropped", (f"spool holds {usage['bytes']} bytes "
-                                                         f"(max_spool_bytes {limits['max_spool_bytes']})")
-    else:
-        vfs = os.fstatvfs(dfd)
-        room = vfs.f_bavail * vfs.f_frsize - limits["keep_free_bytes"]
-        if room <= 0:
-            record["status"], record["reason"] = "dropped", (f"filesystem within keep_free_bytes "
-                                                             f"({limits['keep_free_bytes']}) of full")
+    core_limit, limited_by = limits["max_core_bytes"], "max_core_bytes"
+    if rlimit is not None and rlimit < core_limit:
+        core_limit, limited_by = rlimit, "RLIMIT_CORE"
+    fd = tmp = None
+    with SpoolLock(dfd):
+        usage = spool_usage(dfd, prune_before=time.time() - limits["max_age_seconds"])
+        quota = Quota(limits, usage, uid, owner)
+        full = quota.records_full()
+        if full:
+            stdin.drain()
+            kmsg(f"{spool}: {full}: crash of pid {record['pid']} (uid {uid}, signal {record['signal']}) "
+                 f"not recorded")
+            return 0
+        sidecar = _create(dfd, base, ".json")  # the record's slot, counted by the handlers after us
+        if rlimit is not None and rlimit < MIN_CORE:
+            record["status"], record["reason"] = "skipped", f"RLIMIT_CORE is {rlimit}: the process asked for no core"
+        elif keep is not None and _esc(record["exe"] or "") not in {_esc(k) for k in keep}:
+            record["status"] = "forward"  # outside the lock: it copies
+        elif quota.cores_full():
+            record["status"], record["reason"] = "dropped", f"{quota.cores_full()}"
         else:
-            caps = [(limits["max_core_bytes"], "max_core_bytes"),
-                    (limits["max_spool_bytes"] - usage["bytes"], "max_spool_bytes"),
-                    (room, "keep_free_bytes")]
-            if rlimit is not None:
-                caps.append((rlimit, "RLIMIT_CORE"))
-            record["limit"], record["limited_by"] = min(caps)
-            if record["limit"] <= 0:
-                record["status"], record["reason"] = "dropped", f"{record['limited_by']} leaves no room"
-
-    tmp: str | None = None
+            room, why = _room(dfd, limits, quota, usage)
+            grant = min(core_limit, room)
+            if grant <= 0:
+                record["status"], record["reason"] = "dropped", f"no room: {why} (cores being written count)"
+            else:
+                fd, tmp = _create(dfd, base, "")
+                os.ftruncate(fd, grant)  # the reservation: the next handlers count it
+                record["reserved"] = grant
     try:
-        if record["status"] is None:
-            fd, tmp = _create(dfd, base, "")
-            try:
-                record["bytes_written"] = stdin.copy_to(fd, record["limit"])
-            except OSError as e:
-                record["status"] = "error"
-                record["reason"] = f"writing the core failed after {stdin.received} bytes: {e.strerror or e}"
-            finally:
-                os.close(fd)
-            if record["status"] == "error":
-                _unlink(dfd, tmp)  # a partial core on a full disk helps nobody
+        if record["status"] == "forward":
+            forward(dfd, record, stdin)
+        elif fd is not None:
+            _copy_reserved(dfd, fd, record, stdin, core_limit, limited_by, limits, uid, owner)
+            os.close(fd)  # before any unlink: an open file keeps its blocks, and the sidecar needs room
+            fd = None
+            if record["status"] in ("dropped", "error"):
+                _unlink(dfd, tmp)  # a core cut short by room or a disk error helps nobody
                 tmp, record["bytes_written"] = None, 0
         stdin.drain()
         record["bytes_received"] = stdin.received
@@ -462,14 +585,66 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
             if record["truncated"]:
                 record["reason"] = (f"truncated to {record['bytes_written']} of {stdin.received} bytes "
                                     f"by {record['limited_by']}")
-        _publish(dfd, base, tmp, record)
+        published, sidecar = sidecar, None
+        _publish(dfd, base, tmp, record, published)
         tmp = None
     finally:
+        if fd is not None:
+            os.close(fd)
         _unlink(dfd, tmp)
+        if sidecar is not None:  # never published: give the record's slot back
+            os.close(sidecar[0])
+            _unlink(dfd, sidecar[1])
     if record["status"] == "error":
         kmsg(f"core of pid {record['pid']}: {record['reason']}")
         return 1
     return 0
+
+
+def _room(dfd: int, limits: dict, quota: Quota, usage: dict) -> tuple[int, str]:
+    """Bytes a core may still reserve (lock held): the tightest of the byte limits and the free space on
+    the disk less keep_free_bytes and what other cores reserved but have not written yet."""
+    room, why = quota.byte_room()
+    vfs = os.fstatvfs(dfd)
+    disk = vfs.f_bavail * vfs.f_frsize - limits["keep_free_bytes"] - usage["outstanding"]
+    if disk < room:
+        room, why = disk, f"the disk is within keep_free_bytes ({limits['keep_free_bytes']}) of full"
+    return room, why
+
+
+def _copy_reserved(dfd: int, fd: int, record: dict, stdin: Stdin, core_limit: int, limited_by: str,
+                   limits: dict, uid: int | None, owner: int) -> None:
+    """Copy stdin into the reserved temp file, asking for more room under the lock as it grows. Sets
+    status to "dropped" (no room to finish it) or "error" (a write failed); leaves it None when the core is
+    whole or truncated by its own limit (limit/limited_by in the record say which)."""
+    reserved, written = record["reserved"], 0
+    try:
+        while True:
+            written += stdin.copy_to(fd, reserved - written)
+            if written < reserved or stdin.at_eof():
+                break  # the whole core
+            if reserved >= core_limit:
+                record["limit"], record["limited_by"] = core_limit, limited_by
+                break  # truncated by its own limit: the rest is drained
+            with SpoolLock(dfd):
+                usage = spool_usage(dfd)
+                room, why = _room(dfd, limits, Quota(limits, usage, uid, owner), usage)
+                more = min(RESERVE_STEP, core_limit - reserved, room)
+                if more <= 0:
+                    record["status"] = "dropped"
+                    record["reason"] = (f"no room to finish the core after {written} bytes: {why}; dropped whole "
+                                        f"rather than kept cut short")
+                    break
+                reserved += more
+                os.ftruncate(fd, reserved)
+        if record["status"] is None:
+            os.ftruncate(fd, written)  # give back what was reserved and not used
+            record.setdefault("limit", core_limit)
+            record.setdefault("limited_by", limited_by)
+    except OSError as e:
+        record["status"] = "error"
+        record["reason"] = f"writing the core failed after {stdin.received} bytes: {e.strerror or e}"
+    record["bytes_written"] = written if record["status"] is None else 0
 
 
 # --- forwarding a core we do not keep -------------------------------------------------------------------
@@ -627,9 +802,11 @@ def _as(uid: int, gid: int, groups: list[int], action):
         os.setgroups(saved)
 
 
-def _publish(dfd: int, base: str, core_tmp: str | None, record: dict) -> str:
-    """Name the core (if any) and then its sidecar; returns the name. See the module docstring."""
-    sfd, sidecar_tmp = _create(dfd, base, ".json")
+def _publish(dfd: int, base: str, core_tmp: str | None, record: dict,
+             sidecar: tuple[int, str] | None = None) -> str:
+    """Name the core (if any) and then its sidecar (its temp made already, or now); returns the name.
+    See the module docstring."""
+    sfd, sidecar_tmp = sidecar if sidecar is not None else _create(dfd, base, ".json")
     current = core_tmp
     try:
         for k in range(1000):
@@ -663,7 +840,11 @@ def check(argv: list[str]) -> int:
         dfd = open_spool(argv[0])
         try:
             out["limits"], out["notes"] = read_limits(dfd)
-            out.update(spool_usage(dfd))
+            with SpoolLock(dfd):  # the lock works and a file can be made there, as a dump will
+                fd, name = _create(dfd, "check", "")
+                os.close(fd)
+                os.unlink(name, dir_fd=dfd)
+                out.update(spool_usage(dfd))
             out["ok"] = True
         finally:
             os.close(dfd)

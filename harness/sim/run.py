@@ -27,6 +27,7 @@ from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.scenario import Scenario, Variant
 from harness.sim import params
 from harness.sim.engine import FleetModel, bin_seconds
+from harness.safefs import create_run_dir
 from harness.store import HostSample, RunStore, Sample
 
 FLUSH_EVERY = 300          # virtual seconds between store batches
@@ -214,9 +215,7 @@ async def _execute(scenario: Scenario, options: RunOptions) -> RunResult:
     assert scenario.fleet.simulated is not None
     trials = trial_order(scenario, options.variant, options.trials or scenario.trials)
     run_id = new_run_id(scenario.name)
-    run_dir = options.out_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "scenario.yaml").write_text(scenario.text, encoding="utf-8")
+    run_dir, lock = create_run_dir(options.out_dir, run_id, scenario.text)   # trusted results folder, 0700/0600
     store = RunStore(run_dir / "run.db", create=True)
     status, code = "interrupted", 130
     try:
@@ -239,7 +238,7 @@ async def _execute(scenario: Scenario, options: RunOptions) -> RunResult:
     finally:
         store.end_run(status, code)
         store.close()
-    return RunResult(run_id, run_dir, status)
+    return RunResult(run_id, run_dir, status, lock=lock)
 
 
 def run_to_dir(scenario: Scenario, out_dir: Path, **kwargs: Any) -> Path:
