@@ -188,6 +188,10 @@ def _validate(paths: list[Path]) -> int:
             print(f"{file}: ok ({scenario.fleet.hosts} hosts{': ' + mix if mix else ''}, "
                   f"{units.format_duration(scenario.duration)}, "
                   f"{len(scenario.faults)} faults, {len(scenario.expect)} expectations)")
+            from harness.capacity import rate_warning
+            warning = rate_warning(scenario)
+            if warning:
+                print(f"{file}: warning: {warning}", file=sys.stderr)
         except ScenarioError as exc:
             failed += 1
             for problem in exc.problems:
@@ -407,11 +411,26 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _resume(args: argparse.Namespace, argv: list[str]) -> int:
     """Finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C (docs/soak.md)."""
+    from harness.safefs import RunLock, Untrusted, check_run_dir
+    run_dir = _run_dir(args)
+    try:  # resume runs what the folder says, as root: only from a folder nobody else could have changed
+        check_run_dir(run_dir)
+    except Untrusted as exc:
+        raise HarnessError(f"{exc}: refusing to resume it (another user could have planted what it would "
+                           f"run)") from None
+    lock = RunLock.take(run_dir)   # one owner: a second resume (or the run itself, still going) is refused
+    try:
+        return _resume_locked(args, argv, run_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, lock: Any) -> int:
     from harness.loader import build_scenario
     from harness.resume import resume_point
     from harness.runner import RunOptions
     from harness.yamlsource import parse_source
-    run_dir = _run_dir(args)
     point = resume_point(run_dir)
     invocation = point.invocation
     where = Path(invocation.scenario_base) / Path(invocation.scenario_file).name
@@ -424,7 +443,7 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
                          status=not args.quiet, argv=argv, invocation=invocation, resume=point,
                          rollup_after=invocation.extra.get("rollup_after", 3600.0),
                          rollup_every=int(invocation.extra.get("rollup_every", 60)),
-                         metrics=parse_address(args.metrics) if args.metrics else None)
+                         metrics=parse_address(args.metrics) if args.metrics else None, lock=lock)
     args.baseline = invocation.baseline
     return _execute(scenario, options, args, invocation.command)
 
@@ -436,9 +455,17 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
+        from harness.capacity import rate_warning
+        warning = rate_warning(scenario)
+        if warning:
+            print(f"harness: warning: {warning}", file=sys.stderr)
         result = trio.run(run_scenario, scenario, options)
-    code = _verdict(result, args, soak=command == "soak")
-    _record_exit_code(result.run_dir, code)
+    try:
+        code = _verdict(result, args, soak=command == "soak")
+        _record_exit_code(result.run_dir, code)
+    finally:
+        if result.lock is not None:
+            result.lock.release()   # held until the verdict is in the store
     return code
 
 
@@ -462,7 +489,7 @@ def _verdict(result: Any, args: argparse.Namespace, soak: bool = False) -> int:
         print(render_text(report, expectations))
         if soak:
             print(_render_soak(report, regressions))
-    if args.html:
+    if args.html and not getattr(result, "forced", False):  # a second Ctrl-C: exit now, `harness report --html` later
         try:
             path = _write_html(result.run_dir, "", report)
             print(f"html report: {path}", file=sys.stderr if args.json else sys.stdout)

@@ -23,6 +23,7 @@ from harness.hostprep import HostPrep
 from harness.logsink import HostLogs
 from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Group, Target, Variant
+from harness.shim.build import verify_path
 from harness.variants import apply_variant, variant_for_group
 
 
@@ -299,6 +300,11 @@ class FleetSupervisor:
         host.state = State.STARTING
         host.incarnation += 1
         try:
+            shim = host.extra.get("shim")
+            if shim and not await trio.to_thread.run_sync(verify_path, Path(shim)):
+                # Checked at every start: it is preloaded into a process that may run as root.
+                raise OSError(f"the fault shim {shim} changed since it was built (owner, mode or content): "
+                              f"not preloaded; the next run rebuilds it")
             logs = host.logs
             child = await self.spawner.spawn(host.argv, cwd=host.cwd, env=host.env,
                                              stdout=logs.stdout_fd if logs else host.stdout,

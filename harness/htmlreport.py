@@ -33,6 +33,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.report import build_report  # noqa: E402
+from harness.safefs import write_replace  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
 from harness.units import format_duration  # noqa: E402
 
@@ -605,9 +606,7 @@ def write_html_report(run_dir: Path, out: Path | None = None, *, report: dict[st
     out = out or run_dir / "report.html"
     report = report if report is not None else build_report(run_dir)
     page = render_html(run_dir, report, trends if trends is not None else _trends(run_dir))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)   # a reader never sees half a page
+    write_replace(out, page.encode("utf-8"))   # a reader never sees half a page; never through a symlink
     return out
 
 

@@ -133,6 +133,17 @@ def _duration(value: Any) -> float:
     return units.parse_duration(value)
 
 
+MAX_STOP_GRACE = 300.0   # a target that needs longer to stop is killed; a second Ctrl-C does it at once
+
+
+def _stop_grace(value: Any) -> float:
+    seconds = units.parse_duration(value)
+    if seconds > MAX_STOP_GRACE:
+        raise Invalid(f"at most {units.format_duration(MAX_STOP_GRACE)} (a target still running then gets SIGKILL), "
+                      f"got {describe(value)}")
+    return seconds
+
+
 def _templates_ok(reader: Reader, key: str | PathKey, argv: tuple[str, ...] | list[str] | str | None) -> None:
     """Every {placeholder} in these strings must be one the fleet fills in."""
     if not argv:
@@ -284,7 +295,7 @@ def _host_settings(r: Reader, base: Target) -> Target:
     return replace(
         base, command=command, build=r.get("build", as_argv, default=base.build), expect_reply=expect_reply,
         ready=ready, restart=restart, env={**base.env, **env}, cwd=cwd, setup=setup, files=files,
-        stop_grace=r.get("stop_grace", _duration, default=base.stop_grace),
+        stop_grace=r.get("stop_grace", _stop_grace, default=base.stop_grace),
         log_max=r.get("log_max", units.parse_size, default=base.log_max),
     )
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 
 from harness.errors import HarnessError
+from harness.safefs import write_replace
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -52,9 +53,9 @@ class Metrics:
                             core="yes" if core else "no", variant=variant).inc()
 
     def write_textfile(self) -> None:
-        """Atomic (write_to_textfile renames a temp file into place)."""
+        """Atomic: a new temp file (0600, never through a symlink) renamed into place."""
         try:
-            write_to_textfile(str(self.textfile), self.registry)
+            write_replace(self.textfile, generate_latest(self.registry))
         except OSError:
             pass  # metrics must never stop a run
 

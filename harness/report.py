@@ -162,6 +162,12 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "gaps": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "gap"],
         "proof": _proof_summary(events),
         "low_disk": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "low-disk"],
+        # Arrivals of the plan the driver could not send by the planned end plus the timeout (bounded work).
+        "unsent": next(({"count": e["detail"]["unsent"], "exact": e["detail"]["exact"]}
+                        for e in events if e["kind"] == "unsent"), None),
+        # Target output beyond log_max a second: counted, never written.
+        "log_dropped_bytes": sum(e["detail"].get("stdout", 0) + e["detail"].get("stderr", 0)
+                                 for e in events if e["kind"] == "log-dropped"),
         # Every host starts once per stretch of the run (a resume starts them all again): not restarts.
         "restarts": sum(1 for e in events if e["kind"] == "start")
         - len({e["host"] for e in events if e["kind"] == "start"}) * (1 + sum(e["kind"] == "gap" for e in events)),
@@ -348,6 +354,14 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
         for gap in trial["gaps"]:
             out.append(f"gap: the harness stopped and was resumed at {gap['resumed_at']}s of load after "
                        f"{gap['down_seconds']:.0f}s down; the load after the gap continues the same seeded stream")
+        if trial.get("unsent"):
+            count = trial["unsent"]["count"]
+            shown = f"{count}" if trial["unsent"]["exact"] else f"about {count:.3g} (estimated from the plan)"
+            out.append(f"unsent: {shown} planned arrivals were never sent: the driver could not keep up by the "
+                       f"planned end plus the client timeout")
+        if trial.get("log_dropped_bytes"):
+            out.append(f"target output dropped: {trial['log_dropped_bytes'] / 2**20:.1f} MiB beyond log_max a second "
+                       f"(counted, never written)")
         for low in trial["low_disk"]:
             out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
                        f"cores not collected while the disk stays low (crashes still counted)")

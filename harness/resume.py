@@ -108,8 +108,18 @@ def _read(store: RunStore, run_dir: Path) -> ResumePoint:
         "SELECT c.uid, c.core_path, c.executable FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
         "WHERE x.uid IS NULL AND c.core_path IS NOT NULL AND c.uid IS NOT NULL")]
     return ResumePoint(run_id=run["id"], run_dir=run_dir, invocation=Invocation.from_json(invocation),
-                       scenario_text=(run_dir / "scenario.yaml").read_text(encoding="utf-8"), trials=trials,
+                       scenario_text=_read_no_follow(run_dir / "scenario.yaml"), trials=trials,
                        stopped_wall=stopped, bucket_counts=buckets, kept_cores=kept, untriaged=untriaged)
+
+
+def _read_no_follow(path: Path) -> str:
+    """What resume will run: never through a symlink planted in the run folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HarnessError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "r", encoding="utf-8") as handle:
+        return handle.read()
 
 
 def _harness_alive(pid: int | None) -> bool:

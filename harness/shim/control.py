@@ -309,16 +309,31 @@ class ControlFile:
         image.h.magic, image.h.version, image.h.size = MAGIC, VERSION, SIZE
         image.h.seed, image.h.host_index = seed & _U64, host_index
         image.h.nslots, image.h.nfuncs = NSLOTS, len(FUNCTIONS)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(bytes(image))   # complete before any shim can see the name
-        os.replace(tmp, path)
+        # Complete before any shim can see the name; made through the folder's descriptor, 0600, never
+        # through a symlink (a rename replaces one planted at the name, it does not write through it).
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            tmp = f".{path.name}.{os.getpid()}.tmp"
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            try:
+                os.write(fd, bytes(image))
+            finally:
+                os.close(fd)
+            os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
         return cls.open(path)
 
     @classmethod
     def open(cls, path: Path) -> "ControlFile":
         """Map an existing control file (e.g. to read the counters of a finished run)."""
         path = Path(path)
-        f = open(path, "r+b")
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), "r+b")
         try:
             mm = mmap.mmap(f.fileno(), SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError) as e:
