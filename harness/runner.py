@@ -746,7 +746,7 @@ def count_unsent(first: Arrival, rest: Iterator[Arrival], shape: LoadShape,
         count += 1
         last = arrival.t
         if count % 4096 == 0 and time.monotonic() > deadline:
-            return count + round(shape.total_expected() - shape.expected(last)), False
+            return count + round(shape.total_expected - shape.expected(last)), False
     return count, True
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,47 @@ def wait_for_run(results: Path, samples: int = 0) -> Path:
     if samples:
         wait_for(lambda: len(query(run_dir, "SELECT * FROM samples")) >= samples)
     return run_dir
+
+
+ATTACKER = "harness-attacker"
+
+
+@pytest.fixture(scope="session")
+def attacker() -> Iterator[tuple[int, int]]:
+    """A real unprivileged user (uid, gid) for the attacks of tests/test_hardening.py, made with useradd
+    when missing and removed at the end if we made it. Root only."""
+    import pwd
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs root, useradd and setpriv to act as another user")
+    made = False
+    try:
+        entry = pwd.getpwnam(ATTACKER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER],
+                       check=True, capture_output=True)
+        made = True
+        entry = pwd.getpwnam(ATTACKER)
+    try:
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        if made:
+            subprocess.run(["userdel", ATTACKER], capture_output=True)
+
+
+def as_user(user: tuple[int, int], argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run argv as that user (real, effective and saved ids; no supplementary groups), as an attacker would."""
+    uid, gid = user
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv],
+                          capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder under /tmp the attacker can reach (root's pytest folders are 0700): root-owned, 0755."""
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="harness-attack-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -539,32 +539,38 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
     core_limit, limited_by = limits["max_core_bytes"], "max_core_bytes"
     if rlimit is not None and rlimit < core_limit:
         core_limit, limited_by = rlimit, "RLIMIT_CORE"
-    fd = tmp = None
+    fd = tmp = sidecar = None
     with SpoolLock(dfd):
         usage = spool_usage(dfd, prune_before=time.time() - limits["max_age_seconds"])
         quota = Quota(limits, usage, uid, owner)
         full = quota.records_full()
+        forwarding = keep is not None and _esc(record["exe"] or "") not in {_esc(k) for k in keep}
         if full:
-            stdin.drain()
             kmsg(f"{spool}: {full}: crash of pid {record['pid']} (uid {uid}, signal {record['signal']}) "
                  f"not recorded")
-            return 0
-        sidecar = _create(dfd, base, ".json")  # the record's slot, counted by the handlers after us
-        if rlimit is not None and rlimit < MIN_CORE:
-            record["status"], record["reason"] = "skipped", f"RLIMIT_CORE is {rlimit}: the process asked for no core"
-        elif keep is not None and _esc(record["exe"] or "") not in {_esc(k) for k in keep}:
-            record["status"] = "forward"  # outside the lock: it copies
-        elif quota.cores_full():
-            record["status"], record["reason"] = "dropped", f"{quota.cores_full()}"
         else:
-            room, why = _room(dfd, limits, quota, usage)
-            grant = min(core_limit, room)
-            if grant <= 0:
-                record["status"], record["reason"] = "dropped", f"no room: {why} (cores being written count)"
+            sidecar = _create(dfd, base, ".json")  # the record's slot, counted by the handlers after us
+            if rlimit is not None and rlimit < MIN_CORE:
+                record["status"], record["reason"] = ("skipped",
+                                                      f"RLIMIT_CORE is {rlimit}: the process asked for no core")
+            elif forwarding:
+                record["status"] = "forward"  # outside the lock: it copies
+            elif quota.cores_full():
+                record["status"], record["reason"] = "dropped", f"{quota.cores_full()}"
             else:
-                fd, tmp = _create(dfd, base, "")
-                os.ftruncate(fd, grant)  # the reservation: the next handlers count it
-                record["reserved"] = grant
+                room, why = _room(dfd, limits, quota, usage)
+                grant = min(core_limit, room)
+                if grant <= 0:
+                    record["status"], record["reason"] = "dropped", f"no room: {why} (cores being written count)"
+                else:
+                    fd, tmp = _create(dfd, base, "")
+                    os.ftruncate(fd, grant)  # the reservation: the next handlers count it
+                    record["reserved"] = grant
+    if full:
+        if forwarding and not (rlimit is not None and rlimit < MIN_CORE):
+            forward(dfd, record, stdin)  # not ours to keep: it still goes where it went before, unrecorded
+        stdin.drain()
+        return 0
     try:
         if record["status"] == "forward":
             forward(dfd, record, stdin)

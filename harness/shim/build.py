@@ -70,6 +70,20 @@ def _first_error(stderr: str) -> str:
     return lines[0] if lines else "no diagnostic"
 
 
+def cache_key(source: Path | None = None, compiler: list[str] | None = None) -> str:
+    """What names a build: a hash of the source, the compiler's path and the flags."""
+    src = source or SOURCE
+    try:
+        text = src.read_bytes()
+    except OSError as e:
+        raise ShimBuildError(f"cannot read shim source {src}: {e.strerror}") from None
+    key = hashlib.sha256()
+    for part in (text, "\0".join(compiler or find_compiler()).encode(), "\0".join(CFLAGS + LIBS).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return key.hexdigest()[:16]
+
+
 def ensure_shim(*, source: Path | None = None, cache: Path | None = None) -> Path:
     """Return the path of the built shim, verified (see the module docstring), compiling it first if this
     version is not cached or the cached file is not one we can trust.
@@ -77,15 +91,8 @@ def ensure_shim(*, source: Path | None = None, cache: Path | None = None) -> Pat
     Raises ShimBuildError (one line: the compiler's first error, or why the cache is refused).
     """
     src = source or SOURCE
-    try:
-        text = src.read_bytes()
-    except OSError as e:
-        raise ShimBuildError(f"cannot read shim source {src}: {e.strerror}") from None
     compiler = find_compiler()
-    key = hashlib.sha256()
-    for part in (text, "\0".join(compiler).encode(), "\0".join(CFLAGS + LIBS).encode()):
-        key.update(part)
-        key.update(b"\0")
+    key = cache_key(src, compiler)
     out_dir = cache or cache_dir()
     try:
         dir_fd = safefs.open_trusted_dir(out_dir, create=True, what="shim cache")
@@ -95,7 +102,7 @@ def ensure_shim(*, source: Path | None = None, cache: Path | None = None) -> Pat
     except OSError as e:
         raise ShimBuildError(f"cannot create cache directory {out_dir}: {e.strerror or e}") from None
     try:
-        pointer = f"{LIB_PREFIX}{key.hexdigest()[:16]}.sha256"
+        pointer = f"{LIB_PREFIX}{key}.sha256"
         cached = _cached(dir_fd, pointer)
         if cached is not None:
             return out_dir / cached
