@@ -371,6 +371,7 @@ class Run:
             planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
         recorder = Recorder()
+        self._shim = await self._prepare_shim(hosts)
         # Output goes through pipes into capped files from the first start to the last stop.
         pump = LogPump()
         try:
@@ -378,8 +379,9 @@ class Run:
                 host.logs = pump.attach(host.dir, (host.target or scenario.target).log_max)
         except OSError as exc:
             await trio.to_thread.run_sync(pump.close)
+            if self._shim is not None:
+                self._shim.close()
             raise HarnessError(f"cannot create the host logs under {self.run_dir / 'hosts'}: {exc}") from None
-        self._shim = await self._prepare_shim(hosts)
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
         driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
                         expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],

@@ -356,6 +356,7 @@ load:
         core = Path(crash["core_path"])
         assert core.read_bytes()[:4] == b"\x7fELF" and core.parent == run_dir / "hosts/t1" / f"h{crash['host']}" / "cores"
         assert not list(spool.glob(f"core.{victim}.*[0-9]")), "the core was moved out of the spool"
+        assert not list(spool.glob(f"core.{victim}.*.json")), "and its record claimed (it would age out otherwise)"
     finally:
         undone = run_harness(["cores", "uninstall", "--spool", str(spool)], tmp_path)
         if pattern_file.read_text() != before:

@@ -229,13 +229,18 @@ class CoreRefused(Exception):
 def _open_dest(dest_dir: Path, name: str) -> tuple[int, Path]:
     """Create dest_dir/name with O_EXCL|O_NOFOLLOW, 0600; add .1, .2… rather than overwrite."""
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for i in range(1000):
-        cand = dest_dir / (name if i == 0 else f"{name}.{i}")
-        try:
-            fd = os.open(cand, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            return fd, cand
-        except FileExistsError:
-            continue
+    dir_fd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for i in range(1000):
+            cand = name if i == 0 else f"{name}.{i}"
+            try:
+                fd = os.open(cand, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=dir_fd)
+                return fd, dest_dir / cand
+            except FileExistsError:
+                continue
+    finally:
+        os.close(dir_fd)
     raise FileExistsError(f"no free name for {name} in {dest_dir}")
 
 
