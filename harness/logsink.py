@@ -2,7 +2,9 @@
 
 Every host's stdout and stderr are pipes; one pump thread drains them all (epoll, reads of up to
 1 MiB, a short pause between rounds so a flood arrives in large reads rather than one wake-up per
-line) into its CappedLog. A log file never passes `log_max`: when it would, it is renamed to
+line) into its CappedLog; at most about 100 MB/s per stream and 400 MB/s in all, so a target writing
+faster waits on its full pipe instead of taking the machine's CPU from the driver (bench/log_flood.py).
+A log file never passes `log_max`: when it would, it is renamed to
 `<log>.1` (replacing the previous one) and a new file starts. At most one rotation a second: what a
 target writes beyond `log_max` bytes in a second is counted and dropped, never written, and the next
 file starts with a line saying how much was dropped. So a target writing at full speed costs at most
@@ -29,7 +31,8 @@ from harness import safefs
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20          # fewer, larger reads; the kernel's default pipe-max-size allows it
 ROUND_PAUSE = 0.01           # between rounds: lets a flood pile up into large reads
-ROUND_BUDGET = 8 << 20       # bytes per pipe per round (fairness between hosts)
+ROUND_BUDGET = 1 << 20       # bytes per pipe per round: at most ~100 MB/s per stream ...
+ROUND_TOTAL = 4 << 20        # ... and ~400 MB/s for the whole fleet; a faster writer waits on its full pipe
 ROTATE_EVERY = 1.0           # seconds: at most one rotation a second per stream
 TAIL_BYTES = 4096
 F_SETPIPE_SZ = 1031
@@ -54,7 +57,7 @@ class CappedLog:
         self._last_rotation = -float("inf")
         self._tail = bytearray()
 
-    def write(self, data: bytes, now: float | None = None) -> None:
+    def write(self, data: bytes | memoryview, now: float | None = None) -> None:
         """Called with the lock held (by the pump)."""
         self.received += len(data)
         self._tail += data[-TAIL_BYTES:]
@@ -156,6 +159,7 @@ class LogPump:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="harness-log-pump", daemon=True)
+        self._buf = bytearray(READ_SIZE)   # the pump thread's, reused: no 1 MiB allocation per read
         self._started = False
         self.bytes_read = 0
 
@@ -188,24 +192,28 @@ class LogPump:
         """Drain the pipe feeding `log` now (a dead host's last words, before its stderr tail is read)."""
         for fd, source in list(self._sources.items()):
             if source is log:
-                self._drain(fd, source, budget=1 << 62)
+                self._drain(fd, source, bytearray(1 << 16), budget=1 << 62)
 
-    def _drain(self, fd: int, log: CappedLog, budget: int = ROUND_BUDGET) -> int:
+    def _drain(self, fd: int, log: CappedLog, buf: bytearray | None = None, budget: int = ROUND_BUDGET) -> int:
+        """Read what the pipe holds (up to `budget`) into `buf` (the pump's own by default) and hand it to
+        the log; with the log's lock held, so a flush from another thread takes turns with the pump."""
+        buf = self._buf if buf is None else buf
+        view = memoryview(buf)
         total = 0
         with log.lock:
             while total < budget:
                 try:
-                    data = os.read(fd, READ_SIZE)
+                    n = os.readv(fd, [buf])
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     if exc.errno == errno.EINTR:
                         continue
                     break
-                if not data:
+                if not n:
                     break  # every writer gone (only at close: we hold a write end)
-                total += len(data)
-                log.write(data)
+                total += n
+                log.write(view[:n])
         self.bytes_read += total
         return total
 
@@ -217,6 +225,7 @@ class LogPump:
                 continue
             except (OSError, ValueError):
                 return  # closed under us
+            budget = ROUND_TOTAL
             for fd, _ in events:
                 if fd == self._wake_r:
                     try:
@@ -225,8 +234,8 @@ class LogPump:
                         pass
                     continue
                 log = self._sources.get(fd)
-                if log is not None:
-                    self._drain(fd, log)
+                if log is not None and budget > 0:
+                    budget -= self._drain(fd, log, budget=min(ROUND_BUDGET, budget))
             if events:
                 time.sleep(ROUND_PAUSE)
 
@@ -243,7 +252,7 @@ class LogPump:
             os.close(fd)
         self._writers = []
         for fd, log in list(self._sources.items()):
-            self._drain(fd, log, budget=64 << 20)
+            self._drain(fd, log, budget=64 << 20)  # the thread has ended: its buffer is free
             self._epoll.unregister(fd)
             os.close(fd)
         self._sources.clear()
