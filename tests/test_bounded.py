@@ -37,8 +37,6 @@ target:
 fleet: {hosts: 2}
 client: {timeout: 500ms}
 load: [{hold: {rate: 200, for: 8s}}]
-expect:
-  - {error_rate: "< 1%"}
 """
 
 
@@ -63,7 +61,15 @@ def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_p
     sampler = threading.Thread(target=sample)
     sampler.start()
     proc = start_harness(["run", str(scenario), "--out", str(results), "--quiet", "--json"], tmp_path)
+    peak_rss = 0
     try:
+        harness = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak_rss = max(peak_rss, harness.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
         out, err = proc.communicate(timeout=180)
     finally:
         stop.set()
@@ -82,14 +88,16 @@ def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_p
     # Where output was dropped, the next file says so on its first line.
     heads = [log.read_bytes()[:120] for log in run_dir.glob("hosts/t1/h*/std*.log*")]
     assert any(head.startswith(b"[harness: ") and b"bytes of output dropped here" in head for head in heads)
-    # The harness stayed responsive: every second sampled, replies on time, no errors.
+    # The harness stayed responsive: every second sampled and served, in bounded memory. (The targets
+    # share two cores with `yes` at full speed: some of their replies may come late, which is theirs.)
     trial = report["trials"][0]
     assert trial["status"] == "complete" and trial["log_dropped_bytes"] == sum(d["stdout"] + d["stderr"]
                                                                                for d in dropped)
-    seconds = [r["t"] for r in query(run_dir, "SELECT t FROM samples ORDER BY t")]
-    assert seconds[:8] == list(range(8)) and len(seconds) <= 9   # (+ the partial last second, if replies came late)
-    assert all(r["hosts_alive"] == 2 for r in query(run_dir, "SELECT hosts_alive FROM samples"))
-    assert trial["overall"]["ok"] > 0 and trial["overall"]["error_total"] == 0
+    rows = query(run_dir, "SELECT t, ok, hosts_alive FROM samples ORDER BY t")
+    assert [r["t"] for r in rows][:8] == list(range(8)) and len(rows) <= 9   # (+ a partial last second)
+    assert all(r["ok"] > 0 and r["hosts_alive"] == 2 for r in rows[:8])
+    assert trial["overall"]["ok"] >= 0.9 * trial["overall"]["offered"]
+    assert 0 < peak_rss < 300 * MiB
 
 
 # ------------------------------------------------------------------------------------------ rates
