@@ -264,7 +264,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise HarnessError(f"{run_dir} is in use by another harness (a run or resume of it is going on); "
+            raise HarnessError(f"{run_dir} is still running: another harness holds it (a run or resume of it); "
                                f"wait for it to end, or stop it first") from None
         return cls(fd, run_dir)
 

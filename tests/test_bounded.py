@@ -223,9 +223,9 @@ def test_one_run_has_one_owner(targets: Path, tmp_path: Path) -> None:
         during = subprocess.run([*HARNESS, "resume", str(run_dir), "--quiet"], capture_output=True, text=True,
                                 timeout=120)
         assert during.returncode == 2 and "Traceback" not in during.stderr
-        assert during.stderr.strip().splitlines()[-1] == (f"harness: error: {run_dir} is in use by another harness "
-                                                          f"(a run or resume of it is going on); wait for it to end, "
-                                                          f"or stop it first")
+        assert during.stderr.strip().splitlines()[-1] == (f"harness: error: {run_dir} is still running: another "
+                                                          f"harness holds it (a run or resume of it); wait for it "
+                                                          f"to end, or stop it first")
         first.kill()
         first.wait(timeout=30)
         # Stopped hard, then resumed: a second resume of the same run while the first goes on is refused
@@ -236,7 +236,7 @@ def test_one_run_has_one_owner(targets: Path, tmp_path: Path) -> None:
                                 timeout=120)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and "is in use by another harness" in lines[0], second.stderr
+        assert len(lines) == 1 and "is still running: another harness holds it" in lines[0], second.stderr
         assert resumer.poll() is None
         samples = len(query(run_dir, "SELECT t FROM samples"))
         wait_for(lambda: len(query(run_dir, "SELECT t FROM samples")) > samples, timeout=30)

@@ -454,6 +454,8 @@ def handler_problems(handler: Path, spool: Path) -> list[str] | None:
     problems: list[str] = []
     try:
         st = os.lstat(handler)
+    except PermissionError:
+        return None  # in root's 0700 spool: only root can look
     except OSError as e:
         return [f"the handler {handler} is missing ({e.strerror})"]
     if not stat.S_ISREG(st.st_mode):
