@@ -247,6 +247,7 @@ class Run:
         else:
             try:
                 self.run_dir, self.lock = create_run_dir(self.options.out_dir, self.run_id, scenario.text)
+                self._objects = ObjectStore(self.run_dir / "objects")   # where the run folder really is
             except Untrusted as exc:
                 raise HarnessError(f"{exc}: refusing to write there (another user could redirect what root "
                                    f"writes); use --out with a folder only you or root can write") from None
