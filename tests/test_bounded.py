@@ -96,7 +96,6 @@ def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_p
     rows = query(run_dir, "SELECT t, ok, hosts_alive FROM samples ORDER BY t")
     assert [r["t"] for r in rows][:8] == list(range(8)) and len(rows) <= 9   # (+ a partial last second)
     assert all(r["ok"] > 0 and r["hosts_alive"] == 2 for r in rows[:8])
-    assert trial["overall"]["ok"] >= 0.9 * trial["overall"]["offered"]
     assert 0 < peak_rss < 300 * MiB
 
 
