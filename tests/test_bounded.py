@@ -36,13 +36,14 @@ target:
   log_max: 4MiB
 fleet: {hosts: 2}
 client: {timeout: 500ms}
-load: [{hold: {rate: 200, for: 8s}}]
+load: [{hold: {rate: 200, for: 5s}}]
 """
 
 
 def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_path: Path) -> None:
-    """Before: 1.46 GB in 20 s with log_max 4MiB. Every log file is sampled every few milliseconds from
-    before the hosts start until the harness has exited."""
+    """Before: 1.46 GB in 20 s with log_max 4MiB (here 5 s of load: the property shows within the first
+    second). Every log file is sampled every few milliseconds from before the hosts start until the
+    harness has exited."""
     scenario = write_scenario(tmp_path, FLOOD)
     results = tmp_path / "results"
     largest: dict[str, int] = {}
@@ -94,8 +95,8 @@ def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_p
     assert trial["status"] == "complete" and trial["log_dropped_bytes"] == sum(d["stdout"] + d["stderr"]
                                                                                for d in dropped)
     rows = query(run_dir, "SELECT t, ok, hosts_alive FROM samples ORDER BY t")
-    assert [r["t"] for r in rows][:8] == list(range(8)) and len(rows) <= 9   # (+ a partial last second)
-    assert all(r["ok"] > 0 and r["hosts_alive"] == 2 for r in rows[:8])
+    assert [r["t"] for r in rows][:5] == list(range(5)) and len(rows) <= 6   # (+ a partial last second)
+    assert all(r["ok"] > 0 and r["hosts_alive"] == 2 for r in rows[:5])
     assert 0 < peak_rss < 300 * MiB
 
 
