@@ -322,11 +322,13 @@ class FleetSupervisor:
         host.extra.pop("proof", None)
         named = {"name": host.name, "group": host.group} if host.group else {}  # the report names grouped hosts
         self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv, **named)
-        if self.prove is not None:
-            await self.prove(host, child, "exec")
         status: int | None = None
         try:
             async with trio.open_nursery() as nursery:
+                if self.prove is not None:
+                    # Beside readiness, not before it: a host that serves for a moment and exits must still
+                    # be seen ready. Shielded, so a host that dies at once keeps its proof from the files.
+                    nursery.start_soon(self._prove_from_files, host, child)
                 nursery.start_soon(self._become_ready, host, child, nursery.cancel_scope)
                 status = await wait_exit(child)
                 nursery.cancel_scope.cancel()
@@ -355,6 +357,11 @@ class FleetSupervisor:
             await self._record_exit(host, child, info)
         await sweep(child)  # what escaped the group (setsid) goes with its incarnation, before any restart
         return info
+
+    async def _prove_from_files(self, host: Host, child: Child) -> None:
+        assert self.prove is not None
+        with trio.CancelScope(shield=True):
+            await self.prove(host, child, "exec")
 
     async def _become_ready(self, host: Host, child: Child, scope: trio.CancelScope) -> None:
         target = self.target_of(host)

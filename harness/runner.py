@@ -605,7 +605,10 @@ class Run:
 
         def work() -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
             if stage == "exec":
-                return prove_files(resolve_program(host.argv[0]), host.env)[0].to_dict(), [], False
+                # From the files alone: the same for every incarnation of the host, so worked out once.
+                if "files_proof" not in host.extra:
+                    host.extra["files_proof"] = prove_files(resolve_program(host.argv[0]), host.env)[0].to_dict()
+                return host.extra["files_proof"], [], False
             proof = prove_process(pid).to_dict()
             if proof["stage"] == "error":
                 return proof, [], False
@@ -617,9 +620,11 @@ class Run:
         if stage == "ready" and proof["stage"] == "error" and host.extra.get("proof"):
             host.extra["proof"]["errors"] = proof["errors"]   # died meanwhile: the exec proof stands
             return
-        host.extra["proof"] = compact_proof(proof)
         if stage == "exec":
+            if child is host.child and "proof" not in host.extra:   # never over the live proof of readiness
+                host.extra["proof"] = compact_proof(proof)
             return
+        host.extra["proof"] = compact_proof(proof)
         recorder = self._recorder
         named = {"group": host.group, "name": host.name} if host.group else {}
         recorder.event("proof", host.index, pid, **{k: v for k, v in proof.items() if k != "pid"}, objects=objects,
