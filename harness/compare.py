@@ -27,6 +27,7 @@ from scipy import stats as scipy_stats
 from tabulate import tabulate
 
 from harness import stats
+from harness.exposure import uptime_exposure
 from harness.report import build_report
 from harness.store import open_run
 
@@ -58,8 +59,15 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             "SELECT trial, MAX(rss) AS peak_rss, "
             f"SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) AS host_seconds "
             "FROM host_samples GROUP BY trial", NOT_RUNNING)}
-        fleet_rows = {row["trial"]: row["alive_seconds"] for row in store.query(
-            "SELECT trial, SUM(hosts_alive * span) AS alive_seconds FROM samples GROUP BY trial")}
+        fleet_rows = {row["trial"]: (row["alive_seconds"], row["last"]) for row in store.query(
+            "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples "
+            "GROUP BY trial")}
+        lives: dict[int, list[dict[str, Any]]] = {}
+        for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
+                               "FROM events WHERE kind IN ('start', 'exit') ORDER BY trial, t"):
+            lives.setdefault(row["trial"], []).append(
+                {"t": row["t"], "kind": row["kind"], "host": row["host"], "pid": row["pid"],
+                 "detail": {} if row["uptime"] is None else {"uptime": row["uptime"]}})
         # Proof of what ran: the allocator malloc was bound to in each host (harness.proof), with where it
         # came from, and "+shim" when malloc went through the fault shim.
         proofs: dict[int, set[str]] = {}
@@ -75,12 +83,16 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     for trial in report["trials"]:
         overall = trial["overall"]
         hosts = host_rows.get(trial["id"], {})
-        if hosts:                               # per-host samples: seconds each host was running
-            host_seconds = hosts["host_seconds"] or 0
-        elif trial["id"] in fleet_rows:         # fleet samples only: hosts alive at each second
-            host_seconds = fleet_rows[trial["id"]] or 0
+        alive_seconds, last = fleet_rows.get(trial["id"], (None, None))
+        uptime = uptime_exposure(lives.get(trial["id"], []), float(last if last is not None else trial["end"]))
+        if uptime is not None:                  # start/exit events: each process's real uptime
+            host_seconds, source = uptime.host_seconds, "uptime"
+        elif hosts:                             # per-host samples: seconds each host was seen running
+            host_seconds, source = hosts["host_seconds"] or 0, "host samples"
+        elif alive_seconds is not None:         # fleet samples only: hosts alive at each second
+            host_seconds, source = alive_seconds or 0, "fleet samples"
         else:                                   # no samples at all: the whole fleet for the trial's length
-            host_seconds = report["hosts"] * max(trial["end"], 0)
+            host_seconds, source = report["hosts"] * max(trial["end"], 0), "planned"
         crash_times = [c["t"] for c in trial["crashes"]]
         trials.append({
             "run_id": report["run_id"], "trial": trial["id"], "variant": trial["variant"],
@@ -88,7 +100,8 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             "crashes": len(trial["crashes"]),
             "first_crash": max(min(crash_times), 0.0) if crash_times else None,
             "end": float(trial["end"]),
-            "host_hours": host_seconds / 3600.0,
+            "host_hours": host_seconds / 3600.0, "exposure_source": source,
+            "incarnations": uptime.incarnations if uptime is not None else None,
             "requests": overall["sent"],
             "p50_latency": overall["latency"]["p50"], "p99_latency": overall["latency"]["p99"],
             "throughput": overall["achieved_rate"],
@@ -145,7 +158,11 @@ def summarize_variant(name: str, run_id: str, source: str, trials: list[dict[str
         "crashes": crashes, "crashed_trials": crashed,
         "crashed_trials_bound": None if bound is None else {"upper_bound": bound.upper_bound,
                                                             "rule_of_three": bound.rule_of_three},
-        "exposure": {"host_hours": host_hours, "requests": requests},
+        "exposure": {"host_hours": host_hours, "requests": requests,
+                     # how the host-hours were counted: "uptime" (start to exit of every process), or
+                     # from an older store "host samples" / "fleet samples" / "planned"
+                     "source": "+".join(sorted({t["exposure_source"] for t in trials})) or None,
+                     "incarnations": sum(t["incarnations"] or 0 for t in trials)},
         "crash_rate": {"per_host_hour": _rate_dict(stats.poisson_rate(crashes, host_hours, confidence)),
                        "per_million_requests": _rate_dict(per_million)},
         "overdispersion_p": dispersion,
@@ -220,7 +237,7 @@ def pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: f
                               f"{_fmt_rate(br['upper_bound'])} per host-hour")
             return row
         if vr["exposure"] <= 0 or br["exposure"] <= 0:
-            row["_reason"] = "no exposure (no host-seconds recorded)"
+            row["_reason"] = "no exposure (no host ran: no start events and no host-seconds recorded)"
             return row
         result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence)
         row.update(effect=result.ratio, low=result.low, high=result.high, p_value=result.p_value)
@@ -289,6 +306,14 @@ def pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: f
             row["notes"].append(f"{side['name']}: {side['trials'] - len(values)} trial(s) without {label} left out")
     if not x or not y:
         row["_reason"] = f"no {label} recorded"
+        return row
+    if len(x) < 2 or len(y) < 2:
+        # One value a side: the ratio is shown, but no rank test can say anything about it.
+        mx, my = float(np.median(x)), float(np.median(y))
+        row.update(variant_value=mx, baseline_value=my, effect_kind="ratio_of_medians",
+                   effect=mx / my if my else None)
+        row["_reason"] = (f"n too small: {len(x)} vs {len(y)} trial(s), a rank test needs at least 2 a side; "
+                          f"run more trials (--trials)")
         return row
     result = stats.compare_samples(x, y, seed=_row_seed(seed, v["name"], b["name"], metric), confidence=confidence,
                                    alpha=None, n_resamples=n_resamples)
@@ -449,6 +474,11 @@ def compare_runs(run_dirs: Sequence[Path], baseline: str | None = None,
                         f" trials cannot give a rank-test p below {short[0]['min_p']:.2g}, p<{short[0]['threshold']:.2g}"
                         f" is needed, so those rows cannot be significant; {_trials_needed(planned, alpha)} trials per "
                         f"variant are enough for {planned} such rows")
+    single = sorted({r["variant"] for r in rows if r["metric"] in TRIAL_METRICS and r["p_holm"] is None
+                     and (r["text"] or "").startswith(f"{stats.NO_DIFFERENCE} (n too small:")})
+    if single:
+        warnings.append(f"one trial per variant ({', '.join(single)} or the baseline): the per-trial metrics "
+                        "(latency, throughput, RSS) are shown but not tested; the crash counts still are")
     return json_safe({
         "schema": COMPARE_SCHEMA, "runs": runs, "scenario": runs[0]["scenario"], "baseline": base["name"],
         "alpha": alpha, "confidence": confidence, "min_difference": min_difference,
@@ -510,6 +540,15 @@ def _first_text(first: dict[str, Any]) -> str:
     return f"{median} ({first['crashed']}/{first['trials']} crashed)"
 
 
+def _exposure_text(exposure: dict[str, Any]) -> str:
+    seconds = exposure["host_hours"] * 3600
+    text = f"{seconds:.3g} host-s" if seconds < 3600 else f"{exposure['host_hours']:.3g} host-h"
+    text += f", {exposure['requests']} req"
+    if exposure.get("source") not in (None, "uptime"):
+        text += f" (from {exposure['source']})"
+    return text
+
+
 def render_compare(result: dict[str, Any]) -> str:
     variants = result["variants"]
     runs = ", ".join(r["run_id"] for r in result["runs"])
@@ -522,6 +561,7 @@ def render_compare(result: dict[str, Any]) -> str:
     table = [
         ["trials"] + [str(v["trials"]) for v in variants],
         ["crashes"] + [str(v["crashes"]) for v in variants],
+        ["exposure"] + [_exposure_text(v["exposure"]) for v in variants],
         ["crashed trials"] + [f"{v['crashed_trials']}/{v['trials']}" + (
             f" (< {v['crashed_trials_bound']['upper_bound']:.0%})" if v["crashed_trials_bound"] else "")
             for v in variants],

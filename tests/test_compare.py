@@ -58,7 +58,9 @@ def make_run(root: Path, run_id: str, trials: list[dict[str, Any]], *, scenario:
                     "signal_name": "SIGSEGV", "core_dumped": False, "uptime": t, "offered_rate": 100.0,
                     "host_inflight": 3, "hosts_alive": HOSTS - 1, "uid": f"{run_id}-{number}-{k}"}
                    for k, (t, host, _bucket) in enumerate(trial.get("crashes", []))]
-        store.write_batch(number, samples=samples, host_samples=host_samples, crashes=crashes)
+        store.write_batch(number, samples=samples, host_samples=host_samples, crashes=crashes,
+                          events=[{"wall": time.time(), "pid": None, "host": None, "detail": {}} | e
+                                  for e in trial.get("events", [])])
         for k, (_t, _host, bucket) in enumerate(trial.get("crashes", [])):
             if bucket:
                 store.record_triage(f"{run_id}-{number}-{k}", {"crash_class": "null-deref",
@@ -170,6 +172,93 @@ def test_zero_crashes_are_bounds_not_zero(tmp_path: Path):
     assert any("too few trials" in w for w in result["warnings"])
     text = render_compare(result)
     assert "0 (< " in text and "0%" not in text.split("vs a")[0].replace("95%", "")
+
+
+# --- one trial per variant, ties, exposure from uptime -------------------------------------------
+
+def test_one_trial_per_variant_counts_still_tested(tmp_path: Path):
+    """What scripts/demo.sh gives (one trial each): no exception; the rank-test rows say n too small, the
+    count-based rows keep their exact tests."""
+    base = {"p50": 0.002, "p99": 0.02, "rate": 200.0, "rss": 50e6}
+    run = make_run(tmp_path, "r-n1", [
+        {"variant": "a", **base, "crashes": []},
+        {"variant": "b", **base, "p50": 0.003, "crashes": [(0.2 * k, k % HOSTS, "b-x") for k in range(12)]}])
+    result = compare_runs([run], n_resamples=N_RESAMPLES)
+    rows = rows_by(result, "b")
+    crash = rows["crash_rate"]
+    assert crash["p_value"] is not None and crash["p_value"] < 1e-3 and crash["verdict"] == "worse", crash["text"]
+    assert rows["crashed_trials"]["p_value"] == pytest.approx(1.0)      # Fisher on 1/1 vs 0/1
+    assert rows["crashed_trials"]["verdict"] == "no difference detected"
+    for metric in ("p50_latency", "p99_latency", "throughput", "peak_rss"):
+        assert rows[metric]["p_value"] is None and "n too small: 1 vs 1" in rows[metric]["text"], rows[metric]
+    assert rows["p50_latency"]["effect"] == pytest.approx(1.5, rel=0.05)   # the ratio is still shown
+    assert any("one trial per variant" in w for w in result["warnings"])
+    json.dumps(result, allow_nan=False)
+    assert "n too small: 1 vs 1" in render_compare(result)
+    first = compare_runs([run], metrics=("crash_rate", "first_crash"), n_resamples=N_RESAMPLES)
+    assert rows_by(first, "b")["first_crash"]["verdict"] in ("worse", "no difference detected")
+
+
+def test_ties_between_trials_do_not_break_the_rank_test(tmp_path: Path):
+    """Identical per-trial values (peak RSS in whole pages, throughput), 1 vs 3 and 3 vs 3."""
+    same = {"p50": 0.002, "p99": 0.02, "rate": 200.0, "rss": 50e6, "crashes": []}
+    run = make_run(tmp_path, "r-ties", [{"variant": "a", **same}, {"variant": "b", **same},
+                                        {"variant": "a", **same}, {"variant": "b", **same},
+                                        {"variant": "a", **same}, {"variant": "c", **same}])
+    result = compare_runs([run], n_resamples=N_RESAMPLES)
+    b, c = rows_by(result, "b"), rows_by(result, "c")
+    assert b["throughput"]["p_value"] == pytest.approx(1.0) and b["throughput"]["effect"] == pytest.approx(1.0)
+    assert "n too small: 1 vs 3" in c["p99_latency"]["text"]
+    assert all(r["verdict"] == "no difference detected" for r in result["rows"])
+
+
+def _crash_loop(lives: list[float], *, host: int = 0, gap: float = 0.3) -> tuple[list[dict[str, Any]], list]:
+    """Start and exit events of one host that lives `lives[i]` seconds at a time, and its crashes."""
+    events, crashes, t = [], [], 0.0
+    for k, life in enumerate(lives):
+        pid = 5000 + k
+        events.append({"t": t, "kind": "start", "host": host, "pid": pid})
+        events.append({"t": t + life, "kind": "exit", "host": host, "pid": pid,
+                       "detail": {"signal": 11, "uptime": life}})
+        crashes.append((t + life, host, "b-loop"))
+        t += life + gap
+    return events, crashes
+
+
+def test_exposure_is_uptime_not_sampled_seconds(tmp_path: Path):
+    """A host that dies 0.9 s into each life is exposed 0.9 s per life, whatever the sampler saw."""
+    lives = [0.9, 0.4, 0.9, 0.9]
+    loop_events, loop_crashes = _crash_loop(lives)
+    steady = [{"t": -0.2, "kind": "start", "host": h, "pid": 6000 + h} for h in range(HOSTS)] + \
+             [{"t": DURATION + 0.1, "kind": "exit", "host": h, "pid": 6000 + h, "detail": {"signal": 15,
+                                                                                        "uptime": DURATION + 0.3}}
+              for h in range(HOSTS)]
+    base = {"p50": 0.002, "p99": 0.02, "rate": 200.0, "rss": 50e6}
+    run = make_run(tmp_path, "r-up", [{"variant": "steady", **base, "events": steady, "crashes": []},
+                                      {"variant": "looping", **base, "events": loop_events,
+                                       "crashes": loop_crashes}])
+    result = compare_runs([run], n_resamples=N_RESAMPLES)
+    steady_v, looping = result["variants"]
+    assert looping["exposure"]["host_hours"] * 3600 == pytest.approx(sum(lives))
+    assert looping["exposure"]["source"] == "uptime" and looping["exposure"]["incarnations"] == len(lives)
+    assert steady_v["exposure"]["host_hours"] * 3600 == pytest.approx(HOSTS * (DURATION + 0.3))
+    rate = looping["crash_rate"]["per_host_hour"]
+    assert rate["rate"] == pytest.approx(len(lives) / (sum(lives) / 3600))
+    row = rows_by(result, "looping")["crash_rate"]
+    assert row["verdict"] == "worse" and row["p_value"] < 0.01, row["text"]
+
+
+def test_uptime_exposure_unfinished_and_missing():
+    from harness.exposure import uptime_exposure
+    assert uptime_exposure([], 10.0) is None
+    events = [{"t": 0.0, "kind": "start", "host": 0, "pid": 1}, {"t": 1.0, "kind": "start", "host": 1, "pid": 2},
+              {"t": 0.9, "kind": "exit", "host": 0, "pid": 1, "detail": {"uptime": 0.9}},
+              {"t": 2.0, "kind": "start", "host": 0, "pid": 3},
+              {"t": 2.5, "kind": "exit", "host": 0, "pid": 3, "detail": {}}]     # no uptime: exit - start
+    exposure = uptime_exposure(events, 6.0)
+    assert exposure is not None
+    assert exposure.host_seconds == pytest.approx(0.9 + 0.5 + 5.0)   # h1 never exited: counted to the end
+    assert (exposure.incarnations, exposure.unfinished, exposure.shortest) == (3, 1, 0.5)
 
 
 # --- several runs, names, exclusions ------------------------------------------------------------
