@@ -50,24 +50,47 @@ NOT_RUNNING = ("down", "stopped")       # host_samples states that are *not* exp
 
 # --- reading the stores ------------------------------------------------------------------------
 
+def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[int, dict[str, Any]]:
+    """Host-seconds per trial: every process's uptime from its start and exit events; from an older store
+    without them, seconds each host was seen running in the per-host samples, else hosts alive per second,
+    else the whole fleet for the trial's length (`ends`: trial id -> its length). Also the source used
+    and how many processes were started."""
+    per_host = {row["trial"]: row["host_seconds"] or 0 for row in store.query(
+        f"SELECT trial, SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) "
+        "AS host_seconds FROM host_samples GROUP BY trial", NOT_RUNNING)}
+    fleet = {row["trial"]: (row["alive_seconds"] or 0, row["last"]) for row in store.query(
+        "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples GROUP BY trial")}
+    lives: dict[int, list[dict[str, Any]]] = {}
+    for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
+                           "FROM events WHERE kind IN ('start', 'exit') ORDER BY trial, t"):
+        lives.setdefault(row["trial"], []).append(
+            {"t": row["t"], "kind": row["kind"], "host": row["host"], "pid": row["pid"],
+             "detail": {} if row["uptime"] is None else {"uptime": row["uptime"]}})
+    out = {}
+    for trial, end in ends.items():
+        alive_seconds, last = fleet.get(trial, (None, None))
+        # a process that never exited (a SIGKILLed harness) ran until the last second the store holds
+        uptime = uptime_exposure(lives.get(trial, []), float(last if last is not None else end))
+        if uptime is not None:
+            out[trial] = {"host_seconds": uptime.host_seconds, "source": "uptime",
+                          "incarnations": uptime.incarnations}
+        elif trial in per_host:
+            out[trial] = {"host_seconds": per_host[trial], "source": "host samples", "incarnations": None}
+        elif alive_seconds is not None:
+            out[trial] = {"host_seconds": alive_seconds, "source": "fleet samples", "incarnations": None}
+        else:
+            out[trial] = {"host_seconds": hosts * max(end, 0.0), "source": "planned", "incarnations": None}
+    return out
+
+
 def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(run, per-trial rows) of one run directory."""
     report = build_report(run_dir)
     store = open_run(run_dir)
     try:
-        host_rows = {row["trial"]: dict(row) for row in store.query(
-            "SELECT trial, MAX(rss) AS peak_rss, "
-            f"SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) AS host_seconds "
-            "FROM host_samples GROUP BY trial", NOT_RUNNING)}
-        fleet_rows = {row["trial"]: (row["alive_seconds"], row["last"]) for row in store.query(
-            "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples "
-            "GROUP BY trial")}
-        lives: dict[int, list[dict[str, Any]]] = {}
-        for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
-                               "FROM events WHERE kind IN ('start', 'exit') ORDER BY trial, t"):
-            lives.setdefault(row["trial"], []).append(
-                {"t": row["t"], "kind": row["kind"], "host": row["host"], "pid": row["pid"],
-                 "detail": {} if row["uptime"] is None else {"uptime": row["uptime"]}})
+        peak_rss = {row["trial"]: row["peak_rss"] for row in store.query(
+            "SELECT trial, MAX(rss) AS peak_rss FROM host_samples GROUP BY trial")}
+        exposures = trial_exposures(store, {t["id"]: float(t["end"]) for t in report["trials"]}, report["hosts"])
         # Proof of what ran: the allocator malloc was bound to in each host (harness.proof), with where it
         # came from, and "+shim" when malloc went through the fault shim.
         proofs: dict[int, set[str]] = {}
@@ -82,30 +105,20 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     trials = []
     for trial in report["trials"]:
         overall = trial["overall"]
-        hosts = host_rows.get(trial["id"], {})
-        alive_seconds, last = fleet_rows.get(trial["id"], (None, None))
-        uptime = uptime_exposure(lives.get(trial["id"], []), float(last if last is not None else trial["end"]))
-        if uptime is not None:                  # start/exit events: each process's real uptime
-            host_seconds, source = uptime.host_seconds, "uptime"
-        elif hosts:                             # per-host samples: seconds each host was seen running
-            host_seconds, source = hosts["host_seconds"] or 0, "host samples"
-        elif alive_seconds is not None:         # fleet samples only: hosts alive at each second
-            host_seconds, source = alive_seconds or 0, "fleet samples"
-        else:                                   # no samples at all: the whole fleet for the trial's length
-            host_seconds, source = report["hosts"] * max(trial["end"], 0), "planned"
+        exposure = exposures[trial["id"]]
         crash_times = [c["t"] for c in trial["crashes"]]
         trials.append({
             "run_id": report["run_id"], "trial": trial["id"], "variant": trial["variant"],
             "repeat": trial["repeat"], "seed": trial["seed"], "status": trial["status"],
-            "crashes": len(trial["crashes"]),
+            "crashes": trial["crashes_total"],       # the listed crashes are capped, the count is not
             "first_crash": max(min(crash_times), 0.0) if crash_times else None,
             "end": float(trial["end"]),
-            "host_hours": host_seconds / 3600.0, "exposure_source": source,
-            "incarnations": uptime.incarnations if uptime is not None else None,
+            "host_hours": exposure["host_seconds"] / 3600.0, "exposure_source": exposure["source"],
+            "incarnations": exposure["incarnations"],
             "requests": overall["sent"],
             "p50_latency": overall["latency"]["p50"], "p99_latency": overall["latency"]["p99"],
             "throughput": overall["achieved_rate"],
-            "peak_rss": hosts.get("peak_rss"),
+            "peak_rss": peak_rss.get(trial["id"]),
             "loaded": sorted(proofs.get(trial["id"], set())),
             "buckets": {b["bucket"]: {"count": b["count"], "crash_class": b["crash_class"],
                                       "signature": b["signature"]} for b in trial["buckets"]},

@@ -57,7 +57,7 @@ import numpy as np
 
 from harness import stats
 from harness import trends as trends_module
-from harness.compare import NOT_RUNNING, json_safe, finish_rows, pair_row, spread_of, summarize_variant
+from harness.compare import json_safe, trial_exposures, finish_rows, pair_row, spread_of, summarize_variant
 from harness.driver import new_histogram
 from harness.errors import HarnessError
 from harness.report import crash_buckets as report_buckets
@@ -123,18 +123,6 @@ def find_baseline(results_dir: Path, scenario: str, spec: str, exclude: Path | N
 
 # --- reading one run ------------------------------------------------------------------------------
 
-def _host_hours(store: Any, trials: Sequence[dict[str, Any]], hosts: int) -> dict[int, float]:
-    """Exposure per trial, as `harness compare` counts it: host-seconds with a process (per-host samples),
-    else hosts alive per second, else the whole fleet for the trial's length."""
-    per_host = {r["trial"]: r["s"] or 0 for r in store.query(
-        f"SELECT trial, SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) AS s "
-        "FROM host_samples GROUP BY trial", NOT_RUNNING)}
-    fleet = {r["trial"]: r["s"] or 0 for r in store.query(
-        "SELECT trial, SUM(hosts_alive * span) AS s FROM samples GROUP BY trial")}
-    return {t["trial"]: per_host.get(t["trial"], fleet.get(t["trial"], hosts * max(t["end"], 0))) / 3600.0
-            for t in trials}
-
-
 def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]]:
     """One value per block of `block` seconds from the load's start: p50 and p99 of the block's merged
     histograms (exact), throughput = ok replies per second. Blocks less than half covered are dropped."""
@@ -191,11 +179,13 @@ def _read(run_dir: Path) -> dict[str, Any]:
             raise HarnessError(f"{run_dir} holds no run record (the run stopped before it began)")
         run = dict(rows[0])
         trials = [_trial(store, row, run) for row in store.query("SELECT * FROM trials ORDER BY id")]
-        exposure = _host_hours(store, trials, run["hosts"])
+        exposure = trial_exposures(store, {t["trial"]: t["end"] for t in trials}, run["hosts"])
     finally:
         store.close()
     for trial in trials:
-        trial["host_hours"] = exposure[trial["trial"]]
+        trial["host_hours"] = exposure[trial["trial"]]["host_seconds"] / 3600.0
+        trial["exposure_source"] = exposure[trial["trial"]]["source"]
+        trial["incarnations"] = exposure[trial["trial"]]["incarnations"]
     info = {"run_id": run["id"], "run_dir": str(run_dir), "scenario": run["scenario"],
             "status": "incomplete" if run["status"] == "running" else run["status"], "exit_code": run["exit_code"],
             "started": run["started"], "ended": run["ended"], "trials": len(trials),
