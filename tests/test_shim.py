@@ -155,6 +155,22 @@ def test_nth_fails_exactly_calls_n_2n_3n(shim: Path, progs, ctl: ControlFile, fn
     assert c.calls[fn] >= 20
 
 
+def test_first_and_last_injection_times_are_monotonic_clock(shim: Path, progs, ctl: ControlFile) -> None:
+    """The harness places a window's injections on the trial's clock from these (time.monotonic_ns)."""
+    import time
+    before = time.monotonic_ns()
+    run([progs["prog"], "alloc", "malloc", 777, 20], env_for(shim, ctl))
+    assert ctl.counters().slots[0].first_ns == 0 == ctl.counters().slots[0].last_ns   # nothing armed: none
+    ctl.arm(0, FaultSlot(kind="alloc", mode="nth", nth=3, functions=frozenset({"malloc"}), min_size=777,
+                         max_size=777))
+    run([progs["prog"], "alloc", "malloc", 777, 20], env_for(shim, ctl))
+    after = time.monotonic_ns()
+    c = ctl.counters().slots[0]
+    assert c.injected == 6 and before < c.first_ns < c.last_ns < after
+    ctl.arm(0, FaultSlot(kind="alloc", mode="nth", nth=1000, functions=frozenset({"malloc"})))
+    assert (ctl.counters().slots[0].first_ns, ctl.counters().slots[0].last_ns) == (0, 0)   # re-armed: zeroed
+
+
 def test_after_fails_every_call_after_the_first_n(shim: Path, progs, ctl: ControlFile) -> None:
     ctl.arm(2, FaultSlot(kind="alloc", mode="after", after=5, functions=frozenset({"malloc"}),
                          min_size=777, max_size=777))

@@ -18,7 +18,8 @@ Layout (little-endian, fixed offsets, 4096 bytes; mirrored by ``struct control``
                    functions u32 (bit mask, FUNCTIONS order), param u64 (random: 64-bit threshold,
                    nth: n, after: N, budget: bytes), min_size u64, max_size u64, times i64, errno i32,
                    callers u32 (1 any, 2 exe, 4 named), names 3 x char[24]
-    1088  slot counters  8 x 64: eligible u64, injected u64, matched u32 (caller address ranges)
+    1088  slot counters  8 x 64: eligible u64, injected u64, matched u32 (caller address ranges), pad u32,
+                   first_ns u64, last_ns u64 (CLOCK_MONOTONIC of the first and latest injection, 0 = none)
     1600  calls    32 x u64, per function (FUNCTIONS order)
     1856  processes 8 x 128: pid u32, flags u32, live i64, peak i64, reserved u64,
                    malloc_from char[48] (module of the next malloc), bound_from char[48]
@@ -114,6 +115,8 @@ class SlotCounters:
     eligible: int         # calls that passed the slot's filters since it was last armed
     injected: int         # failures it injected since it was last armed
     matched_ranges: int   # caller-filter address ranges found at the last refresh (0 = filter matches nothing)
+    first_ns: int = 0     # time.monotonic_ns() clock of the first injection since armed (0 = none yet)
+    last_ns: int = 0      # ... and of the latest one
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ class _Slot(ctypes.Structure):
 
 class _SlotCounters(ctypes.Structure):
     _fields_ = [("eligible", ctypes.c_uint64), ("injected", ctypes.c_uint64), ("matched", ctypes.c_uint32),
-                ("reserved", ctypes.c_uint32 * 11)]
+                ("pad", ctypes.c_uint32), ("first_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64),
+                ("reserved", ctypes.c_uint32 * 6)]
 
 
 class _Proc(ctypes.Structure):
@@ -182,6 +186,7 @@ class _Control(ctypes.Structure):
                 ("pad", ctypes.c_char * (SIZE - 2880))]
 
 
+assert ctypes.sizeof(_SlotCounters) == 64 and _SlotCounters.first_ns.offset == 24
 assert ctypes.sizeof(_Control) == SIZE and _Control.sc.offset == 1088 and _Header.armed.offset == 24
 assert _Control.calls.offset == 1600 and _Control.proc.offset == 1856
 
@@ -379,7 +384,7 @@ class ControlFile:
             s.times, s.err, s.callers = enc.times, enc.err, enc.callers
             for k in range(3):
                 s.names[k].raw = (enc.names[k] if k < len(enc.names) else b"").ljust(24, b"\0")
-            sc.eligible, sc.injected, sc.matched = 0, 0, 0
+            sc.eligible, sc.injected, sc.matched, sc.first_ns, sc.last_ns = 0, 0, 0, 0, 0
             s.gen = (gen + 2) & 0xFFFFFFFF               # 3. even: the new configuration's identity
             h.generation = (h.generation + 1) & 0xFFFFFFFF
             h.armed = h.armed | bit                      # 4. publish
@@ -440,7 +445,8 @@ class ControlFile:
                     bound_from=_text(bytes(p.bound_from))))
         return ShimCounters(
             calls={f: int(c.calls[i]) for i, f in enumerate(FUNCTIONS)},
-            slots=tuple(SlotCounters(int(s.eligible), int(s.injected), int(s.matched)) for s in c.sc),
+            slots=tuple(SlotCounters(int(s.eligible), int(s.injected), int(s.matched), int(s.first_ns), int(s.last_ns))
+                        for s in c.sc),
             live_bytes=sum(p.live_bytes for p in procs if p.alive and not p.exited),
             peak_bytes=max((p.peak_bytes for p in procs), default=0),
             loaded=c.h.attached > 0, attached=int(c.h.attached), generation=int(c.h.generation),

@@ -110,7 +110,9 @@ struct slot {                       /* written by the harness only */
 };
 struct slot_counters {              /* written by the shim; own cache line, apart from the config */
     uint64_t eligible, injected;
-    uint32_t matched, reserved[11]; /* matched: address ranges found for the caller filter */
+    uint32_t matched, pad;          /* matched: address ranges found for the caller filter */
+    uint64_t first_ns, last_ns;     /* CLOCK_MONOTONIC of the first and latest injection (0 = none) */
+    uint32_t reserved[6];
 };
 struct proc {                       /* one per process attached to this file */
     uint32_t pid, flags;
@@ -127,6 +129,7 @@ struct control {
     char pad[4096 - 2880];
 };
 _Static_assert(sizeof(struct header) == 64 && sizeof(struct slot) == 128, "layout");
+_Static_assert(sizeof(struct slot_counters) == 64, "layout");
 _Static_assert(offsetof(struct control, sc) == 1088 && offsetof(struct control, calls) == 1600, "layout");
 _Static_assert(offsetof(struct control, proc) == 1856 && sizeof(struct control) == 4096, "layout");
 
@@ -535,6 +538,12 @@ static int __attribute__((noinline)) inject(struct tstate *t, struct snap *s)
         __atomic_fetch_sub(&ctl->sc[s->index].injected, 1, __ATOMIC_RELAXED);
         return 0;
     }
+    /* When: the harness maps CLOCK_MONOTONIC to the trial's clock (an injection is rare, the vDSO cheap). */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec, none = 0;
+    __atomic_compare_exchange_n(&ctl->sc[s->index].first_ns, &none, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    STORE(&ctl->sc[s->index].last_ns, now);
     flush(t); /* so the counters tell the story up to this injection */
     return 1;
 }
