@@ -62,7 +62,7 @@ def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[i
         "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples GROUP BY trial")}
     lives: dict[int, list[dict[str, Any]]] = {}
     for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
-                           "FROM events WHERE kind IN ('start', 'exit') ORDER BY trial, t"):
+                           "FROM events WHERE kind IN ('start', 'exit', 'stop') ORDER BY trial, t"):
         lives.setdefault(row["trial"], []).append(
             {"t": row["t"], "kind": row["kind"], "host": row["host"], "pid": row["pid"],
              "detail": {} if row["uptime"] is None else {"uptime": row["uptime"]}})

@@ -53,6 +53,34 @@ def bucket_example(run_dir: Path, bucket: str) -> tuple[dict[str, Any], dict[str
     return rows[index], triaged[index]
 
 
+def _known(value: Any) -> str:
+    """What the harness could not find out is "unknown", never Python's None."""
+    return "unknown" if value is None or value == "" else str(value)
+
+
+def _nth(values: list[Any] | None, index: int) -> Any:
+    return values[index] if values and index < len(values) else None
+
+
+def _stopping(row: dict[str, Any]) -> str:
+    stopping = json.loads(row["detail"] or "{}").get("stopping")
+    if not stopping:
+        return ""
+    if stopping.get("dead_before_stop"):
+        return f" (found dead when the harness came to stop it at {stopping['since']:.2f}s)"
+    return f" (while the harness stopped it, from {stopping['since']:.2f}s)"
+
+
+def _address_line(triage: dict[str, Any]) -> str:
+    """The faulting address and where it came from; a signal that has none (SIGABRT) says so."""
+    address, source = triage.get("fault_address"), triage.get("address_source")
+    if address is None and source in (None, "none"):
+        why = "no faulting address" if triage.get("signal_name") in ("SIGABRT", "SIGKILL", "SIGTERM") else "unknown"
+        return f"fault address: {why} (si_addr {_known(triage.get('reported_si_addr'))})"
+    return (f"fault address: {_known(address)} (from {_known(source)}; "
+            f"si_addr {_known(triage.get('reported_si_addr'))})")
+
+
 def render_bucket(run_dir: Path, bucket: str) -> str | None:
     store = open_run(run_dir)
     try:
@@ -76,12 +104,12 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
            f"method {example.get('signature_method')}){'  [inside the allocator]' if example.get('in_allocator') else ''}",
            f"crashes: {len(rows)} on {hosts} (variants: {variants})",
            "",
-           f"example: host {host_name(row)} pid {row['pid']} at t={row['t']:.2f}s, {example.get('signal_name')} "
-           f"({example.get('si_code_name')}), uptime {row['uptime']:.1f}s, offered {row['offered_rate']:.0f}/s, "
+           f"example: host {host_name(row)} pid {row['pid']} at t={row['t']:.2f}s{_stopping(row)}, "
+           f"{example.get('signal_name') or row['signal_name']} ({_known(example.get('si_code_name'))}), "
+           f"uptime {row['uptime']:.2f}s, offered {row['offered_rate']:.0f}/s, "
            f"{row['host_inflight']} requests in flight on the host",
-           f"fault address: {example.get('fault_address')} (from {example.get('address_source')}; "
-           f"si_addr {example.get('reported_si_addr')})",
-           f"instruction: {example.get('instruction') or '-'}",
+           _address_line(example),
+           f"instruction: {example.get('instruction') or 'unknown'}",
            f"executable: {row['executable']}",
            f"allocator (proof of this incarnation): {_proof_text(json.loads(row['detail'] or '{}').get('proof'))}",
            f"core: {example.get('core_file') or row['core_path'] or '-'}"
@@ -96,13 +124,27 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
     detail = json.loads(row["detail"] or "{}")
     shim = detail.get("shim")
     if shim:
-        out += ["", "faults armed at the crash:"]
+        out += ["", f"faults armed at the crash (t={row['t']:.2f}s):"]
         for slot in shim.get("armed", []):
-            params = {k: v for k, v in slot.items() if v not in (0, -1, (), [], None, "") and k not in ("slot",)}
-            out.append(f"  slot {slot['slot']}: {params}  injected so far: {shim['injected'][slot['slot']]}")
+            index = slot["slot"]
+            params = {k: v for k, v in slot.items()
+                      if v not in (0, -1, (), [], None, "") and k not in ("slot", "fault", "window", "armed_at")}
+            last = _nth(shim.get("last_injected"), index)
+            where = f"fault {slot['fault']}" if slot.get("fault") is not None else f"slot {index}"
+            since = f" (armed at {slot['armed_at']:.2f}s)" if slot.get("armed_at") is not None else ""
+            out.append(f"  {where}{since}: {params}  injected on this host so far: "
+                       f"{_known(_nth(shim.get('injected'), index))} of {_known(_nth(shim.get('eligible'), index))} "
+                       f"eligible calls" + (f", last at {last:.2f}s" if last is not None else ""))
         if not shim.get("armed"):
-            out.append("  none")
-        out.append(f"  heap: live {shim.get('live_bytes')} bytes, peak {shim.get('peak_bytes')} bytes")
+            stopping = detail.get("stopping")
+            out.append("  none" + (f" (the faults were disarmed when the trial ended; the host was being stopped "
+                                   f"since {stopping['since']:.2f}s)" if stopping else ""))
+            injected = [(i, n) for i, n in enumerate(shim.get("injected") or []) if n]
+            for index, count in injected:
+                last = _nth(shim.get("last_injected"), index)
+                out.append(f"  earlier, slot {index} had injected {count} failure(s) on this host"
+                           + (f", the last at {last:.2f}s" if last is not None else ""))
+        out.append(f"  heap: live {_known(shim.get('live_bytes'))} bytes, peak {_known(shim.get('peak_bytes'))} bytes")
     tail = (row.get("stderr_tail") or "").strip().splitlines()[-5:]
     if tail:
         out += ["", "stderr (last lines):"] + [f"  {line}" for line in tail]

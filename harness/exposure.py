@@ -23,7 +23,7 @@ class Exposure:
 
 
 def uptime_exposure(events: Iterable[dict[str, Any]], end: float) -> Exposure | None:
-    """Host-seconds of one trial from its `start` and `exit` events (each with t, kind, host, pid and
+    """Host-seconds of one trial from its `start` and `exit` (or `stop`) events (each with t, kind, host, pid and
     detail as a dict); None when the trial has no start events (a store written without them).
 
     `end`: the trial's last recorded time, for incarnations that never exited."""
@@ -34,7 +34,8 @@ def uptime_exposure(events: Iterable[dict[str, Any]], end: float) -> Exposure | 
         key = (event.get("host"), event.get("pid"))
         if event["kind"] == "start" and event.get("pid") is not None:
             starts[key] = float(event["t"])
-        elif event["kind"] == "exit" and key in starts:
+        elif event["kind"] in ("exit", "stop") and key in starts:
+            # the harness stopping a host at the end records `stop` (an exit only if it crashed doing so)
             began = starts.pop(key)
             uptime = (event.get("detail") or {}).get("uptime")
             lived = float(uptime) if uptime is not None else float(event["t"]) - began

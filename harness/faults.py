@@ -9,7 +9,9 @@ run; the control file outlives restarts, so a restarted host comes back with its
 from __future__ import annotations
 
 import errno as errno_module
-from dataclasses import asdict
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,31 @@ def fault_hosts(scenario: Scenario, fault: ShimFault) -> list[int]:
     return sorted(stream(scenario.seed, f"shim-fault:{fault.index}").sample(pool, count))
 
 
-def counters_summary(counters: ShimCounters) -> dict[str, Any]:
-    return {"calls": {k: v for k, v in counters.calls.items() if v},
-            "injected": [s.injected for s in counters.slots],
-            "eligible": [s.eligible for s in counters.slots],
-            "live_bytes": counters.live_bytes, "peak_bytes": counters.peak_bytes, "loaded": counters.loaded}
+def counters_summary(counters: ShimCounters, clock: Callable[[int], float] | None = None) -> dict[str, Any]:
+    """The counters as stored with samples and crashes; `clock` maps the shim's CLOCK_MONOTONIC
+    nanoseconds to the trial's seconds (first/last injection per slot, None when none)."""
+    summary = {"calls": {k: v for k, v in counters.calls.items() if v},
+               "injected": [s.injected for s in counters.slots],
+               "eligible": [s.eligible for s in counters.slots],
+               "live_bytes": counters.live_bytes, "peak_bytes": counters.peak_bytes, "loaded": counters.loaded}
+    if clock is not None:
+        summary["first_injected"] = [round(clock(s.first_ns), 4) if s.first_ns else None for s in counters.slots]
+        summary["last_injected"] = [round(clock(s.last_ns), 4) if s.last_ns else None for s in counters.slots]
+    return summary
+
+
+def monotonic_clock(now: Callable[[], float]) -> Callable[[int], float]:
+    """CLOCK_MONOTONIC nanoseconds (the shim's clock) -> seconds on a clock whose current value is now()."""
+    return lambda ns: now() - (time.monotonic_ns() - ns) / 1e9
+
+
+@dataclass
+class _OpenWindow:
+    fault: ShimFault
+    slot: int
+    number: int          # which of the fault's intervals on the timeline (0, 1, ...)
+    start: float         # trial time it was armed
+    resumed: bool        # armed again by `harness resume` part-way through
 
 
 class ShimFaults:
@@ -67,6 +89,10 @@ class ShimFaults:
         self.hosts = hosts
         self.targets = {fault.index: fault_hosts(scenario, fault) for fault in faults}
         self.slots = {fault.index: slot for slot, fault in enumerate(faults)}
+        self.faults_by_slot = {slot: fault for slot, fault in enumerate(faults)}
+        self.open: dict[int, _OpenWindow] = {}                   # fault index -> its window armed now
+        self.log: list[tuple[float, str, int, int]] = []          # (trial time, arm|disarm, fault, window)
+        self.clock: Callable[[int], float] = monotonic_clock(time.monotonic)  # the runner sets the trial's
         self.files: dict[int, ControlFile] = {}
         for host in hosts:
             control = ControlFile.create(host.dir / CONTROL_NAME, seed=scenario.seed, host_index=host.index)
@@ -81,13 +107,41 @@ class ShimFaults:
             control.close()
 
     def armed(self, host: int) -> list[dict[str, Any]]:
+        """The faults armed in the host's control file now."""
+        return self.armed_at(host, None)
+
+    def armed_at(self, host: int, t: float | None) -> list[dict[str, Any]]:
+        """The faults that were armed on `host` at trial time t (None: now), by the controller's own log
+        of what it armed and disarmed when, so a crash seen while the fleet is being stopped (after the
+        faults were disarmed) is told the truth about its moment; parameters as the file holds them."""
         control = self.files[host]
-        return [{"slot": slot, **{k: (sorted(v) if isinstance(v, frozenset) else v)
-                                  for k, v in asdict(fault).items()}}
-                for slot, fault in control.armed().items()]
+        out = []
+        for slot, fault in self.faults_by_slot.items():
+            if host not in self.targets[fault.index]:
+                continue
+            window = self._window_at(fault.index, t)
+            if window is None:
+                continue
+            decoded = control.slot(slot)
+            if decoded is None:
+                continue
+            out.append({"slot": slot, "fault": fault.index, "window": window[0], "armed_at": window[1],
+                        **{k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(decoded).items()}})
+        return out
+
+    def _window_at(self, fault: int, t: float | None) -> tuple[int, float] | None:
+        """(window number, armed at) of the fault's window open at t (None: now), from the log."""
+        state: tuple[int, float] | None = None
+        for when, action, index, number in self.log:
+            if index != fault:
+                continue
+            if t is not None and when > t:
+                break
+            state = (number, when) if action == "arm" else None
+        return state
 
     def snapshot(self, host: int) -> dict[str, Any]:
-        return counters_summary(self.files[host].counters())
+        return counters_summary(self.files[host].counters(), self.clock)
 
     def timeline(self) -> list[tuple[float, str, ShimFault]]:
         actions: list[tuple[float, str, ShimFault]] = []
@@ -98,19 +152,57 @@ class ShimFaults:
                     actions.append((end, "disarm", fault))
         return sorted(actions, key=lambda a: (a[0], a[1] == "arm", a[2].index))
 
-    async def run(self, t0: float, recorder: Any) -> None:
+    def _window_number(self, fault: ShimFault, start: float) -> int:
+        starts = [a for a, _ in fault.window.intervals(self.scenario.duration)]
+        return min(range(len(starts)), key=lambda i: abs(starts[i] - start)) if starts else 0
+
+    def _still_open(self, fault: ShimFault, start: float, at: float) -> bool:
+        return any(a == start and b > at for a, b in fault.window.intervals(self.scenario.duration))
+
+    async def run(self, t0: float, recorder: Any, start_at: float = 0.0) -> None:
+        """Arm and disarm on the scenario's timeline (t0: trial time 0); `start_at` > 0 continues a
+        resumed trial: windows that closed before it are not replayed, one still open is armed again."""
+        self.clock = monotonic_clock(recorder.now)
         try:
             for t, action, fault in self.timeline():
-                await trio.sleep_until(t0 + t)
+                if t < start_at and not (action == "arm" and self._still_open(fault, t, start_at)):
+                    continue
+                await trio.sleep_until(t0 + max(t, start_at))
                 slot = self.slots[fault.index]
-                for host in self.targets[fault.index]:
-                    if action == "arm":
+                if action == "arm":
+                    for host in self.targets[fault.index]:
                         self.files[host].arm(slot, slot_for(fault, host_budget(self.scenario, fault, host)))
-                    else:
+                    number = self._window_number(fault, t)
+                    self.open[fault.index] = _OpenWindow(fault, slot, number, round(recorder.now(), 6), t < start_at)
+                    self.log.append((recorder.now(), "arm", fault.index, number))
+                else:
+                    for host in self.targets[fault.index]:
                         self.files[host].disarm(slot)
+                    self._close(fault.index, recorder, "schedule")
                 recorder.event(f"fault-{action}", None, None, fault=fault.index, fault_kind=fault.kind, mode=fault.mode,
                                slot=slot, hosts=self.targets[fault.index])
             await trio.sleep_forever()  # faults stay as the timeline left them until the trial ends
         finally:
             for control in self.files.values():
                 control.disarm_all()
+            for index in list(self.open):
+                self._close(index, recorder, "trial end")
+
+    def _close(self, index: int, recorder: Any, ended_by: str) -> None:
+        """A window ends: what it did on each host (eligible calls, injected failures, first and last
+        injection) goes into a `fault-window` event; the next arming zeroes these counters."""
+        window = self.open.pop(index, None)
+        if window is None:
+            return
+        now = recorder.now()
+        self.log.append((now, "disarm", index, window.number))
+        hosts = []
+        for host in self.targets[index]:
+            counters = self.files[host].counters().slots[window.slot]
+            hosts.append({"host": host, "eligible": counters.eligible, "injected": counters.injected,
+                          "first": round(self.clock(counters.first_ns), 4) if counters.first_ns else None,
+                          "last": round(self.clock(counters.last_ns), 4) if counters.last_ns else None})
+        fault = window.fault
+        recorder.event("fault-window", None, None, fault=index, slot=window.slot, fault_kind=fault.kind,
+                       mode=fault.mode, window=window.number, start=window.start, end=round(now, 6),
+                       ended_by=ended_by, resumed=window.resumed, hosts=hosts)

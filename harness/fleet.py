@@ -72,7 +72,8 @@ class Host:
 
 
 class Recorder(Protocol):
-    def event(self, kind: str, host: int | None = None, pid: int | None = None, **detail: Any) -> None: ...
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, *, at: float | None = None,
+              **detail: Any) -> None: ...
     def crash(self, record: dict[str, Any]) -> None: ...
     def now(self) -> float: ...
 
@@ -199,6 +200,10 @@ class FleetSupervisor:
         self.first_start_failed: str | None = None
         self.first_start_failed_dir: Path | None = None   # the failing host's folder (its logs)
         self._fewest_alive: int | None = None   # since the sampler last looked
+        # (trio time, hosts alive after) of every change not yet given to a sampled second, and the count
+        # at the last second's boundary: a change belongs to the second it happened in
+        self._alive_changes: list[tuple[float, int]] = []
+        self._alive_at_boundary: int | None = None
         self._ready_once = [trio.Event() for _ in hosts]
         self.forced = False     # a second SIGINT/SIGTERM: stop without grace
 
@@ -212,17 +217,34 @@ class FleetSupervisor:
     def alive_now(self) -> int:
         return sum(1 for h in self.hosts if h.state in (State.UP, State.PAUSED))
 
-    def take_fewest_alive(self) -> int:
+    def take_fewest_alive(self, until: float | None = None) -> int:
         """Fewest hosts alive at any moment since the last call (a host down and back within one
-        sampled second still shows)."""
+        sampled second still shows). With `until` (trio time: the end of the second being sampled), only
+        changes before it count: one that happened after it (a host killed at 4.000 s, seen by a sampler
+        that ran at 4.002 s) belongs to the next second."""
         now = self.alive_now()
-        fewest = now if self._fewest_alive is None else min(self._fewest_alive, now)
-        self._fewest_alive = now
-        return fewest
+        if until is None:
+            fewest = now if self._fewest_alive is None else min(self._fewest_alive, now)
+            self._fewest_alive = now
+            self._alive_changes, self._alive_at_boundary = [], now
+            return fewest
+        start = self._alive_at_boundary if self._alive_at_boundary is not None else now
+        mine = [after for when, after in self._alive_changes if when < until]
+        self._alive_changes = [(when, after) for when, after in self._alive_changes if when >= until]
+        self._alive_at_boundary = mine[-1] if mine else start
+        return min([start] + mine)
+
+    def mark_alive_boundary(self) -> None:
+        """The load starts: the per-second count of hosts alive starts from the hosts alive now."""
+        self._alive_changes, self._alive_at_boundary, self._fewest_alive = [], self.alive_now(), None
+
+    def _alive_changed(self) -> None:
+        now = self.alive_now()
+        self._alive_changes.append((trio.current_time(), now))
+        self._fewest_alive = now if self._fewest_alive is None else min(self._fewest_alive, now)
 
     def _host_went_down(self) -> None:
-        now = self.alive_now()
-        self._fewest_alive = now if self._fewest_alive is None else min(self._fewest_alive, now)
+        self._alive_changed()
 
     def up_count(self) -> int:
         return sum(1 for h in self.hosts if h.state == State.UP)
@@ -340,13 +362,16 @@ class FleetSupervisor:
                 self.listener.host_gone(host)
             if status is None:  # cancelled: the run is stopping
                 with trio.CancelScope(shield=True):
+                    stop_at = self.recorder.now()
                     status = await stop(child, 0.0 if self.forced else self.target_of(host).stop_grace)
                     stopped = ExitInfo.from_status(status)
-                    self.recorder.event("stop", host.index, child.pid, how=stopped.describe())
+                    self.recorder.event("stop", host.index, child.pid, how=stopped.describe(), began=round(stop_at, 6),
+                                        **({"dead_before_stop": True} if child.dead_before_stop else {}))
                     # A target that dies of anything but our SIGTERM/SIGKILL while stopping (an abort in
                     # a destructor, a double free at exit) has crashed: record it like any other.
-                    if stopped.signal is not None and stopped.signal not in (signal.SIGTERM, signal.SIGKILL):
-                        await self._record_exit(host, child, stopped)
+                    if stopped.signal is not None and (child.dead_before_stop or stopped.signal not in
+                                                       (signal.SIGTERM, signal.SIGKILL)):
+                        await self._record_exit(host, child, stopped, stopping_since=stop_at)
         info = ExitInfo.from_status(status)
         if host.incarnation == 1 and not self._ready_once[host.index].is_set() and self.first_start_failed is None \
                 and host.kill_expected is None:
@@ -382,6 +407,7 @@ class FleetSupervisor:
                 if not await self._set_up(host, child, target):
                     return
                 host.state = State.UP
+                self._alive_changed()
                 self.recorder.event("ready", host.index, child.pid,
                                     after=round(time.monotonic() - host.started_at, 4))
                 self._ready_once[host.index].set()
@@ -419,13 +445,21 @@ class FleetSupervisor:
         child.signal_group(signal.SIGKILL)
         return False
 
-    async def _record_exit(self, host: Host, child: Child, info: ExitInfo) -> None:
-        uptime = time.monotonic() - host.started_at
+    async def _record_exit(self, host: Host, child: Child, info: ExitInfo,
+                           stopping_since: float | None = None) -> None:
+        """The exit, at the moment it was seen (not after the clean-up that followed); a crash also as a
+        crash record. `stopping_since`: found while the harness was stopping the host (the trial's end)."""
+        exited = child.exited_at if child.exited_at is not None else time.monotonic()
+        uptime = exited - host.started_at
+        died_at = round(self.recorder.now() - (time.monotonic() - exited), 6)
         why = host.kill_expected
         detail: dict[str, Any] = {"status": info.describe(), "uptime": round(uptime, 4)}
         if why:
             detail["cause"] = why
-        self.recorder.event("exit", host.index, child.pid, signal=info.signal, exit_code=info.exit_code,
+        if stopping_since is not None:
+            # while stopping: a target that died of our SIGTERM handler's path, or was found dead already
+            detail["stopping"] = {"since": round(stopping_since, 6), "dead_before_stop": child.dead_before_stop}
+        self.recorder.event("exit", host.index, child.pid, at=died_at, signal=info.signal, exit_code=info.exit_code,
                             core_dumped=info.core_dumped, **detail)
         # A death by signal that the harness did not cause is a crash (SIGTERM/SIGKILL from elsewhere too).
         # A host-loss kill explains only a SIGKILL: a host that segfaulted just before it was picked crashed.
@@ -433,12 +467,14 @@ class FleetSupervisor:
             why = None
         if info.signal is not None and why is None:
             host.crashes += 1
-            record = {"t": round(self.recorder.now(), 6), "wall": time.time(),  # the death, not the triage
+            record = {"t": died_at, "wall": time.time() - (time.monotonic() - exited),  # the death, not the triage
                       "host": host.index, "pid": child.pid, "signal": info.signal,
                       "signal_name": signal_name(info.signal), "core_dumped": info.core_dumped, "uptime": uptime,
                       "executable": host.extra.get("exe") or resolve_program(host.argv[0])}
             if host.extra.get("proof") is not None:   # the proof of the incarnation that crashed
-                record["detail"] = {"proof": host.extra["proof"]}
+                record.setdefault("detail", {})["proof"] = host.extra["proof"]
+            if "stopping" in detail:
+                record.setdefault("detail", {})["stopping"] = detail["stopping"]
             if self.on_crash is not None:
                 await self.on_crash(host, info, record)
             self.recorder.crash(record)

@@ -145,6 +145,35 @@ def _next_return(later: list[dict[str, Any]], host: int, how: str, end: float) -
     return next((e["t"] for e in later if e.get("host") == host and e["kind"] in wanted), end)
 
 
+_LANE_STATE = {"start": "starting", "ready": None, "resume": None, "pause": "paused", "exit": "down",
+               "no-restart": "stopped"}
+
+
+def lane_rows(events: Iterable[dict[str, Any]], end: float) -> dict[int, list[dict[str, Any]]]:
+    """host -> [{t, span, state}] where it was not up (starting, paused, down, stopped), from its events
+    (t, kind, host), cut to [0, end]. A `stop` (the harness stopping the fleet at the end) ends the lane
+    until a host starts again (a resumed run)."""
+    lanes: dict[int, list[dict[str, Any]]] = {}
+    state: dict[int, tuple[str | None, float]] = {}
+
+    def close(host: int, until: float) -> None:
+        current, since = state.get(host, (None, 0.0))
+        lo, hi = max(since, 0.0), min(until, end)
+        if current is not None and hi > lo:
+            lanes.setdefault(host, []).append({"t": lo, "span": hi - lo, "state": current})
+
+    for event in sorted(events, key=lambda e: e["t"]):
+        host, kind, t = event["host"], event["kind"], float(event["t"])
+        if state.get(host, (None, 0.0))[0] == "ended" and kind != "start":   # a resumed run starts hosts again
+            continue
+        close(host, t)
+        state[host] = ("ended", t) if kind == "stop" else (_LANE_STATE.get(kind), t)
+    for host, (current, _) in state.items():
+        if current != "ended":
+            close(host, end)
+    return lanes
+
+
 def runs_of(t: Sequence[float], spans: Sequence[float], flags: Sequence[bool],
             max_segments: int = MAX_LANE_SEGMENTS) -> list[tuple[float, float]]:
     """(start, width) of each run of rows whose flag is set (a host down, say). When there are more
@@ -244,9 +273,21 @@ def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData
                           "AS live FROM host_samples WHERE trial=? AND pid IS NOT NULL "
                           "GROUP BY host, pid, t / ? ORDER BY host, t", (tid, width))
     lane_width = max(1, int(end // (2 * MAX_POINTS)))
-    lanes = _rows(store, f"SELECT host, min(t) AS t, max(t + span) - min(t) AS span, {_WORST_STATE} AS state "
-                         "FROM host_samples WHERE trial=? AND state != 'up' GROUP BY host, t / ? ORDER BY host, t",
-                  (tid, lane_width))
+    lane_events = _rows(store, "SELECT t, kind, host FROM events WHERE trial=? AND host IS NOT NULL AND host < ? "
+                               "AND kind IN ('start', 'ready', 'pause', 'resume', 'exit', 'stop', 'no-restart')",
+                        (tid, MAX_LANES))
+    if any(e["kind"] == "start" for e in lane_events):
+        # Down, starting, paused: from the events, at the moment each happened (a host killed at 4.00 s is
+        # red from 4.00 s); only "ejected" (the balancer's view) comes from the per-second samples.
+        lanes = [{"host": h, **row} for h, rows in lane_rows(lane_events, end).items() for row in rows]
+        lanes += _rows(store, "SELECT host, min(t) AS t, max(t + span) - min(t) AS span, 'ejected' AS state "
+                              "FROM host_samples WHERE trial=? AND state = 'ejected' AND host < ? "
+                              "GROUP BY host, t / ? ORDER BY host, t", (tid, MAX_LANES, lane_width))
+        lanes.sort(key=lambda r: (r["host"], r["t"]))
+    else:   # a store without start events: the state each host was sampled in, per second
+        lanes = _rows(store, f"SELECT host, min(t) AS t, max(t + span) - min(t) AS span, {_WORST_STATE} AS state "
+                             "FROM host_samples WHERE trial=? AND state != 'up' GROUP BY host, t / ? ORDER BY host, t",
+                      (tid, lane_width))
     crashes = [(r["t"], r["host"]) for r in store.query("SELECT t, host FROM crashes WHERE trial=? ORDER BY t", (tid,))]
     label = f"{trial['variant']}" + (f" #{trial['repeat'] + 1}" if trial["repeat"] else "") + f" (trial {tid})"
     windows = fault_windows(_timeline_events(store, tid), end)
@@ -583,6 +624,7 @@ h3{font-size:15px;margin:12px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px;background:#fff;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.zero{color:#b00020;font-weight:600}
 code,pre{font-family:"DejaVu Sans Mono",monospace;font-size:12px}
 pre{background:#f4f4f4;padding:6px 10px;overflow-x:auto;border:1px solid #e4e4e4}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(620px,1fr));gap:14px}
@@ -646,11 +688,13 @@ def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | 
             _plot_section("memory", "Memory and resources per host", trials, ctx, plot_memory,
                           "One line per process: a restart starts a new line. Titles carry the variant's "
                           "trend verdict.", trend_table(trends)),
+            _faults_section(report),
             _buckets_section(report, examples),
             _footprint_section(footprint, report),
         ]
     title = f"harness report — {report['scenario']} — {report['run_id']}"
-    nav = "".join(f'<a href="#{s}">{s}</a>' for s in ("cascade", "load", "latency", "memory", "crashes"))
+    nav = "".join(f'<a href="#{s}">{s}</a>' for s in ("cascade", "load", "latency", "memory", "faults", "crashes")
+                  if f'<section id="{s}">' in "".join(sections))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><main><nav>{nav}</nav>" + "".join(sections)
@@ -886,7 +930,8 @@ def bucket_detail(bucket: dict[str, Any], example: dict[str, Any] | None, run_di
              f'{esc(bucket["crash_class"])}</h3>',
              f'<p><code>{esc(bucket["signature"] or "(no signature)")}</code></p><p>']
     facts = [("class detail", data.get("class_detail")), ("signal", f"{bucket['signal']} {data.get('si_code_name') or ''}"),
-             ("fault address", data.get("fault_address") or bucket.get("fault_address")),
+             ("fault address", data.get("fault_address") or bucket.get("fault_address")
+              or ("unknown" if data.get("signal_name") in ("SIGSEGV", "SIGBUS") else None)),
              ("access", data.get("access")), ("instruction", data.get("instruction")),
              ("in allocator", "yes" if bucket.get("in_allocator") else None),
              ("abort message", data.get("abort_message")), ("example core", bucket.get("example_core")),
@@ -912,6 +957,58 @@ def bucket_detail(bucket: dict[str, Any], example: dict[str, Any] | None, run_di
         lines.append(f"<pre>{esc(command)}</pre>")
     lines.append("</div>")
     return "".join(lines)
+
+
+MAX_FAULT_CRASH_ROWS = 50   # crash rows per trial in the fault-effects section (the JSON has them all)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _faults_section(report: dict[str, Any]) -> str:
+    """Per fault window and host: injected failures of eligible calls, first and last injection; and each
+    crash with the faults armed on its host at that moment. Empty without shim faults."""
+    from harness.report import armed_text
+    parts = []
+    for trial in report["trials"]:
+        windows = trial.get("fault_windows") or []
+        crashes = [c for c in trial["crashes"] if c.get("faults_armed") is not None]
+        if not windows and not crashes:
+            continue
+        label = f"{trial['variant']} #{trial['repeat'] + 1} (trial {trial['id']})"
+        rows = []
+        for w in windows:
+            span = f"{_seconds(w['start'])} – {_seconds(w['end']) if w['end'] is not None else '?'}"
+            for host in w["hosts"] or [{}]:
+                injected, eligible = host.get("injected"), host.get("eligible")
+                rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in (
+                    f"f{w['fault']}", f"{w.get('fault_kind')} {w.get('mode')}", span, w.get("ended_by") or "",
+                    host.get("host_name") or "(no host)")) +
+                    f'<td class="num{" zero" if not injected else ""}">{esc("unknown" if injected is None else injected)}'
+                    f' / {esc("unknown" if eligible is None else eligible)}</td>'
+                    f'<td class="num">{esc(_seconds(host.get("first")))}</td>'
+                    f'<td class="num">{esc(_seconds(host.get("last")))}</td></tr>')
+        table = ("<table class=\"windows\"><tr><th>fault</th><th>kind</th><th>window</th><th>ended by</th><th>host</th>"
+                 "<th>injected / eligible</th><th>first injection</th><th>last injection</th></tr>"
+                 + "".join(rows) + "</table>") if rows else '<p class="note">no fault window opened</p>'
+        crash_rows = "".join(
+            "<tr>" + "".join(f'<td>{esc(v)}</td>' for v in (
+                f"{c['t']:.2f}", c.get("when", ""), c.get("host_name") or f"h{c['host']}", c["signal_name"],
+                c.get("bucket") or "-", armed_text(c["faults_armed"]))) + "</tr>"
+            for c in crashes[:MAX_FAULT_CRASH_ROWS])
+        more = (f'<p class="note">{len(crashes) - MAX_FAULT_CRASH_ROWS} more crashes: harness report --json</p>'
+                if len(crashes) > MAX_FAULT_CRASH_ROWS else "")
+        crash_table = ("<table><tr><th>t (s)</th><th>when</th><th>host</th><th>signal</th><th>bucket</th>"
+                       "<th>faults armed (injected on the host, last at)</th></tr>" + crash_rows + "</table>" + more
+                       ) if crashes else ""
+        parts.append(f"<h3>{esc(label)}</h3>{table}{crash_table}")
+    if not parts:
+        return ""
+    return ('<section id="faults"><h2>Fault effects</h2><p class="note">What each shim fault window did on each '
+            "host it applied to: failures injected out of the calls that were eligible (a window that injected "
+            "nothing is marked), the first and last injection; and each crash with the faults armed on its host "
+            "at that moment.</p>" + "".join(parts) + "</section>")
 
 
 def _buckets_section(report: dict[str, Any], examples: dict[str, dict[str, Any]]) -> str:

@@ -23,6 +23,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class Child:
     reaped: bool = False
     status: int | None = None
     tag: str = ""            # reaper.TAG_VAR in its environment, inherited by all it forks
+    exited_at: float | None = None     # time.monotonic() when its exit was seen (not when it was reaped)
+    dead_before_stop: bool = False     # stop() found it already dead: it did not die of being stopped
 
     def signal_group(self, sig: int) -> bool:
         """Signal the whole process group; False when it is already gone."""
@@ -130,6 +133,8 @@ async def wait_exit(child: Child) -> int:
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+    if child.exited_at is None:    # the moment of death as near as we see it (the clean-up below takes time)
+        child.exited_at = time.monotonic()
     # The leader is a zombie now, so its pid (= the group id) cannot be reused yet: clean up any
     # children it forked before reaping it.
     try:
@@ -155,6 +160,9 @@ async def stop(child: Child, grace: float) -> int:
     """SIGTERM the group (resuming it if paused), SIGKILL after `grace`; always reaps, then kills
     what escaped the group."""
     with trio.CancelScope(shield=True):
+        if not child.reaped and _has_exited(child.pid):
+            child.dead_before_stop = True
+            child.exited_at = child.exited_at or time.monotonic()
         if not child.reaped:
             child.signal_group(signal.SIGCONT)
             child.signal_group(signal.SIGTERM)
@@ -165,6 +173,14 @@ async def stop(child: Child, grace: float) -> int:
         status = await wait_exit(child)  # at once when already reaped
         await sweep(child)
     return status
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child has already exited (a zombie), without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:

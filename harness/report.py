@@ -29,17 +29,23 @@ def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> 
 
 
 def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]], start: float,
-                   end: float) -> dict[str, Any]:
-    chosen = _window_samples(samples, start, end)
-    return {**traffic_metrics(chosen, start, end),
+                   end: float, *, until: float | None = None, counts_end: float | None = None) -> dict[str, Any]:
+    """One window's numbers. `until`: the load's end; a sample reaching past it counts its outcomes but
+    only its seconds before it (the drain after the load holds replies and timeouts of requests that
+    arrived before the end, not a second of load). `counts_end`: take samples up to there (the last
+    phase takes the drain), crashes still by their own time within [start, end)."""
+    chosen = _window_samples(samples, start, end if counts_end is None else counts_end)
+    return {**traffic_metrics(chosen, start, end, until=until),
             "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
             "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
             "crashes": sum(1 for c in crashes if start <= c["t"] < end)}
 
 
-def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
-    """Counts, rates and latency percentiles over these samples (fleet-wide rows, or one request's)."""
-    covered = sum(s.get("span", 1) for s in chosen)
+def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float, *,
+                    until: float | None = None) -> dict[str, Any]:
+    """Counts, rates and latency percentiles over these samples (fleet-wide rows, or one request's);
+    `until`: the load's end (see window_metrics)."""
+    covered = sum(_seconds_of(s, until) for s in chosen)
     seconds = max(covered, 1e-9) if chosen else max(end - start, 1e-9)
     histogram = new_histogram()
     for sample in chosen:
@@ -65,15 +71,28 @@ def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float) -> d
     }
 
 
-def _requests(store: RunStore, tid: int, phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per request of a mix: the whole run and each phase, like the fleet-wide tables."""
+def _seconds_of(sample: dict[str, Any], until: float | None) -> float:
+    span = sample.get("span", 1)
+    if until is None or sample["t"] + span <= until:
+        return span
+    return max(0.0, until - sample["t"])
+
+
+def _requests(store: RunStore, tid: int, phases: list[dict[str, Any]], until: float) -> dict[str, Any]:
+    """Per request of a mix: the whole run and each phase, like the fleet-wide tables (the drain after
+    the load counts in the last phase, without a second of its own)."""
     rows = _rows(store, "SELECT * FROM request_samples WHERE trial=? ORDER BY t", (tid,))
     by_name: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_name.setdefault(row["name"], []).append(row)
-    return {name: {"overall": traffic_metrics(samples, -math.inf, math.inf),
-                   "phases": [{"name": p["name"], **traffic_metrics(_window_samples(samples, p["start"], p["end"]),
-                                                                     p["start"], p["end"])} for p in phases]}
+
+    def phase(samples: list[dict[str, Any]], index: int, p: dict[str, Any]) -> dict[str, Any]:
+        end = math.inf if index == len(phases) - 1 else p["end"]
+        return {"name": p["name"], **traffic_metrics(_window_samples(samples, p["start"], end), p["start"], p["end"],
+                                                     until=until)}
+
+    return {name: {"overall": traffic_metrics(samples, -math.inf, math.inf, until=until),
+                   "phases": [phase(samples, i, p) for i, p in enumerate(phases)]}
             for name, samples in by_name.items()}
 
 
@@ -134,10 +153,13 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
     for crash in crashes:
         crash["host_name"] = names.get(crash["host"], f"h{crash['host']}")
     phase_rows = []
-    for phase in phases:
-        metrics = window_metrics(samples, crashes, phase["start"], phase["end"])
+    until = float(run["duration"])
+    for index, phase in enumerate(phases):
+        last = index == len(phases) - 1
+        metrics = window_metrics(samples, crashes, phase["start"], phase["end"], until=until,
+                                 counts_end=math.inf if last else None)
         phase_rows.append({"name": phase["name"], **metrics})
-    overall = window_metrics(samples, crashes, -math.inf, math.inf)
+    overall = window_metrics(samples, crashes, -math.inf, math.inf, until=until)
     status = trial["status"]
     if status == "running":
         status = "incomplete"
@@ -149,7 +171,10 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "crashes": [{k: c[k] for k in ("t", "host", "pid", "signal", "signal_name", "core_dumped", "uptime",
                                        "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
                                        "detail", "crash_class", "signature", "bucket", "in_allocator",
-                                       "fault_address", "host_name")} for c in crashes[:MAX_CRASHES_LISTED]],
+                                       "fault_address", "host_name")}
+                    | {"faults_armed": faults_armed(c["detail"]), "when": _when(c, run["duration"])}
+                    for c in crashes[:MAX_CRASHES_LISTED]],
+        "fault_windows": fault_windows(store, tid, events, names),
         "buckets": crash_buckets(crashes),
         "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
         "crashes_by_host": {names.get(h, f"h{h}"): n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
@@ -173,13 +198,90 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         - len({e["host"] for e in events if e["kind"] == "start"}) * (1 + sum(e["kind"] == "gap" for e in events)),
         "samples": len(samples),
         "end": end,
-        "requests": _requests(store, tid, phases),
+        "requests": _requests(store, tid, phases, until),
         "replies": _replies(store, tid),
         "protocol_errors": [{"t": e["t"], "host": e["host"], "host_name": names.get(e["host"], f"h{e['host']}"),
                              **e["detail"]} for e in events if e["kind"] == "protocol-error"],
         "setup": [{"t": e["t"], "host": e["host"], "kind": e["kind"], **e["detail"]}
                   for e in events if e["kind"] in ("setup", "setup-failed")],
     }
+
+
+def faults_armed(detail: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The shim faults armed on the host when it died, each with what it had injected there by then
+    (None: the run had no shim faults)."""
+    shim = detail.get("shim")
+    if not shim:
+        return None
+    out = []
+    for slot in shim.get("armed", []):
+        index = slot["slot"]
+
+        def at(key: str) -> Any:
+            values = shim.get(key) or []
+            return values[index] if index < len(values) else None
+
+        out.append({"fault": slot.get("fault"), "slot": index, "kind": slot.get("kind"), "mode": slot.get("mode"),
+                    "window": slot.get("window"), "armed_at": slot.get("armed_at"),
+                    "eligible": at("eligible"), "injected": at("injected"), "last_injected": at("last_injected")})
+    return out
+
+
+def _when(crash: dict[str, Any], duration: float) -> str:
+    """load | drain (after the load, before the fleet was stopped) | stopping (found while the harness
+    stopped the host at the trial's end) | start-up (before the load)."""
+    if crash["detail"].get("stopping"):
+        return "stopping"
+    if crash["t"] < 0:
+        return "start-up"
+    return "load" if crash["t"] < duration else "drain"
+
+
+def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
+                  names: dict[int, str]) -> list[dict[str, Any]]:
+    """Per window of each shim fault and per host it applied to: eligible calls, injected failures, the first
+    and last injection (trial seconds). From the controller's `fault-window` events; a window still open when
+    the harness died is read from the last per-host sample inside it (its end is then null)."""
+    out = []
+    for event in events:
+        if event["kind"] != "fault-window":
+            continue
+        d = event["detail"]
+        out.append({k: d.get(k) for k in ("fault", "slot", "fault_kind", "mode", "window", "start", "end",
+                                          "ended_by", "resumed")} | {"hosts": d.get("hosts", [])})
+    armed: dict[int, dict[str, Any]] = {}
+    for event in events:     # arms with no closing fault-window: the harness stopped inside the window
+        if event["kind"] == "fault-arm":
+            armed[event["detail"]["fault"]] = event
+        elif event["kind"] in ("fault-disarm", "fault-window"):
+            armed.pop(event["detail"].get("fault"), None)
+    for index, event in armed.items():
+        d = event["detail"]
+        if any(w["fault"] == index and w["start"] is not None and abs(w["start"] - event["t"]) < 1e-3 for w in out):
+            continue
+        hosts = []
+        for host in d.get("hosts", []):
+            row = store.query("SELECT shim FROM host_samples WHERE trial=? AND host=? AND t>=? AND shim IS NOT NULL "
+                              "ORDER BY t DESC LIMIT 1", (trial, host, math.floor(event["t"])))
+            shim = json.loads(row[0]["shim"]) if row else {}
+            slot = d.get("slot", 0)
+
+            def at(key: str) -> Any:
+                values = shim.get(key) or []
+                return values[slot] if slot < len(values) else None
+
+            hosts.append({"host": host, "eligible": at("eligible"), "injected": at("injected"),
+                          "first": at("first_injected"), "last": at("last_injected")})
+        out.append({"fault": index, "slot": d.get("slot"), "fault_kind": d.get("fault_kind"), "mode": d.get("mode"),
+                    "window": None, "start": event["t"], "end": None, "resumed": False,
+                    "ended_by": "unknown (the harness stopped inside the window; counts as of its last second)",
+                    "hosts": hosts})
+    for window in out:
+        for host in window["hosts"]:
+            host["host_name"] = names.get(host["host"], f"h{host['host']}")
+        window["eligible"] = sum(h["eligible"] or 0 for h in window["hosts"])
+        window["injected"] = sum(h["injected"] or 0 for h in window["hosts"])
+    return sorted(out, key=lambda w: (w["start"] if w["start"] is not None else 0.0, w["fault"]))
 
 
 def _host_names(events: list[dict[str, Any]]) -> dict[int, str]:
@@ -287,6 +389,55 @@ def _proof_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
             "warnings": sorted({w for p in proofs for w in p.get("warnings", [])})}
 
 
+def _uptime(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+
+
+def _at(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def armed_text(armed: list[dict[str, Any]] | None) -> str:
+    """A crash's armed faults in a table cell: `f0 nth: 1183 injected, last 5.02s`."""
+    if armed is None:
+        return "-"
+    if not armed:
+        return "none"
+    return "; ".join(f"f{a['fault'] if a.get('fault') is not None else '?'} {a.get('mode') or ''}: "
+                     f"{a['injected'] if a.get('injected') is not None else 'unknown'} injected"
+                     + (f", last {_at(a.get('last_injected'))}" if a.get("injected") else "") for a in armed)
+
+
+MAX_WINDOW_HOSTS = 8   # host rows per fault window in the text report (the JSON has them all)
+
+
+def fault_window_table(windows: list[dict[str, Any]]) -> str:
+    rows = []
+    for w in windows:
+        span = f"{_at(w['start'])}-{_at(w['end']) if w['end'] is not None else '?'}"
+        if w.get("ended_by") == "trial end":
+            span += " (to the end)"
+        label = [f"f{w['fault']}", f"{w.get('fault_kind')} {w.get('mode')}", span]
+        hosts = w["hosts"]
+        for host in hosts[:MAX_WINDOW_HOSTS]:
+            rows.append(label + [host.get("host_name") or f"h{host['host']}",
+                                 f"{_count(host.get('injected'))} / {_count(host.get('eligible'))}",
+                                 _at(host.get("first")), _at(host.get("last"))])
+            label = ["", "", ""]
+        if len(hosts) > MAX_WINDOW_HOSTS:
+            rest = hosts[MAX_WINDOW_HOSTS:]
+            rows.append(label + [f"{len(rest)} more", f"{sum(h.get('injected') or 0 for h in rest)} / "
+                                                       f"{sum(h.get('eligible') or 0 for h in rest)}", "", ""])
+        if not hosts:
+            rows.append(label + ["(no host)", "-", "-", "-"])
+    return tabulate(rows, headers=["fault", "kind", "window", "host", "injected / eligible", "first injection",
+                                   "last injection"], disable_numparse=True)
+
+
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else str(value)
+
+
 def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | None = None) -> str:
     out = [f"run {report['run_id']}  scenario {report['scenario']}  seed {report['seed']}  "
            f"status {report['status']}", f"results: {report['run_dir']}"]
@@ -326,12 +477,17 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
             if len(trial["crashes_by_host"]) > 16:
                 by_host = f"{len(trial['crashes_by_host'])} hosts"
             out.append(f"crashes: {trial['crashes_total']} ({by_signal}; {by_host})")
-            crash_rows = [[f"{c['t']:.2f}", c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
+            shim = any(c.get("faults_armed") is not None for c in trial["crashes"])
+            crash_rows = [[f"{c['t']:.2f}" + ("" if c.get("when", "load") == "load" else f" ({c['when']})"),
+                           c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
                            c["crash_class"] or "-",
-                           c["bucket"] or "-", "yes" if c["core_dumped"] else "no", f"{c['uptime']:.1f}s",
-                           f"{c['offered_rate']:.0f}", c["hosts_alive"]] for c in trial["crashes"][:20]]
+                           c["bucket"] or "-", "yes" if c["core_dumped"] else "no", _uptime(c["uptime"]),
+                           f"{c['offered_rate']:.0f}", c["hosts_alive"]]
+                          + ([armed_text(c.get("faults_armed"))] if shim else []) for c in trial["crashes"][:20]]
             out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
-                                                     "uptime", "offered/s", "alive after"]))
+                                                     "uptime", "offered/s", "alive after"]
+                                + (["faults armed (injected on the host, last at)"] if shim else []),
+                                disable_numparse=True))
             if len(trial["crashes"]) > 20:
                 out.append(f"... and {len(trial['crashes']) - 20} more (harness report --json)")
         else:
@@ -341,6 +497,9 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                                               f"sent {g['sent']}, ok {g['ok']}, "
                                               f"errors {g['errors']}, crashes {g['crashes']}"
                                               for name, g in trial["groups"].items()))
+        if trial.get("fault_windows"):
+            out.append("fault windows (what each did on each host: injected / eligible calls):")
+            out.append(fault_window_table(trial["fault_windows"]))
         segments = [f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"]]
         if len(segments) > 24:  # big fleets change every second: show the start and the end
             segments = segments[:12] + [f"... ({len(segments) - 18} more)"] + segments[-6:]

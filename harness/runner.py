@@ -45,7 +45,7 @@ from harness.collect.coreinstall import claim_record, find_spooled_record, insta
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
 from harness.collect.retention import CoreRetention, KeptCore
 from harness.collect.triage import triage_core
-from harness.faults import ShimFaults
+from harness.faults import ShimFaults, monotonic_clock
 from harness.metrics import Metrics
 from harness.shim.interpose import check_interposable, shim_loaded
 from harness.shim.build import ShimBuildError, ensure_shim
@@ -109,8 +109,12 @@ class Recorder:
     def now(self) -> float:
         return trio.current_time() - self.t0
 
-    def event(self, kind: str, host: int | None = None, pid: int | None = None, **detail: Any) -> None:
-        self.events.append({"t": round(self.now(), 6), "wall": time.time(), "kind": kind, "host": host, "pid": pid,
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, *, at: float | None = None,
+              **detail: Any) -> None:
+        """`at`: when it happened, if earlier than now (trial seconds)."""
+        now = self.now()
+        t = now if at is None else min(at, now)
+        self.events.append({"t": round(t, 6), "wall": time.time() - (now - t), "kind": kind, "host": host, "pid": pid,
                             "detail": detail})
 
     def crash(self, record: dict[str, Any]) -> None:
@@ -383,6 +387,8 @@ class Run:
             if self._shim is not None:
                 self._shim.close()
             raise HarnessError(f"cannot create the host logs under {self.run_dir / 'hosts'}: {exc}") from None
+        if self._shim is not None:
+            self._shim.clock = monotonic_clock(recorder.now)   # injection times on the trial's clock
         balancer = Balancer(len(hosts), scenario.fleet.balancer)
         driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
                         expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],
@@ -417,6 +423,7 @@ class Run:
                 recorder.t0 = load_start - self._start_at
                 recorder.wall0 = time.time() + 0.05 - self._start_at
                 recorder.next_second = self._start_at
+                supervisor.mark_alive_boundary()
                 if start_at is None:
                     await self._store_call(self.store.trial_load_started, number, recorder.wall0)
                 else:
@@ -427,7 +434,7 @@ class Run:
                 if variant.faults:
                     nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
                 if self._shim is not None and variant.faults:
-                    nursery.start_soon(self._shim.run, recorder.t0, recorder)
+                    nursery.start_soon(self._shim.run, recorder.t0, recorder, float(self._start_at))
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
@@ -506,7 +513,9 @@ class Run:
         with what the shim had injected to a crash record."""
         recorder = self._recorder
         if self._shim is not None:
-            record.setdefault("detail", {})["shim"] = {"armed": self._shim.armed(host.index),
+            # Armed at the moment of death (by the controller's log: a crash seen while the fleet is being
+            # stopped comes after the faults were disarmed), with what the shim had injected by then.
+            record.setdefault("detail", {})["shim"] = {"armed": self._shim.armed_at(host.index, record["t"]),
                                                        **self._shim.snapshot(host.index)}
         record["offered_rate"] = recorder.offered_rate
         # The connections may have reported the death first and failed their requests already.
@@ -669,7 +678,7 @@ class Run:
         recorder.offered_rate = self.scenario.load.rate(second + 1)
         has = c.latency.get_total_count() > 0
         pct = (lambda q: c.latency.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
-        alive = supervisor.take_fewest_alive()
+        alive = supervisor.take_fewest_alive(until=recorder.t0 + second + 1)
         recorder.previous_alive = recorder.last_sample.hosts_alive if recorder.last_sample else None
         recorder.last_sample = Sample(
             t=second, offered=c.offered, sent=c.sent, ok=c.ok, timeout=c.timeout, conn_error=c.conn_error,

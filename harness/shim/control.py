@@ -405,33 +405,38 @@ class ControlFile:
 
     def armed(self) -> dict[int, FaultSlot]:
         """The faults currently armed, decoded back from the file."""
+        mask = self._ctl.h.armed
+        out: dict[int, FaultSlot] = {}
+        for i in range(NSLOTS):
+            fault = self.slot(i) if mask >> i & 1 else None
+            if fault is not None:
+                out[i] = fault
+        return out
+
+    def slot(self, i: int) -> FaultSlot | None:
+        """What slot i holds (armed or not: a disarmed slot keeps its last fault), decoded back from the
+        file; None if it never held one."""
+        self._check_index(i)
         inv_kind = {v: k for k, v in _KINDS.items()}
         inv_mode = {v: k for k, v in _MODES.items()}
-        out: dict[int, FaultSlot] = {}
-        c = self._ctl
-        mask = c.h.armed
-        for i in range(NSLOTS):
-            if not mask >> i & 1:
-                continue
-            s = c.slot[i]
-            kind, mode = inv_kind.get(s.kind), inv_mode.get(s.mode)
-            if kind is None or mode is None:
-                continue
-            callers: list[str] = []
-            if s.callers & _C_ANY:
-                callers.append("any")
-            if s.callers & _C_EXE:
-                callers.append("exe")
-            callers += [_text(bytes(s.names[k])) for k in range(3) if s.names[k].value]
-            out[i] = FaultSlot(
-                kind=kind, mode=mode,  # type: ignore[arg-type]
-                functions=frozenset(f for j, f in enumerate(FUNCTIONS) if s.functions >> j & 1),
-                probability=s.param / 2.0**64 if mode == "random" else 0.0,
-                nth=s.param if mode == "nth" else 0, after=s.param if mode == "after" else 0,
-                budget=s.param if mode == "budget" else 0, min_size=s.min_size,
-                max_size=0 if s.max_size == _U64 else s.max_size,
-                errno=s.err if kind == "lock" else _errno.EDEADLK, times=s.times, callers=tuple(callers))
-        return out
+        s = self._ctl.slot[i]
+        kind, mode = inv_kind.get(s.kind), inv_mode.get(s.mode)
+        if kind is None or mode is None:
+            return None
+        callers: list[str] = []
+        if s.callers & _C_ANY:
+            callers.append("any")
+        if s.callers & _C_EXE:
+            callers.append("exe")
+        callers += [_text(bytes(s.names[k])) for k in range(3) if s.names[k].value]
+        return FaultSlot(
+            kind=kind, mode=mode,  # type: ignore[arg-type]
+            functions=frozenset(f for j, f in enumerate(FUNCTIONS) if s.functions >> j & 1),
+            probability=s.param / 2.0**64 if mode == "random" else 0.0,
+            nth=s.param if mode == "nth" else 0, after=s.param if mode == "after" else 0,
+            budget=s.param if mode == "budget" else 0, min_size=s.min_size,
+            max_size=0 if s.max_size == _U64 else s.max_size,
+            errno=s.err if kind == "lock" else _errno.EDEADLK, times=s.times, callers=tuple(callers))
 
     def counters(self) -> ShimCounters:
         c = self._ctl
