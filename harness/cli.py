@@ -37,6 +37,7 @@ def _html_default() -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Fault-injection stress harness for native services.")
+    parser.add_argument("--version", action="version", version=f"harness {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario against a real fleet")
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--trials", type=int, help="repeats of each variant (overrides the scenario)")
         command.add_argument("--seed", type=int, help="override the scenario's seed")
         command.add_argument("--duration", type=_duration_arg, help="override the duration (e.g. 30s)")
-        command.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
+        command.add_argument("--results", "--out", dest="results", type=Path, default=Path("results"), metavar="DIR",
+                             help="where runs are kept (default: results; --out is the older name)")
         command.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
         command.add_argument("--quiet", action="store_true", help="no live status line")
         command.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
@@ -65,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C")
     resume.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
-    resume.add_argument("--results", type=Path, default=Path("results"))
+    _results_option(resume)
     resume.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     resume.add_argument("--quiet", action="store_true", help="no live status line")
     resume.add_argument("--junit", type=Path, help="also write JUnit XML")
@@ -79,19 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--min-difference", type=float, default=None,
                          help="smallest relative change that matters, e.g. 0.1 for 10%%")
     compare.add_argument("--json", action="store_true", help="the JSON form (docs/compare.md)")
-    compare.add_argument("--results", type=Path, default=Path("results"))
+    _results_option(compare)
 
     calibrate = sub.add_parser("calibrate", help="fit a simulated host model to a real run (prints fleet.simulated)")
     calibrate.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     calibrate.add_argument("--trial", type=int, help="which trial (default: the first)")
     calibrate.add_argument("--hosts", type=int, default=None, help="hosts in the printed model (default: the run's)")
     calibrate.add_argument("--json", action="store_true")
-    calibrate.add_argument("--results", type=Path, default=Path("results"))
+    _results_option(calibrate)
 
     crashes = sub.add_parser("crashes", help="crash buckets of a run, or one bucket's backtrace and fault context")
     crashes.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
     crashes.add_argument("bucket", nargs="?", help="a bucket id (or a prefix of one)")
-    crashes.add_argument("--results", type=Path, default=Path("results"))
+    crashes.add_argument("--json", action="store_true",
+                         help="the buckets (or the one bucket's crashes and triage) as JSON")
+    _results_option(crashes)
     crashes.add_argument("--bundle", type=Path, metavar="FILE",
                          help="write the bucket's example core with the executable, every mapped object, the triage "
                               "and a gdb command file to this archive (.tar.gz, .tar.xz)")
@@ -115,13 +119,48 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--junit", type=Path, help="also write JUnit XML (one case per expectation and crash bucket)")
     report.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
                         help="write the HTML report (default RUN/report.html) and print its path instead of the "
-                             "text summary (with --json, the path goes to stderr)")
-    report.add_argument("--results", type=Path, default=Path("results"))
+                             "text summary (with --json, the path goes to stderr); `--html latest` with no other "
+                             "RUN names the run, not the file")
+    _results_option(report)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("harness")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _results_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
+                         help="where runs are kept, for run ids and 'latest' (default: results)")
+
+
+def _report_args(argv: list[str] | None) -> list[str] | None:
+    """`harness report --html RUN`: --html takes a FILE only when a RUN is given too, so `--html latest` alone
+    names the run (and writes RUN/report.html), never a file called 'latest'."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "report" or "--html" not in args:
+        return argv
+    at = args.index("--html")
+    positional, skip = [], False
+    for i, word in enumerate(args[1:], start=1):
+        if skip or i in (at, at + 1):
+            skip = False
+            continue
+        if word in ("--junit", "--results"):       # options of `report` that take a value
+            skip = True
+        elif not word.startswith("-"):
+            positional.append(word)
+    if at + 1 < len(args) and not args[at + 1].startswith("-") and not positional:
+        args[at:at + 2] = [args[at + 1], "--html"]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_report_args(argv))
     try:
         if args.command == "validate":
             return _validate(args.paths)
@@ -205,12 +244,15 @@ def _validate(paths: list[Path]) -> int:
 def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from harness.expect import evaluate
     from harness.report import build_report
+    from harness.plancut import plan_cut
     report = build_report(run_dir)
     expectations: list[dict[str, Any]] = []
     saved = run_dir / "scenario.yaml"
     try:
-        scenario = load_scenario(saved)
-        expectations = evaluate(scenario, report)
+        scenario = load_scenario(saved)      # the plan as written: a --duration may have cut the run short
+        cut = plan_cut(scenario, float(report["duration"]))
+        report["plan_cut"] = cut.to_json() if cut.cut else None
+        expectations = evaluate(scenario, report, {e.index: why for e, why in cut.expectations})
     except ScenarioError:
         scenario = None  # the saved copy no longer validates (older harness): report without judging
     if scenario is not None and scenario.compare_expect:
@@ -358,12 +400,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _crashes(args: argparse.Namespace) -> int:
     from harness.crashview import render_bucket, render_buckets
     from harness.report import build_report
+    from harness.crashview import bucket_json, buckets_json
     run_dir = _run_dir(args)
     report = build_report(run_dir)
     if args.bucket is None:
         if args.bundle or args.gdb:
             raise HarnessError("--bundle and --gdb need a BUCKET (harness crashes RUN lists them)")
-        print(render_buckets(report))
+        print(json.dumps(buckets_json(report), indent=2, default=str) if args.json else render_buckets(report))
         return EXIT_OK
     if args.bundle or args.gdb:
         from harness.collect.bundle import open_in_gdb, write_bundle
@@ -378,6 +421,8 @@ def _crashes(args: argparse.Namespace) -> int:
               + (f"; missing: {'; '.join(plan.missing)}" if plan.missing else ""))
         return EXIT_OK
     text = render_bucket(run_dir, args.bucket)
+    if text is not None and args.json:
+        text = json.dumps(bucket_json(run_dir, args.bucket), indent=2, default=str)
     if text is None:
         raise HarnessError(f"no crash bucket {args.bucket!r} in {run_dir} (harness crashes {run_dir} lists them)")
     print(text)
@@ -388,6 +433,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.resume import Invocation
     from harness.runner import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
+    _say_cut(load_scenario(args.scenario, seed=args.seed) if args.duration is not None else scenario,
+             scenario.duration)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
     from harness.metrics import parse_address
@@ -397,16 +444,23 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                             extra={"rollup_after": args.rollup_after, "rollup_every": args.rollup_every})
     if args.rollup_every < 1 or args.rollup_after < 0:
         raise HarnessError("--rollup-every must be at least 1s and --rollup-after not negative")
-    options = RunOptions(out_dir=args.out, variant=args.variant, trials=args.trials, status=not args.quiet,
+    options = RunOptions(out_dir=args.results, variant=args.variant, trials=args.trials, status=not args.quiet,
                          argv=argv, metrics=parse_address(args.metrics) if args.metrics else None,
                          invocation=invocation, rollup_after=args.rollup_after, rollup_every=int(args.rollup_every))
     if args.command == "soak" and args.baseline not in (None, "latest-good"):
         from harness.regress import find_baseline
         try:   # resolved as at the end of the night: a baseline that will not resolve is an error now, not after
-            find_baseline(args.out, scenario.name, args.baseline, exclude=None)
+            find_baseline(args.results, scenario.name, args.baseline, exclude=None)
         except HarnessError as exc:
             raise HarnessError(f"--baseline: {exc}") from None
     return _execute(scenario, options, args, args.command)
+
+
+def _say_cut(plan: Any, duration: float) -> None:
+    """Before the run: what a duration shorter than the plan leaves out (phases, faults, expectations)."""
+    from harness.plancut import plan_cut
+    for line in plan_cut(plan, duration).lines():
+        print(f"harness: note: {line}", file=sys.stderr)
 
 
 def _resume(args: argparse.Namespace, argv: list[str]) -> int:
@@ -438,6 +492,7 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
                               duration_override=invocation.duration, seed_override=invocation.seed)
     if scenario.fleet.simulated is not None:
         raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
+    _say_cut(build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where), scenario.duration)
     from harness.metrics import parse_address
     options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
                          status=not args.quiet, argv=argv, invocation=invocation, resume=point,

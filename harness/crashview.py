@@ -53,6 +53,32 @@ def bucket_example(run_dir: Path, bucket: str) -> tuple[dict[str, Any], dict[str
     return rows[index], triaged[index]
 
 
+def buckets_json(report: dict[str, Any]) -> dict[str, Any]:
+    """`harness crashes RUN --json`: every bucket of every trial (the report's bucket rows)."""
+    return {"run_id": report["run_id"], "run_dir": report["run_dir"],
+            "buckets": [{"trial": trial["id"], "variant": trial["variant"], **bucket}
+                        for trial in report["trials"] for bucket in trial["buckets"]]}
+
+
+def bucket_json(run_dir: Path, bucket: str) -> dict[str, Any]:
+    """`harness crashes RUN BUCKET --json`: the bucket's crashes, each with its triage and fault context."""
+    store = open_run(run_dir)
+    try:
+        rows = [dict(r) for r in store.query(
+            "SELECT c.*, t.variant, x.bucket, x.data FROM crashes c JOIN trials t ON t.id = c.trial "
+            "LEFT JOIN triage x ON x.uid = c.uid WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+        names = _host_names(store)
+    finally:
+        store.close()
+    crashes = []
+    for row in rows:
+        detail = json.loads(row.pop("detail") or "{}")
+        triage = json.loads(row.pop("data") or "{}")
+        crashes.append(row | {"host_name": names.get((row["trial"], row["host"]), f"h{row['host']}"),
+                              "detail": detail, "triage": triage})
+    return {"run_dir": str(run_dir), "bucket": rows[0]["bucket"] if rows else bucket, "crashes": crashes}
+
+
 def _known(value: Any) -> str:
     """What the harness could not find out is "unknown", never Python's None."""
     return "unknown" if value is None or value == "" else str(value)

@@ -53,10 +53,21 @@ def _format(metric: str, value: float | None) -> str:
     return f"{value:g}"
 
 
-def evaluate(scenario: Scenario, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One result per expectation: held in every matching trial? the worst observed value."""
+def evaluate(scenario: Scenario, report: dict[str, Any],
+             not_evaluated: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """One result per expectation: held in every matching trial? the worst observed value.
+
+    `not_evaluated`: expectation index -> why it cannot be judged (its phase was cut by the run's
+    duration); such an expectation is not held (`evaluated: false`), whatever the data."""
     results = []
     for expectation in scenario.expect:
+        reason = (not_evaluated or {}).get(expectation.index)
+        if reason is not None:
+            results.append({"index": expectation.index, "line": expectation.line, "metric": expectation.metric,
+                            "op": expectation.op, "limit": expectation.value, "phase": expectation.phase,
+                            "variant": expectation.variant, "request": expectation.request, "text": expectation.text,
+                            "held": False, "evaluated": False, "observed": None, "observed_text": f"not evaluated: {reason}"})
+            continue
         trials = [t for t in report["trials"] if expectation.variant is None or t["variant"] == expectation.variant]
         observed = [_observe(expectation, t) for t in trials]
         compare = _OPS[expectation.op]
@@ -78,6 +89,6 @@ def evaluate(scenario: Scenario, report: dict[str, Any]) -> list[dict[str, Any]]
             held, text = True, "skipped (this variant did not run)"
         results.append({"index": expectation.index, "line": expectation.line, "metric": expectation.metric,
                         "op": expectation.op, "limit": expectation.value, "phase": expectation.phase,
-                        "variant": expectation.variant, "request": expectation.request, "text": expectation.text, "held": held,
-                        "observed": worst, "observed_text": text})
+                        "variant": expectation.variant, "request": expectation.request, "text": expectation.text,
+                        "held": held, "evaluated": True, "observed": worst, "observed_text": text})
     return results

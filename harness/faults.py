@@ -183,10 +183,15 @@ class ShimFaults:
                                slot=slot, hosts=self.targets[fault.index])
             await trio.sleep_forever()  # faults stay as the timeline left them until the trial ends
         finally:
-            for control in self.files.values():
-                control.disarm_all()
-            for index in list(self.open):
-                self._close(index, recorder, "trial end")
+            self.finish(recorder)
+
+    def finish(self, recorder: Any) -> None:
+        """The load is over: disarm everything and close the open windows (before the fleet is stopped, so
+        a host that dies while being stopped is not taken for one that died under a fault). Idempotent."""
+        for control in self.files.values():
+            control.disarm_all()
+        for index in list(self.open):
+            self._close(index, recorder, "trial end")
 
     def _close(self, index: int, recorder: Any, ended_by: str) -> None:
         """A window ends: what it did on each host (eligible calls, injected failures, first and last

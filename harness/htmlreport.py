@@ -806,13 +806,19 @@ def _header(report: dict[str, Any], trials: list[TrialData]) -> str:
     expectations = report.get("expectations")
     if expectations:
         rows = "".join(
-            f"<tr><td><span class=\"badge {'held' if e['held'] else 'FAILED'}\">{'held' if e['held'] else 'FAILED'}"
+            f"<tr><td><span class=\"badge {'held' if e['held'] else 'FAILED'}\">{verdict_word(e)}"
             f"</span></td><td>{esc(e.get('text'))}</td><td>{esc(e.get('phase') or '')}</td>"
             f"<td>{esc(e.get('variant') or '')}</td><td>{esc(e.get('observed_text'))}</td></tr>" for e in expectations)
         parts.append("<h3>Expectations</h3><table id=\"expectations\"><tr><th></th><th>expectation</th><th>phase</th>"
                      f"<th>variant</th><th>observed</th></tr>{rows}</table>")
     parts.append("</header>")
     return "".join(parts)
+
+
+def verdict_word(expectation: dict[str, Any]) -> str:
+    if expectation.get("evaluated", True) is False:
+        return "not evaluated"
+    return "held" if expectation["held"] else "FAILED"
 
 
 def _ms(value: float | None) -> str:

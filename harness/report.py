@@ -524,9 +524,17 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
         for low in trial["low_disk"]:
             out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
                        f"cores not collected while the disk stays low (crashes still counted)")
+    cut = report.get("plan_cut")
+    if cut:
+        from harness.units import format_duration
+        out += ["", f"the run lasted {format_duration(cut['duration'])} of a {format_duration(cut['planned'])} plan; "
+                    "cut: " + "; ".join([f"phase {p['name']} " + ("dropped" if p["ran"] <= 0 else
+                                                                  f"cut after {format_duration(p['ran'])}")
+                                         for p in cut["phases"]] + cut["faults"])]
     if expectations:
         out += ["", "expectations:"]
-        rows = [["held" if e["held"] else "FAILED", e["text"] + (f" (request {e['request']})" if e.get("request") else "")
+        rows = [["NOT EVALUATED" if e.get("evaluated", True) is False else "held" if e["held"] else "FAILED",
+                 e["text"] + (f" (request {e['request']})" if e.get("request") else "")
                  + (f" (phase {e['phase']})" if e.get("phase") else "")
                  + (f" (variant {e['variant']})" if e.get("variant") else ""), e["observed_text"]]
                 for e in expectations]

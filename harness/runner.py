@@ -40,6 +40,7 @@ from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
 from harness.logsink import LogPump
 from harness.safefs import RunLock, Untrusted, check_trusted_path, create_run_dir
+from harness.status import CLEAR, eta_text, fit, run_eta, terminal_width
 from harness.store import HostSample, RequestSample, RunStore, Sample
 from harness.collect.coreinstall import claim_record, find_spooled_record, installed_spool
 from harness.collect.cores import CoreRefused, core_pattern, core_pattern_status, find_core, secure_core
@@ -198,6 +199,7 @@ class Run:
         self._objects = ObjectStore(self.run_dir / "objects")
         self._low_disk = False
         self._trial_number: int | None = None
+        self._trial_walls: list[float] = []       # wall seconds of each finished trial, for the ETA
         self._start_at = 0
 
     async def _store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -403,7 +405,7 @@ class Run:
         self._supervisor = supervisor
         status = "complete"
         failure = ""
-        label = f"trial {number}/{total} ({variant.name})" if total > 1 else ""
+        began = time.monotonic()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(supervisor.run)
@@ -436,7 +438,7 @@ class Run:
                 if self._shim is not None and variant.faults:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder, float(self._start_at))
                 if self.options.status:
-                    nursery.start_soon(self._status_line, recorder, driver, supervisor, label)
+                    nursery.start_soon(self._status_line, recorder, driver, supervisor, (number, total, variant.name))
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
                 until = recorder.t0 + scenario.duration + scenario.client.timeout
                 first_unsent = await driver.send_all(planned, recorder.t0, until)
@@ -447,6 +449,8 @@ class Run:
                 await driver.drain()
                 driver.abandon_pending()
                 self._final_sample(recorder, driver, supervisor)
+                if self._shim is not None:
+                    self._shim.finish(recorder)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
             status = "interrupted" if self.interrupted else "failed"
@@ -468,8 +472,9 @@ class Run:
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts],
                                         "resent": driver.resent, "protocol_errors": driver.protocol_errors})
-                if self.options.status:
-                    print(file=sys.stderr)
+                if self.options.status and sys.stderr.isatty():
+                    print(CLEAR, end="", file=sys.stderr, flush=True)   # the status line goes, the report follows
+                self._trial_walls.append(time.monotonic() - began)
                 if self._shim is not None:
                     self._shim.close()
 
@@ -517,7 +522,8 @@ class Run:
             # stopped comes after the faults were disarmed), with what the shim had injected by then.
             record.setdefault("detail", {})["shim"] = {"armed": self._shim.armed_at(host.index, record["t"]),
                                                        **self._shim.snapshot(host.index)}
-        record["offered_rate"] = recorder.offered_rate
+        # the plan's rate at the moment of death (before the first sample too; 0 before or after the load)
+        record["offered_rate"] = self.scenario.load.rate(record["t"]) if record["t"] >= 0 else 0.0
         # The connections may have reported the death first and failed their requests already.
         record["host_inflight"] = max(self._driver.balancer.inflight[host.index],
                                       self._driver.lost_inflight[host.index])
@@ -735,21 +741,29 @@ class Run:
                     nursery.start_soon(supervisor.pause, host, fault.pause_for)
 
     async def _status_line(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
-                           label: str) -> None:
+                           trial: tuple[int, int, str]) -> None:
+        """One line on stderr: every second on a terminal (rewritten in place, cut to its width, erased at
+        the trial's end), every 10 s otherwise (one line each)."""
         tty = sys.stderr.isatty()
         interval = 1.0 if tty else 10.0
+        number, total, variant = trial
         while True:
             await trio.sleep(interval)
             elapsed = recorder.now()
             last = recorder.last_sample
-            achieved = f"{last.ok:6d}/s" if last else "     -  "
-            p99 = f"{last.p99 * 1e3:7.1f}ms" if last and last.p99 is not None else "      -  "
             errors = (last.timeout + last.conn_error + last.no_host + last.bad_reply) if last else 0
-            line = (f"{label + ' ' if label else ''}[{elapsed:6.1f}/{self.scenario.duration:.0f}s] "
-                    f"offered {self.scenario.load.rate(elapsed):6.0f}/s achieved {achieved} p99 {p99} "
-                    f"errors {errors:4d}/s hosts up {supervisor.up_count()}/{len(supervisor.hosts)} "
-                    f"crashes {recorder.crash_count}")
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            eta = run_eta(elapsed_in_trial=elapsed, duration=self.scenario.duration, trial=number, trials=total,
+                          finished_trial_walls=self._trial_walls)
+            parts = [f"trial {number}/{total} {variant}", f"{elapsed:.0f}/{self.scenario.duration:.0f}s",
+                     eta_text(eta), f"up {supervisor.up_count()}/{len(supervisor.hosts)}",
+                     f"crashes {recorder.crash_count}",
+                     f"p99 {last.p99 * 1e3:.1f}ms" if last and last.p99 is not None else "p99 -",
+                     f"ok {last.ok}/s" if last else "ok -", f"offered {self.scenario.load.rate(elapsed):.0f}/s",
+                     f"errors {errors}/s"]
+            if tty:
+                print(CLEAR + fit(parts, terminal_width()), end="", file=sys.stderr, flush=True)
+            else:
+                print("  ".join(parts), file=sys.stderr, flush=True)
 
 
 def count_unsent(first: Arrival, rest: Iterator[Arrival], shape: LoadShape,

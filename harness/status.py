@@ -1,0 +1,52 @@
+"""The live status line: what matters most first, cut to the terminal's width (pure formatting)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+CLEAR = "\r\x1b[K"      # carriage return, erase to the end of the line
+
+
+def terminal_width(default: int = 100) -> int:
+    """Columns of the terminal on stderr (COLUMNS wins, as in every other tool)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return shutil.get_terminal_size((default, 24)).columns
+
+
+def fit(parts: Sequence[str], width: int) -> str:
+    """`parts` in order of importance, joined with two spaces; the least important are left out until the
+    line fits in width - 1 columns (the last column would wrap on some terminals); the first is cut if it
+    alone is too long."""
+    width = max(width - 1, 8)
+    chosen: list[str] = []
+    for part in parts:
+        if len("  ".join(chosen + [part])) <= width:
+            chosen.append(part)
+    line = "  ".join(chosen) if chosen else parts[0] if parts else ""
+    return line[:width]
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "ETA ?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"ETA {seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"ETA {seconds // 60}m{seconds % 60:02d}s"
+    return f"ETA {seconds}s"
+
+
+def run_eta(*, elapsed_in_trial: float, duration: float, trial: int, trials: int,
+            finished_trial_walls: Sequence[float]) -> float:
+    """Seconds left in the run: this trial's load, then each remaining trial at the average wall time of the
+    finished ones (set-up, drain and stop included), or its load length plus this trial's set-up so far
+    when none has finished."""
+    left_now = max(duration - elapsed_in_trial, 0.0)
+    per_trial = (sum(finished_trial_walls) / len(finished_trial_walls)) if finished_trial_walls else duration
+    return left_now + max(trials - trial, 0) * per_trial
