@@ -56,10 +56,16 @@ def test_junk_fill_host_dying_in_its_first_second(targets: Path, tmp_path: Path)
     glibc, junk = report["trials"]
     assert glibc["crashes_total"] == 0 and junk["crashes_total"] >= 3
     run_dir = Path(report["run_dir"])
-    lives = [json.loads(r["detail"])["uptime"] for r in query(
-        run_dir, "SELECT detail FROM events WHERE trial=2 AND kind='exit'")]
-    crashed = [u for u, c in zip(lives, query(run_dir, "SELECT detail FROM events WHERE trial=2 AND kind='exit'"))
-               if json.loads(c["detail"]).get("signal") == 11]
+    # Each incarnation's life: start to exit (its measured uptime), or to the stop at the trial's end.
+    starts = {r["pid"]: r["t"] for r in query(run_dir, "SELECT t, pid FROM events WHERE trial=2 AND kind='start'")}
+    lives: dict[int, float] = {}
+    for row in query(run_dir, "SELECT t, pid, kind, detail FROM events WHERE trial=2 AND kind IN ('exit', 'stop') "
+                              "ORDER BY t"):
+        detail = json.loads(row["detail"])
+        if row["pid"] not in lives:
+            lives[row["pid"]] = detail["uptime"] if row["kind"] == "exit" else row["t"] - starts[row["pid"]]
+    crashed = [json.loads(r["detail"])["uptime"] for r in query(
+        run_dir, "SELECT detail FROM events WHERE trial=2 AND kind='exit' AND json_extract(detail, '$.signal') = 11")]
     assert len(crashed) >= 3 and max(crashed) < 1.0, f"every junk incarnation dies in its first second: {crashed}"
     assert all(c["uptime"] < 1.0 for c in junk["crashes"])
 
@@ -69,11 +75,8 @@ def test_junk_fill_host_dying_in_its_first_second(targets: Path, tmp_path: Path)
     variants = {v["name"]: v for v in compared["variants"]}
     exposure = variants["jemalloc-junk"]["exposure"]
     assert exposure["source"] == "uptime"
-    # Every incarnation counts its uptime: start to exit (or to the stop at the end of the trial).
-    stops = [r["t"] - s["t"] for s in query(run_dir, "SELECT t, pid FROM events WHERE trial=2 AND kind='start'")
-             for r in query(run_dir, "SELECT t FROM events WHERE trial=2 AND kind='stop' AND pid=?", (s["pid"],))]
-    assert exposure["host_hours"] * 3600 == sum(lives) + sum(stops) or \
-        abs(exposure["host_hours"] * 3600 - (sum(lives) + sum(stops))) < 1e-6
+    assert exposure["incarnations"] == len(starts) == len(lives)
+    assert abs(exposure["host_hours"] * 3600 - sum(lives.values())) < 1e-6
     assert exposure["host_hours"] * 3600 < 0.5 * variants["glibc"]["exposure"]["host_hours"] * 3600
     assert variants["jemalloc-junk"]["crash_rate"]["per_host_hour"]["rate"] > 0
     rows = {r["metric"]: r for r in compared["rows"]}
@@ -96,6 +99,7 @@ target:
   command: [targets/estats/estats-server, --port, "{port}", --estats, "off", --service-ms, "2",
             --scratch-kb, "4", --stats-kb, "1"]
   restart: {policy: always, backoff: 200ms}
+  expect_reply: "^OK"
 fleet: {hosts: 2, balancer: round-robin}
 client: {timeout: 500ms, connections: 1}
 load:
@@ -137,7 +141,7 @@ def test_fault_effects_time_bookkeeping_and_a_cut_plan(targets: Path, tmp_path: 
     for host in firing["hosts"]:
         if host["injected"]:
             assert firing["start"] <= host["first"] <= host["last"] <= firing["end"]
-    assert trial["overall"]["errors"]["bad_reply"] >= firing["injected"] // 2   # ERR nomem replies
+    assert trial["overall"]["errors"]["bad_reply"] > 0       # the failed allocations became ERR nomem replies
 
     # The host killed at 3 s is down from the second it died in, in hosts-alive and in the HTML lanes.
     alive = trial["hosts_alive"]

@@ -104,6 +104,18 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
                              text=True, timeout=60)
     assert missing.returncode == 2 and "no crash bucket 'ffffff'" in missing.stderr
     run_dir = Path(report["run_dir"])
+    # One trial per variant, as scripts/demo.sh runs the full night: compare works and says what it can.
+    compared = subprocess.run([*HARNESS, "compare", str(run_dir), "--json"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    rows = {r["metric"]: r for r in json.loads(compared.stdout)["rows"]}
+    assert rows["crash_rate"]["variant"] == "estats-off" and rows["crash_rate"]["p_value"] is not None
+    assert rows["crash_rate"]["verdict"] == "better", rows["crash_rate"]["text"]   # no crash against a cascade
+    assert "n too small: 1 vs 1" in rows["p99_latency"]["text"]
+    # What the budget window did on each host, and the faults armed at each crash.
+    (window,) = on["fault_windows"]
+    assert window["ended_by"] == "trial end" and window["injected"] > 0 and window["eligible"] > window["injected"]
+    assert all(c["faults_armed"][0]["mode"] == "budget" for c in on["crashes"])
     checks = [json.loads(e["detail"]) for e in query(run_dir, "SELECT detail FROM events WHERE kind='shim-check'")]
     assert checks and all(check["loaded"] and check["attached"] for check in checks), \
         "the shim was seen in every host's memory map and attached its control file"
