@@ -346,8 +346,8 @@ def crash_buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs of the same number of hosts alive: [{from, to, alive}]. A sample's count is taken at the
-    end of its second, so a change seen in sample t happened by time t+1."""
+    """Runs of the same number of hosts alive: [{from, to, alive}]. A sample's count is the fewest hosts
+    alive at any moment of its second [t, t+1): a host that died at 4.00 s counts from second 4."""
     timeline: list[dict[str, Any]] = []
     for sample in samples:
         end = sample["t"] + sample.get("span", 1)
