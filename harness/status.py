@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 
 CLEAR = "\r\x1b[K"      # carriage return, erase to the end of the line
 
 
-def terminal_width(default: int = 100) -> int:
-    """Columns of the terminal on stderr (COLUMNS wins, as in every other tool)."""
+def terminal_width(default: int = 80) -> int:
+    """Columns of the terminal on stderr; COLUMNS wins, as in other tools; a terminal that reports no size
+    (a bare pty) counts as `default`."""
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
-    except (OSError, ValueError):
-        return shutil.get_terminal_size((default, 24)).columns
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
+    return columns if columns > 0 else default
 
 
 def fit(parts: Sequence[str], width: int) -> str:
-    """`parts` in order of importance, joined with two spaces; the least important are left out until the
-    line fits in width - 1 columns (the last column would wrap on some terminals); the first is cut if it
-    alone is too long."""
+    """`parts` in order of importance, joined with two spaces: the first always (cut if it alone is too
+    long), then each other one that still fits in width - 1 columns (the last column would wrap on some
+    terminals), so the least important go first."""
     width = max(width - 1, 8)
-    chosen: list[str] = []
-    for part in parts:
+    if not parts:
+        return ""
+    chosen = [parts[0][:width]]
+    for part in parts[1:]:
         if len("  ".join(chosen + [part])) <= width:
             chosen.append(part)
-    line = "  ".join(chosen) if chosen else parts[0] if parts else ""
-    return line[:width]
+    return "  ".join(chosen)
 
 
 def eta_text(seconds: float | None) -> str:
