@@ -433,8 +433,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.resume import Invocation
     from harness.runner import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
-    _say_cut(load_scenario(args.scenario, seed=args.seed) if args.duration is not None else scenario,
-             scenario.duration)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
     from harness.metrics import parse_address
@@ -453,6 +451,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             find_baseline(args.results, scenario.name, args.baseline, exclude=None)
         except HarnessError as exc:
             raise HarnessError(f"--baseline: {exc}") from None
+    _say_cut(load_scenario(args.scenario, seed=args.seed) if args.duration is not None else scenario,
+             scenario.duration)
     return _execute(scenario, options, args, args.command)
 
 
