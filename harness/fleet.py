@@ -404,6 +404,8 @@ class FleetSupervisor:
                     host.extra.pop("exe", None)
                 if self.prove is not None:
                     await self.prove(host, child, "ready")
+                    # the proof runs shielded: if the trial ended meanwhile, the host must not join the load
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 if not await self._set_up(host, child, target):
                     return
                 host.state = State.UP
