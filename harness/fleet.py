@@ -4,6 +4,7 @@ die, records why, and restarts it per the restart policy, as a container runtime
 from __future__ import annotations
 
 import enum
+import math
 import os
 import random
 import shutil
@@ -404,8 +405,13 @@ class FleetSupervisor:
                     host.extra.pop("exe", None)
                 if self.prove is not None:
                     await self.prove(host, child, "ready")
-                    # the proof runs shielded: if the trial ended meanwhile, the host must not join the load
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                if trio.current_effective_deadline() == -math.inf:
+                    # Cancelled while the proof ran to completion in its thread: the host died meanwhile, or
+                    # the trial is ending. It did accept connections, but it must not be given load now.
+                    self.recorder.event("ready", host.index, child.pid, after=round(time.monotonic() - host.started_at, 4),
+                                        load=False)
+                    self._ready_once[host.index].set()
+                    return
                 if not await self._set_up(host, child, target):
                     return
                 host.state = State.UP

@@ -80,7 +80,9 @@ def test_junk_fill_host_dying_in_its_first_second(targets: Path, tmp_path: Path)
     text = harness(["compare", str(run_dir), "--baseline", "glibc"], tmp_path)
     assert text.returncode == 0 and "worse (" in text.stdout and "host-s" in text.stdout
     # Proof of what ran, for hosts that lived well under a second: each crash carries its incarnation's.
-    assert variants["jemalloc-junk"]["loaded"] == ["jemalloc (preload)"]
+    # (a process that died while its live proof was being read leaves that proof unknown, "?")
+    loaded = variants["jemalloc-junk"]["loaded"]
+    assert "jemalloc (preload)" in loaded and not any(p.startswith(("glibc", "tcmalloc", "mimalloc")) for p in loaded)
     assert all(c["detail"]["proof"]["allocator"] == "jemalloc" for c in junk["crashes"])
 
 
