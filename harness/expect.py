@@ -66,7 +66,8 @@ def evaluate(scenario: Scenario, report: dict[str, Any],
             results.append({"index": expectation.index, "line": expectation.line, "metric": expectation.metric,
                             "op": expectation.op, "limit": expectation.value, "phase": expectation.phase,
                             "variant": expectation.variant, "request": expectation.request, "text": expectation.text,
-                            "held": False, "evaluated": False, "observed": None, "observed_text": f"not evaluated: {reason}"})
+                            "held": False, "evaluated": False, "observed": None,
+                            "observed_text": f"not evaluated: {reason}"})
             continue
         trials = [t for t in report["trials"] if expectation.variant is None or t["variant"] == expectation.variant]
         observed = [_observe(expectation, t) for t in trials]

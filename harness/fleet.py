@@ -73,8 +73,8 @@ class Host:
 
 
 class Recorder(Protocol):
-    def event(self, kind: str, host: int | None = None, pid: int | None = None, *, at: float | None = None,
-              **detail: Any) -> None: ...
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, *,
+              happened_at: float | None = None, **detail: Any) -> None: ...
     def crash(self, record: dict[str, Any]) -> None: ...
     def now(self) -> float: ...
 
@@ -408,8 +408,8 @@ class FleetSupervisor:
                 if trio.current_effective_deadline() == -math.inf:
                     # Cancelled while the proof ran to completion in its thread: the host died meanwhile, or
                     # the trial is ending. It did accept connections, but it must not be given load now.
-                    self.recorder.event("ready", host.index, child.pid, after=round(time.monotonic() - host.started_at, 4),
-                                        load=False)
+                    self.recorder.event("ready", host.index, child.pid,
+                                        after=round(time.monotonic() - host.started_at, 4), load=False)
                     self._ready_once[host.index].set()
                     return
                 if not await self._set_up(host, child, target):
@@ -467,8 +467,8 @@ class FleetSupervisor:
         if stopping_since is not None:
             # while stopping: a target that died of our SIGTERM handler's path, or was found dead already
             detail["stopping"] = {"since": round(stopping_since, 6), "dead_before_stop": child.dead_before_stop}
-        self.recorder.event("exit", host.index, child.pid, at=died_at, signal=info.signal, exit_code=info.exit_code,
-                            core_dumped=info.core_dumped, **detail)
+        self.recorder.event("exit", host.index, child.pid, happened_at=died_at, signal=info.signal,
+                            exit_code=info.exit_code, core_dumped=info.core_dumped, **detail)
         # A death by signal that the harness did not cause is a crash (SIGTERM/SIGKILL from elsewhere too).
         # A host-loss kill explains only a SIGKILL: a host that segfaulted just before it was picked crashed.
         if why is not None and why.startswith("host-loss") and info.signal != signal.SIGKILL:

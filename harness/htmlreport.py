@@ -991,7 +991,8 @@ def _faults_section(report: dict[str, Any]) -> str:
                 rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in (
                     f"f{w['fault']}", f"{w.get('fault_kind')} {w.get('mode')}", span, w.get("ended_by") or "",
                     host.get("host_name") or "(no host)")) +
-                    f'<td class="num{" zero" if not injected else ""}">{esc("unknown" if injected is None else injected)}'
+                    f'<td class="num{" zero" if not injected else ""}">'
+                    f'{esc("unknown" if injected is None else injected)}'
                     f' / {esc("unknown" if eligible is None else eligible)}</td>'
                     f'<td class="num">{esc(_seconds(host.get("first")))}</td>'
                     f'<td class="num">{esc(_seconds(host.get("last")))}</td></tr>')

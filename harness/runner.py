@@ -110,11 +110,11 @@ class Recorder:
     def now(self) -> float:
         return trio.current_time() - self.t0
 
-    def event(self, kind: str, host: int | None = None, pid: int | None = None, *, at: float | None = None,
-              **detail: Any) -> None:
-        """`at`: when it happened, if earlier than now (trial seconds)."""
+    def event(self, kind: str, host: int | None = None, pid: int | None = None, *,
+              happened_at: float | None = None, **detail: Any) -> None:
+        """`happened_at`: when it happened, if earlier than now (trial seconds)."""
         now = self.now()
-        t = now if at is None else min(at, now)
+        t = now if happened_at is None else min(happened_at, now)
         self.events.append({"t": round(t, 6), "wall": time.time() - (now - t), "kind": kind, "host": host, "pid": pid,
                             "detail": detail})
 
