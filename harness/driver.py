@@ -17,11 +17,21 @@ Connections the server closes on purpose are not failures: an idle connection cl
 timeout) is replaced quietly, and after a reply that announces the close (HTTP `Connection: close`)
 the requests pipelined behind it, which the server never answered, are sent again on a new
 connection (their latency still counts from their intended time).
+
+The hot path is one loop (the engine) in one trio task: it waits on one epoll set of its own that
+holds every connection and a timerfd armed for the next arrival, so a wake-up costs one trip through
+trio however many sockets are ready. Each wake-up reads what arrived, then hands every arrival that is
+due to its connection's buffer, then writes each touched connection once: requests due together share
+a send() per connection. The send lag (intended -> actual send) is taken when the bytes are written, and
+latencies and lags are kept as plain lists and added to the HDR histograms once a second
+(harness.hdrbatch: the same counts record_value would give).
 """
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +42,9 @@ from hdrh.histogram import HdrHistogram
 
 from harness.balancer import Balancer
 from harness.exchange import Conversation, connect, exchange
-from harness.plan import Arrival
+from harness.hdrbatch import micros, record_many
+from harness.loadshape import LoadShape
+from harness.plan import ArrivalChunk, PlanSpec, arrival_chunks, key_name
 from harness.protocols import ProtocolError, codec, parse_pattern
 from harness.scenario import Client, Target
 from harness.timer import PreciseTimer
@@ -41,6 +53,12 @@ LATENCY_MAX_US = 3_600_000_000  # an hour, in microseconds
 ERROR_KINDS = ("timeout", "conn_error", "no_host", "bad_reply")
 PROBE_KEY = "probe"
 MAX_PROTOCOL_EVENTS = 50         # per trial: protocol errors are counted always, recorded as events this often
+BURST = 512                      # arrivals handed out per wake-up before the engine lets others run
+NAMED_KEYS = 1 << 16             # key spaces up to this size get their names (and payloads) made once
+UNSENT_BUDGET = 1.0              # seconds spent counting unsent arrivals one by one before estimating
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLL_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 
 
 def new_histogram() -> HdrHistogram:
@@ -86,6 +104,12 @@ class Counters:
     bad_kinds: dict[str, int] = field(default_factory=dict)      # bad_reply by kind
     status: dict[int, int] = field(default_factory=dict)         # HTTP replies by status code
     per_request: list[RequestCounters] = field(default_factory=list)   # empty for a single request
+    # Good replies not yet in the histograms: lat_counts[i] replies read at lat_nows[i], with these
+    # intended send times (and requests, for a mix); folded in by finish().
+    lat_nows: list[float] = field(default_factory=list)
+    lat_counts: list[int] = field(default_factory=list)
+    lat_dues: list[float] = field(default_factory=list)
+    lat_requests: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.host_sent = [0] * self.hosts
@@ -94,27 +118,43 @@ class Counters:
         if self.requests > 1:
             self.per_request = [RequestCounters() for _ in range(self.requests)]
 
+    def finish(self) -> None:
+        """Add the collected latencies to the histograms (exactly as record_value would)."""
+        if not self.lat_dues:
+            return
+        values = micros(self.lat_nows, self.lat_counts, self.lat_dues, LATENCY_MAX_US)
+        record_many(self.latency, values)
+        if self.per_request:
+            import numpy as np
+            requests = np.asarray(self.lat_requests, dtype=np.int64)
+            for index, counters in enumerate(self.per_request):
+                record_many(counters.latency, values[requests == index])
+        self.lat_nows, self.lat_counts, self.lat_dues, self.lat_requests = [], [], [], []
+
     def release(self) -> None:
         release_histogram(self.latency)
         for request in self.per_request:
             release_histogram(request.latency)
 
 
-# A request in flight: (intended time, actual send time, request index, key, seq, bytes sent)
+# A request in flight: (intended time, time handed to the connection, request index, key, seq, bytes)
 Pending = tuple[float, float, int, str, int, bytes]
 
 
 class Conn:
-    __slots__ = ("host", "generation", "sock", "pending", "out", "wake", "closed", "decoder", "answered",
-                 "replacement")
+    __slots__ = ("host", "generation", "sock", "fd", "pending", "out", "queued", "dirty", "want_write", "closed",
+                 "decoder", "answered", "replacement")
 
     def __init__(self, host: int, generation: int, sock: socket.socket | None, decoder: Any):
         self.host = host
         self.generation = generation
         self.sock = sock                 # None while a replacement connection is being opened
+        self.fd = -1                     # registered in the engine's epoll set while >= 0
         self.pending: deque[Pending] = deque()
-        self.out = bytearray()
-        self.wake = trio.Event()
+        self.out = bytearray()           # bytes not yet written
+        self.queued: list[float] = []    # intended times of the requests in `out` not yet fully written
+        self.dirty = False               # on the engine's list of connections to write
+        self.want_write = False          # the socket was full: the engine waits for it to be writable
         self.closed = False
         self.decoder = decoder
         self.answered = 0
@@ -128,16 +168,20 @@ class HostLink:
     generation: int = 0          # incarnation we are connected to; -1 while the process is gone
     conns: list[Conn] = field(default_factory=list)
     next_conn: int = 0
+    burst: int = -1              # the last burst that gave this host a request (its connection stays)
     probing: int | None = None   # generation a bring-up loop is running for
 
 
 class Driver:
     def __init__(self, target: Target, client: Client, ports: list[int], balancer: Balancer,
                  expect_replies: Sequence[str | None] | None = None, *, seed: int = 1,
-                 on_event: Callable[..., None] | None = None):
+                 on_event: Callable[..., None] | None = None, worker: int | None = None,
+                 on_eject: Callable[[int, int], None] | None = None):
         """`expect_replies`: each host's default reply pattern (a fleet of different kinds), for requests
         that give no `expect` of their own (default: the target's). `on_event(kind, host, pid, **detail)`
-        records what the driver saw (protocol errors)."""
+        records what the driver saw (protocol errors, hosts leaving rotation). `worker`: this driver's
+        number when it is one of several driver processes; `on_eject(host, generation)` is told when a
+        host is ejected here for not answering (the others eject it too, harness.driverpool)."""
         self.target = target
         self.client = client
         self.balancer = balancer
@@ -148,7 +192,10 @@ class Driver:
         self.requests = target.requests
         self.encoders = [self.module.compile(spec, seed).encode for spec in target.requests]
         self.counters = Counters(len(ports), len(target.requests))
-        self.lag = new_histogram()                 # intended -> actual send, whole run (µs)
+        self._lag = new_histogram()                # intended -> actual send, whole run (µs)
+        self._lag_nows: list[float] = []
+        self._lag_counts: list[int] = []
+        self._lag_dues: list[float] = []
         patterns = list(expect_replies) if expect_replies is not None else [target.expect_reply] * len(ports)
         compiled = {p: parse_pattern(p) for p in set(patterns) if p}
         # Each host's expectation of each request: the request's own, else the host's default pattern.
@@ -156,6 +203,8 @@ class Driver:
                          for spec in target.requests] for p in patterns]
         self.count_status = target.protocol == "http"
         self.on_event = on_event
+        self.on_eject = on_eject
+        self.worker = worker
         self._nursery: trio.Nursery | None = None
         self.finished_sending = False
         self.inflight = 0
@@ -164,6 +213,29 @@ class Driver:
         self.protocol_errors = 0
         self.unsent = 0                 # arrivals of the plan never sent: still due when the load had to end
         self.unsent_exact = True        # False: the tail of an enormous plan was estimated, not counted
+        # The engine (serve): one epoll set for every connection and the arrival timer.
+        self._epoll: select.epoll | None = None
+        self._timer: PreciseTimer | None = None
+        self._by_fd: dict[int, Conn] = {}
+        self._dirty: list[Conn] = []
+        self._burst = 0
+        self._armed = -1.0
+        # clock() is trio.current_time() without the trip through trio's run context
+        self._offset = 0.0
+        # The plan being sent (send_all)
+        self._chunks: Iterator[ArrivalChunk] | None = None
+        self._chunk: ArrivalChunk | None = None
+        self._pos = 0
+        self._start = 0.0
+        self._until: float | None = None
+        self._sent_all: trio.Event | None = None
+        self._stopped_at_until = False
+        self.key_space = client.keys.space
+        self._names = [key_name(n) for n in range(self.key_space)] if self.key_space <= NAMED_KEYS else None
+        # Payloads made once per key, for requests whose bytes depend on the key only ({seq} unused).
+        self._payloads: list[list[bytes | None] | None] = [
+            [None] * self.key_space if self._names is not None and encode("k0", 0) == encode("k0", 1) else None
+            for encode in self.encoders]
 
     # --- the supervisor's callbacks ---------------------------------------------------------
 
@@ -177,49 +249,86 @@ class Driver:
     def host_gone(self, index: int) -> None:
         link = self.links[index]
         link.generation = -1
-        self._drop_host(link, "conn_error")
+        self._drop_host(link, "conn_error", why="gone")
+
+    def eject(self, index: int, generation: int) -> None:
+        """Another driver worker found this host not answering: out of rotation here too, and re-probed."""
+        link = self.links[index]
+        if link.generation != generation or not self.balancer.in_rotation[index]:
+            return
+        self._drop_host(link, "timeout", why="ejected elsewhere")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._bring_up, link, generation, True)
 
     # --- counters -----------------------------------------------------------------------------
 
     def swap_counters(self) -> Counters:
         counters, self.counters = self.counters, Counters(len(self.links), len(self.requests))
+        counters.finish()
+        self._fold_lag()
         return counters
+
+    @property
+    def lag(self) -> HdrHistogram:
+        self._fold_lag()
+        return self._lag
+
+    def _fold_lag(self) -> None:
+        if self._lag_dues:
+            record_many(self._lag, micros(self._lag_nows, self._lag_counts, self._lag_dues, LATENCY_MAX_US))
+            self._lag_nows, self._lag_counts, self._lag_dues = [], [], []
+
+    def clock(self) -> float:
+        return time.perf_counter() + self._offset
 
     # --- running ------------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background tasks (connections, timeouts); runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._timeouts)
-            task_status.started()
-            await trio.sleep_forever()
-
-    async def send_all(self, arrivals: Iterator[Arrival], start: float, until: float | None = None) -> Arrival | None:
-        """Send every arrival at start + arrival.t (trio clock). A driver that falls behind stops once the
-        clock passes `until` (the planned end plus the client timeout): the first arrival it did not send
-        is returned, and it and the rest of the plan are the caller's to count as unsent."""
-        timer = PreciseTimer()
-        behind = 0
+        """Background tasks (the engine, timeouts); runs until cancelled."""
+        self._offset = trio.current_time() - time.perf_counter()
+        self._epoll = select.epoll()
+        self._timer = PreciseTimer()
+        self._epoll.register(self._timer.fd, EPOLLIN)
         try:
-            for arrival in arrivals:
-                due = start + arrival.t
-                if due > trio.current_time():
-                    await timer.sleep_until(due)
-                    behind = 0
-                else:
-                    # Late (a burst, or the machine was busy): catch up without a trip through the
-                    # scheduler per request, yet let the readers run every few dozen sends.
-                    behind += 1
-                    if behind % 32 == 0:
-                        await trio.lowlevel.checkpoint()
-                        if until is not None and trio.current_time() > until:
-                            return arrival
-                self._send(arrival, due)
-            return None
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timeouts)
+                nursery.start_soon(self._engine)
+                task_status.started()
+                await trio.sleep_forever()
         finally:
-            timer.close()
+            self._nursery = None
+            for link in self.links:
+                for conn in list(link.conns):
+                    self._forget(conn)
+            self._timer.close()
+            trio.lowlevel.notify_closing(self._epoll.fileno())
+            self._epoll.close()
+
+    async def send_all(self, plan: PlanSpec, start: float, until: float | None = None, *,
+                       worker: int = 0, workers: int = 1) -> None:
+        """Send the plan's arrivals (this worker's share of them) at start + t (trio clock). A driver that
+        falls behind stops once the clock passes `until` (the planned end plus the client timeout): what
+        it did not send is counted in `unsent`."""
+        assert self._nursery is not None, "serve() first"
+        self._chunks = arrival_chunks(plan.shape, plan.keys, plan.seed, plan.weights, worker=worker,
+                                      workers=workers, start_at=plan.start_at)
+        self._start, self._until = start, until
+        self._chunk, self._pos = next(self._chunks, None), 0
+        self._sent_all = done = trio.Event()
+        self._armed = -1.0
+        try:
+            if self._chunk is None:
+                done.set()          # nothing to send (a share of a tiny plan, or a resume at its end)
+            self._arm()
+            await done.wait()
+        finally:
             self.finished_sending = True
+            rest, self._chunks, self._chunk = self._chunks, None, None
+            self._sent_all = None
+        if self._stopped_at_until and rest is not None:
+            self.unsent, self.unsent_exact = await trio.to_thread.run_sync(
+                count_unsent, self.unsent, rest, plan.shape, workers)
 
     async def drain(self) -> None:
         """After the last arrival: wait for replies, at most one request timeout."""
@@ -232,53 +341,277 @@ class Driver:
         for link in self.links:
             if any(conn.pending for conn in link.conns):
                 link.generation = -1  # no re-probe
-                self._drop_host(link, "timeout")
+                self._drop_host(link, "timeout", why="end")
 
-    def _send(self, arrival: Arrival, due: float) -> None:
+    # --- the engine -----------------------------------------------------------------------------
+
+    async def _engine(self) -> None:
+        assert self._epoll is not None
+        fd = self._epoll.fileno()
+        while True:
+            if self._pump():
+                await trio.lowlevel.checkpoint()     # more is due: let the others run, then carry on
+            else:
+                await trio.lowlevel.wait_readable(fd)
+
+    def _pump(self) -> bool:
+        """One round: read what arrived, send what is due, write what was queued. True when arrivals
+        are still due (a burst was cut short)."""
+        assert self._epoll is not None and self._timer is not None
+        by_fd = self._by_fd
+        timer_fd = self._timer.fd
+        for fd, events in self._epoll.poll(0):
+            if fd == timer_fd:
+                self._timer.consume()
+                self._armed = -1.0
+                continue
+            conn = by_fd.get(fd)
+            if conn is None:
+                continue
+            if events & EPOLLOUT and conn.want_write:
+                self._write(conn)
+            if events & EPOLL_READ and not conn.closed:
+                self._read(conn)
+        behind = self._send_due() if self._chunk is not None else False
+        if self._dirty:
+            self._flush()
+        if self._chunk is not None and not behind:
+            self._arm()
+        return behind
+
+    def _arm(self) -> None:
+        chunk = self._chunk
+        if chunk is None:
+            return
+        due = self._start + chunk.t[self._pos]
+        if due != self._armed:
+            assert self._timer is not None
+            self._timer.arm(due)
+            self._armed = due
+
+    def _send_due(self) -> bool:
+        """Hand every due arrival to a connection (written by _flush). True if more are due than a burst."""
+        chunk = self._chunk
+        assert chunk is not None
+        now = self.clock()
+        if self._until is not None and now > self._until:
+            self._stop_at_until()
+            return False
+        self._burst += 1
+        burst = self._burst
+        start = self._start
+        pos = self._pos
+        times, indexes, keys, requests = chunk.t, chunk.index, chunk.key, chunk.request
+        end = len(times)
         counters = self.counters
-        counters.offered += 1
-        request = arrival.request
-        per_request = counters.per_request[request] if counters.per_request else None
-        if per_request is not None:
-            per_request.offered += 1
-        host = self.balancer.pick()
-        if host is None:
-            counters.no_host += 1
-            if per_request is not None:
-                per_request.no_host += 1
-            return
-        link = self.links[host]
-        conn = link.conns[link.next_conn % len(link.conns)]
-        link.next_conn += 1
-        payload = self.encoders[request](arrival.key, arrival.index)
-        now = trio.current_time()
-        conn.pending.append((due, now, request, arrival.key, arrival.index, payload))
-        self.inflight += 1
-        self.balancer.started(host)
-        counters.sent += 1
-        counters.host_sent[host] += 1
-        if per_request is not None:
-            per_request.sent += 1
-        lag_us = int((now - due) * 1e6)
-        self.lag.record_value(min(max(lag_us, 1), LATENCY_MAX_US))
-        if conn.out or conn.sock is None:
+        per_request = counters.per_request
+        host_sent = counters.host_sent
+        pick = self.balancer.pick
+        inflight = self.balancer.inflight
+        links = self.links
+        names = self._names
+        payloads = self._payloads
+        encoders = self.encoders
+        dirty = self._dirty
+        handed = offered = 0
+        while offered < BURST:
+            if pos == end:
+                chunk = next(self._chunks, None) if self._chunks is not None else None
+                self._chunk, pos = chunk, 0
+                if chunk is None:
+                    break
+                times, indexes, keys, requests = chunk.t, chunk.index, chunk.key, chunk.request
+                end = len(times)
+            due = start + times[pos]
+            if due > now:
+                break
+            request = requests[pos]
+            offered += 1
+            if per_request:
+                per_request[request].offered += 1
+            host = pick()
+            if host is None:
+                counters.no_host += 1
+                if per_request:
+                    per_request[request].no_host += 1
+                pos += 1
+                continue
+            link = links[host]
+            if link.burst != burst:          # one connection per host per burst: fewer, fuller writes
+                link.burst = burst
+                link.next_conn += 1
+            conns = link.conns
+            conn = conns[link.next_conn % len(conns)]
+            number = keys[pos]
+            key = names[number] if names is not None else key_name(number)
+            cache = payloads[request]
+            if cache is not None:
+                payload = cache[number]
+                if payload is None:
+                    payload = cache[number] = encoders[request](key, indexes[pos])
+            else:
+                payload = encoders[request](key, indexes[pos])
+            conn.pending.append((due, now, request, key, indexes[pos], payload))
             conn.out += payload
-            return
+            conn.queued.append(due)
+            if not conn.dirty:
+                conn.dirty = True
+                dirty.append(conn)
+            inflight[host] += 1
+            host_sent[host] += 1
+            if per_request:
+                per_request[request].sent += 1
+            handed += 1
+            pos += 1
+        self._pos = pos
+        counters.offered += offered
+        counters.sent += handed
+        self.inflight += handed
+        if self._chunk is None:
+            self._finish_sending()
+            return False
+        return offered == BURST     # perhaps more is due: the engine comes straight back after a checkpoint
+
+    def _stop_at_until(self) -> None:
+        """Past the planned end plus the timeout: the rest of the plan is unsent (counted by send_all)."""
+        chunk = self._chunk
+        assert chunk is not None
+        self.unsent = len(chunk.t) - self._pos
+        self._stopped_at_until = True
+        self._chunk = None
+        self._finish_sending()
+
+    def _finish_sending(self) -> None:
+        if self._sent_all is not None:
+            self._sent_all.set()
+        self._armed = -1.0
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.dirty = False
+            if conn.sock is not None and not conn.closed and not conn.want_write:
+                self._write(conn)
+
+    def _write(self, conn: Conn) -> None:
+        assert conn.sock is not None
+        out = conn.out
         try:
-            written = conn.sock.send(payload)
+            written = conn.sock.send(out)
         except BlockingIOError:
             written = 0
         except OSError:
             self._conn_failed(conn, "conn_error")
             return
-        if written < len(payload):
-            conn.out += payload[written:]
-            conn.wake.set()
+        if written == len(out):
+            out.clear()
+            queued = conn.queued
+            if queued:
+                # The send lag is taken here, at the real write (a request split by a full socket
+                # counts when its last byte went).
+                self._lag_nows.append(self.clock())
+                self._lag_counts.append(len(queued))
+                self._lag_dues += queued
+                conn.queued = []
+            if conn.want_write:
+                conn.want_write = False
+                self._watch(conn, EPOLL_READ)
+        else:
+            del out[:written]
+            if not conn.want_write:
+                conn.want_write = True
+                self._watch(conn, EPOLL_READ | EPOLLOUT)
+
+    def _read(self, conn: Conn) -> None:
+        sock = conn.sock
+        assert sock is not None
+        try:
+            data = sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        decoder = conn.decoder
+        try:
+            replies = decoder.feed(data) if data else decoder.eof()
+        except ProtocolError as exc:
+            self._protocol_error(conn, exc)
+            return
+        if replies:
+            if len(replies) > len(conn.pending):
+                extra = len(replies) - len(conn.pending)
+                self._protocol_error(conn, ProtocolError(
+                    f"{extra} reply(ies) with no request in flight (a banner, or a reply of several "
+                    f"lines in the line protocol?)", data))
+                return
+            self._replies(conn, replies)
+        if decoder.closing or not data:
+            self._closed_by_server(conn, announced=decoder.closing)
+
+    def _replies(self, conn: Conn, replies: list[Any]) -> None:
+        now = self.clock()
+        counters = self.counters
+        per_request = counters.per_request
+        host = conn.host
+        expects = self.expects[host]
+        check = self.check
+        pending = conn.pending
+        count_status = self.count_status
+        status = counters.status
+        dues = counters.lat_dues
+        requests = counters.lat_requests
+        conn.answered += len(replies)
+        good = 0
+        for reply in replies:
+            due, _sent, request, key, seq, _payload = pending.popleft()
+            if count_status:
+                status[reply] = status.get(reply, 0) + 1
+            bad = check(expects[request], reply, key, seq)
+            if bad is not None:
+                counters.bad_reply += 1
+                counters.host_errors[host] += 1
+                counters.bad_kinds[bad] = counters.bad_kinds.get(bad, 0) + 1
+                if per_request:
+                    per_request[request].bad_reply += 1
+                continue
+            good += 1
+            dues.append(due)
+            if per_request:
+                per_request[request].ok += 1
+                requests.append(request)
+        if good:
+            counters.ok += good
+            counters.host_ok[host] += good
+            counters.lat_nows.append(now)
+            counters.lat_counts.append(good)
+        self.inflight -= len(replies)
+        self.balancer.finished(host, len(replies))
 
     # --- connections ----------------------------------------------------------------------------
 
-    def _decoder(self) -> Any:
-        return self.conversation.decoder()
+    def _watch(self, conn: Conn, events: int) -> None:
+        """Register the connection's socket in the engine's epoll set (or change what it waits for)."""
+        assert self._epoll is not None and conn.sock is not None
+        if conn.fd < 0:
+            conn.fd = conn.sock.fileno()
+            self._by_fd[conn.fd] = conn
+            self._epoll.register(conn.fd, events)
+        else:
+            self._epoll.modify(conn.fd, events)
+
+    def _forget(self, conn: Conn) -> None:
+        """Out of the epoll set before the socket closes (its number may be reused at once)."""
+        if conn.fd >= 0:
+            if self._by_fd.get(conn.fd) is conn:
+                del self._by_fd[conn.fd]
+            if self._epoll is not None:
+                try:
+                    self._epoll.unregister(conn.fd)
+                except (OSError, ValueError):
+                    pass
+            conn.fd = -1
+        if conn.sock is not None:
+            conn.sock.close()
 
     async def _probe(self, port: int) -> bool:
         """One request must get a complete reply within the timeout: the host really serves. (Any reply:
@@ -305,13 +638,15 @@ class Driver:
                         extra = await connect(link.port, self.client.timeout)
                         if extra is not None:
                             socks.append(extra)
-                    if link.generation != generation:
+                    if link.generation != generation or self._epoll is None:
                         for sock in socks:
                             sock.close()
                         return
                     self._drop_host(link, "conn_error")
                     for sock in socks:
-                        self._add_conn(link, Conn(link.index, generation, sock, self._decoder()))
+                        conn = Conn(link.index, generation, sock, self.conversation.decoder())
+                        link.conns.append(conn)
+                        self._watch(conn, EPOLL_READ)
                     self.balancer.set_in_rotation(link.index, True)
                     return
                 probe = True
@@ -320,16 +655,8 @@ class Driver:
             if link.probing == generation:
                 link.probing = None
 
-    def _add_conn(self, link: HostLink, conn: Conn) -> None:
-        link.conns.append(conn)
-        self._start_conn(conn)
-
-    def _start_conn(self, conn: Conn) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(self._reader, conn)
-        self._nursery.start_soon(self._writer, conn)
-
-    def _drop_host(self, link: HostLink, kind: str, bad_kind: str | None = None) -> None:
+    def _drop_host(self, link: HostLink, kind: str, bad_kind: str | None = None, why: str | None = None) -> None:
+        was_in = self.balancer.in_rotation[link.index]
         self.balancer.set_in_rotation(link.index, False)
         lost = sum(len(conn.pending) for conn in link.conns)
         if lost:
@@ -337,6 +664,10 @@ class Driver:
         for conn in list(link.conns):
             self._close(conn, kind, bad_kind)
         link.conns.clear()
+        if was_in and self.on_event is not None and why != "end":
+            # When the driver stopped giving the host requests, and why: how fast a dead host's share moves.
+            self.on_event("host-out", link.index, None, why=why or kind, in_flight=lost,
+                          **({"worker": self.worker} if self.worker is not None else {}))
 
     def _close(self, conn: Conn, kind: str, bad_kind: str | None = None) -> None:
         """Close a connection; its requests in flight end as `kind` (bad_reply: of `bad_kind`)."""
@@ -360,10 +691,7 @@ class Driver:
         link = self.links[conn.host]
         if conn in link.conns:
             link.conns.remove(conn)
-        if conn.sock is not None:
-            trio.lowlevel.notify_closing(conn.sock)
-            conn.sock.close()
-        conn.wake.set()
+        self._forget(conn)
 
     def _conn_failed(self, conn: Conn, kind: str, bad_kind: str | None = None) -> None:
         """A connection broke (or its oldest request timed out): the host leaves rotation, and is
@@ -372,8 +700,11 @@ class Driver:
             return
         link = self.links[conn.host]
         self.lost_inflight[conn.host] = sum(len(c.pending) for c in link.conns)
+        was_in = self.balancer.in_rotation[conn.host]
         self._close(conn, kind, bad_kind)
         self._drop_host(link, kind, bad_kind)
+        if kind == "timeout" and was_in and self.on_eject is not None and link.generation == conn.generation:
+            self.on_eject(link.index, conn.generation)
         if link.generation == conn.generation and self._nursery is not None:
             self._nursery.start_soon(self._bring_up, link, conn.generation, True)
 
@@ -381,13 +712,15 @@ class Driver:
         """The server closed this connection on purpose (idle, or after a reply that said so): a new
         connection takes its place, and the requests the server never answered go out on it again."""
         link = self.links[conn.host]
-        fresh = Conn(conn.host, conn.generation, None, self._decoder())
+        fresh = Conn(conn.host, conn.generation, None, self.conversation.decoder())
         fresh.replacement = True
         fresh.pending = conn.pending
         for entry in fresh.pending:
             fresh.out += entry[5]
-        self.resent += len(fresh.pending)
-        conn.pending = deque()
+        # Requests never written on the old connection take their send lag when written on the new one.
+        fresh.queued = conn.queued
+        self.resent += len(fresh.pending) - len(fresh.queued)
+        conn.pending, conn.queued = deque(), []
         self._close(conn, "conn_error")             # nothing left in flight on it: counts nothing
         link.conns.append(fresh)
         assert self._nursery is not None
@@ -395,7 +728,7 @@ class Driver:
 
     async def _open_replacement(self, link: HostLink, conn: Conn) -> None:
         sock = await connect(link.port, self.client.timeout)
-        if conn.closed:            # the host went meanwhile
+        if conn.closed or self._epoll is None:            # the host went meanwhile
             if sock is not None:
                 sock.close()
             return
@@ -403,9 +736,9 @@ class Driver:
             self._conn_failed(conn, "conn_error")
             return
         conn.sock = sock
-        self._start_conn(conn)
-        if conn.out:
-            conn.wake.set()
+        # Writable at once: the engine wakes up and writes what waited for this connection.
+        conn.want_write = bool(conn.out)
+        self._watch(conn, EPOLL_READ | (EPOLLOUT if conn.out else 0))
 
     def _protocol_error(self, conn: Conn, error: ProtocolError) -> None:
         """Bytes that are not the protocol: the connection's requests in flight are bad replies (never
@@ -416,38 +749,6 @@ class Driver:
                           excerpt=error.excerpt.decode("latin-1"), in_flight=len(conn.pending),
                           occurrence=self.protocol_errors)
         self._conn_failed(conn, "bad_reply", "protocol_error")
-
-    async def _reader(self, conn: Conn) -> None:
-        sock = conn.sock
-        assert sock is not None
-        decoder = conn.decoder
-        try:
-            while not conn.closed:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    data = sock.recv(262144)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                try:
-                    replies = decoder.feed(data) if data else decoder.eof()
-                except ProtocolError as exc:
-                    self._protocol_error(conn, exc)
-                    return
-                if replies:
-                    if len(replies) > len(conn.pending):
-                        extra = len(replies) - len(conn.pending)
-                        self._protocol_error(conn, ProtocolError(
-                            f"{extra} reply(ies) with no request in flight (a banner, or a reply of several "
-                            f"lines in the line protocol?)", data))
-                        return
-                    self._replies(conn, replies)
-                if decoder.closing or not data:
-                    self._closed_by_server(conn, announced=decoder.closing)
-                    return
-        except (trio.ClosedResourceError, OSError):
-            pass
 
     def _closed_by_server(self, conn: Conn, announced: bool) -> None:
         if conn.closed:
@@ -462,58 +763,6 @@ class Driver:
             return
         self._conn_failed(conn, "conn_error")
 
-    def _replies(self, conn: Conn, replies: list[Any]) -> None:
-        now = trio.current_time()
-        counters = self.counters
-        per_request = counters.per_request
-        host = conn.host
-        expects = self.expects[host]
-        check = self.check
-        pending = conn.pending
-        count_status = self.count_status
-        latency = counters.latency
-        conn.answered += len(replies)
-        for reply in replies:
-            due, _sent, request, key, seq, _payload = pending.popleft()
-            if count_status:
-                counters.status[reply] = counters.status.get(reply, 0) + 1
-            bad = check(expects[request], reply, key, seq)
-            if bad is not None:
-                counters.bad_reply += 1
-                counters.host_errors[host] += 1
-                counters.bad_kinds[bad] = counters.bad_kinds.get(bad, 0) + 1
-                if per_request:
-                    per_request[request].bad_reply += 1
-                continue
-            counters.ok += 1
-            counters.host_ok[host] += 1
-            latency_us = min(max(int((now - due) * 1e6), 1), LATENCY_MAX_US)
-            latency.record_value(latency_us)
-            if per_request:
-                per_request[request].ok += 1
-                per_request[request].latency.record_value(latency_us)
-        self.inflight -= len(replies)
-        self.balancer.finished(host, len(replies))
-
-    async def _writer(self, conn: Conn) -> None:
-        try:
-            while not conn.closed:
-                await conn.wake.wait()
-                conn.wake = trio.Event()
-                while conn.out and not conn.closed:
-                    assert conn.sock is not None
-                    await trio.lowlevel.wait_writable(conn.sock)
-                    try:
-                        written = conn.sock.send(conn.out)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        self._conn_failed(conn, "conn_error")
-                        return
-                    del conn.out[:written]
-        except (trio.ClosedResourceError, OSError):
-            pass
-
     async def _timeouts(self) -> None:
         """The oldest request on a connection past the timeout means the host stopped answering."""
         timeout = self.client.timeout
@@ -525,3 +774,17 @@ class Driver:
                     if conn.pending and now - conn.pending[0][1] > timeout:
                         self._conn_failed(conn, "timeout")
                         break
+
+
+def count_unsent(first: int, rest: Iterator[ArrivalChunk], shape: LoadShape, workers: int = 1,
+                 budget: float = UNSENT_BUDGET) -> tuple[int, bool]:
+    """`first` plus the arrivals left in `rest`: counted chunk by chunk for up to `budget` seconds (exact);
+    the tail of a plan too large for that (rate: 1e9) is its expected number of arrivals, (Λ(end) - Λ(t))
+    / workers, and the count is flagged as an estimate."""
+    count = first
+    deadline = time.monotonic() + budget
+    for chunk in rest:
+        count += len(chunk.t)
+        if time.monotonic() > deadline:
+            return count + round((shape.total_expected - shape.expected(chunk.t[-1])) / workers), False
+    return count, True

@@ -15,6 +15,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -171,6 +173,47 @@ class LoadShape:
             return None
         x = 2.0 * need / denominator
         return min(seg.end, seg.start + x)
+
+    def inverse_many(self, targets: np.ndarray) -> np.ndarray:
+        """`inverse` of many targets at once (NaN past the end of the load): the arithmetic of `inverse`,
+        element by element, so a stream of arrivals costs numpy time, not a Python call per arrival."""
+        out = np.full(len(targets), np.nan)
+        if not self.segments or not len(targets):
+            return out
+        arrays = self._arrays()
+        cumulative, starts, ends, rate_from, slopes, skip = arrays
+        last = len(self.segments) - 1
+        index = np.clip(np.searchsorted(cumulative, targets, side="right") - 1, 0, last)
+        index = skip[index]                       # past zero-area (rate 0) segments, as inverse does
+        start, end, r0, slope = starts[index], ends[index], rate_from[index], slopes[index]
+        need = targets - cumulative[index]
+        flat = slope == 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_flat = np.where(r0 > 0, np.minimum(end, start + need / np.where(r0 > 0, r0, 1.0)), np.nan)
+            disc = r0 * r0 + 2.0 * slope * need
+            denominator = r0 + np.sqrt(np.maximum(disc, 0.0))
+            t_ramp = np.where(denominator > 0,
+                              np.minimum(end, start + 2.0 * need / np.where(denominator > 0, denominator, 1.0)),
+                              np.nan)
+        result = np.where(flat, t_flat, t_ramp)
+        result = np.where(need <= 0, start, result)
+        return np.where(targets > cumulative[-1], np.nan, result)
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        cached = getattr(self, "_array_cache", None)
+        if cached is None:
+            segments = self.segments
+            slopes = [(s.rate_to - s.rate_from) / (s.end - s.start) if s.end > s.start else 0.0 for s in segments]
+            skip, next_nonzero = [0] * len(segments), len(segments) - 1
+            for i in range(len(segments) - 1, -1, -1):
+                if segments[i].area() != 0.0 or i == len(segments) - 1:
+                    next_nonzero = i
+                skip[i] = next_nonzero
+            cached = (np.array(self._cumulative), np.array([s.start for s in segments]),
+                      np.array([s.end for s in segments]), np.array([s.rate_from for s in segments]),
+                      np.array(slopes), np.array(skip))
+            self._array_cache = cached
+        return cached
 
     def phase_at(self, t: float) -> Phase | None:
         for phase in self.phases:

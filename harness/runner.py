@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import itertools
 import os
 import secrets
 import shutil
@@ -21,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -33,8 +31,7 @@ from harness.errors import HarnessError, ScenarioError
 from harness.capacity import DRIVER_MAX_RATE
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program, stderr_tail
 from harness.hostprep import HostPrep
-from harness.loadshape import LoadShape
-from harness.plan import Arrival, arrivals, choose_hosts, loss_events
+from harness.plan import PlanSpec, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
@@ -372,10 +369,8 @@ class Run:
             await self._store_call(self.store.begin_trial, number, variant.name, repeat, scenario.seed)
         else:
             await self._store_call(self.store.resume_trial, number)
-        planned = arrivals(scenario.load, scenario.client.keys, scenario.seed,
-                           tuple(spec.weight for spec in scenario.target.requests))
-        if self._start_at:
-            planned = await trio.to_thread.run_sync(_skip_arrivals, planned, self._start_at)
+        planned = PlanSpec(scenario.load, scenario.client.keys, scenario.seed,
+                           tuple(spec.weight for spec in scenario.target.requests), start_at=self._start_at)
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
         recorder = Recorder()
         self._shim = await self._prepare_shim(hosts)
@@ -441,10 +436,8 @@ class Run:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, (number, total, variant.name))
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
                 until = recorder.t0 + scenario.duration + scenario.client.timeout
-                first_unsent = await driver.send_all(planned, recorder.t0, until)
-                if first_unsent is not None:
-                    driver.unsent, driver.unsent_exact = await trio.to_thread.run_sync(
-                        count_unsent, first_unsent, planned, scenario.load)
+                await driver.send_all(planned, recorder.t0, until)
+                if driver.unsent:
                     self._report_unsent(recorder, driver)
                 await driver.drain()
                 driver.abandon_pending()
@@ -764,29 +757,6 @@ class Run:
                 print(CLEAR + fit(parts, terminal_width()), end="", file=sys.stderr, flush=True)
             else:
                 print("  ".join(parts), file=sys.stderr, flush=True)
-
-
-def count_unsent(first: Arrival, rest: Iterator[Arrival], shape: LoadShape,
-                 budget: float = 1.0) -> tuple[int, bool]:
-    """How many arrivals of the plan were never sent: `first` and what is left in `rest`. Counted one by
-    one for up to `budget` seconds (exact); the tail of a plan too large for that (rate: 1e9) is its
-    expected number of arrivals, Λ(end) - Λ(t), and the count is flagged as an estimate."""
-    count, last = 1, first.t
-    deadline = time.monotonic() + budget
-    for arrival in rest:
-        count += 1
-        last = arrival.t
-        if count % 4096 == 0 and time.monotonic() > deadline:
-            return count + round(shape.total_expected - shape.expected(last)), False
-    return count, True
-
-
-def _skip_arrivals(planned: Iterator[Arrival], start_at: float) -> Iterator[Arrival]:
-    """The same seeded stream, advanced to `start_at` (runs in a worker thread: hours of arrivals)."""
-    for arrival in planned:
-        if arrival.t >= start_at:
-            return itertools.chain([arrival], planned)
-    return iter(())
 
 
 class _Listener:

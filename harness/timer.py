@@ -49,6 +49,23 @@ class PreciseTimer:
         trio.lowlevel.notify_closing(self.fd)
         os.close(self.fd)
 
+    def arm(self, deadline: float) -> None:
+        """Make the fd readable at `deadline` (trio clock), for a loop that waits on it among other fds
+        (the driver's engine); a deadline already past makes it readable at once."""
+        monotonic = max(deadline - self._offset, 1e-9)
+        seconds = int(monotonic)
+        self._spec.it_value.tv_sec = seconds
+        self._spec.it_value.tv_nsec = max(int((monotonic - seconds) * 1e9), 1)
+        if _libc.timerfd_settime(self.fd, TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def consume(self) -> None:
+        """Read the expiry count, so the fd is no longer readable."""
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
     async def sleep_until(self, deadline: float) -> None:
         monotonic = deadline - self._offset
         if monotonic <= time.perf_counter():
