@@ -330,6 +330,22 @@ class Driver:
             self.unsent, self.unsent_exact = await trio.to_thread.run_sync(
                 count_unsent, self.unsent, rest, plan.shape, workers)
 
+    async def run_load(self, plan: PlanSpec, start: float, until: float | None = None) -> None:
+        """The whole load: send the plan, wait for the replies, count what never came as timeouts."""
+        await self.send_all(plan, start, until)
+        await self.drain()
+        self.abandon_pending()
+
+    # The runner's view of any driver (this one, or harness.driverpool's workers).
+    async def take_counters(self, second: int) -> Counters:
+        return self.swap_counters()
+
+    async def take_final(self, stopped: bool = False) -> Counters:
+        return self.swap_counters()
+
+    async def settle(self, host: int) -> None:
+        """Nothing to wait for: host_gone counted what was in flight to the host already."""
+
     async def drain(self) -> None:
         """After the last arrival: wait for replies, at most one request timeout."""
         with trio.move_on_after(self.client.timeout + 0.1):
@@ -664,7 +680,7 @@ class Driver:
         for conn in list(link.conns):
             self._close(conn, kind, bad_kind)
         link.conns.clear()
-        if was_in and self.on_event is not None and why != "end":
+        if was_in and self.on_event is not None and self._sent_all is not None:
             # When the driver stopped giving the host requests, and why: how fast a dead host's share moves.
             self.on_event("host-out", link.index, None, why=why or kind, in_flight=lost,
                           **({"worker": self.worker} if self.worker is not None else {}))

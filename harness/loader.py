@@ -631,7 +631,7 @@ def _cores(top: Reader) -> Cores:
 
 
 def _client(top: Reader) -> Client:
-    r = top.child("client", {"timeout", "connections", "probe_interval", "keys"})
+    r = top.child("client", {"timeout", "connections", "probe_interval", "keys", "workers"})
     keys_r = r.child("keys", {"space", "distribution", "zipf_s"})
     keys = Keys(
         space=keys_r.get("space", as_positive_int, default=10000),
@@ -647,7 +647,23 @@ def _client(top: Reader) -> Client:
     if connections > 64:
         r.problem(("connections",), f"at most 64 connections per host, got {connections}")
     return Client(timeout=r.get("timeout", _positive_duration, default=1.0), connections=connections,
-                  probe_interval=r.get("probe_interval", _positive_duration, default=0.25), keys=keys)
+                  probe_interval=r.get("probe_interval", _positive_duration, default=0.25), keys=keys,
+                  workers=r.get("workers", _workers, default=1))
+
+
+MAX_DRIVER_WORKERS = 64
+
+
+def _workers(value: Any) -> int | str:
+    """client.workers: how many driver processes send the load (`auto`: one per usable core)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        raise Invalid(f"expected a number of driver processes or auto, got {describe(value)}")
+    number = as_positive_int(value)
+    if number > MAX_DRIVER_WORKERS:
+        raise Invalid(f"at most {MAX_DRIVER_WORKERS} driver workers, got {number}")
+    return number
 
 
 def _hosts_selection(r: Reader, fleet_size: int, where: str = "the fleet has") -> HostSelection:

@@ -90,7 +90,7 @@ class Spawner:
         self._watchdog, self._watch_fd = None, None
 
     def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path | int,
-                    stderr: Path | int) -> Child:
+                    stderr: Path | int, pass_fds: tuple[int, ...] = ()) -> Child:
         self._serial += 1
         tag = f"{self._prefix}/{self._serial}"
         env = {**env, reaper.TAG_VAR: tag}
@@ -102,6 +102,7 @@ class Spawner:
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
                 start_new_session=True, close_fds=True, preexec_fn=lambda: _child_setup(self._parent),
                 umask=self.child_umask,
+                pass_fds=pass_fds,
             )
         finally:
             if not isinstance(stdout, int):
@@ -111,10 +112,11 @@ class Spawner:
         return Child(pid=popen.pid, popen=popen, tag=tag)
 
     async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path | int,
-                    stderr: Path | int) -> Child:
+                    stderr: Path | int, pass_fds: tuple[int, ...] = ()) -> Child:
+        """`pass_fds`: descriptors the child inherits (a driver worker's control socket)."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr)
+        future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr, pass_fds)
         future.add_done_callback(lambda _: token.run_sync_soon(done.set))
         # Shielded: once a fork is asked for, we must learn its pid, or we could not stop it.
         with trio.CancelScope(shield=True):

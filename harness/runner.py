@@ -27,6 +27,7 @@ import trio
 
 from harness.balancer import Balancer
 from harness.driver import Counters, Driver
+from harness.driverpool import DriverPool, resolve_workers
 from harness.errors import HarnessError, ScenarioError
 from harness.capacity import DRIVER_MAX_RATE
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program, stderr_tail
@@ -386,10 +387,17 @@ class Run:
             raise HarnessError(f"cannot create the host logs under {self.run_dir / 'hosts'}: {exc}") from None
         if self._shim is not None:
             self._shim.clock = monotonic_clock(recorder.now)   # injection times on the trial's clock
-        balancer = Balancer(len(hosts), scenario.fleet.balancer)
-        driver = Driver(scenario.target, scenario.client, [h.port for h in hosts], balancer,
-                        expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],
-                        seed=scenario.seed, on_event=recorder.event)
+        workers = resolve_workers(scenario.client.workers)
+        expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
+        driver: Driver | DriverPool
+        if workers > 1:
+            driver = DriverPool(scenario.target, scenario.client, [h.port for h in hosts], scenario.fleet.balancer,
+                                expect_replies, seed=scenario.seed, workers=workers, spawner=spawner,
+                                log_dir=self.run_dir / "hosts" / f"t{number}", on_event=recorder.event)
+        else:
+            driver = Driver(scenario.target, scenario.client, [h.port for h in hosts],
+                            Balancer(len(hosts), scenario.fleet.balancer), expect_replies=expect_replies,
+                            seed=scenario.seed, on_event=recorder.event)
         listener = _Listener(driver, recorder)
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash,
                                      prep=HostPrep(scenario), prove=self._prove)
@@ -427,7 +435,8 @@ class Run:
                     assert self.resume is not None
                     recorder.event("gap", None, None, **gap_detail(self.resume.stopped_wall, self._start_at))
                 nursery.start_soon(self._writer, number, recorder)
-                nursery.start_soon(self._sampler, recorder, driver, supervisor)
+                sampling = trio.CancelScope()
+                nursery.start_soon(self._sampler, recorder, driver, supervisor, sampling)
                 if variant.faults:
                     nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
                 if self._shim is not None and variant.faults:
@@ -436,12 +445,11 @@ class Run:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, (number, total, variant.name))
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
                 until = recorder.t0 + scenario.duration + scenario.client.timeout
-                await driver.send_all(planned, recorder.t0, until)
+                await driver.run_load(planned, recorder.t0, until)
                 if driver.unsent:
                     self._report_unsent(recorder, driver)
-                await driver.drain()
-                driver.abandon_pending()
-                self._final_sample(recorder, driver, supervisor)
+                sampling.cancel()     # what the sampler did not take goes into the final sample
+                await self._final_sample(recorder, driver, supervisor)
                 if self._shim is not None:
                     self._shim.finish(recorder)
                 nursery.cancel_scope.cancel()
@@ -452,7 +460,7 @@ class Run:
         finally:
             with trio.CancelScope(shield=True):
                 if status != "complete":
-                    self._final_sample(recorder, driver, supervisor, stopped=True)
+                    await self._final_sample(recorder, driver, supervisor, stopped=True)
                 await trio.to_thread.run_sync(pump.close)  # the hosts are stopped: take their last output
                 self._log_overflow(recorder, hosts)
                 recorder.event("trial-end", status=status)
@@ -464,7 +472,8 @@ class Run:
                                            if driver.unsent else {}),
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts],
-                                        "resent": driver.resent, "protocol_errors": driver.protocol_errors})
+                                        "resent": driver.resent, "protocol_errors": driver.protocol_errors,
+                                        "driver_workers": workers})
                 if self.options.status and sys.stderr.isatty():
                     print(CLEAR, end="", file=sys.stderr, flush=True)   # the status line goes, the report follows
                 self._trial_walls.append(time.monotonic() - began)
@@ -518,6 +527,7 @@ class Run:
         # the plan's rate at the moment of death (before the first sample too; 0 before or after the load)
         record["offered_rate"] = self.scenario.load.rate(record["t"]) if record["t"] >= 0 else 0.0
         # The connections may have reported the death first and failed their requests already.
+        await self._driver.settle(host.index)
         record["host_inflight"] = max(self._driver.balancer.inflight[host.index],
                                       self._driver.lost_inflight[host.index])
         record["hosts_alive"] = self._supervisor.up_count()
@@ -589,7 +599,13 @@ class Run:
                 await self._store_call(self.store.rollup, trial, before, every)
                 rolled_to = before - before % every
 
-    async def _sampler(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor) -> None:
+    async def _sampler(self, recorder: Recorder, driver: Driver | DriverPool, supervisor: FleetSupervisor,
+                       scope: trio.CancelScope) -> None:
+        with scope:
+            await self._sample_each_second(recorder, driver, supervisor)
+
+    async def _sample_each_second(self, recorder: Recorder, driver: Driver | DriverPool,
+                                  supervisor: FleetSupervisor) -> None:
         while True:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
@@ -598,7 +614,9 @@ class Run:
             # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
             # taken these counters and the hosts are stopping, so this second must not be recorded.
             await trio.lowlevel.checkpoint_if_cancelled()
-            counters = driver.swap_counters()
+            # Driver workers' seconds may still be on their way: wait for them (a cancellation while
+            # waiting takes nothing; the final sample gathers it).
+            counters = await driver.take_counters(recorder.next_second)
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
             recorder.next_second += 1
             if recorder.next_second % 5 == 0:
@@ -658,10 +676,10 @@ class Run:
                 print(f"harness: warning: the fault shim is not active in {host.name} (pid {pid}): faults "
                       f"will not reach it ({why})", file=sys.stderr)
 
-    def _final_sample(self, recorder: Recorder, driver: Driver, supervisor: FleetSupervisor,
-                      stopped: bool = False) -> None:
+    async def _final_sample(self, recorder: Recorder, driver: Driver | DriverPool, supervisor: FleetSupervisor,
+                            stopped: bool = False) -> None:
         """The last, partial second (after the load ends, or when interrupted)."""
-        counters = driver.swap_counters()
+        counters = await driver.take_final(stopped)
         if counters.offered or counters.ok or counters.timeout or counters.conn_error or counters.no_host \
                 or counters.bad_reply:
             self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, {})
@@ -671,7 +689,7 @@ class Run:
                                                                       hosts_alive=recorder.previous_alive)
             recorder.next_second += 1
 
-    def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver,
+    def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver | DriverPool,
                     supervisor: FleetSupervisor, usage: dict[int, tuple[int, int, int]]) -> None:
         offered_rate = self.scenario.load.rate(second + 0.5)
         recorder.offered_rate = self.scenario.load.rate(second + 1)

@@ -128,6 +128,7 @@ class Client:
     connections: int = 2              # per host; requests are pipelined on them
     probe_interval: float = 0.25      # how often an ejected (timed-out) host is re-probed
     keys: Keys = field(default_factory=Keys)
+    workers: int | str = 1            # driver processes sending the load; "auto": one per usable core
 
 
 @dataclass(frozen=True)
