@@ -6,9 +6,7 @@ the number of hosts) does not shift the arrivals or keys: variants see the same 
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,24 +116,6 @@ def arrivals(shape: LoadShape, keys: Keys, seed: int, weights: tuple[float, ...]
     for chunk in arrival_chunks(shape, keys, seed, weights):
         for index, t, key, request in zip(chunk.index, chunk.t, chunk.key, chunk.request):
             yield Arrival(index, t, key_name(key), request)
-
-
-class KeyPicker:
-    """Keys over a key space, uniform or Zipf-distributed (small spaces force key reuse)."""
-
-    def __init__(self, keys: Keys, rng: random.Random):
-        self.rng = rng
-        self.space = keys.space
-        self.cumulative: list[float] | None = None
-        if keys.distribution == "zipf":
-            weights = (1.0 / (rank ** keys.zipf_s) for rank in range(1, keys.space + 1))
-            self.cumulative = list(itertools.accumulate(weights))
-
-    def pick(self) -> str:
-        if self.cumulative is None:
-            return key_name(self.rng.randrange(self.space))
-        point = self.rng.random() * self.cumulative[-1]
-        return key_name(bisect.bisect_left(self.cumulative, point))
 
 
 def key_name(number: int) -> str:

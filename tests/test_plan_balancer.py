@@ -14,7 +14,7 @@ import pytest
 from harness.balancer import Balancer
 from harness.loader import load_scenario_text
 from harness.loadshape import LoadShape, PhaseSpec
-from harness.plan import KeyPicker, LossEvent, arrivals, choose_hosts, loss_events, stream
+from harness.plan import LossEvent, arrivals, choose_hosts, loss_events
 from harness.scenario import HostLoss, HostSelection, Keys, Window
 
 UNIFORM = Keys(space=10000, distribution="uniform")
@@ -104,8 +104,10 @@ def test_no_arrivals_where_the_rate_is_zero():
 # --- keys -----------------------------------------------------------------------------------------
 
 def keys_of(keys: Keys, n: int = 20000, seed: int = 1) -> list[str]:
-    picker = KeyPicker(keys, stream(seed, "keys"))
-    return [picker.pick() for _ in range(n)]
+    """The keys of the first n arrivals of a plan (the driver's own stream)."""
+    keys_seen = [a.key for a in arrivals(hold_shape(n / 10 * 1.2, 10), keys, seed)][:n]
+    assert len(keys_seen) == n
+    return keys_seen
 
 
 def test_uniform_keys_cover_the_space_evenly():
