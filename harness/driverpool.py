@@ -221,8 +221,10 @@ class DriverPool:
         with trio.move_on_after(timeout):
             while not all(w.exited or w.acks.get(host, (0, 0))[0] >= sequence for w in self.workers):
                 await self._wait_change()
-        self.lost_inflight[host] = sum(w.acks.get(host, (0, 0))[1] for w in self.workers
-                                       if w.acks.get(host, (0, 0))[0] >= sequence)
+        acked = [w for w in self.workers if w.acks.get(host, (0, 0))[0] >= sequence]
+        self.lost_inflight[host] = sum(w.acks[host][1] for w in acked)
+        for worker in acked:       # nothing is in flight to it there any more (the last second's view is older)
+            self.balancer.per_worker_inflight[worker.number][host] = 0
 
     # --- running --------------------------------------------------------------------------------
 
