@@ -30,7 +30,7 @@ class Arrival:
     request: int = 0  # which request of the mix (index into target.requests)
 
 
-CHUNK = 4096      # arrivals drawn per step; part of the stream's definition (the draws depend on it)
+CHUNK = 1024      # arrivals drawn per step (part of the stream's definition); small, so drawing one delays no send much
 
 
 def numpy_stream(seed: int, purpose: str) -> np.random.Generator:
