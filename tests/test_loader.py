@@ -7,6 +7,7 @@ problems (same count, same lines, same fields), nothing more.
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -232,6 +233,14 @@ def only_problem(text: str) -> tuple[int, str, str]:
 
 def test_base_is_valid():
     assert load_scenario_text(BASE).fleet.hosts == 4
+    assert load_scenario_text(BASE).client.workers == 1
+
+
+def test_client_workers_takes_a_number_or_auto():
+    from harness.driverpool import resolve_workers
+    assert load_scenario_text(BASE + "client: {workers: 3}\n").client.workers == 3
+    auto = load_scenario_text(BASE + "client: {workers: auto}\n").client.workers
+    assert auto == "auto" and resolve_workers(auto) == len(os.sched_getaffinity(0))
 
 
 def test_shim_fault_hosts_are_checked_against_the_real_fleet():
@@ -366,6 +375,8 @@ def test_client_details():
     assert only_problem(BASE + "client: {keys: {distribution: zipf, zipf_s: .nan}}\n")[1] == "client.keys.zipf_s"
     assert only_problem(BASE + "client: {keys: {distribution: zipf, space: 100000000}}\n")[1] == "client.keys.space"
     assert only_problem(BASE + "client: {connections: 100}\n")[1] == "client.connections"
+    for workers in ("0", "65", "1.5", "yes"):
+        assert only_problem(BASE + f"client: {{workers: {workers}}}\n")[1] == "client.workers", workers
 
 
 def test_variant_and_expect_details():
