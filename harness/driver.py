@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import trio
 from hdrh.histogram import HdrHistogram
 
@@ -127,7 +128,6 @@ class Counters:
         values = micros(self.lat_nows, self.lat_counts, self.lat_dues, LATENCY_MAX_US)
         record_many(self.latency, values)
         if self.per_request:
-            import numpy as np
             requests = np.asarray(self.lat_requests, dtype=np.int64)
             for index, counters in enumerate(self.per_request):
                 record_many(counters.latency, values[requests == index])
