@@ -44,7 +44,9 @@ load:
 """
 
 
-def test_nginx_get_post_mix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nginx_get_post_mix(tmp_path: Path, workers: int) -> None:
+    """(With two driver workers too: per-request counts, histograms and statuses merged from both.)"""
     need("nginx")
     report = short_run(tmp_path, f"""
 name: t-nginx
@@ -59,6 +61,7 @@ target:
        expect_status: 201}}
   ready: {{http: /health, status: 200}}
 fleet: {{hosts: 2}}
+client: {{workers: {workers}}}
 {LOAD}
 expect:
   - {{error_rate: "< 0.1%", request: post}}
@@ -73,6 +76,9 @@ expect:
                                           "201": requests["post"]["overall"]["ok"]}
     assert {e["request"] for e in report["expectations"]} == {"get", "post"}
     assert all(e["held"] for e in report["expectations"])
+    assert requests["get"]["overall"]["offered"] + requests["post"]["overall"]["offered"] == \
+        trial["overall"]["offered"]
+    assert trial["detail"]["driver_workers"] == workers
 
 
 def test_varnish_answers_from_vcl_and_a_404_can_be_expected(tmp_path: Path) -> None:
