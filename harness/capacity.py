@@ -18,12 +18,16 @@ def peak_rate(scenario: Scenario) -> float:
 
 
 def rate_warning(scenario: Scenario) -> str | None:
-    """One line when the offered rate is beyond what one driver process sends, else None."""
+    """One line when the offered rate is beyond what the scenario's driver processes send, else None."""
     if scenario.fleet.simulated is not None:
         return None  # a model: no driver sends anything
+    from harness.driverpool import resolve_workers
+    workers = resolve_workers(scenario.client.workers)
+    capacity = DRIVER_MAX_RATE * workers
     peak = peak_rate(scenario)
-    if peak <= DRIVER_MAX_RATE:
+    if peak <= capacity:
         return None
-    return (f"the offered rate peaks at {peak:,.0f}/s, beyond what one driver process sends (about "
-            f"{DRIVER_MAX_RATE:,}/s, measured by bench/driver.py): the driver will fall behind, and what it "
-            f"cannot send by the planned end plus the client timeout is counted as unsent")
+    who = "one driver process sends" if workers == 1 else f"{workers} driver processes send (client.workers)"
+    return (f"the offered rate peaks at {peak:,.0f}/s, beyond what {who} (about {capacity:,}/s, measured by "
+            f"bench/driver.py): the driver will fall behind, and what it cannot send by the planned end plus "
+            f"the client timeout is counted as unsent")

@@ -487,7 +487,7 @@ class Run:
                        at=round(recorder.now(), 3))
         print(f"\nharness: warning: the driver could not keep up: {count} planned arrivals were not sent by the "
               f"planned end plus the client timeout (counted as unsent; one driver process sends about "
-              f"{DRIVER_MAX_RATE:,}/s here)", file=sys.stderr)
+              f"{DRIVER_MAX_RATE:,}/s here; client.workers adds processes)", file=sys.stderr)
 
     def _log_overflow(self, recorder: Recorder, hosts: list[Host]) -> None:
         """What targets wrote beyond log_max (dropped, never written) is an event per host, and said once."""
