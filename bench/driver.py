@@ -7,7 +7,9 @@ In one sitting, against one C echo server (targets/echo), for each repeat:
 - Locust (closed loop, 16 users, one process, a raw-socket user: send a line, read its echo), installed by
   this script into a venv of its own (never a dependency of the package): its requests per second;
 - the ratios harness / Locust.
-Then, with workers: auto and 4 echo hosts, one host is killed and the bench prints how long after the kill
+Then the driver alone, saturated (a plan far above what it sends), in requests per second of its own CPU time
+(beside Locust's requests per CPU-second): a figure a busy machine disturbs much less than latency. Then, with
+workers: auto and 4 echo hosts, one host is killed and the bench prints how long after the kill
 every worker had taken it out of rotation (from the run's `host-out` events).
 
 The machine's load average is printed with each figure: numbers from a busy machine are not the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import sqlite3
 import statistics
@@ -126,6 +129,50 @@ def measure(rate: int, seconds: float, workers: str, hosts: int, connections: in
     return row
 
 
+async def _saturate(port: int, rate: float, seconds: float) -> dict[str, float]:
+    """The driver alone (no runner), one echo host, a plan far above what it can send: what it sends per
+    second of its own CPU time. Less sensitive to a busy machine than any latency figure."""
+    from harness.balancer import Balancer
+    from harness.driver import Driver
+    from harness.loadshape import LoadShape, PhaseSpec
+    from harness.plan import PlanSpec
+    from harness.scenario import Client, Keys, Target
+    driver = Driver(Target(root=REPO, command=("echo",)), Client(timeout=1.0, connections=4), [port], Balancer(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.serve)
+        driver.host_ready(0, 1)
+        while not driver.balancer.in_rotation[0]:
+            await trio.sleep(0.01)
+        shape = LoadShape.build([PhaseSpec("hold", None, seconds, rate_to=rate)])
+        cpu, wall = time.process_time(), time.monotonic()
+        start = trio.current_time() + 0.01
+        await driver.run_load(PlanSpec(shape, Keys(), 1), start)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        counters = driver.swap_counters()
+        nursery.cancel_scope.cancel()
+    return {"sent": counters.sent, "ok": counters.ok, "cpu": cpu, "wall": wall, "per_cpu_second": counters.sent / cpu}
+
+
+def capacity(seconds: float) -> dict[str, float]:
+    port = free_port()
+    echo = subprocess.Popen([str(ECHO), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return trio.run(_saturate, port, 300_000.0, seconds)
+    finally:
+        echo.terminate()
+        echo.wait(timeout=10)
+
+
+def wait_port(port: int) -> None:
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
 def good(row: dict[str, float]) -> bool:
     return row["lag_p99_us"] < 1000 and row["ok_fraction"] >= 0.999
 
@@ -164,16 +211,12 @@ def run_locust(seconds: float, workdir: Path) -> dict[str, float]:
     port = free_port()
     echo = subprocess.Popen([str(ECHO), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_port(port)
         python = locust_python()
         (workdir / "locustfile.py").write_text(LOCUST_FILE)
         prefix = workdir / "locust"
         before = load()
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([str(python), "-m", "locust", "-f", str(workdir / "locustfile.py"), "--headless", "-u", "16",
                         "-r", "16", "-t", f"{int(seconds)}s", "--host", f"tcp://127.0.0.1:{port}", "--csv",
                         str(prefix), "--only-summary"], capture_output=True, check=False, cwd=workdir)
@@ -182,7 +225,11 @@ def run_locust(seconds: float, workdir: Path) -> dict[str, float]:
             for line in handle:
                 fields = line.strip().split(",")
                 if fields[1] == "Aggregated":
-                    return {"rate": float(fields[header.index("Requests/s")]),
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+                    requests = float(fields[header.index("Request Count")])
+                    return {"rate": float(fields[header.index("Requests/s")]), "requests": requests,
+                            "per_cpu_second": requests / cpu if cpu else float("nan"),
                             "failures": float(fields[header.index("Failure Count")]), "load": (before + load()) / 2}
         raise SystemExit("bench: no Locust summary")
     finally:
@@ -217,6 +264,7 @@ def main() -> None:
     best: dict[str, list[dict[str, float]]] = {w: [] for w in settings}
     locust: list[dict[str, float]] = []
     failover: list[dict[str, float]] = []
+    saturated: list[dict[str, float]] = []
     print(f"cores usable: {len(os.sched_getaffinity(0))} (workers: auto = {resolve_workers('auto')}); "
           f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,7 +276,11 @@ def main() -> None:
                     best[setting].append(top)
             if not args.no_locust:
                 locust.append(run_locust(args.seconds * 2, out))
-                print(f"  locust: {locust[-1]['rate']:.0f}/s, load {locust[-1]['load']:.2f}", file=sys.stderr)
+                print(f"  locust: {locust[-1]['rate']:.0f}/s ({locust[-1]['per_cpu_second']:.0f} per CPU-second), "
+                      f"load {locust[-1]['load']:.2f}", file=sys.stderr)
+            saturated.append(capacity(2.0))
+            print(f"  driver saturated: {saturated[-1]['per_cpu_second']:.0f} requests per CPU-second",
+                  file=sys.stderr)
         if not args.no_failover:
             row = measure(4000, 4, "auto", 4, 2, out, failover_at=2.0)
             failover.append(row)
@@ -253,6 +305,11 @@ def main() -> None:
             if pairs:
                 print(f"ratio harness (workers: {setting}) / Locust, per repeat: "
                       f"{', '.join(f'{p:.2f}x' for p in pairs)}")
+    if saturated:
+        print(f"\nsaturated (a plan of 300,000/s for 2 s, one echo host, the driver alone): "
+              f"{spread([r['per_cpu_second'] for r in saturated])} requests per CPU-second of the driver"
+              + (f"; Locust: {spread([r['per_cpu_second'] for r in locust])} per CPU-second of its process" if locust
+                 else ""))
     for row in failover:
         print(f"\nfailover (workers: auto = {row['workers']}, 4 echo hosts, 4000/s): a killed host was out of "
               f"{row['moved_workers']} of {row['workers']} workers' rotation {row['moved_after_s'] * 1000:.1f} ms "
