@@ -61,6 +61,16 @@ CREATE TABLE IF NOT EXISTS reply_counts (
 CREATE TABLE IF NOT EXISTS triage (
     uid TEXT PRIMARY KEY, crash_class TEXT, signature TEXT, bucket TEXT, in_allocator INTEGER, fault_address TEXT,
     data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS crash_counts (
+    trial INTEGER NOT NULL, t REAL NOT NULL, span REAL NOT NULL, bucket TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '',
+    signal_name TEXT NOT NULL, count INTEGER NOT NULL, cores_kept INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (trial, t, bucket, grp, signal_name));
+CREATE TABLE IF NOT EXISTS crash_hosts (
+    trial INTEGER NOT NULL, host INTEGER NOT NULL, bucket TEXT NOT NULL, count INTEGER NOT NULL,
+    first_t REAL NOT NULL, last_t REAL NOT NULL, PRIMARY KEY (trial, host, bucket));
+CREATE TABLE IF NOT EXISTS event_counts (
+    trial INTEGER NOT NULL, t INTEGER NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (trial, t, kind));
 """
 
 
@@ -69,7 +79,12 @@ SAMPLE_COLUMNS = ("trial, t, offered, sent, ok, timeout, conn_error, no_host, ba
 HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads"
 REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error, no_host, bad_reply, hist"
 # Tables added after schema 2: created on open when missing (older stores simply have no rows in them).
-ADDED_TABLES = ("request_samples", "reply_counts")
+# crash_counts, crash_hosts, event_counts: a crash storm stored compactly (a simulated cascade has hundreds
+# of thousands of crashes): exact counts per slot x bucket x host group and per host x bucket, while
+# `crashes` holds a sample of rows. A slot is a second [t, t + span), cut at phase boundaries so that every
+# phase's count is exact. A trial with crash_counts rows has all its crashes counted there; one without has
+# every crash as a row. event_counts: events counted instead of stored (a crash loop's exits and restarts).
+ADDED_TABLES = ("request_samples", "reply_counts", "crash_counts", "crash_hosts", "event_counts")
 
 
 @dataclass(frozen=True)
@@ -230,9 +245,28 @@ class RunStore:
     def write_batch(self, trial: int, *, events: list[dict[str, Any]] = (), samples: list[Sample] = (),  # type: ignore[assignment]
                     host_samples: list[HostSample] = (), crashes: list[dict[str, Any]] = (),  # type: ignore[assignment]
                     request_samples: list[RequestSample] = (),  # type: ignore[assignment]
-                    reply_counts: list[tuple[int, str, str, int]] = ()) -> None:  # type: ignore[assignment]
-        """Everything the runner gathered since the last batch, in one transaction."""
+                    reply_counts: list[tuple[int, str, str, int]] = (),  # type: ignore[assignment]
+                    crash_counts: Iterable[tuple[float, float, str, str, str, int, int]] = (),
+                    crash_hosts: Iterable[tuple[int, str, int, float, float]] = (),
+                    event_counts: Iterable[tuple[int, str, int]] = ()) -> None:
+        """Everything the runner gathered since the last batch, in one transaction. Crash and event counts
+        add to what earlier batches stored: crash_counts (t, span, bucket, group, signal name, count,
+        cores kept), crash_hosts (host, bucket, count, first t, last t), event_counts (second, kind, count)."""
         with self._tx():
+            self.db.executemany(
+                "INSERT INTO crash_counts (trial, t, span, bucket, grp, signal_name, count, cores_kept) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (trial, t, bucket, grp, signal_name) DO UPDATE SET "
+                "count = count + excluded.count, cores_kept = cores_kept + excluded.cores_kept",
+                [(trial, *row) for row in crash_counts])
+            self.db.executemany(
+                "INSERT INTO crash_hosts (trial, host, bucket, count, first_t, last_t) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (trial, host, bucket) DO UPDATE SET count = count + excluded.count, "
+                "first_t = min(first_t, excluded.first_t), last_t = max(last_t, excluded.last_t)",
+                [(trial, *row) for row in crash_hosts])
+            self.db.executemany(
+                "INSERT INTO event_counts (trial, t, kind, count) VALUES (?,?,?,?) "
+                "ON CONFLICT (trial, t, kind) DO UPDATE SET count = count + excluded.count",
+                [(trial, *row) for row in event_counts])
             self.db.executemany(
                 "INSERT INTO events (trial, t, wall, kind, host, pid, detail) VALUES (?,?,?,?,?,?,?)",
                 [(trial, e["t"], e["wall"], e["kind"], e.get("host"), e.get("pid"), json.dumps(e.get("detail", {})))
