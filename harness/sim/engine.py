@@ -25,6 +25,7 @@ import numpy as np
 from harness.plan import choose_hosts, loss_events, stream
 from harness.scenario import Scenario, ShimFault, SimModel, Variant
 from harness.sim.balance import assign
+from harness.sim.crashes import CAUSES, HAZARD, MEMORY, CrashSampler, CrashTally
 
 UP, DOWN, PAUSED, STOPPED = 0, 1, 2, 3
 STATE_NAMES = {UP: "up", DOWN: "down", PAUSED: "paused", STOPPED: "stopped"}
@@ -105,7 +106,10 @@ class FleetModel:
         self.started = np.zeros(n, dtype=np.float64)
         self.warm_until = 0.0                 # some host is still warming up before this time
         self.generation = np.zeros(n, dtype=np.int64)     # bumps on every state change (stale timers)
-        self.timers: list[tuple[float, int, str, int, int]] = []   # (time, seq, kind, host, generation)
+        self.timers: list[tuple[float, int, str, int, int]] = []   # pauses: (time, seq, kind, host, generation)
+        self.restart_at = np.full(n, np.inf)              # restarts: one array, not a timer per crash
+        self.next_restart = math.inf
+        self.row_restart = np.zeros(n, dtype=bool)         # the host's exit is an event row: so is its start
         self.timer_seq = 0
         self.incarnation = np.zeros(n, dtype=np.int64)
         self.quick_failures = np.zeros(n, dtype=np.int64)
@@ -146,9 +150,14 @@ class FleetModel:
         self.active: tuple[int, ...] | None = None
         self.losses = loss_events(scenario.host_losses, scenario.duration) if faults_on else []
         self.loss_next = 0
-        # outputs gathered by the caller
+        # outputs gathered by the caller: event rows, crash rows (a sample: harness.sim.crashes), exact
+        # crash counts, and counts of the events that are not rows (a crash loop's exits and restarts)
         self.events: list[dict[str, Any]] = []
         self.crashes: list[dict[str, Any]] = []
+        self.sampler = CrashSampler(rng(self.seed, "sim-crash-sample"))
+        self.tally = CrashTally(n, [b for p in scenario.load.phases for b in (p.start, p.end)])
+        self.event_counts: dict[tuple[int, str], int] = {}
+        self.total_crashes = 0
         self.first_loss: float | None = None
         self.episode_start: float | None = None    # first loss since the fleet was last complete
         self.cascade_at: float | None = None       # end of the tick in which alive fell below the threshold
@@ -229,20 +238,13 @@ class FleetModel:
     def _lifecycle(self, t: float, end: float) -> None:
         """Timers due by the start of this tick (restarts, resumes, ejections), then host losses
         that strike during it (applied at its start: the tick is the resolution)."""
-        m = self.m
+        if self.next_restart <= t + 1e-9:
+            self._restart_due(t)
         while self.timers and self.timers[0][0] <= t + 1e-9:
             at, _, kind, host, generation = heapq.heappop(self.timers)
             if generation != self.generation[host]:
                 continue                                   # the host changed state since
-            if kind == "restart":
-                self._set_state(host, UP, True)
-                self.started[host] = at
-                self.incarnation[host] += 1
-                self.carry[host] = 0.0
-                if m.warmup_for > 0 and m.warmup_from < 1.0:
-                    self.warm_until = max(self.warm_until, at + m.warmup_for)
-                self._event(at, "start", host, incarnation=int(self.incarnation[host]))
-            elif kind == "eject":
+            if kind == "eject":
                 self.in_rotation[host] = False             # paused: found out by its first timeout
                 self.count_rotation -= 1
             elif kind == "resume":
@@ -261,7 +263,8 @@ class FleetModel:
             for host in chosen:
                 if fault.how == "kill":
                     self.backlog_lost += int(self.backlog[host])
-                    self._down(host, event.t, f"host-loss (faults[{fault.index}])", fault.down_for)
+                    self._down(np.array([host]), np.array([event.t]), [f"host-loss (faults[{fault.index}])"],
+                               [9], np.array([True]), fault.down_for)
                     self._note_loss(event.t)
                 else:
                     self._set_state(host, PAUSED, True)
@@ -275,27 +278,111 @@ class FleetModel:
         if self.episode_start is None:
             self.episode_start = t
 
-    def _down(self, host: int, t: float, cause: str, down_for: float = 0.0, crash: bool = False) -> None:
-        """A host leaves (its backlog is dropped; the caller counts it) and restarts per the policy."""
+    def _restart_due(self, t: float) -> None:
+        """Hosts whose restart time has come are up again (fresh incarnation, warming up)."""
         m = self.m
-        self.backlog[host] = 0
-        self.carry[host] = 0.0
-        uptime = t - float(self.started[host])
-        self._event(t, "exit", host, cause=cause, uptime=round(uptime, 6),
-                    signal=SIGSEGV if crash and cause == "memory" else (SIGABRT if crash else 9))
-        if m.restart_policy == "never":
-            self._set_state(host, STOPPED, False)
-            self._event(t, "no-restart", host, policy=m.restart_policy)
+        due = np.flatnonzero(self.restart_at <= t + 1e-9)
+        at = self.restart_at[due]
+        self.restart_at[due] = np.inf
+        self.next_restart = float(self.restart_at.min())
+        self.state[due] = UP
+        self.count_up += len(due)                          # all of them were down
+        self.count_rotation += int((~self.in_rotation[due]).sum())
+        self.in_rotation[due] = True
+        self.generation[due] += 1
+        self.started[due] = at
+        self.incarnation[due] += 1
+        self.carry[due] = 0.0
+        if m.warmup_for > 0 and m.warmup_from < 1.0:
+            self.warm_until = max(self.warm_until, float(at.max()) + m.warmup_for)
+        rows = self.row_restart[due]
+        if rows.any():
+            order = np.lexsort((due[rows], at[rows]))
+            for host, when in zip(due[rows][order].tolist(), at[rows][order].tolist()):
+                self._event(when, "start", host, incarnation=int(self.incarnation[host]))
+            self.row_restart[due] = False
+        self._count_events(at[~rows], "start")
+
+    def _count_events(self, times: np.ndarray, kind: str) -> None:
+        if not len(times):
             return
-        if uptime < m.restart_reset_after:
-            self.quick_failures[host] += 1
-        else:
-            self.quick_failures[host] = 1
-        backoff = 0.0
+        seconds, counts = np.unique(np.floor(times), return_counts=True)
+        for second, count in zip(seconds.tolist(), counts.tolist()):
+            key = (int(second), kind)
+            self.event_counts[key] = self.event_counts.get(key, 0) + count
+
+    def _note_loss(self, t: float) -> None:
+        if self.first_loss is None:
+            self.first_loss = t
+        if self.episode_start is None:
+            self.episode_start = t
+
+    def _down(self, hosts: np.ndarray, times: np.ndarray, causes: list[str], signals: list[int],
+              rows: np.ndarray, down_for: float = 0.0) -> None:
+        """Hosts leave (their backlog is dropped; the caller counts it) and restart per the policy.
+        `rows` says which exits (and the restarts that follow) are event rows; the others are counted."""
+        m = self.m
+        self.backlog[hosts] = 0
+        self.carry[hosts] = 0.0
+        uptime = times - self.started[hosts]
+        never = m.restart_policy == "never"
+        for i in np.flatnonzero(rows).tolist():
+            host, when = int(hosts[i]), float(times[i])
+            self._event(when, "exit", host, cause=causes[i], uptime=round(float(uptime[i]), 6), signal=signals[i])
+            if never:
+                self._event(when, "no-restart", host, policy=m.restart_policy)
+        if not rows.all():
+            self._count_events(times[~rows], "exit")
+            if never:
+                self._count_events(times[~rows], "no-restart")
+        state = self.state[hosts]
+        self.count_up -= int((state == UP).sum())
+        self.count_paused -= int((state == PAUSED).sum())
+        self.count_rotation -= int(self.in_rotation[hosts].sum())
+        self.in_rotation[hosts] = False
+        self.generation[hosts] += 1
+        if never:
+            self.state[hosts] = STOPPED
+            return
+        self.state[hosts] = DOWN
+        quick = np.where(uptime < m.restart_reset_after, self.quick_failures[hosts] + 1, 1)
+        self.quick_failures[hosts] = quick
+        wait = np.full(len(hosts), m.restart_time)
         if m.restart_backoff > 0:
-            backoff = min(m.restart_backoff * 2 ** (int(self.quick_failures[host]) - 1), m.restart_max_backoff)
-        self._set_state(host, DOWN, False)
-        self._timer(t + max(down_for, m.restart_time + backoff), "restart", host)
+            # exact powers of two, as 2 ** (k - 1) (capped far above any max_backoff / backoff ratio)
+            wait = m.restart_time + np.minimum(m.restart_backoff * np.exp2(np.minimum(quick - 1, 1000)),
+                                               m.restart_max_backoff)
+        self.restart_at[hosts] = times + np.maximum(down_for, wait)
+        self.row_restart[hosts] = rows
+        self.next_restart = min(self.next_restart, float(self.restart_at[hosts].min()))
+
+    def _crash(self, hosts: np.ndarray, times: np.ndarray, causes: np.ndarray, hazards: np.ndarray,
+               counts: np.ndarray, capacity: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A tick's crashes, in time order: counted, a sample recorded as rows, the hosts down.
+        Returns (the hosts that crashed, the backlog each of them lost)."""
+        order = np.lexsort((hosts, times))
+        hosts, times, causes, hazards = hosts[order], times[order], causes[order], hazards[order]
+        up = self.state[hosts] == UP
+        if not up.all():
+            hosts, times, causes, hazards = hosts[up], times[up], causes[up], hazards[up]
+        k = len(hosts)
+        lost = self.backlog[hosts].copy()
+        if not k:
+            return hosts, lost
+        alive_after = self.alive() - np.arange(1, k + 1)       # each crash takes one host away, in order
+        rows, candidates, priorities = self.sampler.choose(causes)
+        for i in np.flatnonzero(rows).tolist():
+            self.crashes.append(self._crash_record(i, hosts, times, causes, hazards, counts, capacity, alive_after))
+        for i, priority in zip(candidates.tolist(), priorities.tolist()):
+            self.sampler.offer(priority, self.total_crashes + i,
+                               self._crash_record(i, hosts, times, causes, hazards, counts, capacity, alive_after))
+        self.tally.add(hosts, times, causes)
+        self._down(hosts, times, [CAUSES[c] for c in causes.tolist()],
+                   [SIGSEGV if c == MEMORY else SIGABRT for c in causes.tolist()], rows)
+        if k:
+            self._note_loss(float(times[0]))
+        self.total_crashes += k
+        return hosts, lost
 
     def step(self, load_on: bool = True) -> dict[str, Any]:
         """Advance one tick; returns the tick's counts (fleet totals) and, for small fleets, per-host arrays."""
@@ -304,7 +391,7 @@ class FleetModel:
         self.backlog_lost = 0
         if self.shim_faults:
             self._update_faults(t)
-        if self.timers or self.loss_next < len(self.losses):
+        if self.timers or self.next_restart <= t + 1e-9 or self.loss_next < len(self.losses):
             self._lifecycle(t, end)
         shape = self.scenario.load
         if not load_on:
@@ -392,28 +479,24 @@ class FleetModel:
         self.inflight = inflight
         self.backlog = backlog
         self.any_backlog = queued
-        # crashes
-        crashed: list[tuple[int, float, str, float]] = []           # (host, t, cause, hazard)
+        # crashes: memory ones in the middle of the tick, hazard ones at their drawn time
+        parts = []
         if crash_memory is not None:
-            for host in np.flatnonzero(crash_memory).tolist():
-                crashed.append((host, t + dt * 0.5, "memory", 0.0))
+            hosts = np.flatnonzero(crash_memory)
+            parts.append((hosts, np.full(len(hosts), t + dt * 0.5), np.full(len(hosts), MEMORY),
+                          np.zeros(len(hosts))))
         if m.hazard_base > 0 or m.hazard_scale > 0:
-            crashed += self._hazard(t, counts, capacity, can, uniform, crash_memory)
+            hit = self._hazard(t, counts, capacity, can, uniform, crash_memory)
+            if hit is not None:
+                parts.append(hit)
         lost_total = self.backlog_lost
         lost = np.zeros(n, dtype=np.int64) if self.per_host else None
-        if crashed:
-            crashed.sort(key=lambda c: (c[1], c[0]))
-            for host, when, cause, hazard_value in crashed:
-                if self.state[host] != UP:
-                    continue
-                lost_total += int(self.backlog[host])
-                if lost is not None:
-                    lost[host] = self.backlog[host]
-                record = self._crash_record(host, when, cause, hazard_value, counts, capacity)
-                self._down(host, when, cause, crash=True)
-                self._note_loss(when)
-                record["hosts_alive"] = self.alive()
-                self.crashes.append(record)
+        if parts:
+            columns = [np.concatenate(column) for column in zip(*parts)] if len(parts) > 1 else parts[0]
+            crashed_hosts, dropped = self._crash(*columns, counts, capacity)
+            lost_total += int(dropped.sum())
+            if lost is not None:
+                lost[crashed_hosts] = dropped
         # latency of what was served: service time plus the wait behind the backlog, which (fluid, at
         # this resolution) grows linearly through the tick from its start to its end value
         latency: dict[int, int] = {}
@@ -462,24 +545,17 @@ class FleetModel:
         if m.memory_per_request or m.memory_base:
             if m.memory_base + m.memory_per_request * most * (m.service_time / dt) > self.budget_min:
                 return None
-        crashed: list[tuple[int, float, str, float]] = []
         self.inflight = counts * (m.service_time / dt)
         if self.per_host and (m.memory_per_request or m.memory_base):
             self.memory = m.memory_base + m.memory_per_request * self.inflight
+        hit = None
         if m.hazard_base > 0 or m.hazard_scale > 0:
-            crashed = self._hazard(t, counts, capacity, can, uniform, None, overloaded=False)
-        lost_total = 0
+            hit = self._hazard(t, counts, capacity, can, uniform, None, overloaded=False)
         lost = np.zeros(n, dtype=np.int64) if self.per_host else None
-        if crashed:
+        if hit is not None:
             # served before they died: the tick's requests were all answered (nothing was waiting)
-            crashed.sort(key=lambda c: (c[1], c[0]))
-            for host, when, cause, hazard_value in crashed:
-                record = self._crash_record(host, when, cause, hazard_value, counts, capacity)
-                self._down(host, when, cause, crash=True)
-                self._note_loss(when)
-                record["hosts_alive"] = self.alive()
-                self.crashes.append(record)
-        lost_total += self.backlog_lost
+            self._crash(*hit, counts, capacity)
+        lost_total = self.backlog_lost
         latency = {int(lat_bin(m.service_time)): attempts} if attempts else {}
         failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
         final = self._retry(failures, fresh, retries) if lost_total else failures
@@ -510,8 +586,8 @@ class FleetModel:
         return result
 
     def _hazard(self, t: float, counts: np.ndarray, capacity: Any, can: Any, uniform: bool,
-                crash_memory: np.ndarray | None, overloaded: bool | None = None) -> list[tuple[int, float, str, float]]:
-        """Hosts the failure hazard kills this tick, each with its time inside the tick."""
+                crash_memory: np.ndarray | None, overloaded: bool | None = None) -> tuple[np.ndarray, ...] | None:
+        """Hosts the failure hazard kills this tick: (hosts, times inside the tick, causes, hazards), or None."""
         m, dt = self.m, self.dt
         if overloaded is None:
             overloaded = m.hazard_scale > 0 and (not uniform or int(counts.max()) > capacity * dt)
@@ -520,16 +596,16 @@ class FleetModel:
             hazard = m.hazard_base * float(self.multiplier[0])
             probability = -math.expm1(-hazard * dt)
             if probability <= 0 or not self.count_up:
-                return []
+                return None
             k = int(self.hazard_rng.binomial(self.count_up, probability))
             if not k:
-                return []
+                return None
             if self.count_up == self.n:
                 hosts = np.sort(self.hazard_rng.choice(self.n, size=k, replace=False))
             else:
                 hosts = np.sort(self.hazard_rng.choice(np.flatnonzero(self.state == UP), size=k, replace=False))
             offsets = self.hazard_rng.random(k)
-            return [(int(h), t + dt * float(o), "hazard", hazard) for h, o in zip(hosts.tolist(), offsets.tolist())]
+            return hosts, t + dt * offsets, np.full(k, HAZARD), np.full(k, hazard)
         with np.errstate(divide="ignore", invalid="ignore"):
             load = np.where(capacity > 0, counts / (capacity * dt), 0.0)
         hazard = (m.hazard_base + m.hazard_scale * np.maximum(load - 1.0, 0.0) ** m.hazard_exponent) * self.multiplier
@@ -540,8 +616,9 @@ class FleetModel:
         probability = -np.expm1(-hazard * dt)
         draw = self.hazard_rng.random(self.n)
         hit = np.flatnonzero(draw < probability)
-        return [(host, t + dt * float(draw[host] / probability[host]), "hazard", float(hazard[host]))
-                for host in hit.tolist()]
+        if not len(hit):
+            return None
+        return hit, t + dt * (draw[hit] / probability[hit]), np.full(len(hit), HAZARD), hazard[hit]
 
     def _retry(self, failures: dict[str, int], fresh: int, retries: list[int]) -> dict[str, int]:
         """Failed attempts go back as retries while attempts and the retry budget last; the rest are final."""
@@ -566,8 +643,10 @@ class FleetModel:
         taken = apportion(budget, [failures[k] for k in kinds])
         return {k: failures[k] - n for k, n in zip(kinds, taken)}
 
-    def _crash_record(self, host: int, when: float, cause: str, hazard: float, counts: np.ndarray,
-                      capacity: Any) -> dict[str, Any]:
+    def _crash_record(self, i: int, hosts: np.ndarray, times: np.ndarray, causes: np.ndarray, hazards: np.ndarray,
+                      counts: np.ndarray, capacity: Any, alive_after: np.ndarray) -> dict[str, Any]:
+        """The row of the i-th of a tick's crashes (before its host goes down)."""
+        host, when, cause, hazard = int(hosts[i]), float(times[i]), CAUSES[int(causes[i])], float(hazards[i])
         cap = float(capacity if np.isscalar(capacity) else capacity[host])
         detail: dict[str, Any] = {"simulated": True, "cause": cause, "incarnation": int(self.incarnation[host]),
                                   "load": round(float(counts[host]) / (cap * self.dt), 4) if cap > 0 else None}
@@ -584,7 +663,8 @@ class FleetModel:
                 "signal_name": "SIGSEGV" if memory_crash else "SIGABRT", "core_dumped": False,
                 "uptime": round(when - float(self.started[host]), 6),
                 "offered_rate": self.scenario.load.rate(when), "host_inflight": int(round(float(self.inflight[host]))),
-                "executable": "simulated", "detail": detail}
+                "hosts_alive": int(alive_after[i]), "executable": "simulated", "detail": detail,
+                "number": self.total_crashes + i}
 
     def busy(self) -> bool:
         """Anything still queued or waiting to be retried (the drain after the load)."""

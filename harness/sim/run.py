@@ -26,6 +26,7 @@ from harness.driver import new_histogram
 from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.scenario import Scenario, Variant
 from harness.sim import params
+from harness.sim.crashes import CAUSES as CAUSE_NAMES
 from harness.sim.engine import FleetModel, bin_seconds
 from harness.safefs import create_run_dir
 from harness.store import HostSample, RunStore, Sample
@@ -37,6 +38,7 @@ CAUSES = {
     "memory": ("model-memory", "simulated: in-flight memory over the host's budget (the estats NULL stats block)"),
     "hazard": ("model-hazard", "simulated: failure hazard (load over capacity x fault multipliers)"),
 }
+SIGNAL_NAMES = {"memory": "SIGSEGV", "hazard": "SIGABRT"}
 
 
 def run_simulation(scenario: Scenario, options: RunOptions) -> RunResult:
@@ -79,8 +81,7 @@ class Trial:
         self.samples: list[Sample] = []
         self.host_samples: list[HostSample] = []
         self.digest = hashlib.sha256()
-        self.crash_count = 0
-        self.causes: dict[str, int] = {}
+        self.crash_rows = 0
         self.wall0 = time.time()
 
     async def run(self) -> dict[str, Any]:
@@ -110,13 +111,13 @@ class Trial:
                     next_flush += FLUSH_EVERY
             if self.status and tick % report_every == 0 and tick <= load_ticks:
                 print(f"{self.label}[{model.t:8.0f}/{scenario.duration:.0f}s virtual] hosts alive "
-                      f"{model.alive()}/{model.n} crashes {len(model.crashes) + self.crash_count} "
+                      f"{model.alive()}/{model.n} crashes {model.total_crashes} "
                       f"({time.perf_counter() - started:.1f}s wall)", file=sys.stderr, flush=True)
         if tick % per_second:
             self._close_second(second, model.alive())
         model.events.append({"t": round(model.t, 6), "kind": "trial-end", "host": None, "pid": None,
                              "detail": {"status": "complete"}})
-        self._flush()
+        self._flush(final=True)
         return self._detail(time.perf_counter() - started)
 
     def _new_second(self, t: int) -> dict[str, Any]:
@@ -161,29 +162,38 @@ class Trial:
                     shim={"budget": int(model.budget[host]) if math.isfinite(model.budget[host]) else None,
                           "hazard_multiplier": float(model.multiplier[host])}))
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """One store batch: samples, event rows, the crash rows sampled so far and the counts since the
+        last batch; at the end of the trial the uniform crash sample and the per-host counts too."""
         model = self.model
         events, crashes = model.events, model.crashes
         model.events, model.crashes = [], []
+        if final:
+            crashes += model.sampler.sample()
         for event in events:
             event["wall"] = self.wall0 + event["t"]
         triage = []
-        for number, crash in enumerate(crashes, start=self.crash_count):
+        for crash in crashes:
             crash["wall"] = self.wall0 + crash["t"]
-            crash["uid"] = f"{self.run_id}:t{self.number}:c{number}"
-            cause = crash["detail"]["cause"]
-            self.causes[cause] = self.causes.get(cause, 0) + 1
-            bucket, signature = CAUSES[cause]
-            triage.append((crash["uid"], bucket, signature, bucket, int(cause == "memory"), None,
+            crash["uid"] = f"{self.run_id}:t{self.number}:c{crash['number']}"
+            bucket, signature = CAUSES[crash["detail"]["cause"]]
+            triage.append((crash["uid"], bucket, signature, bucket, int(crash["detail"]["cause"] == "memory"), None,
                            json.dumps({"crash_class": bucket, "signature": signature, "bucket": bucket,
                                        "simulated": True, "core_kept": False})))
-        self.crash_count += len(crashes)
+        self.crash_rows += len(crashes)
+        slots = [(start, span, CAUSES[CAUSE_NAMES[cause]][0], "", SIGNAL_NAMES[CAUSE_NAMES[cause]], count, 0)
+                 for start, span, cause, count in model.tally.take_slots()]
+        counted = sorted((second, kind, count) for (second, kind), count in model.event_counts.items())
+        model.event_counts = {}
+        hosts = [(host, CAUSES[CAUSE_NAMES[cause]][0], count, first, last)
+                 for host, cause, count, first, last in model.tally.per_host()] if final else []
         fields = [f.name for f in dataclasses.fields(Sample)]
         self.digest.update(repr([tuple(getattr(s, f) for f in fields) for s in self.samples]).encode())
         self.digest.update(repr([(e["t"], e["kind"], e["host"], e["pid"], e["detail"]) for e in events]).encode())
         self.digest.update(repr([tuple(v for k, v in c.items() if k not in ("wall", "uid")) for c in crashes]).encode())
+        self.digest.update(repr((slots, counted, hosts)).encode())
         self.store.write_batch(self.number, events=events, samples=self.samples, host_samples=self.host_samples,
-                               crashes=crashes)
+                               crashes=crashes, crash_counts=slots, crash_hosts=hosts, event_counts=counted)
         if triage:
             with self.store._tx():
                 self.store.db.executemany(
@@ -201,7 +211,10 @@ class Trial:
             "first_loss": model.first_loss, "cascade_threshold": self.model_params.cascade_threshold,
             "cascade_from": model.cascade_from, "cascade_at": model.cascade_at, "time_to_cascade": cascade,
             "hosts_alive_end": model.alive(), "hosts_alive_min": model.min_alive,
-            "crashes": self.crash_count, "crashes_by_cause": dict(sorted(self.causes.items())),
+            "crashes": model.total_crashes,
+            "crashes_by_cause": {CAUSE_NAMES[c]: n for c, n in sorted(enumerate(model.tally.total),
+                                                                      key=lambda item: CAUSE_NAMES[item[0]]) if n},
+            "crash_rows": self.crash_rows,
             "retries": model.total_retries,
             "attempts": model.total_attempts,
             "retry_amplification": round(model.total_attempts / model.total_offered, 6) if model.total_offered else None,
