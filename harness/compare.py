@@ -106,7 +106,8 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     for trial in report["trials"]:
         overall = trial["overall"]
         exposure = exposures[trial["id"]]
-        crash_times = [c["t"] for c in trial["crashes"]]
+        # the first crash from the exact totals: the crash list is capped (or a sample)
+        crash_times = [b["first_seen"] for b in trial["buckets"]]
         trials.append({
             "run_id": report["run_id"], "trial": trial["id"], "variant": trial["variant"],
             "repeat": trial["repeat"], "seed": trial["seed"], "status": trial["status"],

@@ -8,6 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.crashcounts import read_crashes
 from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
@@ -16,8 +17,9 @@ def render_buckets(report: dict[str, Any]) -> str:
     rows = []
     for trial in report["trials"]:
         for b in trial["buckets"]:
+            hosts = " ".join(b["hosts"]) if len(b["hosts"]) <= 16 else f"{len(b['hosts'])} hosts"
             rows.append([b["bucket"], trial["variant"], b["count"], b["crash_class"], b["signature"] or "-",
-                         " ".join(b["hosts"]), b["cores_kept"]])
+                         hosts, b["cores_kept"]])
     if not rows:
         return f"no crashes in {report['run_dir']}"
     return tabulate(rows, headers=["bucket", "variant", "crashes", "class", "signature", "hosts", "cores kept"])
@@ -114,6 +116,14 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
             "SELECT c.*, t.variant, x.bucket, x.data FROM crashes c JOIN trials t ON t.id = c.trial "
             "LEFT JOIN triage x ON x.uid = c.uid WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
         names = _host_names(store)
+        # exact counts (the rows of a compactly stored cascade are a sample)
+        count, hosts_seen = 0, set()
+        for trial in sorted({r["trial"] for r in rows}):
+            trial_names = {h: n for (t, h), n in names.items() if t == trial}
+            for b in read_crashes(store, trial).buckets(trial_names):
+                if b["bucket"].startswith(bucket):
+                    count += b["count"]
+                    hosts_seen |= set(b["hosts"])
     finally:
         store.close()
     if not rows:
@@ -123,12 +133,12 @@ def render_bucket(run_dir: Path, bucket: str) -> str | None:
     example, row = triaged[example_index], rows[example_index]
     def host_name(r: dict[str, Any]) -> str:
         return names.get((r["trial"], r["host"]), f"h{r['host']}")
-    hosts = ", ".join(sorted({host_name(r) for r in rows}))
+    hosts = ", ".join(sorted(hosts_seen)) if len(hosts_seen) <= 16 else f"{len(hosts_seen)} hosts"
     variants = ", ".join(sorted({r["variant"] for r in rows}))
     out = [f"bucket {row['bucket']}: {example.get('crash_class')} — {example.get('class_detail', '')}",
            f"signature: {example.get('signature')}  (version {example.get('signature_version')}, "
            f"method {example.get('signature_method')}){'  [inside the allocator]' if example.get('in_allocator') else ''}",
-           f"crashes: {len(rows)} on {hosts} (variants: {variants})",
+           f"crashes: {count} on {hosts} (variants: {variants})",
            "",
            f"example: host {host_name(row)} pid {row['pid']} at t={row['t']:.2f}s{_stopping(row)}, "
            f"{example.get('signal_name') or row['signal_name']} ({_known(example.get('si_code_name'))}), "

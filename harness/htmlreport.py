@@ -32,6 +32,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
+from harness.crashcounts import Crashes, read_crashes  # noqa: E402
 from harness.report import build_report  # noqa: E402
 from harness.safefs import write_replace  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
@@ -228,11 +229,12 @@ class TrialData:
     samples: list[dict[str, Any]]
     hosts: dict[int, list[dict[str, Any]]]    # host -> memory rows (one per process and bucket), in time order
     lanes: dict[int, list[dict[str, Any]]]    # host -> rows where it was not up (t, span, state), in time order
-    crashes: list[tuple[float, int]]            # (t, host), every crash (the report's list is capped)
+    crashes: list[tuple[float, int]]            # (t, host) of the crash rows: every crash, or a sample
     windows: list[Window]
     gaps: list[Window] = field(default_factory=list)
     variant: str = ""
     names: dict[int, str] = field(default_factory=dict)   # a mixed fleet's hosts are named after their group
+    counted: Crashes | None = None              # exact crash counts (also of a compactly stored cascade)
 
     def name(self, host: int) -> str:
         return self.names.get(host, f"h{host}")
@@ -288,14 +290,15 @@ def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData
         lanes = _rows(store, f"SELECT host, min(t) AS t, max(t + span) - min(t) AS span, {_WORST_STATE} AS state "
                              "FROM host_samples WHERE trial=? AND state != 'up' GROUP BY host, t / ? ORDER BY host, t",
                       (tid, lane_width))
-    crashes = [(r["t"], r["host"]) for r in store.query("SELECT t, host FROM crashes WHERE trial=? ORDER BY t", (tid,))]
+    counted = read_crashes(store, tid)
+    crashes = [(r["t"], r["host"]) for r in counted.rows]
     label = f"{trial['variant']}" + (f" #{trial['repeat'] + 1}" if trial["repeat"] else "") + f" (trial {tid})"
     windows = fault_windows(_timeline_events(store, tid), end)
     names = {r["host"]: r["name"] for r in store.query(
         "SELECT host, json_extract(detail, '$.name') AS name FROM events WHERE trial=? AND kind='start' "
         "AND json_extract(detail, '$.name') IS NOT NULL GROUP BY host", (tid,))}
     return TrialData(tid, label, samples, _by_host(memory), _by_host(lanes), crashes, windows,
-                     [w for w in windows if w.kind == "gap"], trial["variant"], names)
+                     [w for w in windows if w.kind == "gap"], trial["variant"], names, counted)
 
 
 def _timeline_events(store: RunStore, tid: int) -> list[dict[str, Any]]:
@@ -426,7 +429,7 @@ def plot_cascade(trial: TrialData, ctx: PlotContext) -> Figure:
     crash_ax = ax.twinx()
     ax.set_zorder(crash_ax.get_zorder() + 1)   # the hosts-alive line over the crash bars
     ax.patch.set_visible(False)
-    bins = _crash_bins([c[0] for c in trial.crashes], ctx.crash_bin)
+    bins = _crash_bins(trial, ctx.crash_bin)
     bars = None
     if bins:
         bars = crash_ax.bar([b / ctx.axis.unit for b in bins], list(bins.values()), width=ctx.crash_bin / ctx.axis.unit,
@@ -447,9 +450,12 @@ def plot_cascade(trial: TrialData, ctx: PlotContext) -> Figure:
     return fig
 
 
-def _crash_bins(times: Sequence[float], width: float) -> dict[float, int]:
+def _crash_bins(trial: TrialData, width: float) -> dict[float, int]:
+    """Crashes per bar of `width` seconds, from the exact counts."""
+    if trial.counted is not None:
+        return trial.counted.per_bin(width)
     bins: dict[float, int] = {}
-    for t in times:
+    for t, _ in trial.crashes:
         start = math.floor(t / width) * width
         bins[start] = bins.get(start, 0) + 1
     return bins
@@ -497,7 +503,8 @@ def _plot_lanes(ax: Axes, trial: TrialData, ctx: PlotContext) -> None:
     marks = [(t, lane_of[h]) for t, h in trial.crashes if h in lane_of]
     crash_x = [t / ctx.axis.unit for t, _ in marks]
     crash_y = [lane for _, lane in marks]
-    if 0 < len(marks) <= MAX_CRASH_MARKS:   # beyond that the crosses are a smear: the bars above count them
+    sampled = trial.counted is not None and trial.counted.sampled
+    if 0 < len(marks) <= MAX_CRASH_MARKS and not sampled:   # beyond that a smear: the bars above count them
         ax.scatter(crash_x, crash_y, marker="x", s=14, color="black", linewidths=0.8, zorder=3)
     ax.set_ylim(len(hosts) - 0.5, -0.5)
     step = max(1, math.ceil(len(hosts) / 16))
@@ -716,7 +723,7 @@ def _context(report: dict[str, Any], trials: list[TrialData]) -> PlotContext:
     if latencies:
         ctx.latency_range = (max(min(latencies) / 1.5, 1e-3), max(latencies) * 1.5)
     ctx.crash_bin = 1.0 if end <= MAX_POINTS else _nice_bin(end / MAX_POINTS)
-    ctx.crash_max = max([1] + [n for t in trials for n in _crash_bins([c[0] for c in t.crashes], ctx.crash_bin).values()])
+    ctx.crash_max = max([1] + [n for t in trials for n in _crash_bins(t, ctx.crash_bin).values()])
     return ctx
 
 

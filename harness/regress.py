@@ -58,9 +58,9 @@ import numpy as np
 from harness import stats
 from harness import trends as trends_module
 from harness.compare import json_safe, trial_exposures, finish_rows, pair_row, spread_of, summarize_variant
+from harness.crashcounts import read_crashes
 from harness.driver import new_histogram
 from harness.errors import HarnessError
-from harness.report import crash_buckets as report_buckets
 from harness.store import open_run
 from harness.units import format_duration
 
@@ -147,20 +147,16 @@ def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]
     return out
 
 
-_CRASHES = ("SELECT c.*, x.crash_class, x.signature, x.bucket, x.in_allocator, x.fault_address, x.data AS triage "
-            "FROM crashes c LEFT JOIN triage x ON x.uid = c.uid WHERE c.trial=? ORDER BY c.t")
-
-
 def _trial(store: Any, row: sqlite3.Row, run: dict[str, Any]) -> dict[str, Any]:
     """One trial's numbers as compare counts them (exposure filled in later), its buckets as the report
     groups them, and its samples (for blocks). No histogram is merged here."""
     samples = store.query("SELECT t, span, sent, ok, hist FROM samples WHERE trial=? ORDER BY t", (row["id"],))
-    crashes = [dict(c) for c in store.query(_CRASHES, (row["id"],))]
-    buckets = report_buckets(crashes)
+    crashes = read_crashes(store, row["id"])        # exact counts, also for a compactly stored cascade
+    buckets = crashes.buckets()
     return {
         "run_id": run["id"], "trial": row["id"], "variant": row["variant"], "repeat": row["repeat"],
         "seed": row["seed"], "status": "incomplete" if row["status"] == "running" else row["status"],
-        "crashes": len(crashes), "first_crash": max(crashes[0]["t"], 0.0) if crashes else None,
+        "crashes": crashes.total, "first_crash": max(crashes.first, 0.0) if crashes.first is not None else None,
         "end": float(max([run["duration"]] + [s["t"] + s["span"] for s in samples])),
         "requests": sum(s["sent"] for s in samples), "host_hours": 0.0,
         "p50_latency": None, "p99_latency": None, "throughput": None, "peak_rss": None, "loaded": [],

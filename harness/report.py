@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from harness.crashcounts import Crashes, bucket_rows, read_crashes
 from harness.driver import ERROR_KINDS, new_histogram
 from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
 REPORT_SCHEMA = 1
-MAX_CRASHES_LISTED = 10000  # a simulated 10k-host night has ~100k: counts stay exact, the list is cut
+MAX_CRASHES_LISTED = 10000  # counts stay exact, the list is cut (a simulated cascade stores only a sample)
 
 
 def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
@@ -28,7 +29,7 @@ def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> 
     return [s for s in samples if start <= s["t"] + s.get("span", 1) / 2 < end]
 
 
-def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]], start: float,
+def window_metrics(samples: list[dict[str, Any]], crashes: Crashes, start: float,
                    end: float, *, until: float | None = None, counts_end: float | None = None) -> dict[str, Any]:
     """One window's numbers. `until`: the load's end; a sample reaching past it counts its outcomes but
     only its seconds before it (the drain after the load holds replies and timeouts of requests that
@@ -38,7 +39,7 @@ def window_metrics(samples: list[dict[str, Any]], crashes: list[dict[str, Any]],
     return {**traffic_metrics(chosen, start, end, until=until),
             "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
             "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
-            "crashes": sum(1 for c in crashes if start <= c["t"] < end)}
+            "crashes": crashes.in_window(start, end)}
 
 
 def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float, *,
@@ -142,9 +143,8 @@ def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
 def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
     tid = trial["id"]
     samples = _rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (tid,))
-    crashes = _rows(store, "SELECT c.*, x.crash_class, x.signature, x.bucket, x.in_allocator, x.fault_address, "
-                           "x.data AS triage FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
-                           "WHERE c.trial=? ORDER BY c.t", (tid,))
+    counted = read_crashes(store, tid)
+    crashes = counted.rows
     events = _rows(store, "SELECT * FROM events WHERE trial=? ORDER BY id", (tid,))
     for item in crashes + events:
         item["detail"] = json.loads(item["detail"] or "{}")
@@ -156,10 +156,10 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
     until = float(run["duration"])
     for index, phase in enumerate(phases):
         last = index == len(phases) - 1
-        metrics = window_metrics(samples, crashes, phase["start"], phase["end"], until=until,
+        metrics = window_metrics(samples, counted, phase["start"], phase["end"], until=until,
                                  counts_end=math.inf if last else None)
         phase_rows.append({"name": phase["name"], **metrics})
-    overall = window_metrics(samples, crashes, -math.inf, math.inf, until=until)
+    overall = window_metrics(samples, counted, -math.inf, math.inf, until=until)
     status = trial["status"]
     if status == "running":
         status = "incomplete"
@@ -167,7 +167,8 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "id": tid, "variant": trial["variant"], "repeat": trial["repeat"], "seed": trial["seed"], "status": status,
         "detail": json.loads(trial["detail"] or "{}"),
         "overall": overall, "phases": phase_rows,
-        "crashes_total": len(crashes),
+        "crashes_total": counted.total,
+        "crashes_sampled": counted.sampled,
         "crashes": [{k: c[k] for k in ("t", "host", "pid", "signal", "signal_name", "core_dumped", "uptime",
                                        "offered_rate", "host_inflight", "hosts_alive", "core_path", "executable",
                                        "detail", "crash_class", "signature", "bucket", "in_allocator",
@@ -182,7 +183,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "host_losses": [{"t": e["t"], **e["detail"],
                          "host_names": [names.get(h, f"h{h}") for h in e["detail"].get("hosts", [])]}
                         for e in events if e["kind"] == "host-loss"],
-        **({"groups": _group_totals(store, tid, events, crashes)} if _has_groups(events) else {}),
+        **({"groups": _group_totals(store, tid, events, counted)} if _has_groups(events) else {}),
         # A resumed run: where the load timeline continued and how long the harness was down.
         "gaps": [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "gap"],
         "proof": _proof_summary(events),
@@ -194,7 +195,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "log_dropped_bytes": sum(e["detail"].get("stdout", 0) + e["detail"].get("stderr", 0)
                                  for e in events if e["kind"] == "log-dropped"),
         # Every host starts once per stretch of the run (a resume starts them all again): not restarts.
-        "restarts": sum(1 for e in events if e["kind"] == "start")
+        "restarts": sum(1 for e in events if e["kind"] == "start") + _counted_events(store, tid, "start")
         - len({e["host"] for e in events if e["kind"] == "start"}) * (1 + sum(e["kind"] == "gap" for e in events)),
         "samples": len(samples),
         "end": end,
@@ -293,8 +294,17 @@ def _has_groups(events: list[dict[str, Any]]) -> bool:
     return any(e["kind"] == "start" and e["detail"].get("group") for e in events)
 
 
+def _counted_events(store: RunStore, trial: int, kind: str) -> int:
+    """Events of a kind stored as counts, not rows (a simulated crash loop's restarts)."""
+    try:
+        return int(store.query("SELECT coalesce(sum(count), 0) AS n FROM event_counts WHERE trial=? AND kind=?",
+                               (trial, kind))[0]["n"])
+    except sqlite3.OperationalError:
+        return 0                            # an old store on read-only media
+
+
 def _group_totals(store: RunStore, trial: int, events: list[dict[str, Any]],
-                  crashes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+                  crashes: Crashes) -> dict[str, dict[str, int]]:
     """Per fleet group: hosts, requests sent, good replies, errors and crashes (a mixed fleet's groups
     should each have served)."""
     group_of = {e["host"]: e["detail"]["group"] for e in events if e["kind"] == "start" and e["detail"].get("group")}
@@ -307,42 +317,16 @@ def _group_totals(store: RunStore, trial: int, events: list[dict[str, Any]],
         if row["host"] in group_of:
             for key in ("sent", "ok", "errors"):
                 totals[group_of[row["host"]]][key] += row[key] or 0
-    for crash in crashes:
-        if crash["host"] in group_of:
-            totals[group_of[crash["host"]]]["crashes"] += 1
+    for host, count in crashes.by_host.items():
+        if host in group_of:
+            totals[group_of[host]]["crashes"] += count
     return totals
 
 
-def _core_kept(crash: dict[str, Any]) -> bool:
-    if not crash["core_path"]:
-        return False
-    return json.loads(crash["triage"]).get("core_kept", True) if crash.get("triage") else True
-
-
 def crash_buckets(crashes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Crashes grouped by signature bucket (untriaged ones by signal), most frequent first."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for crash in crashes:
-        key = crash["bucket"] or f"untriaged:{crash['signal_name']}"
-        groups.setdefault(key, []).append(crash)
-    result = []
-    for key, members in groups.items():
-        first = members[0]
-        triage = json.loads(first["triage"]) if first.get("triage") else {}
-        example = next((m for m in members if _core_kept(m)), first)
-        result.append({
-            "bucket": key, "count": len(members), "crash_class": first["crash_class"] or "untriaged",
-            "signature": first["signature"] or "", "signal": first["signal_name"],
-            "in_allocator": bool(first["in_allocator"]), "fault_address": first["fault_address"],
-            "hosts": sorted({m.get("host_name") or f"h{m['host']}" for m in members}), "first_seen": members[0]["t"],
-            "last_seen": members[-1]["t"],
-            "example_core": (json.loads(example["triage"]).get("core_file") if example.get("triage") else None)
-            or (example["core_path"] if _core_kept(example) else None),
-            "example_frames": [f.get("function") or "??" for f in triage.get("crashing_thread", [])][:12],
-            "cores_kept": sum(1 for m in members if _core_kept(m)),
-            "signature_version": triage.get("signature_version"),
-        })
-    return sorted(result, key=lambda b: (-b["count"], b["first_seen"]))
+    """Crashes grouped by signature bucket (untriaged ones by signal), most frequent first (every crash
+    a row; harness.crashcounts counts compactly stored ones)."""
+    return bucket_rows(crashes, None, {})
 
 
 def _alive_timeline(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -462,7 +446,7 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                                            "p99.9 ms", "errors", "crashes", "min alive"]))
         out += _request_lines(trial)
         if trial["buckets"]:
-            bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", " ".join(b["hosts"]),
+            bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", _hosts_text(b["hosts"]),
                             f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]
                            for b in trial["buckets"]]
             out.append(tabulate(bucket_rows, headers=["bucket", "crashes", "class", "signature", "hosts",
