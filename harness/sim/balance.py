@@ -84,8 +84,11 @@ def _spread(total: int, live: np.ndarray, counts: np.ndarray, pointer: int, host
     if n == hosts:                                # everyone in rotation: no index juggling
         counts += base
         if remainder:
-            counts[np.arange(pointer, pointer + remainder) % hosts] += 1
-            return counts, (pointer + remainder) % hosts
+            stop = pointer + remainder                # the next `remainder` hosts from the pointer, wrapping
+            counts[pointer:min(stop, hosts)] += 1
+            if stop > hosts:
+                counts[:stop - hosts] += 1
+            return counts, stop % hosts
         return counts, pointer
     counts[live] += base
     ring = _cyclic(live, pointer)

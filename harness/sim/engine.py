@@ -39,6 +39,29 @@ def rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
+def uniform_at(generator: np.random.Generator, positions: np.ndarray, total: int) -> np.ndarray:
+    """generator.random(total)[positions] (positions ascending), leaving the stream where random(total)
+    would; for a few positions out of many, only those are drawn and the stream is advanced past the
+    rest (a double is one 64-bit output of the bit generator: tests/test_sim.py checks it)."""
+    if len(positions) * 600 >= total:
+        return generator.random(total)[positions]
+    bits = generator.bit_generator
+    buffered = bits.state                # advance() drops a buffered 32-bit half that random() keeps
+    values = np.empty(len(positions))
+    at = 0
+    for i, position in enumerate(positions.tolist()):
+        if position > at:
+            bits.advance(position - at)
+        values[i] = generator.random()
+        at = position + 1
+    if total > at:
+        bits.advance(total - at)
+    state = bits.state
+    state["has_uint32"], state["uinteger"] = buffered["has_uint32"], buffered["uinteger"]
+    bits.state = state
+    return values
+
+
 def apportion(total: int, weights: list[int]) -> list[int]:
     """Split an integer in proportion to integer weights (largest remainder, ties to the first)."""
     whole = sum(weights)
@@ -357,14 +380,15 @@ class FleetModel:
         self.next_restart = min(self.next_restart, float(self.restart_at[hosts].min()))
 
     def _crash(self, hosts: np.ndarray, times: np.ndarray, causes: np.ndarray, hazards: np.ndarray,
-               counts: np.ndarray, capacity: Any) -> tuple[np.ndarray, np.ndarray]:
-        """A tick's crashes, in time order: counted, a sample recorded as rows, the hosts down.
-        Returns (the hosts that crashed, the backlog each of them lost)."""
+               sent: np.ndarray, capacity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A tick's crashes (with each host's requests this tick and its capacity), in time order:
+        counted, a sample recorded as rows, the hosts down. Returns (the hosts, the backlog each lost)."""
         order = np.lexsort((hosts, times))
-        hosts, times, causes, hazards = hosts[order], times[order], causes[order], hazards[order]
-        up = self.state[hosts] == UP
+        columns = [c[order] for c in (hosts, times, causes, hazards, sent, capacity)]
+        up = self.state[columns[0]] == UP
         if not up.all():
-            hosts, times, causes, hazards = hosts[up], times[up], causes[up], hazards[up]
+            columns = [c[up] for c in columns]
+        hosts, times, causes = columns[:3]
         k = len(hosts)
         lost = self.backlog[hosts].copy()
         if not k:
@@ -372,20 +396,27 @@ class FleetModel:
         alive_after = self.alive() - np.arange(1, k + 1)       # each crash takes one host away, in order
         rows, candidates, priorities = self.sampler.choose(causes)
         for i in np.flatnonzero(rows).tolist():
-            self.crashes.append(self._crash_record(i, hosts, times, causes, hazards, counts, capacity, alive_after))
+            self.crashes.append(self._crash_record(i, columns, alive_after))
         for i, priority in zip(candidates.tolist(), priorities.tolist()):
-            self.sampler.offer(priority, self.total_crashes + i,
-                               self._crash_record(i, hosts, times, causes, hazards, counts, capacity, alive_after))
+            self.sampler.offer(priority, self.total_crashes + i, self._crash_record(i, columns, alive_after))
         self.tally.add(hosts, times, causes)
         self._down(hosts, times, [CAUSES[c] for c in causes.tolist()],
                    [SIGSEGV if c == MEMORY else SIGABRT for c in causes.tolist()], rows)
-        if k:
-            self._note_loss(float(times[0]))
+        self._note_loss(float(times[0]))
         self.total_crashes += k
         return hosts, lost
 
+    def _in_play(self) -> np.ndarray:
+        """Hosts up or paused, the only ones that can receive, hold, serve or crash: in a crash loop most
+        of a big fleet is down, so a tick works on these alone."""
+        return np.flatnonzero((self.state == UP) | (self.state == PAUSED))
+
     def step(self, load_on: bool = True) -> dict[str, Any]:
-        """Advance one tick; returns the tick's counts (fleet totals) and, for small fleets, per-host arrays."""
+        """Advance one tick; returns the tick's counts (fleet totals) and, for small fleets, per-host arrays.
+
+        While every host is up and warm, capacity is one number and the arrays span the fleet; otherwise
+        the per-host arrays of this tick (suffix _p) span only the hosts in play (`play`): hosts down or
+        stopped hold nothing (no backlog, no carry, zero capacity), so leaving them out changes nothing."""
         m, dt, t, n = self.m, self.dt, self.t, self.n
         end = (self.tick_index + 1) / self.ticks_per_second    # no drift from adding 0.1s ticks
         self.backlog_lost = 0
@@ -410,6 +441,7 @@ class FleetModel:
         no_host = attempts - placed
         # capacity this tick: a scalar while every host is up and warm (the common case), else per host
         uniform = self.count_up == n and t >= self.warm_until
+        play: np.ndarray | None = None
         if uniform:
             capacity: Any = self.full_capacity
             can: Any = capacity * dt
@@ -421,24 +453,33 @@ class FleetModel:
             else:
                 can = int(can)
             wait_cap: Any = int(math.floor(capacity * max(self.timeout - m.service_time, 0.0)))
+            counts_p, budget_p = counts, self.budget
         else:
-            up = self.state == UP
+            play = self._in_play()
+            if 2 * len(play) > n:
+                play = None                    # most hosts in play: whole arrays are cheaper than gathers
+            counts_p, budget_p = (counts, self.budget) if play is None else (counts[play], self.budget[play])
+            up = self.state == UP if play is None else self.state[play] == UP
             if t < self.warm_until:
-                warm = np.clip((t - self.started) / m.warmup_for, 0.0, 1.0)
+                started = self.started if play is None else self.started[play]
+                warm = np.clip((t - started) / m.warmup_for, 0.0, 1.0)
                 capacity = np.where(up, m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * warm), 0.0)
             else:
                 capacity = np.where(up, self.full_capacity, 0.0)
-            credit = capacity * dt + self.carry
+            credit = capacity * dt + (self.carry if play is None else self.carry[play])
             can = np.floor(credit)
-            self.carry = credit - can
+            if play is None:
+                self.carry = credit - can
+            else:
+                self.carry[play] = credit - can
             can = can.astype(np.int64)
             wait_cap = np.floor(capacity * max(self.timeout - m.service_time, 0.0)).astype(np.int64)
         if not self.any_backlog and self.count_rotation:
-            quiet = self._quiet_tick(t, attempts, counts, can, capacity, fresh, retries, uniform)
+            quiet = self._quiet_tick(t, attempts, counts, counts_p, can, capacity, fresh, retries, uniform, play)
             if quiet is not None:
                 return quiet
-        waiting_before = self.backlog
-        backlog = waiting_before + counts if self.any_backlog else counts
+        waiting_before = self.backlog if play is None else self.backlog[play]
+        backlog = waiting_before + counts_p if self.any_backlog else counts_p
         served = np.minimum(backlog, can)
         backlog = backlog - served
         refused_total = timed_out_total = 0
@@ -457,14 +498,14 @@ class FleetModel:
         crash_memory = None
         if m.memory_per_request or m.memory_base:
             memory = m.memory_base + m.memory_per_request * inflight
-            over = memory > self.budget
+            over = memory > budget_p
             if not uniform:
-                over &= self.state == UP
+                over &= up
             if over.any():
                 if m.memory_on_exhaust == "crash":
                     crash_memory = over
                 else:
-                    allowed = np.floor((self.budget - m.memory_base) / max(m.memory_per_request, 1))
+                    allowed = np.floor((budget_p - m.memory_base) / max(m.memory_per_request, 1))
                     excess = np.where(over, np.ceil(inflight - allowed), 0).astype(np.int64)
                     from_backlog = np.minimum(backlog, excess)
                     backlog = backlog - from_backlog
@@ -475,28 +516,44 @@ class FleetModel:
                     inflight = served * (m.service_time / dt) + backlog
                     memory = m.memory_base + m.memory_per_request * inflight
                     queued = bool(backlog.any())
-            self.memory = memory
-        self.inflight = inflight
-        self.backlog = backlog
+            if play is None:
+                self.memory = memory
+            elif self.per_host:
+                self.memory = self._spread_out(play, memory, float(m.memory_base))
+            else:
+                self.memory[play] = memory      # only the hosts in play are read (their crash rows)
+        if play is None:
+            self.inflight = inflight
+        elif self.per_host:
+            self.inflight = self._spread_out(play, inflight, 0.0)
+        else:
+            self.inflight[play] = inflight
+        if play is None:
+            self.backlog = backlog
+        else:
+            self.backlog[play] = backlog
         self.any_backlog = queued
-        # crashes: memory ones in the middle of the tick, hazard ones at their drawn time
+        # crashes: memory ones in the middle of the tick, hazard ones at their drawn time (indices in play)
         parts = []
         if crash_memory is not None:
-            hosts = np.flatnonzero(crash_memory)
-            parts.append((hosts, np.full(len(hosts), t + dt * 0.5), np.full(len(hosts), MEMORY),
-                          np.zeros(len(hosts))))
+            where = np.flatnonzero(crash_memory)
+            parts.append((where, np.full(len(where), t + dt * 0.5), np.full(len(where), MEMORY),
+                          np.zeros(len(where))))
         if m.hazard_base > 0 or m.hazard_scale > 0:
-            hit = self._hazard(t, counts, capacity, can, uniform, crash_memory)
+            hit = self._hazard(t, counts_p, capacity, uniform, play, crash_memory)
             if hit is not None:
                 parts.append(hit)
         lost_total = self.backlog_lost
         lost = np.zeros(n, dtype=np.int64) if self.per_host else None
         if parts:
-            columns = [np.concatenate(column) for column in zip(*parts)] if len(parts) > 1 else parts[0]
-            crashed_hosts, dropped = self._crash(*columns, counts, capacity)
+            where, times, causes, hazards = ([np.concatenate(c) for c in zip(*parts)] if len(parts) > 1
+                                             else parts[0])
+            cap = np.full(len(where), capacity) if uniform else capacity[where]
+            crashed, dropped = self._crash(where if play is None else play[where], times, causes, hazards,
+                                           counts_p[where], cap)
             lost_total += int(dropped.sum())
             if lost is not None:
-                lost[crashed_hosts] = dropped
+                lost[crashed] = dropped
         # latency of what was served: service time plus the wait behind the backlog, which (fluid, at
         # this resolution) grows linearly through the tick from its start to its end value
         latency: dict[int, int] = {}
@@ -525,12 +582,23 @@ class FleetModel:
         final = self._retry(failures, fresh, retries)
         errors = None
         if self.per_host:
-            errors = lost + (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
+            errors = (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
                 + (rejected if rejected is not None else 0)
+            if play is not None:
+                served = self._spread_out(play, served, 0)
+                errors = self._spread_out(play, errors, 0) if not np.isscalar(errors) else errors
+            errors = lost + errors
         return self._finish(fresh, attempts, placed, served_total, retries, final, latency, counts, served, errors)
 
-    def _quiet_tick(self, t: float, attempts: int, counts: np.ndarray, can: Any, capacity: Any, fresh: int,
-                    retries: list[int], uniform: bool) -> dict[str, Any] | None:
+    def _spread_out(self, play: np.ndarray, values: np.ndarray, rest: float) -> np.ndarray:
+        """A per-host array over the whole fleet from its values for the hosts in play."""
+        whole = np.full(self.n, rest, dtype=values.dtype)
+        whole[play] = values
+        return whole
+
+    def _quiet_tick(self, t: float, attempts: int, counts: np.ndarray, counts_p: np.ndarray, can: Any,
+                    capacity: Any, fresh: int, retries: list[int], uniform: bool,
+                    play: np.ndarray | None) -> dict[str, Any] | None:
         """The common tick, in a few checks: nothing was waiting, no host gets more than it can serve
         this tick, nobody's memory can reach the smallest budget. None when that is not so."""
         m, dt, n = self.m, self.dt, self.n
@@ -539,8 +607,8 @@ class FleetModel:
             if most > can:
                 return None
         else:
-            most = int(counts.max()) if attempts else 0
-            if attempts and bool((counts > can).any()):
+            most = int(counts_p.max()) if attempts else 0
+            if attempts and bool((counts_p > can).any()):
                 return None
         if m.memory_per_request or m.memory_base:
             if m.memory_base + m.memory_per_request * most * (m.service_time / dt) > self.budget_min:
@@ -550,11 +618,13 @@ class FleetModel:
             self.memory = m.memory_base + m.memory_per_request * self.inflight
         hit = None
         if m.hazard_base > 0 or m.hazard_scale > 0:
-            hit = self._hazard(t, counts, capacity, can, uniform, None, overloaded=False)
+            hit = self._hazard(t, counts_p, capacity, uniform, play, None, overloaded=False)
         lost = np.zeros(n, dtype=np.int64) if self.per_host else None
         if hit is not None:
             # served before they died: the tick's requests were all answered (nothing was waiting)
-            self._crash(*hit, counts, capacity)
+            where, times, causes, hazards = hit
+            cap = np.full(len(where), capacity) if uniform else capacity[where]
+            self._crash(where if play is None else play[where], times, causes, hazards, counts_p[where], cap)
         lost_total = self.backlog_lost
         latency = {int(lat_bin(m.service_time)): attempts} if attempts else {}
         failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
@@ -585,9 +655,10 @@ class FleetModel:
             result.update(host_sent=counts, host_ok=served, host_errors=errors)
         return result
 
-    def _hazard(self, t: float, counts: np.ndarray, capacity: Any, can: Any, uniform: bool,
+    def _hazard(self, t: float, counts: np.ndarray, capacity: Any, uniform: bool, play: np.ndarray | None,
                 crash_memory: np.ndarray | None, overloaded: bool | None = None) -> tuple[np.ndarray, ...] | None:
-        """Hosts the failure hazard kills this tick: (hosts, times inside the tick, causes, hazards), or None."""
+        """Hosts the failure hazard kills this tick: (their indices in `play` (in the fleet when play is
+        None), times inside the tick, causes, hazards), or None. `counts` and `capacity` are over `play`."""
         m, dt = self.m, self.dt
         if overloaded is None:
             overloaded = m.hazard_scale > 0 and (not uniform or int(counts.max()) > capacity * dt)
@@ -605,16 +676,19 @@ class FleetModel:
             else:
                 hosts = np.sort(self.hazard_rng.choice(np.flatnonzero(self.state == UP), size=k, replace=False))
             offsets = self.hazard_rng.random(k)
-            return hosts, t + dt * offsets, np.full(k, HAZARD), np.full(k, hazard)
+            where = hosts if play is None else np.searchsorted(play, hosts)     # hosts up are all in play
+            return where, t + dt * offsets, np.full(k, HAZARD), np.full(k, hazard)
         with np.errstate(divide="ignore", invalid="ignore"):
             load = np.where(capacity > 0, counts / (capacity * dt), 0.0)
-        hazard = (m.hazard_base + m.hazard_scale * np.maximum(load - 1.0, 0.0) ** m.hazard_exponent) * self.multiplier
-        alive_up = self.state == UP
+        multiplier = self.multiplier if play is None else self.multiplier[play]
+        hazard = (m.hazard_base + m.hazard_scale * np.maximum(load - 1.0, 0.0) ** m.hazard_exponent) * multiplier
+        alive_up = self.state == UP if play is None else self.state[play] == UP
         if crash_memory is not None:
             alive_up &= ~crash_memory
         hazard = np.where(alive_up, hazard, 0.0)
         probability = -np.expm1(-hazard * dt)
-        draw = self.hazard_rng.random(self.n)
+        # one draw per host of the fleet, in play or not (as when every tick spanned the fleet)
+        draw = self.hazard_rng.random(self.n) if play is None else uniform_at(self.hazard_rng, play, self.n)
         hit = np.flatnonzero(draw < probability)
         if not len(hit):
             return None
@@ -643,13 +717,14 @@ class FleetModel:
         taken = apportion(budget, [failures[k] for k in kinds])
         return {k: failures[k] - n for k, n in zip(kinds, taken)}
 
-    def _crash_record(self, i: int, hosts: np.ndarray, times: np.ndarray, causes: np.ndarray, hazards: np.ndarray,
-                      counts: np.ndarray, capacity: Any, alive_after: np.ndarray) -> dict[str, Any]:
-        """The row of the i-th of a tick's crashes (before its host goes down)."""
-        host, when, cause, hazard = int(hosts[i]), float(times[i]), CAUSES[int(causes[i])], float(hazards[i])
-        cap = float(capacity if np.isscalar(capacity) else capacity[host])
+    def _crash_record(self, i: int, columns: list[np.ndarray], alive_after: np.ndarray) -> dict[str, Any]:
+        """The row of the i-th of a tick's crashes (before its host goes down); columns: hosts, times,
+        causes, hazards, requests sent to the host this tick, its capacity."""
+        host, when, cause, hazard = int(columns[0][i]), float(columns[1][i]), CAUSES[int(columns[2][i])], \
+            float(columns[3][i])
+        sent, cap = float(columns[4][i]), float(columns[5][i])
         detail: dict[str, Any] = {"simulated": True, "cause": cause, "incarnation": int(self.incarnation[host]),
-                                  "load": round(float(counts[host]) / (cap * self.dt), 4) if cap > 0 else None}
+                                  "load": round(sent / (cap * self.dt), 4) if cap > 0 else None}
         if cause == "memory":
             detail.update(memory=int(self.memory[host]), budget=int(self.budget[host]))
         else:
