@@ -59,7 +59,7 @@ from harness import stats
 from harness import trends as trends_module
 from harness.compare import json_safe, trial_exposures, finish_rows, pair_row, spread_of, summarize_variant
 from harness.crashcounts import read_crashes
-from harness.driver import new_histogram
+from harness.histmerge import merge_encoded
 from harness.errors import HarnessError
 from harness.store import open_run
 from harness.units import format_duration
@@ -136,10 +136,7 @@ def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]
         seconds = sum(m["span"] for m in members)
         if seconds < block / 2:
             continue
-        histogram = new_histogram()
-        for member in members:
-            if member["hist"]:
-                histogram.decode_and_add(member["hist"])
+        histogram = merge_encoded(member["hist"] for member in members if member["hist"])
         has = histogram.get_total_count() > 0
         out.append({"block": index, "p50_latency": histogram.get_value_at_percentile(50) / 1e6 if has else None,
                     "p99_latency": histogram.get_value_at_percentile(99) / 1e6 if has else None,

@@ -15,7 +15,8 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.crashcounts import Crashes, bucket_rows, read_crashes
-from harness.driver import ERROR_KINDS, new_histogram
+from harness.driver import ERROR_KINDS
+from harness.histmerge import merge_encoded
 from harness.errors import HarnessError
 from harness.store import RunStore, open_run
 
@@ -48,10 +49,7 @@ def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float, *,
     `until`: the load's end (see window_metrics)."""
     covered = sum(_seconds_of(s, until) for s in chosen)
     seconds = max(covered, 1e-9) if chosen else max(end - start, 1e-9)
-    histogram = new_histogram()
-    for sample in chosen:
-        if sample["hist"]:
-            histogram.decode_and_add(sample["hist"])
+    histogram = merge_encoded(sample["hist"] for sample in chosen if sample["hist"])
     total = {key: sum(s[key] for s in chosen) for key in ("offered", "sent", "ok") + ERROR_KINDS}
     errors = sum(total[k] for k in ERROR_KINDS)
     has = histogram.get_total_count() > 0

@@ -99,7 +99,10 @@ class Trial:
         while tick < limit:
             if tick >= load_ticks and not model.busy() and tick % per_second == 0:
                 break
-            await trio.sleep_until(t0 + tick * dt)          # virtual time: jumps at once
+            if tick % (FLUSH_EVERY * per_second) == 0:
+                # virtual time jumps at once; one jump per store batch (the model runs in this one task,
+                # so a jump per tick only cost wall time), and a checkpoint for Ctrl-C
+                await trio.sleep_until(t0 + tick * dt)
             result = model.step(load_on=tick < load_ticks)
             self._add(second, result)
             tick += 1
@@ -115,6 +118,7 @@ class Trial:
                       f"({time.perf_counter() - started:.1f}s wall)", file=sys.stderr, flush=True)
         if tick % per_second:
             self._close_second(second, model.alive())
+        await trio.sleep_until(t0 + tick * dt)
         model.events.append({"t": round(model.t, 6), "kind": "trial-end", "host": None, "pid": None,
                              "detail": {"status": "complete"}})
         self._flush(final=True)
@@ -141,12 +145,7 @@ class Trial:
 
     def _close_second(self, s: dict[str, Any], alive: int) -> None:
         p50, p90, p99, p999, top = percentiles(s["latency"])
-        hist = None
-        if s["latency"]:
-            self.histogram = new_histogram()        # cheaper than reset() (which walks every bucket)
-            for b, count in sorted(s["latency"].items()):
-                self.histogram.record_value(max(1, int(round(bin_seconds(b) * 1e6))), count)
-            hist = self.histogram.encode()
+        hist = self._encode(s["latency"]) if s["latency"] else None
         sample = Sample(t=s["t"], offered=s["offered"], sent=s["sent"], ok=s["ok"], timeout=s["timeout"],
                         conn_error=s["conn_error"], no_host=s["no_host"], bad_reply=s["bad_reply"], p50=p50,
                         p90=p90, p99=p99, p999=p999, max=top, hosts_alive=alive,
@@ -161,6 +160,20 @@ class Trial:
                     inflight=int(round(float(model.inflight[host]))), rss=int(model.memory[host]), fds=None,
                     shim={"budget": int(model.budget[host]) if math.isfinite(model.budget[host]) else None,
                           "hazard_multiplier": float(model.multiplier[host])}))
+
+    def _encode(self, latency: dict[int, int]) -> bytes:
+        """The second's latency bins as an HDR histogram. One histogram is reused: after encoding, the
+        few counters recorded are zeroed again (reset() or a new histogram would walk or allocate its
+        ~190 KB of counters every second); the encoding is that of a fresh histogram."""
+        histogram = self.histogram
+        values = [max(1, int(round(bin_seconds(b) * 1e6))) for b in sorted(latency)]
+        for value, b in zip(values, sorted(latency)):
+            histogram.record_value(value, latency[b])
+        encoded = histogram.encode()
+        for value in values:
+            histogram.counts[histogram.get_counts_array_index(value)] = 0
+        histogram.total_count, histogram.min_value, histogram.max_value = 0, sys.maxsize, 0
+        return encoded
 
     def _flush(self, final: bool = False) -> None:
         """One store batch: samples, event rows, the crash rows sampled so far and the counts since the
