@@ -53,7 +53,7 @@ def assign(total: int, in_rotation: np.ndarray, inflight: np.ndarray, policy: st
         return _spread(total, live, counts, pointer, hosts)
     if policy != "least-loaded":
         raise ValueError(f"unknown balancer policy {policy!r}")
-    levels = inflight[live]
+    levels = inflight if n == hosts else inflight[live]
     low = levels.min()
     if low == levels.max():                       # equal loads: the sequential result exactly
         return _spread(total, live, counts, pointer, hosts)

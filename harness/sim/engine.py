@@ -139,6 +139,7 @@ class FleetModel:
         self.inflight = np.zeros(n, dtype=np.float64)
         self.memory = np.full(n, float(model.memory_base))
         self.full_capacity = float(model.capacity)
+        self.service_bin = int(lat_bin(model.service_time))     # the latency bin of a request that does not wait
         self.pointer = 0
         self.t = 0.0
         self.tick_index = 0
@@ -560,7 +561,7 @@ class FleetModel:
         served_total = int(served.sum())
         if served_total:
             if not queued and not bool(peak.any()) and not bool(waiting_before.any()):
-                latency[int(lat_bin(m.service_time))] = served_total
+                latency[self.service_bin] = served_total
             else:
                 hosts = np.flatnonzero(served)
                 cap = capacity if uniform else capacity[hosts]
@@ -626,7 +627,7 @@ class FleetModel:
             cap = np.full(len(where), capacity) if uniform else capacity[where]
             self._crash(where if play is None else play[where], times, causes, hazards, counts_p[where], cap)
         lost_total = self.backlog_lost
-        latency = {int(lat_bin(m.service_time)): attempts} if attempts else {}
+        latency = {self.service_bin: attempts} if attempts else {}
         failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
         final = self._retry(failures, fresh, retries) if lost_total else failures
         return self._finish(fresh, attempts, attempts, attempts, retries, final, latency, counts, counts, lost)
