@@ -89,6 +89,10 @@ def test_same_seed_gives_byte_identical_results_and_another_seed_does_not(tmp_pa
     assert crashes(first) == crashes(second)
     assert rows(first, "SELECT t, kind, host, pid, detail FROM events ORDER BY id") == \
         rows(second, "SELECT t, kind, host, pid, detail FROM events ORDER BY id")
+    for table in ("crash_counts", "crash_hosts", "event_counts"):      # the exact counts of crash storms
+        assert rows(first, f"SELECT * FROM {table} ORDER BY 1, 2, 3") == \
+            rows(second, f"SELECT * FROM {table} ORDER BY 1, 2, 3"), table
+    assert rows(first, "SELECT sum(count) FROM crash_counts") == [(len(crashes(first)),)]
     assert detail(first)["digest"] == detail(second)["digest"]
     assert samples(first) != samples(other)
     assert detail(first)["digest"] != detail(other)["digest"]
