@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -58,8 +59,13 @@ def run_command(case: str) -> dict:
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
             started = time.perf_counter()
             child = subprocess.Popen(argv, cwd=REPO, stdout=stdout, stderr=stderr)
-            # wait4: this child's own rusage (RUSAGE_CHILDREN would give the largest of all children so far)
-            _, status, usage = os.wait4(child.pid, 0)
+            try:
+                # wait4: this child's own rusage (RUSAGE_CHILDREN would give the largest of all children)
+                _, status, usage = os.wait4(child.pid, 0)
+            except BaseException:
+                child.terminate()              # the bench was stopped: so is its harness run
+                child.wait()
+                raise
             wall = time.perf_counter() - started
             code = os.waitstatus_to_exitcode(status)
             child.returncode = code
@@ -179,6 +185,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("HOSTS", "NIGHT"), help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # killed: unwind, so the temporary results directories are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.child:
         print(json.dumps(child(int(args.child[0]), args.child[1], args.traced)))
     elif args.scaling:
