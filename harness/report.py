@@ -16,8 +16,8 @@ from tabulate import tabulate
 
 from harness.crashcounts import Crashes, bucket_rows, read_crashes
 from harness.driver import ERROR_KINDS
-from harness.histmerge import merge_encoded
 from harness.errors import HarnessError
+from harness.histmerge import merge_encoded
 from harness.store import RunStore, open_run
 
 REPORT_SCHEMA = 1
