@@ -134,15 +134,15 @@ def child(hosts: int, night: str, traced: bool) -> dict:
                        fleet=replace(scenario.fleet, hosts=hosts, simulated=model), variants=())
     if traced:
         tracemalloc.start()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as out:
         run_dir = run_to_dir(scenario, Path(out))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         db = sqlite3.connect(str(run_dir / "run.db"))
         detail = json.loads(db.execute("SELECT detail FROM trials").fetchone()[0])
         db_bytes = sum(p.stat().st_size for p in run_dir.glob("run.db*"))
         db.close()
-    result = {"hosts": hosts, "night": night, "wall": wall, "sim_wall": detail["wall_seconds"],
+    result = {"hosts": hosts, "night": night, "wall": wall, "cpu": cpu, "sim_wall": detail["wall_seconds"],
               "crashes": detail["crashes"], "alive_end": detail["hosts_alive_end"],
               "min_alive": detail["hosts_alive_min"], "db_bytes": db_bytes,
               "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
@@ -163,14 +163,15 @@ def scaling(hosts_list: list[int], nights: list[str], tracemalloc: bool) -> None
     rows = []
     for night in nights:
         for hosts in hosts_list:
+            print(f"{night} {hosts:,}: load average before {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
             r = run_case(hosts, night, False)
             traced = run_case(hosts, night, True)["traced_peak"] if tracemalloc else None
-            rows.append([night, f"{hosts:,}", f"{r['wall']:.1f}", f"{r['wall'] / 28800 * 1e6:.0f}",
+            rows.append([night, f"{hosts:,}", f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['wall'] / 28800 * 1e6:.0f}",
                          f"{r['wall'] / 28800 / hosts * 1e9:.0f}", f"{r['maxrss_kib'] / 1024:.0f}",
                          f"{traced / 2**20:.0f}" if traced is not None else "-", f"{r['crashes']:,}",
                          f"{r['min_alive']:,}", f"{r['db_bytes'] / 2**20:.1f}"])
             print(tabulate([rows[-1]], tablefmt="plain"), file=sys.stderr, flush=True)
-    print(tabulate(rows, headers=["night", "hosts", "wall s", "us/tick", "ns/host-tick", "peak RSS MiB",
+    print(tabulate(rows, headers=["night", "hosts", "wall s", "cpu s", "us/tick", "ns/host-tick", "peak RSS MiB",
                                   "traced MiB", "crashes", "min alive", "run.db MiB"]))
 
 

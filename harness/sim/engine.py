@@ -133,6 +133,8 @@ class FleetModel:
         self.restart_at = np.full(n, np.inf)              # restarts: one array, not a timer per crash
         self.next_restart = math.inf
         self.row_restart = np.zeros(n, dtype=bool)         # the host's exit is an event row: so is its start
+        self.odd: np.ndarray | None = None                 # hosts not up or still warming (None: to be found)
+        self.odd_until = math.inf                          # ... valid until the first of them is warm
         self.timer_seq = 0
         self.incarnation = np.zeros(n, dtype=np.int64)
         self.quick_failures = np.zeros(n, dtype=np.int64)
@@ -237,6 +239,7 @@ class FleetModel:
             self.count_rotation += 1 if rotation else -1
             self.in_rotation[host] = rotation
         self.generation[host] += 1
+        self.odd = None
 
     # --- one tick ----------------------------------------------------------------------------------
 
@@ -310,6 +313,7 @@ class FleetModel:
         self.restart_at[due] = np.inf
         self.next_restart = float(self.restart_at.min())
         self.state[due] = UP
+        self.odd = None
         self.count_up += len(due)                          # all of them were down
         self.count_rotation += int((~self.in_rotation[due]).sum())
         self.in_rotation[due] = True
@@ -360,6 +364,7 @@ class FleetModel:
             if never:
                 self._count_events(times[~rows], "no-restart")
         state = self.state[hosts]
+        self.odd = None
         self.count_up -= int((state == UP).sum())
         self.count_paused -= int((state == PAUSED).sum())
         self.count_rotation -= int(self.in_rotation[hosts].sum())
@@ -456,6 +461,12 @@ class FleetModel:
             wait_cap: Any = int(math.floor(capacity * max(self.timeout - m.service_time, 0.0)))
             counts_p, budget_p = counts, self.budget
         else:
+            if not self.any_backlog and self.count_rotation and self.uniform_multiplier:
+                odd = self._odd_hosts(t)
+                if 8 * len(odd) < n:       # a few hosts restarting or warming up among many at full capacity
+                    quiet = self._quiet_few(t, attempts, counts, fresh, retries, odd)
+                    if quiet is not None:
+                        return quiet
             play = self._in_play()
             if 2 * len(play) > n:
                 play = None                    # most hosts in play: whole arrays are cheaper than gathers
@@ -596,6 +607,77 @@ class FleetModel:
         whole = np.full(self.n, rest, dtype=values.dtype)
         whole[play] = values
         return whole
+
+    def _odd_hosts(self, t: float) -> np.ndarray:
+        """Hosts whose capacity differs from the fleet's: not up, or warming up (as the per-host capacity
+        computes it). Kept until a host changes state or the first of them is warm."""
+        if self.odd is None or t >= self.odd_until:
+            m = self.m
+            odd = self.state != UP
+            self.odd_until = math.inf
+            if t < self.warm_until:
+                warming = (t - self.started) / m.warmup_for < 1.0
+                ends = self.started[warming & ~odd] + m.warmup_for
+                if len(ends):
+                    self.odd_until = float(ends.min())
+                odd |= warming
+            self.odd = np.flatnonzero(odd)
+        return self.odd
+
+    def _quiet_few(self, t: float, attempts: int, counts: np.ndarray, fresh: int, retries: list[int],
+                   odd: np.ndarray) -> dict[str, Any] | None:
+        """The quiet tick of a fleet at full capacity but for a few hosts (`odd`: down, paused or warming):
+        the same checks and results as _quiet_tick with per-host capacity, computed for those few only.
+        None when the tick is not quiet or not of that kind; then nothing has changed."""
+        m, dt, n = self.m, self.dt, self.n
+        full = self.full_capacity if t >= self.warm_until else \
+            m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * 1.0)        # a warm host, as computed per host
+        can = full * dt
+        if can != math.floor(can):
+            return None                       # fractional capacities carry per host: the general path
+        can = int(can)                        # what every other host can serve (its carry stays below 1)
+        most = int(counts.max()) if attempts else 0
+        if most > can:
+            return None
+        up = self.state[odd] == UP
+        if t < self.warm_until:
+            warm = np.clip((t - self.started[odd]) / m.warmup_for, 0.0, 1.0)
+            capacity = np.where(up, m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * warm), 0.0)
+        else:
+            capacity = np.where(up, self.full_capacity, 0.0)
+        credit = capacity * dt + self.carry[odd]
+        can_odd = np.floor(credit)
+        if attempts and bool((counts[odd] > can_odd).any()):
+            return None
+        if m.memory_per_request or m.memory_base:
+            if m.memory_base + m.memory_per_request * most * (m.service_time / dt) > self.budget_min:
+                return None
+        self.carry[odd] = credit - can_odd
+        return self._quiet_rest(t, attempts, counts, fresh, retries,
+                                lambda hosts: np.where(np.isin(hosts, odd),
+                                                       capacity[np.searchsorted(odd, hosts).clip(0, len(odd) - 1)],
+                                                       full))
+
+    def _quiet_rest(self, t: float, attempts: int, counts: np.ndarray, fresh: int, retries: list[int],
+                    capacity_of: Any) -> dict[str, Any]:
+        """A quiet tick once its checks passed: every request served without waiting; hazard crashes only
+        (the same hazard for every host up; capacity_of(hosts) gives their capacity for the crash rows)."""
+        m, dt, n = self.m, self.dt, self.n
+        self.inflight = counts * (m.service_time / dt)
+        if self.per_host and (m.memory_per_request or m.memory_base):
+            self.memory = m.memory_base + m.memory_per_request * self.inflight
+        hit = None
+        if m.hazard_base > 0 or m.hazard_scale > 0:
+            hit = self._hazard(t, counts, None, False, None, None, overloaded=False)
+        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
+        if hit is not None:
+            where, times, causes, hazards = hit
+            self._crash(where, times, causes, hazards, counts[where], capacity_of(where))
+        lost_total = self.backlog_lost
+        latency = {self.service_bin: attempts} if attempts else {}
+        failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
+        final = self._retry(failures, fresh, retries) if lost_total else failures
+        return self._finish(fresh, attempts, attempts, attempts, retries, final, latency, counts, counts, lost)
 
     def _quiet_tick(self, t: float, attempts: int, counts: np.ndarray, counts_p: np.ndarray, can: Any,
                     capacity: Any, fresh: int, retries: list[int], uniform: bool,
