@@ -310,3 +310,61 @@ def test_paused_host_times_out_until_ejected(tmp_path: Path) -> None:
     assert sum(s[5] for s in data) == 50            # half of 1 s of requests (the client timeout) time out
     assert all(s[14] == 2 for s in data)            # a paused process is alive
     assert rows(run, "SELECT count(*) FROM events WHERE kind='resume'") == [(1,)]
+
+
+# --- the fast paths are the general computation ----------------------------------------------------
+
+@pytest.mark.parametrize("hosts", [40, 80])        # 40: per-host samples too; 80: fleet samples only
+def test_fast_paths_give_the_results_of_the_general_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        hosts: int) -> None:
+    """The hosts-in-play subset, the quiet tick of a few odd hosts and the hazard draws for some hosts
+    only are shortcuts: with them turned off (every tick over the whole fleet, every draw made) a
+    crash-looping night with restarts, warm-up, host losses and a pause is byte-identical."""
+    from harness.sim import engine
+    # warm-up from 33 % over 7 s: fractional capacities, so the carried fractions matter;
+    # and a hazard high enough that the draws for a few hosts in play decide crashes
+    model = NIGHT_MODEL.replace("hosts: 6", f"hosts: {hosts}").replace(
+        "warmup: {for: 10s, from: 40%}", "warmup: {for: 7s, from: 33%}").replace("base: 0.002/s", "base: 0.03/s")
+    load = NIGHT_LOAD.replace("from: 100, to: 450", f"from: {hosts * 17}, to: {hosts * 40}").replace("2.5", "2.2")
+    extra = """faults:
+  - {kind: host-loss, at: 10s, hosts: 3, how: kill, down_for: 8s}
+  - {kind: host-loss, at: 15s, hosts: 2, how: pause, for: 4s}"""
+    monkeypatch.setattr(engine, "SELECTIVE_DRAWS", 2)       # draw one by one for any subset (a big fleet's case)
+    fast = run_to_dir(scenario(model=model, load=load, extra=extra), tmp_path / "fast")
+    monkeypatch.setattr(engine.FleetModel, "_quiet_few", lambda *args: None)
+    monkeypatch.setattr(engine.FleetModel, "_in_play", lambda self: np.arange(self.n))
+    monkeypatch.setattr(engine, "uniform_at", lambda generator, positions, total: generator.random(total)[positions])
+    general = run_to_dir(scenario(model=model, load=load, extra=extra), tmp_path / "general")
+    assert len(crashes(fast)) > hosts
+    for sql in ("SELECT * FROM samples ORDER BY t", "SELECT * FROM host_samples ORDER BY t, host",
+                "SELECT t, host, pid, signal, uptime, offered_rate, host_inflight, hosts_alive, detail FROM crashes",
+                "SELECT t, kind, host, pid, detail FROM events ORDER BY id",
+                "SELECT * FROM crash_counts ORDER BY t, bucket", "SELECT * FROM crash_hosts ORDER BY host, bucket"):
+        assert rows(fast, sql) == rows(general, sql), sql
+    assert detail(fast)["digest"] == detail(general)["digest"]
+
+
+def test_fast_paths_keep_the_per_host_state_of_the_general_path() -> None:
+    """Tick by tick, a model taking the shortcuts and one computing every tick over the whole fleet give
+    the same counts and keep the same backlogs and carried capacity fractions (to rounding: the general
+    path re-adds a warm host's carry to its whole capacity each tick)."""
+    from harness.sim.engine import FleetModel
+    model = NIGHT_MODEL.replace("hosts: 6", "hosts: 40").replace(
+        "warmup: {for: 10s, from: 40%}", "warmup: {for: 7s, from: 33%}").replace("base: 0.002/s", "base: 0.03/s")
+    load = NIGHT_LOAD.replace("from: 100, to: 450", "from: 680, to: 1600").replace("2.5", "2.2")
+    s = scenario(model=model, load=load)
+    fast, general = FleetModel(s, s.fleet.simulated), FleetModel(s, s.fleet.simulated)
+    general._quiet_few = lambda *args: None                       # type: ignore[method-assign]
+    general._in_play = lambda: np.arange(general.n)               # type: ignore[method-assign]
+    odd_ticks = 0
+    for tick in range(90):
+        odd_ticks += int(fast.count_up < fast.n and not fast.any_backlog)
+        a, b = fast.step(), general.step()
+        for key in ("offered", "sent", "ok", "timeout", "conn_error", "no_host", "bad_reply", "latency", "alive"):
+            assert a[key] == b[key], (tick, key)
+        for key in ("host_sent", "host_ok", "host_errors"):
+            assert np.array_equal(a[key], b[key]), (tick, key)
+        assert np.array_equal(fast.backlog, general.backlog) and np.array_equal(fast.state, general.state)
+        assert np.allclose(fast.carry, general.carry, rtol=0, atol=1e-9), tick
+        assert np.array_equal(fast.inflight, general.inflight) and np.array_equal(fast.memory, general.memory)
+    assert odd_ticks > 10 and fast.total_crashes > 40

@@ -31,6 +31,7 @@ UP, DOWN, PAUSED, STOPPED = 0, 1, 2, 3
 STATE_NAMES = {UP: "up", DOWN: "down", PAUSED: "paused", STOPPED: "stopped"}
 SIGSEGV, SIGABRT = 11, 6
 LAT_BINS_PER_E = 400          # latency bins: 0.25% apart
+SELECTIVE_DRAWS = 600         # uniform_at draws one by one below one position in this many (a skip costs ~3 us)
 
 
 def rng(seed: int, purpose: str) -> np.random.Generator:
@@ -43,7 +44,7 @@ def uniform_at(generator: np.random.Generator, positions: np.ndarray, total: int
     """generator.random(total)[positions] (positions ascending), leaving the stream where random(total)
     would; for a few positions out of many, only those are drawn and the stream is advanced past the
     rest (a double is one 64-bit output of the bit generator: tests/test_sim.py checks it)."""
-    if len(positions) * 600 >= total:
+    if len(positions) * SELECTIVE_DRAWS >= total:
         return generator.random(total)[positions]
     bits = generator.bit_generator
     buffered = bits.state                # advance() drops a buffered 32-bit half that random() keeps
