@@ -1,10 +1,14 @@
-"""Merging many encoded HDR histograms (a night has one per second) into one, exactly and quickly.
+"""Encoded HDR histograms by the thousand (a night has one per second): merging them, and encoding them.
 
-HdrHistogram.decode_and_add() builds a whole histogram object per blob (allocating and then adding its
-~190 KB of counters): ~250 us each, seconds for a night's 28,800 samples. Here each blob goes through
-hdrh's own C decoder (pyhdrh.decode) into one scratch array, whose few non-zero counters are added to a
-numpy accumulator and zeroed again; the result is an ordinary HdrHistogram with the same counters,
-total, minimum and maximum as decode_and_add() would give (tests/test_histmerge.py checks it).
+merge_encoded(): HdrHistogram.decode_and_add() builds a whole histogram object per blob (allocating and
+then adding its ~190 KB of counters): ~250 us each, seconds for a night's 28,800 samples. Here each blob
+goes through hdrh's own C decoder (pyhdrh.decode) into one scratch array, whose few non-zero counters are
+added to a numpy accumulator and zeroed again; the result is an ordinary HdrHistogram with the same
+counters, total, minimum and maximum as decode_and_add() would give.
+
+Encoder: HdrHistogram.encode() allocates and zeroes a buffer of 9 bytes per counter up to the largest
+value on every call; an Encoder keeps one and calls the same C encoder (pyhdrh.encode), giving the same
+bytes. tests/test_histmerge.py checks both against hdrh.
 """
 
 from __future__ import annotations
@@ -51,3 +55,23 @@ def merge_encoded(blobs: Iterable[bytes], into: HdrHistogram | None = None) -> H
             high = max(high, histogram.get_counts_array_index(histogram.max_value))
         histogram.set_internal_tacking_values(low, high, histogram.total_count + count)
     return histogram
+
+
+class Encoder:
+    """histogram.encode(), for one histogram encoded again and again (recorded, encoded, cleared)."""
+
+    def __init__(self, histogram: HdrHistogram):
+        self.histogram = histogram
+        self.buffer = (ctypes.c_byte * (payload_header_size + histogram.counts_len * (WORD + 1)))()
+
+    def encode(self) -> bytes:
+        histogram, encoder = self.histogram, self.histogram.encoder
+        limit = histogram.get_counts_array_index(histogram.max_value) + 1 if histogram.total_count else 0
+        header = encoder.payload.payload            # the payload's header: cookie, lengths, the histogram's shape
+        start = ctypes.addressof(self.buffer)
+        header.payload_len = pyhdrh.encode(ctypes.addressof(histogram.counts), limit, WORD,
+                                           start + payload_header_size, limit * (WORD + 1))
+        ctypes.memmove(start, ctypes.addressof(header), payload_header_size)
+        compressed = zlib.compress(ctypes.string_at(start, payload_header_size + header.payload_len))
+        encoder.header.length = len(compressed)
+        return base64.b64encode(ctypes.string_at(ctypes.addressof(encoder.header), ext_header_size) + compressed)

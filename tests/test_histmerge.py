@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from harness.driver import LATENCY_MAX_US, new_histogram, release_histogram
-from harness.histmerge import merge_encoded
+from harness.histmerge import Encoder, merge_encoded
 
 
 def _blobs(rng: random.Random, count: int) -> list[bytes]:
@@ -47,3 +47,18 @@ def test_merge_adds_to_a_histogram_that_already_holds_counts() -> None:
     assert merged.get_total_count() == expected.get_total_count()
     assert merged.get_max_value() == expected.get_max_value()
     assert merged.get_value_at_percentile(99) == expected.get_value_at_percentile(99)
+
+
+def test_encoder_gives_the_bytes_of_encode_again_and_again() -> None:
+    rng = random.Random(13)
+    histogram = new_histogram()
+    encoder = Encoder(histogram)
+    assert encoder.encode() == histogram.encode()                  # empty
+    for _ in range(60):
+        fresh = new_histogram()
+        for _ in range(rng.randint(1, 20)):
+            value, count = rng.randint(1, LATENCY_MAX_US), rng.randint(1, 10**9)
+            histogram.record_value(value, count)
+            fresh.record_value(value, count)
+        assert encoder.encode() == fresh.encode() == histogram.encode()
+        histogram.reset()

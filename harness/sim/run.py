@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 from harness.driver import new_histogram
+from harness.histmerge import Encoder
 from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.scenario import Scenario, Variant
 from harness.sim import params
@@ -78,6 +79,7 @@ class Trial:
         self.model_params = params.override(scenario.fleet.simulated, variant.args)
         self.model = FleetModel(scenario, self.model_params, variant)
         self.histogram = new_histogram()
+        self.encoder = Encoder(self.histogram)
         self.samples: list[Sample] = []
         self.host_samples: list[HostSample] = []
         self.digest = hashlib.sha256()
@@ -162,14 +164,14 @@ class Trial:
                           "hazard_multiplier": float(model.multiplier[host])}))
 
     def _encode(self, latency: dict[int, int]) -> bytes:
-        """The second's latency bins as an HDR histogram. One histogram is reused: after encoding, the
-        few counters recorded are zeroed again (reset() or a new histogram would walk or allocate its
-        ~190 KB of counters every second); the encoding is that of a fresh histogram."""
+        """The second's latency bins as an HDR histogram. One histogram and one encoding buffer are
+        reused: after encoding, the few counters recorded are zeroed again (reset() or a new histogram
+        would walk or allocate its ~190 KB of counters every second); the bytes are a fresh one's."""
         histogram = self.histogram
         values = [max(1, int(round(bin_seconds(b) * 1e6))) for b in sorted(latency)]
         for value, b in zip(values, sorted(latency)):
             histogram.record_value(value, latency[b])
-        encoded = histogram.encode()
+        encoded = self.encoder.encode()
         for value in values:
             histogram.counts[histogram.get_counts_array_index(value)] = 0
         histogram.total_count, histogram.min_value, histogram.max_value = 0, sys.maxsize, 0
