@@ -99,8 +99,8 @@ def commands(cases: list[str], repeat: int) -> None:
             load = os.getloadavg()[0]
             run = run_command(case)
             runs.append(run)
-            print(f"{case} #{i + 1}: wall {run['wall']:.1f}s cpu {run['cpu']:.1f}s peak RSS {run['rss_kib'] / 1024:.0f} "
-                  f"MiB (simulation {run['sim_wall']:.1f}s), crashes {run['crashes']:,} ({run['crash_rows']:,} "
+            print(f"{case} #{i + 1}: wall {run['wall']:.1f}s cpu {run['cpu']:.1f}s peak RSS "
+                  f"{run['rss_kib'] / 1024:.0f} MiB (simulation {run['sim_wall']:.1f}s), crashes {run['crashes']:,} ({run['crash_rows']:,} "
                   f"stored as rows), digest {run['digest']}, load average before {load:.1f}",
                   file=sys.stderr, flush=True)
         digests = {r["digest"] for r in runs}

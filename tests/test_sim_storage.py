@@ -168,9 +168,10 @@ def test_readers_print_the_same_numbers_from_counts_and_a_sample_as_from_every_r
             expected = bins
     assert bins == expected and sum(bins[1.0].values()) == report_old["trials"][0]["crashes_total"]
     # harness crashes BUCKET: the exact count, not the sample's
-    line_old = [line for line in crashview.render_bucket(old, "model-memory").splitlines() if line.startswith("crashes:")]
-    line_new = [line for line in crashview.render_bucket(new, "model-memory").splitlines() if line.startswith("crashes:")]
-    assert line_old == line_new
+    def counted(run: Path) -> list[str]:
+        return [line for line in crashview.render_bucket(run, "model-memory").splitlines()
+                if line.startswith("crashes:")]
+    assert counted(old) == counted(new)
 
 
 def test_counts_are_those_of_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,7 +207,8 @@ def test_the_sample_is_bounded_holds_each_buckets_first_crashes_and_is_seeded(
     other = run_to_dir(night(80, seed=6), tmp_path / "c")
     columns = "trial, t, host, pid, signal, uptime, offered_rate, host_inflight, hosts_alive, detail"
     for table in ("crashes", "crash_counts", "crash_hosts", "event_counts"):
-        query = f"SELECT {columns} FROM crashes ORDER BY id" if table == "crashes" else f"SELECT * FROM {table} ORDER BY 1, 2, 3"
+        query = (f"SELECT {columns} FROM crashes ORDER BY id" if table == "crashes"
+                 else f"SELECT * FROM {table} ORDER BY 1, 2, 3")
         assert rows(first, query) == rows(second, query), table
     detail = json.loads(rows(first, "SELECT detail FROM trials WHERE id=1")[0][0])
     assert detail["digest"] == json.loads(rows(second, "SELECT detail FROM trials WHERE id=1")[0][0])["digest"]
