@@ -51,8 +51,7 @@ class CrashSampler:
         if not len(rest):
             return rows, rest, np.empty(0)
         priority = self.rng.random(len(rest))
-        threshold = -self.spread[0][0] if len(self.spread) >= SPREAD_ROWS else math.inf
-        wanted = priority < threshold
+        wanted = priority < self.threshold()
         return rows, rest[wanted], priority[wanted]
 
     def offer(self, priority: float, number: int, record: dict[str, Any]) -> None:
@@ -62,6 +61,7 @@ class CrashSampler:
             heapq.heapreplace(self.spread, (-priority, number, record))
 
     def threshold(self) -> float:
+        """The priority a crash needs to enter the uniform sample (below the largest one kept)."""
         return -self.spread[0][0] if len(self.spread) >= SPREAD_ROWS else math.inf
 
     def sample(self) -> list[dict[str, Any]]:

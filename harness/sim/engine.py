@@ -340,12 +340,6 @@ class FleetModel:
             key = (int(second), kind)
             self.event_counts[key] = self.event_counts.get(key, 0) + count
 
-    def _note_loss(self, t: float) -> None:
-        if self.first_loss is None:
-            self.first_loss = t
-        if self.episode_start is None:
-            self.episode_start = t
-
     def _down(self, hosts: np.ndarray, times: np.ndarray, causes: list[str], signals: list[int],
               rows: np.ndarray, down_for: float = 0.0) -> None:
         """Hosts leave (their backlog is dropped; the caller counts it) and restart per the policy.
@@ -630,7 +624,7 @@ class FleetModel:
         """The quiet tick of a fleet at full capacity but for a few hosts (`odd`: down, paused or warming):
         the same checks and results as _quiet_tick with per-host capacity, computed for those few only.
         None when the tick is not quiet or not of that kind; then nothing has changed."""
-        m, dt, n = self.m, self.dt, self.n
+        m, dt = self.m, self.dt
         full = self.full_capacity if t >= self.warm_until else \
             m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * 1.0)        # a warm host, as computed per host
         can = full * dt
