@@ -50,6 +50,10 @@ NOT_RUNNING = ("down", "stopped")       # host_samples states that are *not* exp
 
 # --- reading the stores ------------------------------------------------------------------------
 
+def _tables(store: Any) -> set[str]:
+    return {row["name"] for row in store.query("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
 def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[int, dict[str, Any]]:
     """Host-seconds per trial: every process's uptime from its start and exit events; from an older store
     without them, seconds each host was seen running in the per-host samples, else hosts alive per second,
@@ -60,6 +64,12 @@ def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[i
         "AS host_seconds FROM host_samples GROUP BY trial", NOT_RUNNING)}
     fleet = {row["trial"]: (row["alive_seconds"] or 0, row["last"]) for row in store.query(
         "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples GROUP BY trial")}
+    # a simulated crash storm counts most exits and restarts instead of storing them: its uptime is the
+    # simulator's own sum over every exit, by the same rule (harness/sim/run.py)
+    simulated = {row["id"]: json.loads(row["exposure"]) for row in store.query(
+        "SELECT id, json_extract(detail, '$.exposure') AS exposure FROM trials WHERE id IN "
+        "(SELECT DISTINCT trial FROM event_counts WHERE kind IN ('start', 'exit'))") if row["exposure"]} \
+        if "event_counts" in _tables(store) else {}
     lives: dict[int, list[dict[str, Any]]] = {}
     for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
                            "FROM events WHERE kind IN ('start', 'exit', 'stop') ORDER BY trial, t"):
@@ -71,7 +81,10 @@ def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[i
         alive_seconds, last = fleet.get(trial, (None, None))
         # a process that never exited (a SIGKILLed harness) ran until the last second the store holds
         uptime = uptime_exposure(lives.get(trial, []), float(last if last is not None else end))
-        if uptime is not None:
+        if trial in simulated:
+            out[trial] = {"host_seconds": simulated[trial]["host_seconds"], "source": "uptime",
+                          "incarnations": simulated[trial]["incarnations"]}
+        elif uptime is not None:
             out[trial] = {"host_seconds": uptime.host_seconds, "source": "uptime",
                           "incarnations": uptime.incarnations}
         elif trial in per_host:

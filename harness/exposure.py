@@ -9,6 +9,7 @@ incarnation counts from its start to its exit (the uptime the supervisor measure
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,6 @@ def uptime_exposure(events: Iterable[dict[str, Any]], end: float) -> Exposure | 
 
     `end`: the trial's last recorded time, for incarnations that never exited."""
     starts: dict[tuple[Any, Any], float] = {}
-    seconds = 0.0
     finished: list[float] = []
     for event in sorted(events, key=lambda e: e["t"]):
         key = (event.get("host"), event.get("pid"))
@@ -39,11 +39,10 @@ def uptime_exposure(events: Iterable[dict[str, Any]], end: float) -> Exposure | 
             began = starts.pop(key)
             uptime = (event.get("detail") or {}).get("uptime")
             lived = float(uptime) if uptime is not None else float(event["t"]) - began
-            lived = max(lived, 0.0)
-            finished.append(lived)
-            seconds += lived
+            finished.append(max(lived, 0.0))
     if not finished and not starts:
         return None
-    for began in starts.values():
-        seconds += max(end - began, 0.0)
+    # math.fsum: the exact sum, whatever order the events come in (a simulated crash storm's exposure,
+    # summed by the simulator from counts, is the same number: harness/sim/run.py)
+    seconds = math.fsum(finished + [max(end - began, 0.0) for began in starts.values()])
     return Exposure(seconds, len(finished) + len(starts), len(starts), min(finished, default=None))

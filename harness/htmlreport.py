@@ -278,15 +278,17 @@ def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData
     lane_events = _rows(store, "SELECT t, kind, host FROM events WHERE trial=? AND host IS NOT NULL AND host < ? "
                                "AND kind IN ('start', 'ready', 'pause', 'resume', 'exit', 'stop', 'no-restart')",
                         (tid, MAX_LANES))
-    if any(e["kind"] == "start" for e in lane_events):
+    if any(e["kind"] == "ready" for e in lane_events):
         # Down, starting, paused: from the events, at the moment each happened (a host killed at 4.00 s is
-        # red from 4.00 s); only "ejected" (the balancer's view) comes from the per-second samples.
+        # red from 4.00 s); only "ejected" (the balancer's view) comes from the per-second samples. (A
+        # simulated host has no start-up to wait for and no `ready` event, and a crash storm's exits and
+        # restarts may be counted rather than stored: its lanes come from the samples.)
         lanes = [{"host": h, **row} for h, rows in lane_rows(lane_events, end).items() for row in rows]
         lanes += _rows(store, "SELECT host, min(t) AS t, max(t + span) - min(t) AS span, 'ejected' AS state "
                               "FROM host_samples WHERE trial=? AND state = 'ejected' AND host < ? "
                               "GROUP BY host, t / ? ORDER BY host, t", (tid, MAX_LANES, lane_width))
         lanes.sort(key=lambda r: (r["host"], r["t"]))
-    else:   # a store without start events: the state each host was sampled in, per second
+    else:   # a store without readiness events: the state each host was sampled in, per second
         lanes = _rows(store, f"SELECT host, min(t) AS t, max(t + span) - min(t) AS span, {_WORST_STATE} AS state "
                              "FROM host_samples WHERE trial=? AND state != 'up' GROUP BY host, t / ? ORDER BY host, t",
                       (tid, lane_width))

@@ -174,9 +174,9 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
                     | {"faults_armed": faults_armed(c["detail"]), "when": _when(c, run["duration"])}
                     for c in crashes[:MAX_CRASHES_LISTED]],
         "fault_windows": fault_windows(store, tid, events, names),
-        "buckets": crash_buckets(crashes),
-        "crashes_by_signal": dict(Counter(c["signal_name"] for c in crashes)),
-        "crashes_by_host": {names.get(h, f"h{h}"): n for h, n in sorted(Counter(c["host"] for c in crashes).items())},
+        "buckets": counted.buckets(names),
+        "crashes_by_signal": counted.by_signal,
+        "crashes_by_host": {names.get(h, f"h{h}"): n for h, n in counted.by_host.items()},
         "hosts_alive": _alive_timeline(samples),
         "host_losses": [{"t": e["t"], **e["detail"],
                          "host_names": [names.get(h, f"h{h}") for h in e["detail"].get("hosts", [])]}
@@ -420,6 +420,10 @@ def _count(value: int | None) -> str:
     return "unknown" if value is None else str(value)
 
 
+def _hosts_text(hosts: list[str]) -> str:
+    return " ".join(hosts) if len(hosts) <= 16 else f"{len(hosts)} hosts"
+
+
 def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | None = None) -> str:
     out = [f"run {report['run_id']}  scenario {report['scenario']}  seed {report['seed']}  "
            f"status {report['status']}", f"results: {report['run_dir']}"]
@@ -470,8 +474,10 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
                                                      "uptime", "offered/s", "alive after"]
                                 + (["faults armed (injected on the host, last at)"] if shim else []),
                                 disable_numparse=True))
-            if len(trial["crashes"]) > 20:
-                out.append(f"... and {len(trial['crashes']) - 20} more (harness report --json)")
+            if trial["crashes_total"] > 20:
+                kept = (f"; {len(trial['crashes'])} of them kept as rows, a sample" if trial.get("crashes_sampled")
+                        else "")
+                out.append(f"... and {trial['crashes_total'] - 20} more (harness report --json{kept})")
         else:
             out.append("crashes: none")
         if trial.get("groups"):

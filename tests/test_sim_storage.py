@@ -164,9 +164,15 @@ def test_readers_print_the_same_numbers_from_counts_and_a_sample_as_from_every_r
         finally:
             store.close()
         bins = {width: htmlreport._crash_bins(trial, width) for width in (1.0, 5.0)}
+        # host lanes (small fleets): down where the per-second samples say so; a simulated host never
+        # waits for readiness, and a storm's exits are not all event rows
+        lanes = {host: [(r["t"], r["span"], r["state"]) for r in rows] for host, rows in trial.lanes.items()}
         if store_dir == old:
-            expected = bins
+            expected, expected_lanes = bins, lanes
     assert bins == expected and sum(bins[1.0].values()) == report_old["trials"][0]["crashes_total"]
+    assert lanes == expected_lanes
+    assert (hosts <= 64) == bool(lanes) and all(state in ("down", "paused") for rows in lanes.values()
+                                                for _, _, state in rows)
     # harness crashes BUCKET: the exact count, not the sample's
     def counted(run: Path) -> list[str]:
         return [line for line in crashview.render_bucket(run, "model-memory").splitlines()

@@ -116,3 +116,35 @@ class CrashTally:
         hosts, causes = np.nonzero(self.count)
         return [(h, c, int(self.count[h, c]), round(float(self.first[h, c]), 6), round(float(self.last[h, c]), 6))
                 for h, c in zip(hosts.tolist(), causes.tolist())]
+
+
+class ExactSum:
+    """A running sum kept exactly, in a few partials (Shewchuk's algorithm, as math.fsum uses): value()
+    is math.fsum of everything added, in any order, without holding every term (a night's exits)."""
+
+    def __init__(self) -> None:
+        self.partials: list[float] = []
+        self.count = 0
+        self.smallest: float | None = None
+
+    def add(self, values: list[float]) -> None:
+        partials = self.partials
+        for x in values:
+            i = 0
+            for y in partials:
+                if abs(x) < abs(y):
+                    x, y = y, x
+                high = x + y
+                low = y - (high - x)
+                if low:
+                    partials[i] = low
+                    i += 1
+                x = high
+            partials[i:] = [x]
+        self.count += len(values)
+        if values:
+            least = min(values)
+            self.smallest = least if self.smallest is None else min(self.smallest, least)
+
+    def value(self, more: list[float] = ()) -> float:  # type: ignore[assignment]
+        return math.fsum(self.partials + list(more))

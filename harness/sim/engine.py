@@ -25,7 +25,7 @@ import numpy as np
 from harness.plan import choose_hosts, loss_events, stream
 from harness.scenario import Scenario, ShimFault, SimModel, Variant
 from harness.sim.balance import assign
-from harness.sim.crashes import CAUSES, HAZARD, MEMORY, CrashSampler, CrashTally
+from harness.sim.crashes import CAUSES, HAZARD, MEMORY, CrashSampler, CrashTally, ExactSum
 
 UP, DOWN, PAUSED, STOPPED = 0, 1, 2, 3
 STATE_NAMES = {UP: "up", DOWN: "down", PAUSED: "paused", STOPPED: "stopped"}
@@ -185,6 +185,7 @@ class FleetModel:
         self.tally = CrashTally(n, [b for p in scenario.load.phases for b in (p.start, p.end)])
         self.event_counts: dict[tuple[int, str], int] = {}
         self.total_crashes = 0
+        self.lived = ExactSum()                  # every finished incarnation's uptime (exposure())
         self.first_loss: float | None = None
         self.episode_start: float | None = None    # first loss since the fleet was last complete
         self.cascade_at: float | None = None       # end of the tick in which alive fell below the threshold
@@ -347,11 +348,12 @@ class FleetModel:
         m = self.m
         self.backlog[hosts] = 0
         self.carry[hosts] = 0.0
-        uptime = times - self.started[hosts]
+        uptime = [round(u, 6) for u in (times - self.started[hosts]).tolist()]    # as the exit events say
+        self.lived.add([max(u, 0.0) for u in uptime])
         never = m.restart_policy == "never"
         for i in np.flatnonzero(rows).tolist():
             host, when = int(hosts[i]), float(times[i])
-            self._event(when, "exit", host, cause=causes[i], uptime=round(float(uptime[i]), 6), signal=signals[i])
+            self._event(when, "exit", host, cause=causes[i], uptime=uptime[i], signal=signals[i])
             if never:
                 self._event(when, "no-restart", host, policy=m.restart_policy)
         if not rows.all():
@@ -369,7 +371,7 @@ class FleetModel:
             self.state[hosts] = STOPPED
             return
         self.state[hosts] = DOWN
-        quick = np.where(uptime < m.restart_reset_after, self.quick_failures[hosts] + 1, 1)
+        quick = np.where(times - self.started[hosts] < m.restart_reset_after, self.quick_failures[hosts] + 1, 1)
         self.quick_failures[hosts] = quick
         wait = np.full(len(hosts), m.restart_time)
         if m.restart_backoff > 0:
@@ -818,6 +820,16 @@ class FleetModel:
                 "offered_rate": self.scenario.load.rate(when), "host_inflight": int(round(float(self.inflight[host]))),
                 "hosts_alive": int(alive_after[i]), "executable": "simulated", "detail": detail,
                 "number": self.total_crashes + i}
+
+    def exposure(self, end: float) -> dict[str, Any]:
+        """Host-seconds of the trial as harness.exposure counts them from start and exit events (each
+        incarnation from its start to its exit, one still running up to `end`), from every exit, also
+        those counted rather than stored as event rows."""
+        running = np.flatnonzero((self.state == UP) | (self.state == PAUSED))
+        began = [round(t, 6) for t in self.started[running].tolist()]
+        return {"host_seconds": self.lived.value([max(end - b, 0.0) for b in began]),
+                "incarnations": self.lived.count + len(running), "unfinished": len(running),
+                "shortest": self.lived.smallest}
 
     def busy(self) -> bool:
         """Anything still queued or waiting to be retried (the drain after the load)."""

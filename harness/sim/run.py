@@ -84,6 +84,7 @@ class Trial:
         self.host_samples: list[HostSample] = []
         self.digest = hashlib.sha256()
         self.crash_rows = 0
+        self.samples_end = 0                   # where the last sample closed (the store's last second)
         self.wall0 = time.time()
 
     async def run(self) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class Trial:
                         p90=p90, p99=p99, p999=p999, max=top, hosts_alive=alive,
                         offered_rate=self.scenario.load.rate(s["t"] + 0.5), hist=hist)
         self.samples.append(sample)
+        self.samples_end = s["t"] + 1
         if self.model.per_host:
             model = self.model
             for host in range(model.n):
@@ -230,6 +232,9 @@ class Trial:
             "crashes_by_cause": {CAUSE_NAMES[c]: n for c, n in sorted(enumerate(model.tally.total),
                                                                       key=lambda item: CAUSE_NAMES[item[0]]) if n},
             "crash_rows": self.crash_rows,
+            # host-seconds as harness.exposure counts them from start and exit events, here from every exit
+            # (a crash storm's exits are mostly counted, not stored: harness.compare.trial_exposures)
+            "exposure": model.exposure(float(self.samples_end)),
             "retries": model.total_retries,
             "attempts": model.total_attempts,
             "retry_amplification": round(model.total_attempts / model.total_offered, 6) if model.total_offered else None,
