@@ -30,17 +30,19 @@ def _window_samples(samples: list[dict[str, Any]], start: float, end: float) -> 
     return [s for s in samples if start <= s["t"] + s.get("span", 1) / 2 < end]
 
 
-def window_metrics(samples: list[dict[str, Any]], crashes: Crashes, start: float,
+def window_metrics(samples: list[dict[str, Any]], crashes: Crashes | list[dict[str, Any]], start: float,
                    end: float, *, until: float | None = None, counts_end: float | None = None) -> dict[str, Any]:
     """One window's numbers. `until`: the load's end; a sample reaching past it counts its outcomes but
     only its seconds before it (the drain after the load holds replies and timeouts of requests that
     arrived before the end, not a second of load). `counts_end`: take samples up to there (the last
-    phase takes the drain), crashes still by their own time within [start, end)."""
+    phase takes the drain), crashes still by their own time within [start, end) (`crashes`: a trial's
+    counts, harness.crashcounts, or crash rows)."""
     chosen = _window_samples(samples, start, end if counts_end is None else counts_end)
     return {**traffic_metrics(chosen, start, end, until=until),
             "hosts_alive_min": min((s["hosts_alive"] for s in chosen), default=None),
             "hosts_alive_max": max((s["hosts_alive"] for s in chosen), default=None),
-            "crashes": crashes.in_window(start, end)}
+            "crashes": crashes.in_window(start, end) if isinstance(crashes, Crashes)
+            else sum(1 for c in crashes if start <= c["t"] < end)}
 
 
 def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float, *,
