@@ -58,6 +58,7 @@ class Host:
     group: str = ""                   # its fleet group ("" in a fleet without groups)
     target: Target | None = None      # what it runs with (its group's target); None: the supervisor's
     logs: HostLogs | None = None      # pipes its output goes through (None: straight to the files)
+    jail: Any = None                  # harness.isolation.HostJail: its cgroup and PID namespaces, if any
 
     @property
     def pid(self) -> int | None:
@@ -331,7 +332,7 @@ class FleetSupervisor:
             logs = host.logs
             child = await self.spawner.spawn(host.argv, cwd=host.cwd, env=host.env,
                                              stdout=logs.stdout_fd if logs else host.stdout,
-                                             stderr=logs.stderr_fd if logs else host.stderr)
+                                             stderr=logs.stderr_fd if logs else host.stderr, jail=host.jail)
         except OSError as exc:
             message = f"cannot start {host.argv[0]}: {exc.strerror or exc}"
             self.recorder.event("start-failed", host.index, error=message)
@@ -343,7 +344,9 @@ class FleetSupervisor:
         host.child = child
         host.started_at = time.monotonic()
         host.extra.pop("proof", None)
-        named = {"name": host.name, "group": host.group} if host.group else {}  # the report names grouped hosts
+        named: dict[str, Any] = {"name": host.name, "group": host.group} if host.group else {}  # the report names them
+        if child.incarnation is not None:
+            named["isolation"] = {**child.incarnation.describe(), "ns_pid": child.incarnation.ns_pid}
         self.recorder.event("start", host.index, child.pid, incarnation=host.incarnation, argv=host.argv, **named)
         status: int | None = None
         try:

@@ -18,14 +18,16 @@ from harness.fields import (
 from harness.loadshape import LoadShape, PhaseSpec
 from harness.protocols import PROTOCOLS, RequestSpec, codec, parse_pattern
 from harness.scenario import (
-    ALLOCATORS, Client, Cores, Expectation, Fault, Fleet, Group, HostLoss, HostSelection, Keys, Ready, Restart,
-    Scenario, SetupStep, ShimFault, Target, Variant, Window,
+    ALLOCATORS, NET_FAULT_KINDS, RESOURCE_FAULT_KINDS, Client, Cores, Expectation, Fault, Fleet, Group, HostLoss,
+    HostSelection, IsolationSpec, Keys, Ready, Restart, Scenario, SetupStep, ShimFault, Target, Variant, Window,
 )
 from harness.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
 TOP_KEYS = {"name", "description", "seed", "duration", "target", "fleet", "load", "client", "faults", "cores",
             "variants", "trials", "expect"}
 TEMPLATE_FIELDS = {"port", "host", "index", "dir", "root", "addr"}
+BACKEND_FIELDS = {"backends", "backend.name", "backend.host", "backend.addr", "backend.port", "backend.index",
+                  "backend.group"}   # a group with backends: (harness/netfault/topology.py)
 LOCK_ERRNOS = ("EDEADLK", "EAGAIN", "EBUSY", "EINVAL", "EOWNERDEAD", "ETIMEDOUT", "EPERM")
 ALLOC_FUNCTIONS = ("malloc", "calloc", "realloc", "reallocarray", "posix_memalign", "aligned_alloc",
                    "memalign", "valloc", "operator new")
@@ -151,20 +153,21 @@ def _templates_ok(reader: Reader, key: str | PathKey, argv: tuple[str, ...] | li
     sub = (key,) if isinstance(key, str) else key
     for arg in [argv] if isinstance(argv, str) else argv:
         for match in re.finditer(r"\{([^{}]*)\}", arg):
-            if match.group(1) not in TEMPLATE_FIELDS:
+            if match.group(1) not in TEMPLATE_FIELDS | BACKEND_FIELDS:
                 reader.problem(sub, f"unknown placeholder '{{{match.group(1)}}}' in {arg!r} "
-                                    f"(known: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))})")
+                                    f"(known: {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))}, and "
+                                    f"{{backends}} {{backend.port}}... in a group with backends)")
 
 
 # --- sections -----------------------------------------------------------------------------------
 
 TARGET_KEYS = {"root", "build", "command", "protocol", "request", "requests", "terminator", "expect_reply",
                "expect_status", "value_size", "setup", "files", "ready", "restart", "env", "cwd", "stop_grace",
-               "log_max"}
+               "log_max", "isolation"}
 # What a fleet group may set for its own hosts; the rest of the target is the client's side, shared by
 # every host behind the one balancer (one request stream, one terminator).
 GROUP_OVERRIDES = {"build", "command", "env", "ready", "restart", "expect_reply", "setup", "files", "cwd",
-                   "stop_grace", "log_max"}
+                   "stop_grace", "log_max", "isolation"}
 FLEET_WIDE = {"root", "protocol", "request", "requests", "terminator", "expect_status", "value_size"}
 REQUEST_KEYS = {"name", "weight", "request", "expect", "expect_status", "value_size"}
 DEFAULT_REQUESTS = {"line": "GET {key}\n", "http": "GET /", "resp": ["GET", "{key}"], "memcached": "get {key}\r\n"}
@@ -297,7 +300,29 @@ def _host_settings(r: Reader, base: Target) -> Target:
         ready=ready, restart=restart, env={**base.env, **env}, cwd=cwd, setup=setup, files=files,
         stop_grace=r.get("stop_grace", _stop_grace, default=base.stop_grace),
         log_max=r.get("log_max", units.parse_size, default=base.log_max),
+        isolation=r.get("isolation", _isolation, default=base.isolation),
     )
+
+
+ISOLATION_WORDS = ("pid", "cgroup", "netns")
+
+
+def _isolation(value: Any) -> IsolationSpec:
+    """isolation: auto (default: a PID namespace and a cgroup where the machine allows) | none | a list of
+    pid, cgroup, netns (exactly those, each required)."""
+    if value == "auto":
+        return IsolationSpec()
+    if value == "none":
+        return IsolationSpec(pid=False, cgroup=False)
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+        raise Invalid(f"expected auto, none, or a list of {', '.join(ISOLATION_WORDS)}, got {describe(value)}")
+    for word in words:
+        if word not in ISOLATION_WORDS:
+            hint = difflib.get_close_matches(word, ISOLATION_WORDS, n=1)
+            raise Invalid(f"unknown isolation {word!r}" + (f" (did you mean '{hint[0]}'?)" if hint else
+                          f" (expected auto, none, or a list of {', '.join(ISOLATION_WORDS)})"))
+    return IsolationSpec(pid="pid" in words, cgroup="cgroup" in words, netns="netns" in words)
 
 
 def _ready(r: Reader, base: Target) -> Ready:
@@ -439,7 +464,8 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
     base = target or Target(root=Path("."), command=("?",))
     groups: list[Group] = []
     for path, item in items:
-        r = Reader(fleet.source, path, item, fleet.problems, {"name", "hosts"} | GROUP_OVERRIDES | FLEET_WIDE,
+        r = Reader(fleet.source, path, item, fleet.problems,
+                   {"name", "hosts", "backends", "rotation"} | GROUP_OVERRIDES | FLEET_WIDE,
                    what="a group like {name: estats, hosts: 2, command: [...]}")
         if not r.ok:
             continue
@@ -457,9 +483,38 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
         if settings.command == ("?",) and target is not None and not r.has("command") \
                 and "command" not in r.misspelt:
             r.problem((), f"group {name or '?'} has no command: give it here or in target.command")
+        backends = _groups_field(r, _names_of(fleet), "backends", key="backends")
+        if name is not None and name in backends:
+            r.problem(("backends",), f"group {name} cannot be its own backend")
+        _backend_placeholders(r, settings, backends)
         if name is not None and hosts is not None:
-            groups.append(Group(name=name, hosts=hosts, target=settings))
+            groups.append(Group(name=name, hosts=hosts, target=settings, backends=backends,
+                                rotation=r.get("rotation", as_bool, default=None)))  # type: ignore[arg-type]
+    # A group that another group names as its backend gets its traffic from there, not from the driver.
+    behind = {b for g in groups for b in g.backends}
+    groups = [replace(g, rotation=g.name not in behind if g.rotation is None else g.rotation) for g in groups]
+    if groups and not any(g.rotation for g in groups):
+        fleet.problem(("groups",), "no group gets load from the driver: every group is a backend or has "
+                                   "rotation: false (set rotation: true on the front group)")
     return tuple(groups)
+
+
+def _names_of(fleet: Reader) -> set[str]:
+    value = fleet.data.get("groups")
+    return {g["name"] for g in value if isinstance(g, dict) and isinstance(g.get("name"), str)} \
+        if isinstance(value, list) else set()
+
+
+def _backend_placeholders(r: Reader, settings: Target, backends: tuple[str, ...]) -> None:
+    """{backends} and {backend.*} only mean something in a group that has backends."""
+    if backends:
+        return
+    for arg in settings.command:
+        for match in re.finditer(r"\{([^{}]*)\}", arg):
+            if match.group(1) in BACKEND_FIELDS:
+                r.problem(("command",), f"'{{{match.group(1)}}}' in {arg!r} needs backends: (a group this one "
+                                        f"sends traffic to, like backends: api)")
+                return
 
 
 def _group_names(top: Reader) -> set[str] | None:
@@ -470,25 +525,25 @@ def _group_names(top: Reader) -> set[str] | None:
     return {g["name"] for g in fleet["groups"] if isinstance(g, dict) and isinstance(g.get("name"), str)}
 
 
-def _groups_field(r: Reader, names: set[str] | None, what: str) -> tuple[str, ...]:
+def _groups_field(r: Reader, names: set[str] | None, what: str, key: str = "groups") -> tuple[str, ...]:
     """`groups: estats` or `groups: [estats, arena]`: names of fleet groups, each checked."""
-    if not r.has("groups"):
+    if not r.has(key):
         return ()
-    value = r.data["groups"]
+    value = r.data[key]
     chosen = [value] if isinstance(value, str) else value
     if not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) and n for n in chosen):
-        r.problem(("groups",), f"expected a group name or a list of them, got {describe(value)}")
+        r.problem((key,), f"expected a group name or a list of them, got {describe(value)}")
         return ()
     if names is None:
-        r.problem(("groups",), f"the fleet has no groups (fleet.groups) for {what} to choose from")
+        r.problem((key,), f"the fleet has no groups (fleet.groups) for {what} to choose from")
         return ()
     for name in chosen:
         if name not in names:
             hint = difflib.get_close_matches(name, sorted(names), n=1)
-            r.problem(("groups",), f"no fleet group named {name!r}" + (f" (did you mean '{hint[0]}'?)" if hint else
-                                   f" (groups: {', '.join(sorted(names))})"))
+            r.problem((key,), f"no fleet group named {name!r}" + (f" (did you mean '{hint[0]}'?)" if hint else
+                              f" (groups: {', '.join(sorted(names))})"))
     if len(set(chosen)) != len(chosen):
-        r.problem(("groups",), "a group is named twice")
+        r.problem((key,), "a group is named twice")
     return tuple(dict.fromkeys(chosen))
 
 
@@ -687,7 +742,7 @@ def _hosts_selection(r: Reader, fleet_size: int, where: str = "the fleet has") -
     return HostSelection()
 
 
-FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error"]
+FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error", *NET_FAULT_KINDS, *RESOURCE_FAULT_KINDS]
 _WINDOW_KEYS = {"from", "until", "every", "for"}
 _SHIM_COMMON = {"kind", "mode", "hosts", "groups", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
 
@@ -700,7 +755,7 @@ def _faults(top: Reader, fleet: Fleet | None, group_names: set[str] | None) -> l
             _at(top, path, f"expected a mapping like {{kind: host-loss, at: 30s}}, got {describe(item)}")
             continue
         if "kind" not in item:
-            _at(top, path + ("kind",), "missing required field 'kind' (host-loss, alloc-fail or lock-error)")
+            _at(top, path + ("kind",), f"missing required field 'kind' ({', '.join(FAULT_KINDS)})")
             continue
         kind = item["kind"]
         fault: Fault | None
@@ -719,17 +774,55 @@ def _faults(top: Reader, fleet: Fleet | None, group_names: set[str] | None) -> l
             fault = _shim_fault(r, index, kind, _pool_size(fleet, groups), groups)
             if fault is not None:
                 _check_shim_fault(r, fault)
+        elif kind in NET_FAULT_KINDS or kind in RESOURCE_FAULT_KINDS:
+            fault = _net_or_resource_fault(top, path, item, index, kind, fleet, group_names)
         else:
             if kind is UNREADABLE:
                 continue
             hint = difflib.get_close_matches(kind, FAULT_KINDS, n=1) if isinstance(kind, str) else []
             shown = repr(kind) if isinstance(kind, str) else describe(kind)
             _at(top, path + ("kind",), f"unknown fault kind {shown}" +
-                (f" (did you mean '{hint[0]}'?)" if hint else " (expected host-loss, alloc-fail or lock-error)"))
+                (f" (did you mean '{hint[0]}'?)" if hint else f" (expected one of {', '.join(FAULT_KINDS)})"))
             continue
         if fault is not None:
             faults.append(fault)
     return faults
+
+
+def _net_or_resource_fault(top: Reader, path: PathKey, item: dict[str, Any], index: int, kind: str,
+                           fleet: Fleet | None, group_names: set[str] | None) -> Fault | None:
+    """Network faults (the fault proxy: harness/netfault) and cgroup limits (harness/isolation)."""
+    from harness import faultspec
+    network = kind in NET_FAULT_KINDS
+    common = faultspec.NET_COMMON if network else faultspec.RESOURCE_COMMON
+    extra = faultspec.NET_KEYS[kind] if network else faultspec.RESOURCE_KEYS[kind]
+    r = Reader(top.source, path, item, top.problems, common | extra)
+    if fleet is not None and fleet.simulated is not None:
+        r.problem(("kind",), f"{kind} faults act on real hosts (a proxy, a cgroup); a simulated fleet has none")
+        return None
+    groups = _groups_field(r, group_names, "a fault")
+    window = _window(r)
+    hosts = _hosts_selection(r, _pool_size(fleet, groups), _pool_words(groups))
+    if network:
+        fault = faultspec.net_fault(r, index, kind, window, hosts, groups, group_names)
+        if fault is not None and fleet is not None:
+            faultspec.between_groups_ok(r, fault, {g.name: g.backends for g in fleet.groups})
+        return fault
+    return faultspec.resource_fault(r, index, kind, window, hosts, groups)
+
+
+def _window(r: Reader) -> Window:
+    """from / until / every + for: when a fault is active."""
+    window = Window(start=r.get("from", _duration, default=0.0), until=r.get("until", _duration, default=None),
+                    every=r.get("every", _positive_duration, default=None),
+                    active=r.get("for", _positive_duration, default=None))
+    if window.until is not None and window.until <= window.start:
+        r.problem(("until",), f"'until' ({window.until:g}s) must come after 'from' ({window.start:g}s)")
+    if window.active is not None and window.every is None:
+        r.problem(("for",), "'for' (how long each window lasts) goes with 'every'")
+    if window.active is not None and window.every is not None and window.active > window.every:
+        r.problem(("for",), f"'for' ({window.active:g}s) is longer than 'every' ({window.every:g}s)")
+    return window
 
 
 def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:
@@ -786,15 +879,7 @@ def _shim_fault(r: Reader, index: int, kind: str, fleet_size: int, groups: tuple
     mode_fits = not (kind == "lock-error" and mode == "budget")
     if not mode_fits:
         r.problem(("mode",), "budget mode is for alloc-fail only")
-    window = Window(start=r.get("from", _duration, default=0.0), until=r.get("until", _duration, default=None),
-                    every=r.get("every", _positive_duration, default=None),
-                    active=r.get("for", _positive_duration, default=None))
-    if window.until is not None and window.until <= window.start:
-        r.problem(("until",), f"'until' ({window.until:g}s) must come after 'from' ({window.start:g}s)")
-    if window.active is not None and window.every is None:
-        r.problem(("for",), "'for' (how long each window lasts) goes with 'every'")
-    if window.active is not None and window.every is not None and window.active > window.every:
-        r.problem(("for",), f"'for' ({window.active:g}s) is longer than 'every' ({window.every:g}s)")
+    window = _window(r)
     functions: tuple[str, ...] = ()
     known = ALLOC_FUNCTIONS if kind == "alloc-fail" else LOCK_FUNCTIONS
     for key in ("functions", "function"):

@@ -12,6 +12,8 @@
   parent-death signal is not inherited) is found by the tag every spawn carries in its
   environment and killed: after each exit, by a watchdog process when the harness dies, and at
   the next start (see harness/reaper.py).
+- Isolation (harness/isolation): each host in its own cgroup and, as root, its own PID namespace, so
+  that whatever it forked dies with it, even when nothing of the harness is left to kill it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,22 +34,26 @@ from pathlib import Path
 import trio
 
 from harness import reaper
+from harness.isolation import HostJail, Incarnation, Isolation, ns_pid
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _spawners = itertools.count(1)  # tags stay distinct when one process has several spawners
 
 
-def _child_setup(parent_pid: int) -> None:
+def _child_setup(parent_pid: int, jail: HostJail | None = None) -> None:
     # Runs in the child between fork and exec.
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the harness died before prctl took effect
+    # The harness died before prctl took effect? (In a PID namespace, a parent outside it reads as 0.)
+    if os.getppid() not in (parent_pid, 0):
         os._exit(70)
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     except (ValueError, OSError):
         soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
         resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    if jail is not None:
+        jail.in_child()
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Child:
     tag: str = ""            # reaper.TAG_VAR in its environment, inherited by all it forks
     exited_at: float | None = None     # time.monotonic() when its exit was seen (not when it was reaped)
     dead_before_stop: bool = False     # stop() found it already dead: it did not die of being stopped
+    incarnation: Incarnation | None = None   # its PID namespace and cgroup (harness/isolation)
 
     def signal_group(self, sig: int) -> bool:
         """Signal the whole process group; False when it is already gone."""
@@ -80,17 +88,20 @@ class Spawner:
         self._serial = 0
         # Leftovers of harnesses killed with their watchdog (kill -9 of both): nobody else will.
         self.orphans_killed = reaper.kill_orphans()
-        self._watchdog, self._watch_fd = _start_watchdog(self._prefix)
+        self.isolation = Isolation(self._prefix.replace("/", "-"))
+        self.orphan_cgroups = reaper.remove_cgroups(reaper.orphaned_cgroups(self.isolation.cgroup_bases()))
+        self._watchdog, self._watch_fd = _start_watchdog(self._prefix, self.isolation.watchdog_dirs())
         # Targets get the umask the harness was started with (the harness itself runs with 077).
         self.child_umask = -1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self.isolation.close()
         _stop_watchdog(self._watchdog, self._watch_fd)
         self._watchdog, self._watch_fd = None, None
 
     def _spawn_sync(self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path | int,
-                    stderr: Path | int, pass_fds: tuple[int, ...] = ()) -> Child:
+                    stderr: Path | int, pass_fds: tuple[int, ...] = (), jail: HostJail | None = None) -> Child:
         self._serial += 1
         tag = f"{self._prefix}/{self._serial}"
         env = {**env, reaper.TAG_VAR: tag}
@@ -98,25 +109,30 @@ class Spawner:
         out_fd = stdout if isinstance(stdout, int) else _open_log(stdout)
         err_fd = stderr if isinstance(stderr, int) else _open_log(stderr)
         try:
-            popen = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-                start_new_session=True, close_fds=True, preexec_fn=lambda: _child_setup(self._parent),
-                umask=self.child_umask,
-                pass_fds=pass_fds,
-            )
+            with jail.forking(tag) if jail is not None else nullcontext(None) as incarnation:
+                popen = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                    start_new_session=True, close_fds=True, preexec_fn=lambda: _child_setup(self._parent, jail),
+                    umask=self.child_umask,
+                    pass_fds=pass_fds,
+                )
         finally:
             if not isinstance(stdout, int):
                 os.close(out_fd)
             if not isinstance(stderr, int):
                 os.close(err_fd)
-        return Child(pid=popen.pid, popen=popen, tag=tag)
+        if incarnation is not None and incarnation.anchor is not None:
+            incarnation.ns_pid = ns_pid(popen.pid)
+        return Child(pid=popen.pid, popen=popen, tag=tag, incarnation=incarnation)
 
     async def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path | int,
-                    stderr: Path | int, pass_fds: tuple[int, ...] = ()) -> Child:
-        """`pass_fds`: descriptors the child inherits (a driver worker's control socket)."""
+                    stderr: Path | int, pass_fds: tuple[int, ...] = (), jail: HostJail | None = None) -> Child:
+        """`pass_fds`: descriptors the child inherits (a driver worker's control socket); `jail`: the host's
+        cgroup and PID namespace settings (harness/isolation), if any."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr, pass_fds)
+        future: Future[Child] = self._executor.submit(self._spawn_sync, argv, cwd, env, stdout, stderr, pass_fds,
+                                                      jail)
         future.add_done_callback(lambda _: token.run_sync_soon(done.set))
         # Shielded: once a fork is asked for, we must learn its pid, or we could not stop it.
         with trio.CancelScope(shield=True):
@@ -151,11 +167,16 @@ async def wait_exit(child: Child) -> int:
 
 
 async def sweep(child: Child) -> None:
-    """Kill what left the child's process group (setsid) and still carries its tag. Separate from
-    wait_exit, which must return at once: the caller tells the balancer first."""
-    if child.tag:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(reaper.kill_spawn, child.tag)
+    """Kill what left the child's process group (setsid): its PID namespace and cgroup (harness/isolation),
+    and what still carries its tag. Separate from wait_exit, which must return at once: the caller tells
+    the balancer first."""
+    def work() -> None:
+        if child.incarnation is not None:
+            child.incarnation.release()
+        if child.tag:
+            reaper.kill_spawn(child.tag)
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(work)
 
 
 async def stop(child: Child, grace: float) -> int:
@@ -185,14 +206,15 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-def _start_watchdog(prefix: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+def _start_watchdog(prefix: str, cgroups: list[str] | None = None
+                    ) -> tuple[subprocess.Popen[bytes] | None, int | None]:
     """The watchdog reads a pipe whose only writer is this process: when the harness dies, even by
     SIGKILL, the pipe closes and the watchdog kills what the harness left. Its own session keeps
     it out of a ^C or a kill of the harness's process group."""
     read_fd, write_fd = os.pipe()  # not inheritable: no target holds the write end open
     try:
         watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", reaper.SCRIPT, prefix], stdin=read_fd, stdout=subprocess.DEVNULL,
+            [sys.executable, "-I", "-S", reaper.SCRIPT, prefix, *(cgroups or [])], stdin=read_fd, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
     except OSError:
         os.close(write_fd)

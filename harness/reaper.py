@@ -147,13 +147,72 @@ def kill_orphans() -> list[int]:
     return kill_tagged(orphaned)
 
 
-def watch(prefix: str) -> None:
+def _cgroup_pids(directory: str) -> list[int]:
+    try:
+        with open(os.path.join(directory, "cgroup.procs")) as handle:
+            return [int(p) for p in handle.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def remove_cgroups(parents: list[str]) -> list[str]:
+    """Kill every process in the host cgroups under these parent folders (harness/isolation/cgroups.py
+    makes them) and remove the folders. Returns the folders removed."""
+    removed = []
+    for parent in parents:
+        try:
+            leaves = [os.path.join(parent, n) for n in os.listdir(parent)
+                      if os.path.isdir(os.path.join(parent, n))]
+        except OSError:
+            continue
+        for directory in leaves + [parent]:
+            kill_file = os.path.join(directory, "cgroup.kill")
+            if os.path.exists(kill_file):
+                try:
+                    with open(kill_file, "w") as handle:
+                        handle.write("1")
+                except OSError:
+                    pass
+            for _ in range(100):
+                pids = _cgroup_pids(directory)
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                try:
+                    os.rmdir(directory)
+                    removed.append(directory)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)   # processes leave a cgroup a moment after they die
+    return removed
+
+
+def orphaned_cgroups(bases: list[str], prefix: str = "harness-") -> list[str]:
+    """Parent folders (harness-OWNER-S) left by harnesses that no longer run."""
+    found = []
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(prefix) and not owner_running(name[len(prefix):].rsplit("-", 1)[0]):
+                found.append(os.path.join(base, name))
+    return found
+
+
+def watch(prefix: str, cgroups: list[str] | None = None) -> None:
     """Block until stdin (a pipe from the harness) closes, then kill what the harness left."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the harness, which stops its hosts itself
     while os.read(0, 4096):
         pass
     kill_owned(prefix)
+    remove_cgroups(cgroups or [])
 
 
 if __name__ == "__main__":
-    watch(sys.argv[1])
+    watch(sys.argv[1], sys.argv[2:])

@@ -33,6 +33,7 @@ from harness.capacity import DRIVER_MAX_RATE
 from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program, stderr_tail
 from harness.hostprep import HostPrep
 from harness.plan import PlanSpec, choose_hosts, loss_events
+from harness.isolation import scenario_problem
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
@@ -211,6 +212,9 @@ class Run:
     async def execute(self) -> RunResult:
         scenario = self.scenario
         trials = trial_order(scenario, self.options.variant, self.options.trials or scenario.trials)
+        missing = scenario_problem(scenario)
+        if missing:
+            raise HarnessError(f"{scenario.file}: {missing}")
         builds = {scenario.target.build} | {g.target.build for g in scenario.host_groups} \
             | {v.build for v, _ in trials if v.build}
         for build in sorted((b for b in builds if b), key=str):
@@ -373,6 +377,7 @@ class Run:
         planned = PlanSpec(scenario.load, scenario.client.keys, scenario.seed,
                            tuple(spec.weight for spec in scenario.target.requests), start_at=self._start_at)
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
+        self._isolate(hosts, number, spawner)
         recorder = Recorder()
         self._shim = await self._prepare_shim(hosts)
         # Output goes through pipes into capped files from the first start to the last stop.
@@ -479,6 +484,21 @@ class Run:
                 self._trial_walls.append(time.monotonic() - began)
                 if self._shim is not None:
                     self._shim.close()
+                stuck = await trio.to_thread.run_sync(spawner.isolation.release, [h.jail for h in hosts if h.jail])
+                if stuck:
+                    print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
+
+    def _isolate(self, hosts: list[Host], trial: int, spawner: Spawner) -> None:
+        """Each host's cgroup and PID namespaces (harness/isolation), as its target's `isolation` says:
+        by default wherever the machine allows; a host with a resource fault always has a cgroup."""
+        limited = {h for f in self.scenario.resource_faults for h in self.scenario.hosts_in(f.groups)}
+        for host in hosts:
+            spec = (host.target or self.scenario.target).isolation
+            host.jail = spawner.isolation.jail(f"t{trial}-{host.name}", pid=spec.pid is not False,
+                                               cgroup=spec.cgroup is not False or host.index in limited)
+            if host.jail.cgroup is None and (spec.cgroup or host.index in limited):
+                raise HarnessError(f"cannot create a cgroup for {host.name}: "
+                                   f"{'; '.join(spawner.isolation.notes) or 'cgroups are not available'}")
 
     def _report_unsent(self, recorder: Recorder, driver: Driver) -> None:
         """Arrivals the driver could not send by the planned end plus the timeout: never dropped silently."""

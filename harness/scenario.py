@@ -40,6 +40,18 @@ class Restart:
 
 
 @dataclass(frozen=True)
+class IsolationSpec:
+    """How a host is isolated (harness/isolation). None: wherever the machine allows it (root, kernel)."""
+
+    pid: bool | None = None       # its own PID namespace: nothing it forks outlives it
+    cgroup: bool | None = None    # its own cgroup: accounting, limits, kill
+    netns: bool = False           # its own network namespace with a veth pair
+
+    def words(self) -> list[str]:
+        return [name for name in ("pid", "cgroup", "netns") if getattr(self, name)]
+
+
+@dataclass(frozen=True)
 class Target:
     root: Path                    # relative paths in build/command resolve here
     command: tuple[str, ...]
@@ -56,6 +68,7 @@ class Target:
     cwd: str = "{dir}"
     stop_grace: float = 2.0
     log_max: int = 16 * 1024 * 1024
+    isolation: IsolationSpec = field(default_factory=IsolationSpec)
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,8 @@ class Group:
     name: str
     hosts: int
     target: Target
+    backends: tuple[str, ...] = ()    # groups this one sends traffic to ({backends}, {backend.*} in its templates)
+    rotation: bool = True             # the driver's balancer sends load to its hosts (not to a pure backend)
 
 
 @dataclass(frozen=True)
@@ -199,7 +214,46 @@ class ShimFault:
     groups: tuple[str, ...] = ()      # only hosts of these fleet groups (empty: the whole fleet)
 
 
-Fault = HostLoss | ShimFault
+NET_FAULT_KINDS = ("latency", "bandwidth", "stall", "partition", "reset", "slicer")
+RESOURCE_FAULT_KINDS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class NetFault:
+    """A network fault, applied by the fault proxy (harness/netfault) to the connections into its hosts
+    (from the driver and from other groups), or to the connections between two groups (`between`)."""
+
+    index: int
+    kind: str                         # latency | bandwidth | stall | partition | reset | slicer
+    window: Window
+    hosts: HostSelection
+    groups: tuple[str, ...] = ()      # the hosts are chosen among these groups (empty: the whole fleet)
+    between: tuple[str, str] | None = None   # or: only the connections between these two groups
+    direction: str = "both"           # upstream (client -> host) | downstream (host -> client) | both
+    latency: float = 0.0              # latency: added to each chunk, seconds
+    jitter: float = 0.0               # latency: +- uniformly, seeded
+    rate: int = 0                     # bandwidth: bytes per second
+    how: str = "refuse"               # partition: new connections refused (reset at once) | blackhole (held)
+    size: int = 0                     # slicer: average segment size, bytes
+    variation: int = 0                # slicer: +- this many bytes, seeded
+    delay: float = 0.0                # slicer: pause between segments, seconds
+    instant: bool = False             # reset with `at:`: established connections reset once, at that time
+
+
+@dataclass(frozen=True)
+class ResourceFault:
+    """A cgroup limit on a host during its window (harness/isolation)."""
+
+    index: int
+    kind: str                         # memory | cpu | pids
+    window: Window
+    hosts: HostSelection
+    groups: tuple[str, ...] = ()
+    limit: int = 0                    # memory: bytes; pids: processes (and threads)
+    quota: float = 0.0                # cpu: fraction of one CPU (0.25 = a quarter of a core)
+
+
+Fault = HostLoss | ShimFault | NetFault | ResourceFault
 
 
 @dataclass(frozen=True)
@@ -270,6 +324,14 @@ class Scenario:
     @property
     def shim_faults(self) -> tuple[ShimFault, ...]:
         return tuple(f for f in self.faults if isinstance(f, ShimFault))
+
+    @property
+    def net_faults(self) -> tuple[NetFault, ...]:
+        return tuple(f for f in self.faults if isinstance(f, NetFault))
+
+    @property
+    def resource_faults(self) -> tuple[ResourceFault, ...]:
+        return tuple(f for f in self.faults if isinstance(f, ResourceFault))
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)

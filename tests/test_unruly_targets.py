@@ -211,7 +211,9 @@ def test_sigkill_of_harness_leaves_no_child_or_grandchild(targets: Path, tmp_pat
 
 def test_leftovers_of_a_harness_killed_with_its_watchdog_are_reaped_by_the_next_run(
         targets: Path, tmp_path: Path) -> None:
-    path = scenario(tmp_path, "forks-all-killed", FORKING, load="60s")
+    # Without PID namespaces (isolation: none) this is the last line of defence; with them (the default as
+    # root) nothing is left to reap: see test_nothing_of_a_host_survives_the_harness_and_its_watchdog.
+    path = scenario(tmp_path, "forks-all-killed", FORKING, load="60s", extra="  isolation: none")
     results = tmp_path / "results"
     proc = start_harness(["run", str(path), "--out", str(results), "--quiet"], tmp_path)
     try:
@@ -238,6 +240,32 @@ def test_leftovers_of_a_harness_killed_with_its_watchdog_are_reaped_by_the_next_
     if reaped is not None:
         assert {int(pid) for pid in reaped[2].split()} <= orphans
     assert_no_leftovers(run_dir)
+
+
+SH_WAIT = json.dumps(["sh", "-c", f"{UNRULY} --port {{port}} --fork-children 1 --setsid-child & wait"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
+def test_nothing_of_a_host_survives_the_harness_and_its_watchdog(targets: Path, tmp_path: Path) -> None:
+    """A target started as `sh -c 'server & wait'` (the server forks, and one child escapes with setsid):
+    SIGKILL the harness and its watchdog together, and no process of it survives. Nothing of the harness
+    is left to kill them: the host's PID namespace goes with its anchor's parent-death signal."""
+    path = scenario(tmp_path, "sh-wait", [], hosts=2, load="60s", command=SH_WAIT)
+    results = tmp_path / "results"
+    proc = start_harness(["run", str(path), "--out", str(results), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for_run(results, samples=1)
+        wait_for(lambda: all_forked(run_dir, 2, 3))      # the server, its child, the escaped one
+        shells = set(host_pids(run_dir))
+        starts = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events WHERE kind='start'")]
+        assert all(s["isolation"]["pid_namespace"] for s in starts), starts
+        assert len(leftovers(run_dir)) == 2 * 4 and all(pid_alive(p) for p in shells)   # with the shells
+        _watchdog_of(proc.pid).kill()
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    wait_for(lambda: not leftovers(run_dir) and not any(pid_alive(p) for p in shells), timeout=15)
 
 
 # --------------------------------------------------------------------------- 3. hangs on start

@@ -845,9 +845,29 @@ static void name_copy(char *dst, const char *path)
     dst[47] = 0;
 }
 
+static uint32_t proc_pid(void)
+{   /* this process's pid as /proc shows it: the harness's numbering, also inside a PID namespace of its
+       own (harness/isolation), where getpid() counts from 1 */
+    char buf[16];
+    ssize_t n = readlink("/proc/self", buf, sizeof buf - 1);
+    uint32_t pid = 0;
+    for (ssize_t i = 0; i < n && buf[i] >= '0' && buf[i] <= '9'; i++) pid = pid * 10 + (uint32_t)(buf[i] - '0');
+    return pid ? pid : (uint32_t)getpid();
+}
+
+static int proc_gone(uint32_t pid)
+{   /* kill(pid, 0) would ask our own namespace: /proc answers in the harness's numbering */
+    char path[24] = "/proc/", digits[12];
+    int n = 0;
+    do digits[n++] = (char)('0' + pid % 10); while ((pid /= 10) && n < 11);
+    for (int i = 0; i < n; i++) path[6 + i] = digits[n - 1 - i];
+    path[6 + n] = 0;
+    return access(path, F_OK) < 0 && errno == ENOENT;
+}
+
 static void claim(void)
 {   /* an entry for this pid in the file's process table (reused after exec, or taken from the dead) */
-    uint32_t pid = (uint32_t)getpid(), z;
+    uint32_t pid = proc_pid(), z;
     struct proc *e = NULL;
     for (int i = 0; i < NPROC && !e; i++)
         if (LOAD(&ctl->proc[i].pid) == pid) e = &ctl->proc[i];
@@ -855,7 +875,7 @@ static void claim(void)
         if (z = 0, __atomic_compare_exchange_n(&ctl->proc[i].pid, &z, pid, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             e = &ctl->proc[i];
     for (int i = 0; i < NPROC && !e; i++)
-        if ((z = LOAD(&ctl->proc[i].pid)) && kill((pid_t)z, 0) < 0 && errno == ESRCH &&
+        if ((z = LOAD(&ctl->proc[i].pid)) && proc_gone(z) &&
             __atomic_compare_exchange_n(&ctl->proc[i].pid, &z, pid, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             e = &ctl->proc[i];
     if (!e) e = &dummy.proc[1]; /* table full: this process is not shown */

@@ -25,7 +25,9 @@
  *   --exit-code C       ... with code C (default 1)
  *
  * Every process writes its pid to <cwd>/pids (one line each, O_APPEND), so a
- * test knows exactly which processes existed, including escaped ones.
+ * test knows exactly which processes existed, including escaped ones. Pids
+ * are as /proc shows them (the harness's numbering, also when the harness runs
+ * each host in its own PID namespace, where getpid() counts from 1).
  * SIGTERM (unless ignored) and SIGINT exit 0, without waiting for children:
  * cleaning them up is the supervisor's job, which is the point.
  */
@@ -87,13 +89,23 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+static int my_pid(void)
+{
+    char buf[16];
+    ssize_t n = readlink("/proc/self", buf, sizeof buf - 1);
+    if (n <= 0)
+        return (int)getpid();
+    buf[n] = 0;
+    return atoi(buf);
+}
+
 static void note_pid(void)
 {
     char line[32];
     int fd = open("pids", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (fd < 0)
         return;
-    int n = snprintf(line, sizeof line, "%d\n", (int)getpid());
+    int n = snprintf(line, sizeof line, "%d\n", my_pid());
     if (write(fd, line, (size_t)n) < 0) {
         /* best effort */
     }
@@ -114,7 +126,7 @@ static int listen_on(const char *host, int port)
         fprintf(stderr, "%s: cannot listen on %s port %d: %s\n", prog, host, port, strerror(errno));
         return -1;
     }
-    fprintf(stderr, "%s: listening on %s port %d (pid %d)\n", prog, host, port, (int)getpid());
+    fprintf(stderr, "%s: listening on %s port %d (pid %d)\n", prog, host, port, my_pid());
     return fd;
 }
 
@@ -146,7 +158,7 @@ static void answer(struct conn *c)
     while ((nl = memchr(start, '\n', (size_t)(end - start))) && OUT_CAP - c->out_len > IN_CAP + 32) {
         *nl = '\0';
         int n = strncmp(start, "GET ", 4) == 0
-                    ? snprintf(c->out + c->out_len, OUT_CAP - c->out_len, "OK %s %d\n", start + 4, (int)getpid())
+                    ? snprintf(c->out + c->out_len, OUT_CAP - c->out_len, "OK %s %d\n", start + 4, my_pid())
                     : snprintf(c->out + c->out_len, OUT_CAP - c->out_len, "ERR bad request\n");
         c->out_len += (size_t)n;
         start = nl + 1;
@@ -201,7 +213,7 @@ static int serve(int lfd, int do_flood, double exit_at, int exit_code)
     while (!stopping) {
         if (term_ignored) { /* so a test can tell how long the supervisor waited before SIGKILL */
             term_ignored = 0;
-            fprintf(stderr, "%s: pid %d: SIGTERM ignored (at %lld.%09ld)\n", prog, (int)getpid(),
+            fprintf(stderr, "%s: pid %d: SIGTERM ignored (at %lld.%09ld)\n", prog, my_pid(),
                     (long long)term_at.tv_sec, term_at.tv_nsec);
         }
         double left = exit_at > 0 ? exit_at - now_s() : -1;
@@ -232,7 +244,7 @@ static int serve(int lfd, int do_flood, double exit_at, int exit_code)
             if (pfd[k].revents && service(conns[idx[k]], pfd[k].revents) < 0)
                 drop(idx[k]);
     }
-    fprintf(stderr, "%s: pid %d stopping\n", prog, (int)getpid());
+    fprintf(stderr, "%s: pid %d stopping\n", prog, my_pid());
     return 0;
 }
 
