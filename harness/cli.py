@@ -17,6 +17,7 @@ import trio
 
 from harness import units
 from harness.errors import HarnessError, ScenarioError
+from harness.isolation import scenario_problem
 from harness.loader import load_scenario
 
 EXIT_OK, EXIT_EXPECTATION, EXIT_USAGE = 0, 1, 2
@@ -223,6 +224,11 @@ def _validate(paths: list[Path]) -> int:
             refused = allocator_problems(scenario)   # executables already there: a preload that cannot work
             if refused:
                 raise ScenarioError(refused)
+            missing = scenario_problem(scenario)   # what this machine lacks for it (root, cgroups, namespaces)
+            if missing:
+                failed += 1
+                print(f"{file}: {missing}", file=sys.stderr)
+                continue
             mix = ", ".join(f"{g.hosts} {g.name}" for g in scenario.fleet.groups)
             print(f"{file}: ok ({scenario.fleet.hosts} hosts{': ' + mix if mix else ''}, "
                   f"{units.format_duration(scenario.duration)}, "

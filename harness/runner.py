@@ -34,6 +34,7 @@ from harness.fleet import FleetSupervisor, Host, State, check_command, plan_flee
 from harness.hostprep import HostPrep
 from harness.plan import PlanSpec, choose_hosts, loss_events
 from harness.isolation import scenario_problem
+from harness.isolation.limits import ResourceFaults, oom_triage, oom_verdict
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
 from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
@@ -379,6 +380,10 @@ class Run:
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
         self._isolate(hosts, number, spawner)
         recorder = Recorder()
+        limits = ResourceFaults(scenario, hosts) if scenario.resource_faults and variant.faults else None
+        if limits is not None:   # limits whose window starts at 0 hold from the hosts' first byte
+            for detail in await trio.to_thread.run_sync(limits.initial, self._start_at):
+                recorder.event("fault-disarm" if detail.pop("disarm", False) else "fault-arm", None, None, **detail)
         self._shim = await self._prepare_shim(hosts)
         # Output goes through pipes into capped files from the first start to the last stop.
         pump = LogPump()
@@ -446,6 +451,8 @@ class Run:
                     nursery.start_soon(self._host_losses, recorder, supervisor, nursery)
                 if self._shim is not None and variant.faults:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder, float(self._start_at))
+                if limits is not None:
+                    nursery.start_soon(limits.run, recorder.t0, recorder, self._start_at)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, (number, total, variant.name))
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
@@ -552,9 +559,10 @@ class Run:
                                       self._driver.lost_inflight[host.index])
         record["hosts_alive"] = self._supervisor.up_count()
         since = time.time() - (time.monotonic() - host.started_at) - 1
+        incarnation = host.child.incarnation if host.child is not None else None
         record["stderr_tail"], record["core_path"], notes, free, missing = await trio.to_thread.run_sync(
             _collect_crash_files, host, record["pid"], info.core_dumped, since, self.scenario.cores,
-            _record_timeout(self._missing_records))
+            _record_timeout(self._missing_records), incarnation.ns_pid if incarnation is not None else None)
         if missing:
             self._missing_records += 1
             if self._missing_records == 1:
@@ -571,6 +579,15 @@ class Run:
         record["uid"] = f"{self.run_id}:{record['pid']}:{host.index}:{host.incarnation}"
         if notes:
             record.setdefault("detail", {})["core_notes"] = notes
+        oom = await trio.to_thread.run_sync(oom_verdict, host, info.signal)
+        if oom is not None:
+            # The kernel's OOM killer, with the cgroup's count as the evidence; a harness SIGKILL never gets
+            # here (an expected exit is no crash), and another SIGKILL leaves the count where it was.
+            record.setdefault("detail", {})["cgroup"] = oom
+            assert self.store is not None
+            await self._store_call(self.store.record_triage, record["uid"], oom_triage(record["executable"], oom))
+        elif host.jail is not None and host.jail.cgroup is not None:
+            record.setdefault("detail", {})["cgroup"] = await trio.to_thread.run_sync(host.jail.cgroup.stats)
         self.metrics.crash(host.name, record["executable"], record["signal_name"], bool(record["core_path"]),
                            self._variant_name)
         if record["core_path"] and self._triage_nursery is not None:
@@ -630,14 +647,15 @@ class Run:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
             # there would lose a second of outcomes).
-            usage = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self._objects)
+            usage, cgroups = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self._objects)
             # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
             # taken these counters and the hosts are stopping, so this second must not be recorded.
             await trio.lowlevel.checkpoint_if_cancelled()
             # Driver workers' seconds may still be on their way: wait for them (a cancellation while
             # waiting takes nothing; the final sample gathers it).
             counters = await driver.take_counters(recorder.next_second)
-            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage)
+            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage, cgroups)
+            self._note_oom_kills(recorder, supervisor.hosts, cgroups)
             recorder.next_second += 1
             if recorder.next_second % 5 == 0:
                 await trio.to_thread.run_sync(self.metrics.write_textfile)
@@ -709,8 +727,23 @@ class Run:
                                                                       hosts_alive=recorder.previous_alive)
             recorder.next_second += 1
 
+    def _note_oom_kills(self, recorder: Recorder, hosts: list[Host], cgroups: dict[int, dict[str, Any]]) -> None:
+        """OOM kills that took a process of a host that lives on (a worker its master replaces): events, not
+        crashes. (The host's own death by OOM is a crash, classified where its exit is handled.)"""
+        for host in hosts:
+            count = cgroups.get(host.index, {}).get("oom_kills")
+            seen = host.extra.get("oom_seen", 0)
+            if count is not None and count > seen:
+                host.extra["oom_seen"] = count
+                if host.state == State.UP and host.pid is not None and _running(host.pid) \
+                        and host.child is not None and host.child.incarnation is not None \
+                        and (host.child.incarnation.oom_before or 0) < count:
+                    recorder.event("oom-kill", host.index, host.pid, count=count - seen, total=count,
+                                   host_alive=True)
+
     def _add_sample(self, recorder: Recorder, second: int, c: Counters, driver: Driver | DriverPool,
-                    supervisor: FleetSupervisor, usage: dict[int, tuple[int, int, int]]) -> None:
+                    supervisor: FleetSupervisor, usage: dict[int, tuple[int, int, int]],
+                    cgroups: dict[int, dict[str, Any]] | None = None) -> None:
         offered_rate = self.scenario.load.rate(second + 0.5)
         recorder.offered_rate = self.scenario.load.rate(second + 1)
         has = c.latency.get_total_count() > 0
@@ -749,7 +782,8 @@ class Run:
                 t=second, host=host.index, state=state, pid=host.pid, sent=c.host_sent[host.index],
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
                 inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds, threads=threads,
-                shim=self._shim.snapshot(host.index) if self._shim is not None else None))
+                shim=self._shim.snapshot(host.index) if self._shim is not None else None,
+                cgroup=(cgroups or {}).get(host.index)))
         c.release()  # encoded above: free the histograms now, not at the next GC (see release_histogram)
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
@@ -809,6 +843,19 @@ class _Listener:
         self.driver.host_gone(host.index)
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _cgroup_usage(hosts: list[Host]) -> dict[int, dict[str, Any]]:
+    """Each host's cgroup counters: memory and CPU of all its processes, throttling, pids, OOM kills."""
+    return {h.index: h.jail.cgroup.stats() for h in hosts if h.jail is not None and h.jail.cgroup is not None}
+
+
 def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int, int]]:
     """(RSS, open fds, threads) of each process."""
     usage = {}
@@ -834,14 +881,16 @@ def compact_proof(proof: dict[str, Any]) -> dict[str, Any]:
     return compact
 
 
-def _usage_and_objects(hosts: list[Host], store: ObjectStore) -> dict[int, tuple[int, int, int]]:
-    """Each host's usage; and objects deleted while mapped (a compiled VCL .so) are copied while their process
-    lives (for crash bundles). One worker-thread hop for both: the sampler's second stays short."""
+def _usage_and_objects(hosts: list[Host], store: ObjectStore) -> tuple[dict[int, tuple[int, int, int]],
+                                                                        dict[int, dict[str, Any]]]:
+    """Each host's usage (its leader's, and its cgroup's counters); and objects deleted while mapped (a compiled
+    VCL .so) are copied while their process lives (for crash bundles). One worker-thread hop for all: the
+    sampler's second stays short."""
     usage = _process_usage([h.pid for h in hosts])
     for host in hosts:
         if host.pid is not None and host.state == State.UP:
             save_deleted(host.pid, store)
-    return usage
+    return usage, _cgroup_usage(hosts)
 
 
 def _check_interposable(scenario: Scenario, program: str, faults: tuple[ShimFault, ...] | None = None) -> None:
@@ -877,9 +926,11 @@ def _record_timeout(missed: int) -> float:
 
 
 def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float, policy: Cores,
-                         record_timeout: float = 5.0) -> tuple[str, str | None, list[str], int | None, bool]:
+                         record_timeout: float = 5.0, ns_pid: int | None = None
+                         ) -> tuple[str, str | None, list[str], int | None, bool]:
     """(stderr tail, core path in the results, notes, free bytes if the disk is low, whether the core
-    handler's record is missing). Runs in a worker thread."""
+    handler's record is missing). Runs in a worker thread. `ns_pid`: the pid inside the host's PID namespace,
+    which a core file name's %p (or core_uses_pid) shows."""
     max_core = policy.max_size
     tail = stderr_tail(host, 2048).decode(errors="replace")
     if not core_dumped:
@@ -906,7 +957,7 @@ def _collect_crash_files(host: Host, pid: int, core_dumped: bool, since: float, 
             return tail, None, [f"core not kept: {exc}"], None, False
         claim_record(record)
         return tail, str(stored.path), list(record.notes) + list(stored.notes), None, False
-    found = find_core(host.cwd, pid, since)
+    found = find_core(host.cwd, ns_pid or pid, since)
     if found is None:
         return tail, None, [f"the kernel reported a core for pid {pid}, but none was found in {host.cwd} "
                             f"(core_pattern: {core_pattern()})"], None, False

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS samples (
 CREATE TABLE IF NOT EXISTS host_samples (
     trial INTEGER NOT NULL, t INTEGER NOT NULL, host INTEGER NOT NULL, state TEXT NOT NULL, pid INTEGER,
     sent INTEGER NOT NULL, ok INTEGER NOT NULL, errors INTEGER NOT NULL, inflight INTEGER NOT NULL,
-    rss INTEGER, fds INTEGER, shim TEXT, threads INTEGER, span INTEGER NOT NULL DEFAULT 1,
+    rss INTEGER, fds INTEGER, shim TEXT, threads INTEGER, span INTEGER NOT NULL DEFAULT 1, cgroup TEXT,
     PRIMARY KEY (trial, t, host));
 CREATE TABLE IF NOT EXISTS harness_samples (
     wall REAL PRIMARY KEY, trial INTEGER, rss INTEGER NOT NULL, fds INTEGER NOT NULL, threads INTEGER NOT NULL);
@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS event_counts (
 
 SAMPLE_COLUMNS = ("trial, t, offered, sent, ok, timeout, conn_error, no_host, bad_reply, p50, p90, p99, p999, max, "
                   "hosts_alive, offered_rate, hist")
-HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads"
+HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads, cgroup"
 REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error, no_host, bad_reply, hist"
 # Tables added after schema 2: created on open when missing (older stores simply have no rows in them).
 # crash_counts, crash_hosts, event_counts: a crash storm stored compactly (a simulated cascade has hundreds
@@ -85,6 +85,8 @@ REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error
 # phase's count is exact. A trial with crash_counts rows has all its crashes counted there; one without has
 # every crash as a row. event_counts: events counted instead of stored (a crash loop's exits and restarts).
 ADDED_TABLES = ("request_samples", "reply_counts", "crash_counts", "crash_hosts", "event_counts")
+# Columns added the same way: (table, column, type).
+ADDED_COLUMNS = (("host_samples", "cgroup", "TEXT"),)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class HostSample:
     fds: int | None
     shim: dict[str, Any] | None = None
     threads: int | None = None
+    cgroup: dict[str, Any] | None = None    # the host's cgroup counters (harness/isolation/cgroups.py)
 
 
 class RunStore:
@@ -175,6 +178,11 @@ class RunStore:
                     for statement in SCHEMA.split(";"):
                         if any(f"EXISTS {name} (" in statement for name in ADDED_TABLES):
                             self.db.execute(statement)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if have and column not in have:
+                    with self._tx():
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError:
             pass  # read-only media: readers cope with the old shape
 
@@ -276,9 +284,10 @@ class RunStore:
                 [(trial, s.t, s.offered, s.sent, s.ok, s.timeout, s.conn_error, s.no_host, s.bad_reply, s.p50, s.p90,
                   s.p99, s.p999, s.max, s.hosts_alive, s.offered_rate, s.hist) for s in samples])
             self.db.executemany(
-                f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(trial, h.t, h.host, h.state, h.pid, h.sent, h.ok, h.errors, h.inflight, h.rss, h.fds,
-                  json.dumps(h.shim) if h.shim is not None else None, h.threads) for h in host_samples])
+                  json.dumps(h.shim) if h.shim is not None else None, h.threads,
+                  json.dumps(h.cgroup) if h.cgroup is not None else None) for h in host_samples])
             self.db.executemany(
                 "INSERT INTO crashes (trial, t, wall, host, pid, signal, signal_name, core_dumped, uptime, "
                 "offered_rate, host_inflight, hosts_alive, core_path, executable, stderr_tail, detail, uid) "
@@ -346,7 +355,7 @@ class RunStore:
             self.db.executemany(f"INSERT OR REPLACE INTO samples ({SAMPLE_COLUMNS}, span) "
                                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged])
             self.db.executemany(f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}, span) "
-                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged_hosts])
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [(trial, *m) for m in merged_hosts])
         return len(rows) + len(host_rows) - len(merged) - len(merged_hosts)
 
     def _tx(self) -> "_Transaction":
@@ -410,7 +419,18 @@ def _merge_host_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
     last = group[-1]
     return (group[0]["t"], last["host"], last["state"], last["pid"], sum(r["sent"] for r in group),
             sum(r["ok"] for r in group), sum(r["errors"] for r in group), max(r["inflight"] for r in group),
-            last["rss"], last["fds"], last["shim"], last["threads"], len(group))
+            last["rss"], last["fds"], last["shim"], last["threads"], _last_cgroup(group), len(group))
+
+
+def _last_cgroup(group: list[sqlite3.Row]) -> str | None:
+    """The window's last cgroup counters, with the highest memory seen in it (a spike stays visible)."""
+    rows = [r for r in group if "cgroup" in r.keys() and r["cgroup"]]
+    if not rows:
+        return None
+    last = json.loads(rows[-1]["cgroup"])
+    peaks = [json.loads(r["cgroup"]).get("memory") for r in rows]
+    last["memory_max_in_window"] = max((p for p in peaks if p is not None), default=None)
+    return json.dumps(last)
 
 
 class _Transaction:

@@ -15,7 +15,7 @@ from harness.reaper import TAG_VAR
 from harness.isolation.cgroups import CgroupSupport, HarnessCgroups, HostCgroup, support
 from harness.isolation.pidns import Anchor, PidNamespaces, ns_pid
 
-__all__ = ["Isolation", "HostJail", "Incarnation", "HostCgroup", "CgroupSupport", "support", "ns_pid",
+__all__ = ["Isolation", "HostJail", "Incarnation", "HostCgroup", "HarnessCgroups", "CgroupSupport", "support", "ns_pid",
            "preflight"]
 
 
@@ -26,6 +26,7 @@ class Incarnation:
     anchor: Anchor | None = None
     cgroup: HostCgroup | None = None
     ns_pid: int | None = None          # the target's pid inside its namespace (what it sees as getpid())
+    oom_before: int | None = None      # the cgroup's OOM-kill count when it started (harness/isolation/limits)
 
     def release(self) -> None:
         """After the target is reaped: kill what is left of it (the namespace, then the cgroup)."""
@@ -59,11 +60,12 @@ class HostJail:
     def forking(self, tag: str = "") -> Iterator[Incarnation]:
         """On the spawner thread, around the fork of the target (`tag`: its reaper tag, which the anchor
         carries too, so that the sweeps of harness/reaper.py find it should it outlive the harness)."""
+        oom_before = self.cgroup.oom_kills() if self.cgroup is not None else None
         if self.pidns is None:
-            yield Incarnation(cgroup=self.cgroup)
+            yield Incarnation(cgroup=self.cgroup, oom_before=oom_before)
             return
         with self.pidns.entered({TAG_VAR: tag} if tag else {}) as anchor:
-            yield Incarnation(anchor=anchor, cgroup=self.cgroup)
+            yield Incarnation(anchor=anchor, cgroup=self.cgroup, oom_before=oom_before)
 
     def in_child(self) -> None:
         """Between fork and exec: join the host's cgroups (so all it forks is counted, limited and killed
