@@ -22,6 +22,7 @@ from harness.errors import HarnessError
 from harness.exchange import Outcome
 from harness.hostprep import HostPrep
 from harness.logsink import HostLogs
+from harness.netfault.topology import Backend, expand_args, expand_lines
 from harness.procs import Child, ExitInfo, Spawner, signal_name, stop, sweep, wait_exit
 from harness.scenario import Group, Target, Variant
 from harness.shim.build import verify_path
@@ -120,11 +121,15 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def write_rendered(path: Path, template: Path, values: dict[str, str]) -> None:
-    """A host's config file from its template, placeholders filled ({port} {dir} {index}...); every other
-    brace is left alone (nginx and VCL are full of them). Written without following a planted link."""
+def write_rendered(path: Path, template: Path, values: dict[str, str], backends: list[Backend] | None = None) -> None:
+    """A host's config file from its template, placeholders filled ({port} {dir} {index}...; a frontend's
+    backend lines repeated per backend: harness/netfault/topology.py); every other brace is left alone (nginx
+    and VCL are full of them). Written without following a planted link."""
     try:
-        text = render(template.read_text(encoding="utf-8"), values)
+        text = template.read_text(encoding="utf-8")
+        if backends is not None:
+            text = expand_lines(text, backends)
+        text = render(text, values)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -132,11 +137,23 @@ def write_rendered(path: Path, template: Path, values: dict[str, str]) -> None:
         raise HarnessError(f"cannot write {path} from {template}: {exc}") from None
 
 
+def assign_ports(count: int) -> list[int]:
+    """`count` distinct free ports (see free_port), one per host of a fleet."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
                extra_env: dict[str, str], *, group: str = "", first: int = 0,
-               taken: set[int] | None = None) -> list[Host]:
+               taken: set[int] | None = None, ports: list[int] | None = None,
+               backends: list[Backend] | None = None) -> list[Host]:
     """`count` hosts of one kind, numbered from `first` in the fleet. A group's hosts are named after it
-    (estats-0, estats-1: what the report shows), others h<index>; `taken` keeps ports distinct across calls."""
+    (estats-0, estats-1: what the report shows), others h<index>; `taken` keeps ports distinct across calls,
+    `ports` gives them instead; `backends`: a frontend group's backend hosts, for its templates."""
     hosts = []
     taken = set() if taken is None else taken
     for number in range(count):
@@ -144,13 +161,17 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         name = f"{group}-{number}" if group else f"h{index}"
         directory = hosts_dir / name
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # in the run's trusted 0700 folder
-        port = free_port()
-        while port in taken:
+        if ports is not None:
+            port = ports[number]
+        else:
             port = free_port()
+            while port in taken:
+                port = free_port()
         taken.add(port)
         values = {"port": str(port), "host": name, "index": str(index), "dir": str(directory),
                   "root": str(target.root), "addr": "127.0.0.1"}
-        argv = [render(arg, values) for arg in command]
+        argv = [render(arg, values) for arg in (expand_args(list(command), backends) if backends is not None
+                                                else command)]
         if "/" in argv[0] and not os.path.isabs(argv[0]):  # relative to the scenario's root
             argv[0] = str(target.root / argv[0])
         env = dict(os.environ)
@@ -160,21 +181,26 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         if not cwd.is_absolute():
             cwd = target.root / cwd
         for name, source in target.files:
-            write_rendered(directory / name, target.root / source, values)
+            write_rendered(directory / name, target.root / source, values, backends)
         hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd,
                           group=group, target=target))
     return hosts
 
 
-def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path) -> list[Host]:
-    """Every group's hosts in fleet order, each with its group's target and what the variant changes there."""
+def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path, *, ports: list[int] | None = None,
+               backends: dict[str, list[Backend]] | None = None) -> list[Host]:
+    """Every group's hosts in fleet order, each with its group's target and what the variant changes there.
+    `ports`: each host's port, chosen beforehand (assign_ports); `backends`: each frontend group's backends."""
     hosts: list[Host] = []
     taken: set[int] = set()
     for group in groups:
         applied = variant_for_group(variant, group.name)
         argv, env = apply_variant(group.target, applied, group.target.command)
+        first = len(hosts)
         planned = plan_hosts(group.target, group.hosts, hosts_dir, tuple(argv), env, group=group.name,
-                             first=len(hosts), taken=taken)
+                             first=first, taken=taken,
+                             ports=ports[first:first + group.hosts] if ports is not None else None,
+                             backends=(backends or {}).get(group.name) if group.backends else None)
         for host in planned:
             host.extra["allocator"] = applied.allocator   # what the proof of this host must show
         hosts += planned

@@ -30,10 +30,13 @@ from harness.driver import Counters, Driver
 from harness.driverpool import DriverPool, resolve_workers
 from harness.errors import HarnessError, ScenarioError
 from harness.capacity import DRIVER_MAX_RATE
-from harness.fleet import FleetSupervisor, Host, State, check_command, plan_fleet, resolve_program, stderr_tail
+from harness.fleet import (FleetSupervisor, Host, State, assign_ports, check_command, plan_fleet, resolve_program,
+                           stderr_tail)
 from harness.hostprep import HostPrep
 from harness.plan import PlanSpec, choose_hosts, loss_events
 from harness.isolation import scenario_problem
+from harness.netfault import NetFaults
+from harness.netfault.topology import backends
 from harness.isolation.limits import ResourceFaults, oom_triage, oom_verdict
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
@@ -377,7 +380,11 @@ class Run:
             await self._store_call(self.store.resume_trial, number)
         planned = PlanSpec(scenario.load, scenario.client.keys, scenario.seed,
                            tuple(spec.weight for spec in scenario.target.requests), start_at=self._start_at)
-        hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}")
+        ports = assign_ports(scenario.fleet.hosts)
+        # The fault proxy's listeners exist before the hosts are planned: a frontend's config names them.
+        net = NetFaults(scenario, ports) if scenario.net_faults else None
+        hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}", ports=ports,
+                           backends=backends(scenario, ports, net.proxy.via() if net else {}))
         self._isolate(hosts, number, spawner)
         recorder = Recorder()
         limits = ResourceFaults(scenario, hosts) if scenario.resource_faults and variant.faults else None
@@ -399,16 +406,19 @@ class Run:
             self._shim.clock = monotonic_clock(recorder.now)   # injection times on the trial's clock
         workers = resolve_workers(scenario.client.workers)
         expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
+        driver_ports = net.driver_ports(ports) if net else ports   # the fault proxy's, where it is on the path
         driver: Driver | DriverPool
         if workers > 1:
-            driver = DriverPool(scenario.target, scenario.client, [h.port for h in hosts], scenario.fleet.balancer,
+            driver = DriverPool(scenario.target, scenario.client, driver_ports, scenario.fleet.balancer,
                                 expect_replies, seed=scenario.seed, workers=workers, spawner=spawner,
                                 log_dir=self.run_dir / "hosts" / f"t{number}", on_event=recorder.event)
         else:
-            driver = Driver(scenario.target, scenario.client, [h.port for h in hosts],
+            driver = Driver(scenario.target, scenario.client, driver_ports,
                             Balancer(len(hosts), scenario.fleet.balancer), expect_replies=expect_replies,
                             seed=scenario.seed, on_event=recorder.event)
-        listener = _Listener(driver, recorder)
+        rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
+        self._rotation = rotation
+        listener = _Listener(driver, recorder, rotation)
         supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener, on_crash=self._on_crash,
                                      prep=HostPrep(scenario), prove=self._prove)
         self._recorder = recorder
@@ -421,6 +431,8 @@ class Run:
         began = time.monotonic()
         try:
             async with trio.open_nursery() as nursery:
+                if net is not None:
+                    await nursery.start(net.proxy.serve)   # before any host: frontends connect through it
                 nursery.start_soon(supervisor.run)
                 await nursery.start(driver.serve)
                 with trio.move_on_after(max(g.target.ready.timeout for g in scenario.host_groups) + 5):
@@ -453,6 +465,8 @@ class Run:
                     nursery.start_soon(self._shim.run, recorder.t0, recorder, float(self._start_at))
                 if limits is not None:
                     nursery.start_soon(limits.run, recorder.t0, recorder, self._start_at)
+                if net is not None and variant.faults:
+                    nursery.start_soon(net.run, recorder.t0, recorder, self._start_at)
                 if self.options.status:
                     nursery.start_soon(self._status_line, recorder, driver, supervisor, (number, total, variant.name))
                 # Bounded work: a driver that cannot keep up stops at the planned end plus the timeout.
@@ -485,12 +499,15 @@ class Run:
                                         "hosts": [{"name": h.name, "port": h.port, "restarts": h.restarts,
                                                    "crashes": h.crashes} for h in hosts],
                                         "resent": driver.resent, "protocol_errors": driver.protocol_errors,
-                                        "driver_workers": workers})
+                                        "driver_workers": workers,
+                                        **({"network": net.summary()} if net is not None else {})})
                 if self.options.status and sys.stderr.isatty():
                     print(CLEAR, end="", file=sys.stderr, flush=True)   # the status line goes, the report follows
                 self._trial_walls.append(time.monotonic() - began)
                 if self._shim is not None:
                     self._shim.close()
+                if net is not None:
+                    net.proxy.close()
                 stuck = await trio.to_thread.run_sync(spawner.isolation.release, [h.jail for h in hosts if h.jail])
                 if stuck:
                     print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
@@ -775,7 +792,8 @@ class Run:
             self.metrics.p99.set(pct(99))
         for host in supervisor.hosts:
             state = host.state.value
-            if host.state == State.UP and not driver.balancer.in_rotation[host.index]:
+            if host.state == State.UP and not driver.balancer.in_rotation[host.index] \
+                    and host.index in self._rotation:
                 state = "ejected"
             rss, fds, threads = usage.get(host.pid or -1, (None, None, None))
             recorder.host_samples.append(HostSample(
@@ -832,12 +850,14 @@ class Run:
 
 
 class _Listener:
-    def __init__(self, driver: Driver, recorder: Recorder):
+    def __init__(self, driver: Driver, recorder: Recorder, rotation: set[int] | None = None):
         self.driver = driver
         self.recorder = recorder
+        self.rotation = rotation   # hosts the driver loads (a pure backend group gets its load from its frontends)
 
     def host_ready(self, host: Host) -> None:
-        self.driver.host_ready(host.index, host.incarnation)
+        if self.rotation is None or host.index in self.rotation:
+            self.driver.host_ready(host.index, host.incarnation)
 
     def host_gone(self, host: Host) -> None:
         self.driver.host_gone(host.index)
