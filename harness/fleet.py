@@ -180,8 +180,8 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         cwd = Path(render(target.cwd, values))
         if not cwd.is_absolute():
             cwd = target.root / cwd
-        for name, source in target.files:
-            write_rendered(directory / name, target.root / source, values, backends)
+        for file_name, source in target.files:   # (not `name`: that is the host's)
+            write_rendered(directory / file_name, target.root / source, values, backends)
         hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd,
                           group=group, target=target))
     return hosts

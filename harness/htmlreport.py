@@ -51,6 +51,8 @@ STATE_COLORS = {"down": "#d62728", "starting": "#ff9896", "paused": "#9467bd", "
                 "stopped": "#7f7f7f"}
 WINDOW_STYLE = {  # kind -> (face colour, alpha, hatch): fault windows shaded behind the cascade
     "shim": ("#ffbb78", 0.22, None),
+    "network": ("#9edae5", 0.35, None),     # the fault proxy (harness/netfault)
+    "resource": ("#dbdb8d", 0.40, None),    # cgroup limits (harness/isolation/limits.py)
     "host-loss": ("#c5b0d5", 0.55, None),
     "gap": ("#bbbbbb", 0.60, "//"),
 }
@@ -95,10 +97,10 @@ def _reduce(values: list[float], weights: list[float], how: Reduce) -> float:
 
 @dataclass(frozen=True)
 class Window:
-    """A shaded stretch of a trial's timeline: a shim fault armed, a host lost, or a gap in the run."""
+    """A shaded stretch of a trial's timeline: a shim, network or resource fault armed, a host lost, or a gap."""
     start: float
     end: float
-    kind: str    # "shim" | "host-loss" | "gap"
+    kind: str    # "shim" | "network" | "resource" | "host-loss" | "gap"
     label: str
 
 
@@ -106,7 +108,8 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
     """Windows from a trial's events (each with t, kind, host, detail as a dict), in time order.
 
     Shim faults: fault-arm .. the next fault-disarm of the same fault (or the trial's end; the runner
-    only records a disarm that happens before the end). Host loss: from the event to the lost host's
+    only records a disarm that happens before the end); network and resource faults alike (their events say
+    their `family`; a reset at one moment is a zero-width window). Host loss: from the event to the lost host's
     next start (a kill, restarted after down_for) or resume (a pause); an instant loss (no host
     chosen) is a zero-width window. Gaps of a resumed run: detail from .. to."""
     events = sorted(events, key=lambda e: e["t"])
@@ -116,12 +119,12 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
         kind, detail = event["kind"], event.get("detail") or {}
         if kind in ("fault-arm", "fault-armed"):
             key = detail.get("fault", detail.get("slot"))
-            armed.setdefault(key, (event["t"], _shim_label(detail)))
+            armed.setdefault(key, (event["t"], _shim_label(detail), detail.get("family") or "shim"))
         elif kind in ("fault-disarm", "fault-disarmed"):
             key = detail.get("fault", detail.get("slot"))
             if key in armed:
-                start, label = armed.pop(key)
-                windows.append(Window(start, event["t"], "shim", label))
+                start, label, family = armed.pop(key)
+                windows.append(Window(start, event["t"], family, label))
         elif kind == "host-loss":
             hosts = detail.get("hosts") or []
             how = detail.get("how", "loss")
@@ -132,11 +135,15 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
             # The load timeline continues where it stopped (harness resume): a mark, with the time down.
             start = float(detail.get("resumed_at", event["t"]))
             windows.append(Window(start, start, "gap", f"resumed after {float(detail.get('down_seconds', 0)):.0f} s down"))
-    windows += [Window(start, end, "shim", label) for start, label in armed.values()]
+    windows += [Window(start, end, family, label) for start, label, family in armed.values()]
     return sorted(windows, key=lambda w: (w.start, w.kind))
 
 
 def _shim_label(detail: dict[str, Any]) -> str:
+    if detail.get("family") == "network" and detail.get("label"):
+        return str(detail["label"])
+    if detail.get("family") == "resource" and detail.get("limit"):
+        return f"{detail['limit']} limit"
     parts = [str(detail.get("fault_kind") or "shim fault"), str(detail.get("mode") or "")]
     return " ".join(p for p in parts if p) + " armed"
 
@@ -447,7 +454,7 @@ def plot_cascade(trial: TrialData, ctx: PlotContext) -> Figure:
     handles += _window_legend(ax, trial.windows)
     ax.legend(handles=handles, loc="lower left", ncols=4, fontsize=7.5)
     _plot_lanes(lane_ax, trial, ctx)
-    _decorate(lane_ax, ctx, [w for w in trial.windows if w.kind != "shim"], label_phases=False)
+    _decorate(lane_ax, ctx, [w for w in trial.windows if w.kind in ("host-loss", "gap")], label_phases=False)
     lane_ax.set_xlabel(f"t ({ctx.axis.name})")
     return fig
 
@@ -475,11 +482,11 @@ def _window_legend(ax: Axes, windows: Sequence[Window]) -> list[Any]:
     from matplotlib.patches import Patch
     seen: dict[str, Any] = {}
     for window in windows:
-        name = {"shim": window.label, "host-loss": "host lost", "gap": "gap in the run"}[window.kind]
+        name = {"host-loss": "host lost", "gap": "gap in the run"}.get(window.kind, window.label)
         if name not in seen:
             color, alpha, hatch = WINDOW_STYLE[window.kind]
             seen[name] = Patch(facecolor=color, alpha=alpha, hatch=hatch, edgecolor="#888888", label=name)
-    return list(seen.values())[:3]
+    return list(seen.values())[:5]
 
 
 def _plot_lanes(ax: Axes, trial: TrialData, ctx: PlotContext) -> None:
@@ -686,6 +693,7 @@ def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | 
             _resolution_note(ctx),
             _summary(report),
             _requests_section(report),
+            _faults_section(report),
             _plot_section("cascade", "Cascade: hosts alive and crashes", trials, ctx, plot_cascade,
                           "Hosts alive (fewest in each second), crashes (red bars), fault windows "
                           "shaded; below, one lane per host: red down, pink starting, purple paused, orange "
@@ -875,6 +883,43 @@ def _requests_section(report: dict[str, Any]) -> str:
     header = ("<tr><th>trial</th><th>variant</th><th>request</th><th>offered</th><th>ok/s</th><th>error rate</th>"
               "<th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th></tr>")
     return f'<section id="requests"><h2>Requests</h2><table>{header}{"".join(rows)}</table></section>'
+
+
+def _faults_section(report: dict[str, Any]) -> str:
+    """Network and resource faults per trial: when, where, and what each did (bytes delayed, connections
+    reset or refused; limits set, OOM kills, throttling from the hosts' cgroups)."""
+    rows = []
+    for trial in report["trials"]:
+        label = f"{trial['variant']} #{trial['repeat'] + 1}"
+        for fault in trial.get("network_faults") or []:
+            spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f} s" if w["to"] != w["from"] else f"at {w['from']:.1f} s"
+                              for w in fault["windows"])
+            counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (fault.get("counts") or {}).items())
+            rows.append((trial["id"], label, "network", fault["label"], ", ".join(fault["hosts"]), spans, counts))
+        cgroups = trial.get("cgroups") or {}
+        for fault in trial.get("resource_faults") or []:
+            spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f} s" for w in fault["windows"])
+            effect = []
+            for host in fault["hosts"]:
+                c = cgroups.get(host) or {}
+                bits = [f"peak {c.get('memory_peak', 0) / 2**20:.1f} MiB"]
+                if c.get("oom_kills"):
+                    bits.append(f"OOM kills {c['oom_kills']}")
+                if c.get("throttled"):
+                    bits.append(f"throttled {c['throttled']}x")
+                if c.get("pids_refused"):
+                    bits.append(f"forks refused {c['pids_refused']}")
+                effect.append(f"{host}: {' '.join(bits)}")
+            rows.append((trial["id"], label, "resource", f"{fault['limit']} limit", ", ".join(fault["hosts"]), spans,
+                         "; ".join(effect)))
+    if not rows:
+        return ""
+    header = ("<tr><th>trial</th><th>variant</th><th>family</th><th>fault</th><th>hosts</th><th>when</th>"
+              "<th>what it did</th></tr>")
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (f'<section id="faults"><h2>Network and resource faults</h2><table>{header}{body}</table>'
+            '<p class="note">Network faults act through the harness\'s fault proxy on the connections named; '
+            "resource faults are cgroup limits (the cascade shades their windows).</p></section>")
 
 
 def _bucket_examples(store: RunStore) -> dict[str, dict[str, Any]]:

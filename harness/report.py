@@ -17,6 +17,7 @@ from tabulate import tabulate
 from harness.crashcounts import Crashes, bucket_rows, read_crashes
 from harness.driver import ERROR_KINDS
 from harness.errors import HarnessError
+from harness.faultreport import cgroup_totals, network_faults, resource_faults, text_lines as fault_text_lines
 from harness.histmerge import merge_encoded
 from harness.store import RunStore, open_run
 
@@ -205,6 +206,7 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
                              **e["detail"]} for e in events if e["kind"] == "protocol-error"],
         "setup": [{"t": e["t"], "host": e["host"], "kind": e["kind"], **e["detail"]}
                   for e in events if e["kind"] in ("setup", "setup-failed")],
+        **_fault_sections(store, tid, events, json.loads(trial["detail"] or "{}"), end, names),
     }
 
 
@@ -283,6 +285,31 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
         window["eligible"] = sum(h["eligible"] or 0 for h in window["hosts"])
         window["injected"] = sum(h["injected"] or 0 for h in window["hosts"])
     return sorted(out, key=lambda w: (w["start"] if w["start"] is not None else 0.0, w["fault"]))
+
+
+def _fault_sections(store: RunStore, tid: int, events: list[dict[str, Any]], detail: dict[str, Any], end: float,
+                    names: dict[int, str]) -> dict[str, Any]:
+    """Network faults, resource faults, OOM kills of processes whose host lived on, per-host cgroup totals
+    (harness/faultreport.py); each only when the run has it."""
+    out: dict[str, Any] = {}
+    network = network_faults(events, detail, end, names)
+    if network:
+        out["network_faults"] = network
+    resource = resource_faults(events, end, names)
+    if resource:
+        out["resource_faults"] = resource
+    ooms = [{"t": e["t"], "host": e["host"], "host_name": names.get(e["host"], f"h{e['host']}"), **e["detail"]}
+            for e in events if e["kind"] == "oom-kill"]
+    if ooms:
+        out["oom_kills"] = ooms
+    try:
+        rows = _rows(store, "SELECT host, cgroup FROM host_samples WHERE trial=? AND cgroup IS NOT NULL ORDER BY t",
+                     (tid,))
+    except Exception:   # a store from before per-host cgroups
+        rows = []
+    if rows:
+        out["cgroups"] = cgroup_totals(rows, names)
+    return out
 
 
 def _host_names(events: list[dict[str, Any]]) -> dict[int, str]:
@@ -449,6 +476,7 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
         out.append(tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
                                            "p99.9 ms", "errors", "crashes", "min alive"]))
         out += _request_lines(trial)
+        out += fault_text_lines(trial)
         if trial["buckets"]:
             bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", _hosts_text(b["hosts"]),
                             f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]

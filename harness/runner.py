@@ -857,7 +857,10 @@ class _Listener:
 
     def host_ready(self, host: Host) -> None:
         if self.rotation is None or host.index in self.rotation:
-            self.driver.host_ready(host.index, host.incarnation)
+            try:
+                self.driver.host_ready(host.index, host.incarnation)
+            except RuntimeError:
+                pass   # ready just as the trial ends: the driver's nursery is closed, there is no load to give
 
     def host_gone(self, host: Host) -> None:
         self.driver.host_gone(host.index)
