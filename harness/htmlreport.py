@@ -51,7 +51,13 @@ STATE_COLORS = {"down": "#d62728", "starting": "#ff9896", "paused": "#9467bd", "
                 "stopped": "#7f7f7f"}
 WINDOW_STYLE = {  # kind -> (face colour, alpha, hatch): fault windows shaded behind the cascade
     "shim": ("#ffbb78", 0.22, None),
-    "network": ("#9edae5", 0.35, None),     # the fault proxy (harness/netfault)
+    "network": ("#9edae5", 0.35, None),     # the fault proxy (harness/netfault), by kind:
+    "network-latency": ("#9edae5", 0.35, None),
+    "network-bandwidth": ("#c7e9c0", 0.45, None),
+    "network-slicer": ("#dadaeb", 0.45, None),
+    "network-stall": ("#fdd0a2", 0.45, None),
+    "network-partition": ("#f7b6d2", 0.50, None),
+    "network-reset": ("#e377c2", 0.80, None),
     "resource": ("#dbdb8d", 0.40, None),    # cgroup limits (harness/isolation/limits.py)
     "host-loss": ("#c5b0d5", 0.55, None),
     "gap": ("#bbbbbb", 0.60, "//"),
@@ -100,7 +106,7 @@ class Window:
     """A shaded stretch of a trial's timeline: a shim, network or resource fault armed, a host lost, or a gap."""
     start: float
     end: float
-    kind: str    # "shim" | "network" | "resource" | "host-loss" | "gap"
+    kind: str    # "shim" | "network-<kind>" | "resource" | "host-loss" | "gap"
     label: str
 
 
@@ -119,7 +125,7 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
         kind, detail = event["kind"], event.get("detail") or {}
         if kind in ("fault-arm", "fault-armed"):
             key = detail.get("fault", detail.get("slot"))
-            armed.setdefault(key, (event["t"], _shim_label(detail), detail.get("family") or "shim"))
+            armed.setdefault(key, (event["t"], _shim_label(detail), _window_kind(detail)))
         elif kind in ("fault-disarm", "fault-disarmed"):
             key = detail.get("fault", detail.get("slot"))
             if key in armed:
@@ -137,6 +143,15 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
             windows.append(Window(start, start, "gap", f"resumed after {float(detail.get('down_seconds', 0)):.0f} s down"))
     windows += [Window(start, end, family, label) for start, label, family in armed.values()]
     return sorted(windows, key=lambda w: (w.start, w.kind))
+
+
+def _window_kind(detail: dict[str, Any]) -> str:
+    """shim | resource | network-<kind> (each network fault kind has its colour)."""
+    family = detail.get("family") or "shim"
+    if family == "network":
+        kind = f"network-{detail.get('fault_kind')}"
+        return kind if kind in WINDOW_STYLE else "network"
+    return family if family in WINDOW_STYLE else "shim"
 
 
 def _shim_label(detail: dict[str, Any]) -> str:
@@ -452,7 +467,8 @@ def plot_cascade(trial: TrialData, ctx: PlotContext) -> Figure:
     crash_ax.spines["right"].set_visible(True)
     handles = [alive_line] + ([bars] if bars is not None else [])
     handles += _window_legend(ax, trial.windows)
-    ax.legend(handles=handles, loc="lower left", ncols=4, fontsize=7.5)
+    long_labels = sum(len(str(h.get_label())) for h in handles) > 70
+    ax.legend(handles=handles, loc="lower left", ncols=2 if long_labels else 4, fontsize=7.5)
     _plot_lanes(lane_ax, trial, ctx)
     _decorate(lane_ax, ctx, [w for w in trial.windows if w.kind in ("host-loss", "gap")], label_phases=False)
     lane_ax.set_xlabel(f"t ({ctx.axis.name})")

@@ -331,3 +331,38 @@ def test_between_needs_traffic_and_backends_need_groups() -> None:
     with pytest.raises(ScenarioError) as caught:
         load_scenario_text(GROUPED.replace("backends: api}", "backends: front}"), "s.yaml")
     assert "cannot be its own backend" in str(caught.value)
+
+
+def test_fault_windows_of_every_family_for_the_report_and_the_cascade() -> None:
+    from harness.faultreport import network_faults, resource_faults
+    from harness.htmlreport import WINDOW_STYLE, fault_windows
+
+    def event(t: float, kind: str, **detail: object) -> dict:
+        return {"t": t, "kind": kind, "host": None, "detail": detail}
+    events = [
+        event(-0.5, "fault-arm", fault=0, fault_kind="memory", family="resource", limit="memory 64 MiB", hosts=[1]),
+        event(2.0, "fault-arm", fault=1, fault_kind="latency", family="network", label="latency 50 ms downstream",
+              hosts=[0], links=["driver->h0"]),
+        event(4.0, "fault-disarm", fault=1, fault_kind="latency", family="network", label="latency 50 ms downstream",
+              hosts=[0], counts={"bytes_delayed": 10, "chunks": 2}),
+        event(5.0, "fault-arm", fault=2, fault_kind="reset", family="network", label="reset", hosts=[0]),
+        event(5.0, "fault-disarm", fault=2, fault_kind="reset", family="network", label="reset", hosts=[0],
+              counts={"connections_reset": 2}),
+        event(6.0, "fault-arm", fault=3, fault_kind="alloc-fail", mode="random", slot=0),
+    ]
+    windows = fault_windows(events, end=9.0)
+    assert [(w.kind, w.start, w.end, w.label) for w in windows] == [
+        ("resource", -0.5, 9.0, "memory 64 MiB limit"),
+        ("network-latency", 2.0, 4.0, "latency 50 ms downstream"),
+        ("network-reset", 5.0, 5.0, "reset"),                      # a moment: drawn as a line
+        ("shim", 6.0, 9.0, "alloc-fail random armed")]
+    assert all(w.kind in WINDOW_STYLE for w in windows)
+    names = {0: "h0", 1: "h1"}
+    detail = {"network": {"faults": {"1": {"kind": "latency", "label": "x", "bytes_delayed": 10, "chunks": 2},
+                                     "2": {"kind": "reset", "label": "reset", "connections_reset": 2}}}}
+    (latency, reset) = network_faults(events, detail, 9.0, names)
+    assert latency["windows"] == [{"from": 2.0, "to": 4.0, "counts": {"bytes_delayed": 10, "chunks": 2}}]
+    assert latency["hosts"] == ["h0"] and latency["links"] == ["driver->h0"]
+    assert reset["counts"] == {"connections_reset": 2} and reset["windows"][0]["from"] == reset["windows"][0]["to"]
+    assert resource_faults(events, 9.0, names) == [{"fault": 0, "kind": "memory", "limit": "memory 64 MiB",
+                                                    "hosts": ["h1"], "windows": [{"from": -0.5, "to": 9.0}]}]
