@@ -78,7 +78,7 @@ async def connect(port: int, timeout: float, host: str = "127.0.0.1") -> socket.
 
 
 async def exchange(port: int, conversation: Conversation, requests: Iterable[tuple[bytes, Judge]], *,
-                   timeout: float, window: int = 64) -> Outcome:
+                   timeout: float, window: int = 64, addr: str = "127.0.0.1") -> Outcome:
     """Send the requests on one connection with at most `window` in flight; judge each reply. Gives up
     when no reply comes within `timeout` of the last progress, when the server closes with requests
     unanswered, or on bytes that are not the protocol. A server that announces it closes after a reply
@@ -88,9 +88,9 @@ async def exchange(port: int, conversation: Conversation, requests: Iterable[tup
     in_flight: deque[tuple[bytes, Judge]] = deque()
     exhausted = False
     while True:
-        sock = await connect(port, timeout)
+        sock = await connect(port, timeout, addr)
         if sock is None:
-            outcome.error = f"cannot connect to port {port}"
+            outcome.error = f"cannot connect to port {port}" + (f" of {addr}" if addr != "127.0.0.1" else "")
             return outcome
         try:
             resend = b"".join(payload for payload, _ in in_flight)

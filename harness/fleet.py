@@ -60,6 +60,7 @@ class Host:
     target: Target | None = None      # what it runs with (its group's target); None: the supervisor's
     logs: HostLogs | None = None      # pipes its output goes through (None: straight to the files)
     jail: Any = None                  # harness.isolation.HostJail: its cgroup and PID namespaces, if any
+    addr: str = "127.0.0.1"           # where it listens (its own in a network namespace: isolation netns)
 
     @property
     def pid(self) -> int | None:
@@ -150,7 +151,7 @@ def assign_ports(count: int) -> list[int]:
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
                extra_env: dict[str, str], *, group: str = "", first: int = 0,
                taken: set[int] | None = None, ports: list[int] | None = None,
-               backends: list[Backend] | None = None) -> list[Host]:
+               backends: list[Backend] | None = None, addrs: list[str] | None = None) -> list[Host]:
     """`count` hosts of one kind, numbered from `first` in the fleet. A group's hosts are named after it
     (estats-0, estats-1: what the report shows), others h<index>; `taken` keeps ports distinct across calls,
     `ports` gives them instead; `backends`: a frontend group's backend hosts, for its templates."""
@@ -168,8 +169,9 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
             while port in taken:
                 port = free_port()
         taken.add(port)
+        addr = addrs[number] if addrs is not None else "127.0.0.1"
         values = {"port": str(port), "host": name, "index": str(index), "dir": str(directory),
-                  "root": str(target.root), "addr": "127.0.0.1"}
+                  "root": str(target.root), "addr": addr}
         argv = [render(arg, values) for arg in (expand_args(list(command), backends) if backends is not None
                                                 else command)]
         if "/" in argv[0] and not os.path.isabs(argv[0]):  # relative to the scenario's root
@@ -183,12 +185,12 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
         for file_name, source in target.files:   # (not `name`: that is the host's)
             write_rendered(directory / file_name, target.root / source, values, backends)
         hosts.append(Host(index=index, name=name, port=port, dir=directory, argv=argv, env=env, cwd=cwd,
-                          group=group, target=target))
+                          group=group, target=target, addr=addr))
     return hosts
 
 
 def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path, *, ports: list[int] | None = None,
-               backends: dict[str, list[Backend]] | None = None) -> list[Host]:
+               backends: dict[str, list[Backend]] | None = None, addrs: list[str] | None = None) -> list[Host]:
     """Every group's hosts in fleet order, each with its group's target and what the variant changes there.
     `ports`: each host's port, chosen beforehand (assign_ports); `backends`: each frontend group's backends."""
     hosts: list[Host] = []
@@ -200,6 +202,7 @@ def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path, *, po
         planned = plan_hosts(group.target, group.hosts, hosts_dir, tuple(argv), env, group=group.name,
                              first=first, taken=taken,
                              ports=ports[first:first + group.hosts] if ports is not None else None,
+                             addrs=addrs[first:first + group.hosts] if addrs is not None else None,
                              backends=(backends or {}).get(group.name) if group.backends else None)
         for host in planned:
             host.extra["allocator"] = applied.allocator   # what the proof of this host must show
@@ -425,7 +428,7 @@ class FleetSupervisor:
         deadline = trio.current_time() + ready.timeout
         last = None
         while trio.current_time() < deadline:
-            last = await self._check_ready(target, port, min(max(ready.interval, 1.0),
+            last = await self._check_ready(target, port, host.addr, min(max(ready.interval, 1.0),
                                                              deadline - trio.current_time()))
             if last.ok:
                 try:  # the real executable (argv[0] may be a wrapper or a name on PATH)
@@ -460,16 +463,16 @@ class FleetSupervisor:
         host.kill_expected = "ready-timeout"
         child.signal_group(signal.SIGKILL)
 
-    async def _check_ready(self, target: Target, port: int, timeout: float) -> Outcome:
+    async def _check_ready(self, target: Target, port: int, addr: str, timeout: float) -> Outcome:
         if self.prep is not None:
-            return await self.prep.ready(target, port, timeout)
-        return Outcome(good=1) if await _tcp_accepts(port, timeout) else Outcome(error="no connection")
+            return await self.prep.ready(target, port, timeout, addr)
+        return Outcome(good=1) if await _tcp_accepts(port, timeout, addr) else Outcome(error="no connection")
 
     async def _set_up(self, host: Host, child: Child, target: Target) -> bool:
         """Set-up requests before the host gets load; a failure kills it like a readiness timeout."""
         if self.prep is None or not target.setup:
             return True
-        outcome, took = await self.prep.setup(target, host.port)
+        outcome, took = await self.prep.setup(target, host.port, host.addr)
         if outcome.ok:
             self.recorder.event("setup", host.index, child.pid, requests=outcome.sent, seconds=round(took, 4))
             return True
@@ -517,11 +520,11 @@ class FleetSupervisor:
             self.recorder.crash(record)
 
 
-async def _tcp_accepts(port: int, timeout: float) -> bool:
+async def _tcp_accepts(port: int, timeout: float, addr: str = "127.0.0.1") -> bool:
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
         with trio.move_on_after(max(timeout, 0.05)):
-            await sock.connect(("127.0.0.1", port))
+            await sock.connect((addr, port))
             return True
         return False
     except OSError:

@@ -26,11 +26,11 @@ class HostPrep:
         self.key_space = scenario.client.keys.space
         self.client_timeout = scenario.client.timeout
 
-    async def ready(self, target: Target, port: int, timeout: float) -> Outcome:
-        """One readiness check within `timeout`."""
+    async def ready(self, target: Target, port: int, timeout: float, addr: str = "127.0.0.1") -> Outcome:
+        """One readiness check within `timeout` (`addr`: a host in its own network namespace has its own)."""
         ready = target.ready
         if ready.probe is None or ready.protocol is None:
-            sock = await connect(port, max(timeout, 0.05))
+            sock = await connect(port, max(timeout, 0.05), addr)
             if sock is None:
                 return Outcome(error=f"port {port} does not accept connections")
             sock.close()
@@ -38,17 +38,18 @@ class HostPrep:
         conversation = Conversation(ready.protocol, target.terminator)
         payload = codec(ready.protocol).compile(ready.probe, self.seed).encode(PROBE_KEY, 0)
         return await exchange(port, conversation, [(payload, conversation.judge(ready.probe, PROBE_KEY, 0))],
-                              timeout=max(timeout, 0.05), window=1)
+                              timeout=max(timeout, 0.05), window=1, addr=addr)
 
     def setup_count(self, target: Target) -> int:
         return sum(self.key_space if step.all_keys else step.count for step in target.setup)
 
-    async def setup(self, target: Target, port: int) -> tuple[Outcome, float]:
+    async def setup(self, target: Target, port: int, addr: str = "127.0.0.1") -> tuple[Outcome, float]:
         """Every set-up request, pipelined; (outcome, seconds it took)."""
         started = time.monotonic()
         conversation = Conversation(target.protocol, target.terminator)
         outcome = await exchange(port, conversation, self._setup_requests(target, conversation),
-                                 timeout=max(target.ready.timeout, self.client_timeout), window=SETUP_WINDOW)
+                                 timeout=max(target.ready.timeout, self.client_timeout), window=SETUP_WINDOW,
+                                 addr=addr)
         return outcome, time.monotonic() - started
 
     def _setup_requests(self, target: Target, conversation: Conversation) -> Iterator[tuple[bytes, Judge]]:

@@ -486,6 +486,9 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
         backends = _groups_field(r, _names_of(fleet), "backends", key="backends")
         if name is not None and name in backends:
             r.problem(("backends",), f"group {name} cannot be its own backend")
+        if backends and settings.isolation.netns:
+            r.problem(("isolation",), "a group with backends cannot be in network namespaces of its own (it reaches "
+                                      "its backends on 127.0.0.1, through the fault proxy)")
         _backend_placeholders(r, settings, backends)
         if name is not None and hosts is not None:
             groups.append(Group(name=name, hosts=hosts, target=settings, backends=backends,

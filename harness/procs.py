@@ -90,6 +90,7 @@ class Spawner:
         self.orphans_killed = reaper.kill_orphans()
         self.isolation = Isolation(self._prefix.replace("/", "-"))
         self.orphan_cgroups = reaper.remove_cgroups(reaper.orphaned_cgroups(self.isolation.cgroup_bases()))
+        self.orphan_netns = reaper.remove_netns(reaper.orphaned_netns())
         self._watchdog, self._watch_fd = _start_watchdog(self._prefix, self.isolation.watchdog_dirs())
         # Targets get the umask the harness was started with (the harness itself runs with 077).
         self.child_umask = -1

@@ -205,6 +205,40 @@ def orphaned_cgroups(bases: list[str], prefix: str = "harness-") -> list[str]:
     return found
 
 
+NETNS_DIR = "/run/netns"
+
+
+def remove_netns(names: list[str]) -> list[str]:
+    """Delete these network namespaces (harness/isolation/netns.py; their veth pairs go with them)."""
+    import subprocess
+    removed = []
+    for name in names:
+        try:
+            if subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30).returncode == 0:
+                removed.append(name)
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return removed
+
+
+def netns_of(token: str) -> list[str]:
+    """The network namespaces one spawner made (harness-TOKEN-N)."""
+    try:
+        return [n for n in os.listdir(NETNS_DIR) if n.startswith(f"harness-{token}-")]
+    except OSError:
+        return []
+
+
+def orphaned_netns() -> list[str]:
+    """Network namespaces left by harnesses that no longer run (harness-OWNER-S-N)."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return []
+    return [n for n in names if n.startswith("harness-") and n.count("-") >= 3
+            and not owner_running(n[len("harness-"):].rsplit("-", 2)[0])]
+
+
 def watch(prefix: str, cgroups: list[str] | None = None) -> None:
     """Block until stdin (a pipe from the harness) closes, then kill what the harness left."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the harness, which stops its hosts itself
@@ -212,6 +246,7 @@ def watch(prefix: str, cgroups: list[str] | None = None) -> None:
         pass
     kill_owned(prefix)
     remove_cgroups(cgroups or [])
+    remove_netns(netns_of(prefix.replace("/", "-")))
 
 
 if __name__ == "__main__":

@@ -381,11 +381,13 @@ class Run:
         planned = PlanSpec(scenario.load, scenario.client.keys, scenario.seed,
                            tuple(spec.weight for spec in scenario.target.requests), start_at=self._start_at)
         ports = assign_ports(scenario.fleet.hosts)
+        nets = await self._networks(ports, spawner)   # isolation: netns: an address (and a port) of its own
+        addrs = [nets[h].inner_ip if h in nets else "127.0.0.1" for h in range(len(ports))]
         # The fault proxy's listeners exist before the hosts are planned: a frontend's config names them.
-        net = NetFaults(scenario, ports) if scenario.net_faults else None
+        net = NetFaults(scenario, ports, addrs) if scenario.net_faults or nets else None
         hosts = plan_fleet(scenario.host_groups, variant, self.run_dir / "hosts" / f"t{number}", ports=ports,
-                           backends=backends(scenario, ports, net.proxy.via() if net else {}))
-        self._isolate(hosts, number, spawner)
+                           backends=backends(scenario, ports, net.proxy.via() if net else {}), addrs=addrs)
+        self._isolate(hosts, number, spawner, nets)
         recorder = Recorder()
         limits = ResourceFaults(scenario, hosts) if scenario.resource_faults and variant.faults else None
         if limits is not None:   # limits whose window starts at 0 hold from the hosts' first byte
@@ -512,14 +514,32 @@ class Run:
                 if stuck:
                     print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
 
-    def _isolate(self, hosts: list[Host], trial: int, spawner: Spawner) -> None:
+    async def _networks(self, ports: list[int], spawner: Spawner) -> dict[int, Any]:
+        """A network namespace per host of a group with isolation: netns; such a host whose readiness port is a
+        number (a target that insists on its port) gets that port."""
+        nets: dict[int, Any] = {}
+        for group in self.scenario.host_groups:
+            if not group.target.isolation.netns:
+                continue
+            for index in self.scenario.hosts_in((group.name,)):
+                try:
+                    nets[index] = await trio.to_thread.run_sync(spawner.isolation.network)
+                except OSError as exc:
+                    raise HarnessError(f"cannot make a network namespace for {group.name or 'the hosts'}: "
+                                       f"{exc}") from None
+                if group.target.ready.port.isdigit():
+                    ports[index] = int(group.target.ready.port)
+        return nets
+
+    def _isolate(self, hosts: list[Host], trial: int, spawner: Spawner, nets: dict[int, Any] | None = None) -> None:
         """Each host's cgroup and PID namespaces (harness/isolation), as its target's `isolation` says:
         by default wherever the machine allows; a host with a resource fault always has a cgroup."""
         limited = {h for f in self.scenario.resource_faults for h in self.scenario.hosts_in(f.groups)}
         for host in hosts:
             spec = (host.target or self.scenario.target).isolation
             host.jail = spawner.isolation.jail(f"t{trial}-{host.name}", pid=spec.pid is not False,
-                                               cgroup=spec.cgroup is not False or host.index in limited)
+                                               cgroup=spec.cgroup is not False or host.index in limited,
+                                               net=(nets or {}).get(host.index))
             if host.jail.cgroup is None and (spec.cgroup or host.index in limited):
                 raise HarnessError(f"cannot create a cgroup for {host.name}: "
                                    f"{'; '.join(spawner.isolation.notes) or 'cgroups are not available'}")

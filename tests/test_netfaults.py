@@ -7,6 +7,7 @@ adds at least 50 ms to every reply through it), or by what was counted, and per 
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import trio
 from hdrh.histogram import HdrHistogram
 
-from conftest import HARNESS, REPO, query, write_scenario
+from conftest import HARNESS, REPO, pid_alive, query, start_harness, wait_for, wait_for_run, write_scenario
 from harness.errors import ScenarioError
 from harness.loader import load_scenario_text
 from harness.netfault.proxy import FaultProxy
@@ -366,3 +367,49 @@ def test_fault_windows_of_every_family_for_the_report_and_the_cascade() -> None:
     assert reset["counts"] == {"connections_reset": 2} and reset["windows"][0]["from"] == reset["windows"][0]["to"]
     assert resource_faults(events, 9.0, names) == [{"fault": 0, "kind": "memory", "limit": "memory 64 MiB",
                                                     "hosts": ["h1"], "windows": [{"from": -0.5, "to": 9.0}]}]
+
+
+def _netns_names() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_hosts_in_network_namespaces_share_a_fixed_port_and_leave_nothing(targets: Path, tmp_path: Path) -> None:
+    """Two echo hosts that both insist on port 7000, each in its own network namespace with a veth pair, reached
+    through the proxy on their own addresses. The harness is then SIGKILLed: its watchdog removes the namespaces
+    (and their veth pairs with them), the PID namespaces take the processes."""
+    path = write_scenario(tmp_path, f"""
+name: netns
+target:
+  command: [{ECHO}, --port, "7000", --host, "{{addr}}"]
+  ready: {{tcp: 7000}}
+  isolation: [pid, cgroup, netns]
+fleet: {{hosts: 2}}
+load: [{{hold: {{rate: 100, for: 60s}}}}]
+""")
+    proc = start_harness(["run", str(path), "--out", str(tmp_path / "results"), "--quiet"], tmp_path)
+    try:
+        run_dir = wait_for_run(tmp_path / "results", samples=2)
+        starts = [json.loads(r["detail"]) | {"pid": r["pid"]}
+                  for r in query(run_dir, "SELECT pid, detail FROM events WHERE kind='start'")]
+        isolation = [s["isolation"] for s in starts]
+        assert len({i["addr"] for i in isolation}) == 2 and all(i["addr"].startswith("10.213.") for i in isolation)
+        assert all("7000" in s["argv"] for s in starts)
+        names = {i["netns"] for i in isolation}
+        assert names <= _netns_names()
+        assert all(row["ok"] > 0 for row in query(run_dir, "SELECT ok FROM samples"))
+        veths = {i["veth"].split("/")[0] for i in isolation}
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    wait_for(lambda: not (names & _netns_names()), timeout=30)
+    wait_for(lambda: not any(pid_alive(s["pid"]) for s in starts), timeout=30)
+    # The kernel tears a namespace down a moment after its last reference goes, the veth pair with it.
+    wait_for(lambda: not any(v in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+                             for v in veths), timeout=30)

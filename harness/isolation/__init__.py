@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.reaper import TAG_VAR
 from harness.isolation.cgroups import CgroupSupport, HarnessCgroups, HostCgroup, support
+from harness.isolation.netns import HostNet, NetNamespaces
 from harness.isolation.pidns import Anchor, PidNamespaces, ns_pid
 
 __all__ = ["Isolation", "HostJail", "Incarnation", "HostCgroup", "HarnessCgroups", "CgroupSupport", "support", "ns_pid",
@@ -27,6 +28,7 @@ class Incarnation:
     cgroup: HostCgroup | None = None
     ns_pid: int | None = None          # the target's pid inside its namespace (what it sees as getpid())
     oom_before: int | None = None      # the cgroup's OOM-kill count when it started (harness/isolation/limits)
+    net: HostNet | None = None         # its network namespace (isolation: netns)
 
     def release(self) -> None:
         """After the target is reaped: kill what is left of it (the namespace, then the cgroup)."""
@@ -41,6 +43,8 @@ class Incarnation:
             out["anchor"] = self.anchor.pid
         if self.cgroup is not None:
             out["cgroup"] = self.cgroup.describe()["paths"]
+        if self.net is not None:
+            out.update(self.net.describe())
         return out
 
 
@@ -51,6 +55,7 @@ class HostJail:
     name: str
     pidns: PidNamespaces | None
     cgroup: HostCgroup | None
+    net: HostNet | None = None
     procs_files: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,14 +67,21 @@ class HostJail:
         carries too, so that the sweeps of harness/reaper.py find it should it outlive the harness)."""
         oom_before = self.cgroup.oom_kills() if self.cgroup is not None else None
         if self.pidns is None:
-            yield Incarnation(cgroup=self.cgroup, oom_before=oom_before)
+            yield Incarnation(cgroup=self.cgroup, oom_before=oom_before, net=self.net)
             return
         with self.pidns.entered({TAG_VAR: tag} if tag else {}) as anchor:
-            yield Incarnation(anchor=anchor, cgroup=self.cgroup, oom_before=oom_before)
+            yield Incarnation(anchor=anchor, cgroup=self.cgroup, oom_before=oom_before, net=self.net)
 
     def in_child(self) -> None:
         """Between fork and exec: join the host's cgroups (so all it forks is counted, limited and killed
-        with it). A child that cannot join does not run unconfined: it says why and exits 71."""
+        with it), and enter its network namespace. A child that cannot does not run unconfined: it says why and
+        exits 71."""
+        if self.net is not None:
+            try:
+                self.net.enter()
+            except OSError as exc:
+                os.write(2, f"harness: {exc}\n".encode())
+                os._exit(71)
         for path in self.procs_files:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -137,6 +149,7 @@ class Isolation:
         self.pidns = PidNamespaces()
         found = support()
         self.cgroups = HarnessCgroups(token, found) if os.geteuid() == 0 and found.usable else None
+        self.netns = NetNamespaces(token)
         self.notes: list[str] = []
 
     def watchdog_dirs(self) -> list[str]:
@@ -147,19 +160,25 @@ class Isolation:
         """Where parent folders of every harness go (for the sweep of those left by dead harnesses)."""
         return [str(h.base) for h in self.cgroups.support.hierarchies] if self.cgroups is not None else []
 
-    def jail(self, name: str, *, pid: bool = True, cgroup: bool = True) -> HostJail:
+    def network(self) -> HostNet:
+        """A network namespace with its veth pair (OSError when it cannot be made)."""
+        return self.netns.create()
+
+    def jail(self, name: str, *, pid: bool = True, cgroup: bool = True, net: HostNet | None = None) -> HostJail:
         host_cgroup = None
         if cgroup and self.cgroups is not None:
             try:
                 host_cgroup = self.cgroups.create(name)
             except OSError as exc:
                 self.notes.append(f"no cgroup for {name}: {exc.strerror or exc}")
-        return HostJail(name, self.pidns if pid else None, host_cgroup)
+        return HostJail(name, self.pidns if pid else None, host_cgroup, net)
 
     def release(self, jails: list[HostJail]) -> list[str]:
         """A trial is over: remove its hosts' cgroups (their processes are gone)."""
         stuck: list[str] = []
         for jail in jails:
+            if jail.net is not None and not self.netns.release(jail.net):
+                stuck.append(f"network namespace {jail.net.name}")
             if jail.cgroup is not None and self.cgroups is not None:
                 if not jail.cgroup.remove():
                     stuck += [str(d) for d in jail.cgroup.dirs.values() if d.exists()]
@@ -170,5 +189,6 @@ class Isolation:
     def close(self) -> list[str]:
         """Remove the cgroups (every host has exited); returns folders that would not go."""
         stuck = self.cgroups.close() if self.cgroups is not None else []
+        stuck += [f"network namespace {name}" for name in self.netns.close()]
         self.pidns.close()
         return stuck

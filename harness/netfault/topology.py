@@ -89,10 +89,16 @@ def fault_links(scenario: Scenario, fault: NetFault) -> list[LinkSpec]:
     return [link for link in all_links(scenario) if link.host in chosen]
 
 
+def netns_hosts(scenario: Scenario) -> set[int]:
+    """Hosts in network namespaces of their own (isolation: netns): reached on their own address."""
+    return {h for g in scenario.host_groups if g.target.isolation.netns for h in scenario.hosts_in((g.name,))}
+
+
 def proxied_links(scenario: Scenario) -> list[LinkSpec]:
     """Links that go through the proxy: those any network fault could act on (for a fault on hosts, any host
-    of its pool: every such link pays the proxy's small cost, not just the chosen ones)."""
-    wanted: set[LinkSpec] = set()
+    of its pool: every such link pays the proxy's small cost, not just the chosen ones), and every link into a
+    host in its own network namespace (the driver and the frontends speak to 127.0.0.1)."""
+    wanted: set[LinkSpec] = {link for link in all_links(scenario) if link.host in netns_hosts(scenario)}
     for fault in scenario.net_faults:
         if fault.between is not None:
             wanted |= set(fault_links(scenario, fault))
