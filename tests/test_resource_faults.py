@@ -203,3 +203,30 @@ faults: [{kind: memory, limit: 64MiB}]
     problem = scenario_problem(scenario)
     assert problem is not None and problem.startswith("faults[0] (memory limit): ")
     assert "\n" not in problem
+
+
+def test_validate_names_the_missing_feature_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`harness validate` on a machine without the memory controller: exit 2, one line naming the file, the
+    fault and what is missing; a scenario that asks for nothing the machine lacks still validates."""
+    from harness.cli import main
+    limited = write_scenario(tmp_path, f"""
+name: limited
+target: {{command: [{ESTATS}, --port, "{{port}}"]}}
+fleet: {{hosts: 1}}
+load: [{{hold: {{rate: 1, for: 1s}}}}]
+faults: [{{kind: cpu, quota: 50%}}, {{kind: memory, limit: 64MiB}}]
+""", "limited.yaml")
+    plain = write_scenario(tmp_path, f"""
+name: plain
+target: {{command: [{ESTATS}, --port, "{{port}}"]}}
+fleet: {{hosts: 1}}
+load: [{{hold: {{rate: 1, for: 1s}}}}]
+""", "plain.yaml")
+    monkeypatch.setattr(cgroups_module, "_detected", detect(MOUNTINFO_V1_NO_MEMORY, "4:pids:/\n1:cpu:/\n"))
+    assert main(["validate", str(limited), str(plain)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    expected = "faults[1] (memory limit): " if ROOT else "faults[0] (cpu limit): per-host cgroups need root"
+    assert len(lines) == 1 and lines[0].startswith(f"{limited}: {expected}")
+    assert "plain.yaml: ok" in out
