@@ -230,3 +230,60 @@ load: [{{hold: {{rate: 1, for: 1s}}}}]
     expected = "faults[1] (memory limit): " if ROOT else "faults[0] (cpu limit): per-host cgroups need root"
     assert len(lines) == 1 and lines[0].startswith(f"{limited}: {expected}")
     assert "plain.yaml: ok" in out
+
+
+def test_resource_timeline_splits_between_start_and_run_without_losing_an_action(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `initial` sets before the hosts start and what `run` does on the timeline add up to the whole
+    timeline, for a fresh trial and for one resumed exactly on an action's second (6 s: a pids window opens)."""
+    from types import SimpleNamespace
+
+    import trio
+    import trio.testing
+
+    from harness.isolation.limits import ResourceFaults
+    scenario = load_scenario_text("""
+name: s
+target: {command: [x]}
+fleet: {hosts: 2}
+load: [{hold: {rate: 1, for: 20s}}]
+faults:
+  - {kind: memory, limit: 64MiB}
+  - {kind: cpu, quota: 50%, from: 5s, until: 10s}
+  - {kind: pids, limit: 8, every: 6s, for: 2s}
+""")
+    hosts = [SimpleNamespace(name=f"h{i}", jail=None) for i in range(2)]   # no cgroups: each act says so
+    everything = [(t, action, f.index) for t, action, f in ResourceFaults(scenario, hosts).timeline()]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[tuple[float, str, int]] = []
+            self.t0 = 0.0
+
+        def event(self, kind: str, host: object, pid: object, **detail: object) -> None:
+            self.events.append((round(trio.current_time() - self.t0, 6), kind.removeprefix("fault-"),
+                                detail["fault"]))  # type: ignore[arg-type]
+
+    async def inline(fn: object, *args: object) -> object:   # a worker thread would make the mock clock jump
+        return fn(*args)  # type: ignore[operator]
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    for start_at in (0.0, 6.0):
+        limits = ResourceFaults(scenario, hosts)
+        initial = limits.initial(start_at)
+        recorder = Recorder()
+
+        async def main() -> None:
+            recorder.t0 = trio.current_time()
+            with trio.move_on_after(30):
+                await limits.run(recorder.t0, recorder, start_at)
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        later = recorder.events
+        if start_at == 0:
+            assert [(0.0, "disarm" if d.get("disarm") else "arm", d["fault"]) for d in initial] == \
+                [a for a in everything if a[0] <= 0]
+            assert later == [a for a in everything if a[0] > 0]
+        else:
+            assert later == [a for a in everything if a[0] >= start_at]
+            assert (6.0, "arm", 2) in later
+            assert {d["fault"] for d in initial} == {0, 1} and all(d["resumed"] for d in initial)
+        assert all("no cgroup" in str(r) for d in initial for r in d.get("applied", {}).values())

@@ -108,7 +108,7 @@ class ResourceFaults:
 
     async def run(self, t0: float, recorder: Any, start_at: float = 0.0) -> None:
         for t, action, fault in self.timeline():
-            if t <= start_at:
+            if t < start_at or (start_at == 0 and t <= 0):
                 continue   # set before the hosts started (initial)
             await trio.sleep_until(t0 + t)
             detail = await trio.to_thread.run_sync(self.act, action, fault)
