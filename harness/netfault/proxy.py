@@ -307,9 +307,12 @@ class Pipe:
                 return
             link.bytes[direction] += len(data)
             shaping = link.shaping(direction)
-            if not shaping and not self.queue and not link.holding(direction):
+            holding = link.holding(direction)
+            if not shaping and not self.queue and not holding:
                 await _send_all(self.dst, data)   # nothing armed: straight through
                 continue
+            for fault in holding:
+                link.count(fault).bytes_held += len(data)   # read while held: it waits for the hold to end
             now = trio.current_time()
             self.queue.extend(self.shaper.plan(now, data, shaping, link.counts) if shaping else [(now, data)])
             self.queued += len(data)
@@ -335,7 +338,6 @@ class Pipe:
             if holding:
                 for fault in holding:
                     counts = link.count(fault)
-                    counts.bytes_held += self.queued
                     if fault.index not in self.connection.stalled_by:
                         self.connection.stalled_by.add(fault.index)
                         counts.connections_stalled += 1

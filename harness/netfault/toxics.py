@@ -30,7 +30,7 @@ class Counts:
     bytes_delayed: int = 0        # bytes that went through while it shaped them
     chunks: int = 0               # reads it shaped
     segments: int = 0             # slicer: segments written
-    bytes_held: int = 0           # stall/partition: bytes that waited for the gate to open
+    bytes_held: int = 0           # stall/partition: bytes read while it held their direction (they waited)
     connections_stalled: int = 0  # stall/partition: connections that had to wait
     connections_reset: int = 0    # reset: connections closed with RST
     connections_refused: int = 0  # partition refuse: new connections reset at once
