@@ -269,3 +269,12 @@ expect:
     assert {m["allocator"] for m in proofs["tcmalloc"]["mapped_unbound"]} == {"jemalloc"}
     assert all(p["got_check"] == "agrees" for p in proofs.values())
     assert [t["status"] for t in query(run_dir, "SELECT status FROM trials ORDER BY id")] == ["complete"] * 3
+
+
+def test_link_map_of_a_process_that_has_exited_is_none_not_an_error() -> None:
+    # The runner reads a target's maps, then its memory: a target exiting in a loop can be gone in between.
+    from harness.proof.live import link_map
+    child = subprocess.Popen(["true"])
+    child.wait()        # reaped: /proc/PID is gone
+    assert not os.path.exists(f"/proc/{child.pid}")
+    assert link_map(child.pid, 0) is None

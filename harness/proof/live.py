@@ -110,7 +110,10 @@ def link_map(pid: int, dynamic_address: int) -> list[str] | None:
     """The objects ld.so loaded, in its link-map order (the executable first, as ""), from the r_debug that the
     executable's DT_DEBUG entry points to. This is ld.so's own record: it survives a process that rewrites its
     environment (redis's setproctitle zeroes /proc/PID/environ). None when it cannot be read."""
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:     # the process exited since its maps were read (a target that exits in a loop)
+        return None
     try:
         r_debug = None
         for index in range(512):
