@@ -358,9 +358,13 @@ expect:
     assert trial["status"] == "complete"
     assert trial["overall"]["ok"] > 0 and trial["overall"]["errors"]["bad_reply"] == 0
     assert trial["overall"]["hosts_alive_min"] == 2
-    # One row per second of load, none after it, every host alive in each.
-    samples = query(run_dir, "SELECT t, hosts_alive FROM samples ORDER BY t")
-    assert [row["t"] for row in samples] == [0, 1, 2, 3]
+    # One row per second of load, every host alive in each. Replies that arrive after the last second
+    # was sampled (a busy machine) may add one drain row: outcomes only, no arrivals, hosts still alive.
+    samples = query(run_dir, "SELECT t, hosts_alive, offered FROM samples ORDER BY t")
+    seconds = [row["t"] for row in samples]
+    assert seconds in ([0, 1, 2, 3], [0, 1, 2, 3, 4]), seconds
+    if len(samples) == 5:
+        assert samples[4]["offered"] == 0, dict(samples[4])
     assert all(row["hosts_alive"] == 2 for row in samples)
     assert_no_leftovers(run_dir)
 
