@@ -10,7 +10,7 @@ Theil-Sen slope of its own samples (harness.trends.run_trends(run)["harness"]).
     python bench/soak_footprint.py --mode both           # before the fix, then after
     python bench/soak_footprint.py --duration 5m --rate 400
 
-`--mode before` runs the harness with harness.driver.release_histogram made a no-op, i.e. as it was
+`--mode before` runs the harness with harness.hist.release_histogram made a no-op, i.e. as it was
 before the fix (hdrh histograms, which are reference cycles, are freed only when the cyclic GC runs,
 so a rollup holds every decoded histogram of its window at once); `after` runs it as it is; `both`
 runs before, then after. One run at a time: the machine is small and the numbers are about the
@@ -59,8 +59,8 @@ faults:
 
 LAUNCH = "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))"
 # As before the fix: histograms done with are left to the cyclic GC.
-LAUNCH_BEFORE = ("import sys, harness.driver, harness.runner; harness.driver.release_histogram = "
-                 "harness.runner.release_histogram = lambda h: None; from harness.cli import main; "
+LAUNCH_BEFORE = ("import sys, harness.hist, harness.driver; harness.hist.release_histogram = "
+                 "harness.driver.release_histogram = lambda h: None; from harness.cli import main; "
                  "sys.exit(main(sys.argv[1:]))")
 
 

@@ -44,6 +44,7 @@ from hdrh.histogram import HdrHistogram
 
 from harness.balancer import Balancer
 from harness.exchange import Conversation, connect, exchange
+from harness.hist import LATENCY_MAX_US, new_histogram, release_histogram
 from harness.hdrbatch import micros, record_many
 from harness.loadshape import LoadShape
 from harness.plan import ArrivalChunk, PlanSpec, arrival_chunks, key_name
@@ -51,7 +52,6 @@ from harness.protocols import ProtocolError, codec, parse_pattern
 from harness.scenario import Client, Target
 from harness.timer import PreciseTimer
 
-LATENCY_MAX_US = 3_600_000_000  # an hour, in microseconds
 ERROR_KINDS = ("timeout", "conn_error", "no_host", "bad_reply")
 PROBE_KEY = "probe"
 MAX_PROTOCOL_EVENTS = 50         # per trial: protocol errors are counted always, recorded as events this often
@@ -62,19 +62,6 @@ SWITCH_INTERVAL = 0.0002         # seconds another thread may hold the GIL while
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
-
-
-def new_histogram() -> HdrHistogram:
-    return HdrHistogram(1, LATENCY_MAX_US, 3)
-
-
-def release_histogram(histogram: HdrHistogram) -> None:
-    """Free a histogram's ~190 KB counts array now. An hdrh histogram is a reference cycle (histogram <->
-    its encoder), so dropping the last reference frees nothing until the cyclic GC runs: a rollup merging a
-    minute of rows held all 60 decoded histograms (~11 MiB) at once, in a worker thread's malloc arena,
-    and glibc keeps an arena's high-water mark, so the harness's RSS stepped up by ~10 MiB per arena. Only
-    for histograms that are done with (decoded for a merge, or a second's counters once encoded)."""
-    histogram.encoder = None
 
 
 class RequestCounters:

@@ -44,7 +44,8 @@ from typing import Any
 import trio
 
 import harness
-from harness.driver import Counters, RequestCounters, new_histogram
+from harness.driver import Counters, RequestCounters
+from harness.hist import new_histogram
 from harness.errors import HarnessError
 from harness.hdrbatch import Sparse, add_sparse, to_sparse
 from harness.plan import PlanSpec

@@ -23,7 +23,7 @@ import pyhdrh
 from hdrh.codec import ext_header_size, payload_header_size
 from hdrh.histogram import HdrHistogram
 
-from harness.driver import new_histogram
+from harness.hist import new_histogram
 
 WORD = 8
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import hist
+
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -375,7 +377,6 @@ def _windows(rows: list[sqlite3.Row], every: int, key: Any) -> list[list[sqlite3
 
 
 def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
-    from harness.driver import release_histogram
     histogram = _merged_histogram(group)
     has = histogram.get_total_count() > 0
     pct = (lambda q: histogram.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
@@ -385,33 +386,30 @@ def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
               total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
               histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
               sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
-    release_histogram(histogram)
+    hist.release_histogram(histogram)
     return merged
 
 
 def _merged_histogram(rows: list[sqlite3.Row]) -> Any:
-    # the driver's histogram shape; imported late to keep the store light
-    from harness.driver import new_histogram, release_histogram
-    from hdrh.histogram import HdrHistogram
-    histogram = new_histogram()
+    from hdrh.histogram import HdrHistogram   # imported late to keep the store light
+    histogram = hist.new_histogram()
     for row in rows:
         if row["hist"]:
             # Not decode_and_add: the decoded histogram must be freed before the next row's is made.
             other = HdrHistogram.decode(row["hist"])
             histogram.add(other)
-            release_histogram(other)
+            hist.release_histogram(other)
     return histogram
 
 
 def _merge_request_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
-    from harness.driver import release_histogram
     histogram = _merged_histogram(group)
     total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
                                                    "bad_reply")}
     merged = (group[0]["t"], group[0]["name"], total["offered"], total["sent"], total["ok"], total["timeout"],
               total["conn_error"], total["no_host"], total["bad_reply"],
               histogram.encode() if histogram.get_total_count() else None, len(group))
-    release_histogram(histogram)
+    hist.release_histogram(histogram)
     return merged
 
 

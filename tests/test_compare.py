@@ -15,7 +15,7 @@ import pytest
 
 from harness.compare import (COMPARE_SCHEMA, DEFAULT_METRICS, VariantExpectation, compare_runs,
                              evaluate_variant_expectations, render_compare)
-from harness.driver import new_histogram
+from harness.hist import new_histogram
 from harness.store import HostSample, RunStore, Sample
 
 HOSTS = 2

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from harness.driver import LATENCY_MAX_US, Counters, new_histogram
+from harness.driver import Counters
+from harness.hist import LATENCY_MAX_US, new_histogram
 from harness.driverpool import merge_counters, pack_counters
 from harness.hdrbatch import add_sparse, counts_view, micros, record_many, to_sparse
 

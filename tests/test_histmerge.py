@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from harness.driver import LATENCY_MAX_US, new_histogram, release_histogram
+from harness.hist import LATENCY_MAX_US, new_histogram, release_histogram
 from harness.histmerge import Encoder, merge_encoded
 
 

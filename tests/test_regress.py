@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import HARNESS, write_scenario
-from harness.driver import new_histogram
+from harness.hist import new_histogram
 from harness.errors import HarnessError
 from harness.junit import write_junit
 from harness.regress import compare_to_baseline, find_baseline, leak_change, render_regressions

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from harness.driver import new_histogram
+from harness.hist import new_histogram
 from harness.report import build_report
 from harness.store import HostSample, RunStore, Sample
 

@@ -22,7 +22,7 @@ import numpy as np
 import trio
 import trio.testing
 
-from harness.driver import new_histogram
+from harness.hist import new_histogram
 from harness.histmerge import Encoder
 from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.scenario import Scenario, Variant
