@@ -47,12 +47,12 @@ from harness.exchange import Conversation, connect, exchange
 from harness.hist import LATENCY_MAX_US, new_histogram, release_histogram
 from harness.hdrbatch import micros, record_many
 from harness.loadshape import LoadShape
+from harness.outcomes import COUNTS, ERROR_KINDS  # noqa: F401 (ERROR_KINDS: the driver's own words)
 from harness.plan import ArrivalChunk, PlanSpec, arrival_chunks, key_name
 from harness.protocols import ProtocolError, codec, parse_pattern
 from harness.scenario import Client, Target
 from harness.timer import PreciseTimer
 
-ERROR_KINDS = ("timeout", "conn_error", "no_host", "bad_reply")
 PROBE_KEY = "probe"
 MAX_PROTOCOL_EVENTS = 50         # per trial: protocol errors are counted always, recorded as events this often
 BURST = 512                      # arrivals handed out per wake-up before the engine lets others run
@@ -67,16 +67,17 @@ EPOLL_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRD
 class RequestCounters:
     """One request name's outcomes in one interval (a mix of several requests only)."""
 
-    __slots__ = ("offered", "sent", "ok", "timeout", "conn_error", "no_host", "bad_reply", "latency")
+    __slots__ = (*COUNTS, "latency")
 
     def __init__(self) -> None:
-        self.offered = self.sent = self.ok = self.timeout = self.conn_error = self.no_host = self.bad_reply = 0
+        for name in COUNTS:
+            setattr(self, name, 0)
         self.latency = new_histogram()
 
 
 @dataclass
 class Counters:
-    """What happened in one sampling interval (one second)."""
+    """What happened in one sampling interval (one second): harness.outcomes.COUNTS, and more."""
 
     hosts: int
     requests: int = 1

@@ -45,9 +45,10 @@ import trio
 
 import harness
 from harness.driver import Counters, RequestCounters
-from harness.hist import new_histogram
 from harness.errors import HarnessError
 from harness.hdrbatch import Sparse, add_sparse, to_sparse
+from harness.hist import new_histogram
+from harness.outcomes import COUNTS
 from harness.plan import PlanSpec
 from harness.procs import Child, Spawner, stop, wait_exit
 from harness.scenario import Client, Target
@@ -57,7 +58,7 @@ MAX_FRAME = 256 * 1024 * 1024
 READY_TIMEOUT = 60.0        # a worker imports numpy and trio before it answers: seconds on a busy machine
 REPORT_TIMEOUT = 30.0       # a worker that sends no second for this long has stopped working
 FINAL_TIMEOUT = 10.0        # when stopping, how long the workers get to send what they gathered
-SCALARS = ("offered", "sent", "ok", "timeout", "conn_error", "no_host", "bad_reply")
+SCALARS = COUNTS
 
 
 def resolve_workers(value: int | str) -> int:

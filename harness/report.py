@@ -15,10 +15,10 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.crashcounts import Crashes, bucket_rows, read_crashes
-from harness.driver import ERROR_KINDS
 from harness.errors import HarnessError
 from harness.faultreport import cgroup_totals, network_faults, resource_faults, text_lines as fault_text_lines
 from harness.histmerge import merge_encoded
+from harness.outcomes import COUNTS, ERROR_KINDS
 from harness.store import RunStore, open_run
 
 REPORT_SCHEMA = 1
@@ -53,7 +53,7 @@ def traffic_metrics(chosen: list[dict[str, Any]], start: float, end: float, *,
     covered = sum(_seconds_of(s, until) for s in chosen)
     seconds = max(covered, 1e-9) if chosen else max(end - start, 1e-9)
     histogram = merge_encoded(sample["hist"] for sample in chosen if sample["hist"])
-    total = {key: sum(s[key] for s in chosen) for key in ("offered", "sent", "ok") + ERROR_KINDS}
+    total = {key: sum(s[key] for s in chosen) for key in COUNTS}
     errors = sum(total[k] for k in ERROR_KINDS)
     has = histogram.get_total_count() > 0
 

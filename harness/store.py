@@ -12,11 +12,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness import hist
+from harness.outcomes import COUNTS, HostSample, RequestSample, Sample, counted  # noqa: F401 (the records the store writes)
 
 SCHEMA_VERSION = 2
 
@@ -76,10 +76,9 @@ CREATE TABLE IF NOT EXISTS event_counts (
 """
 
 
-SAMPLE_COLUMNS = ("trial, t, offered, sent, ok, timeout, conn_error, no_host, bad_reply, p50, p90, p99, p999, max, "
-                  "hosts_alive, offered_rate, hist")
+SAMPLE_COLUMNS = f"trial, t, {', '.join(COUNTS)}, p50, p90, p99, p999, max, hosts_alive, offered_rate, hist"
 HOST_SAMPLE_COLUMNS = "trial, t, host, state, pid, sent, ok, errors, inflight, rss, fds, shim, threads, cgroup"
-REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error, no_host, bad_reply, hist"
+REQUEST_SAMPLE_COLUMNS = f"trial, t, name, {', '.join(COUNTS)}, hist"
 # Tables added after schema 2: created on open when missing (older stores simply have no rows in them).
 # crash_counts, crash_hosts, event_counts: a crash storm stored compactly (a simulated cascade has hundreds
 # of thousands of crashes): exact counts per slot x bucket x host group and per host x bucket, while
@@ -89,59 +88,6 @@ REQUEST_SAMPLE_COLUMNS = "trial, t, name, offered, sent, ok, timeout, conn_error
 ADDED_TABLES = ("request_samples", "reply_counts", "crash_counts", "crash_hosts", "event_counts")
 # Columns added the same way: (table, column, type).
 ADDED_COLUMNS = (("host_samples", "cgroup", "TEXT"),)
-
-
-@dataclass(frozen=True)
-class Sample:
-    t: int
-    offered: int
-    sent: int
-    ok: int
-    timeout: int
-    conn_error: int
-    no_host: int
-    bad_reply: int
-    p50: float | None
-    p90: float | None
-    p99: float | None
-    p999: float | None
-    max: float | None
-    hosts_alive: int
-    offered_rate: float
-    hist: bytes | None
-
-
-@dataclass(frozen=True)
-class RequestSample:
-    """One request name's outcomes in one second (a mix of several requests only)."""
-
-    t: int
-    name: str
-    offered: int
-    sent: int
-    ok: int
-    timeout: int
-    conn_error: int
-    no_host: int
-    bad_reply: int
-    hist: bytes | None
-
-
-@dataclass(frozen=True)
-class HostSample:
-    t: int
-    host: int
-    state: str
-    pid: int | None
-    sent: int
-    ok: int
-    errors: int
-    inflight: int
-    rss: int | None
-    fds: int | None
-    shim: dict[str, Any] | None = None
-    threads: int | None = None
-    cgroup: dict[str, Any] | None = None    # the host's cgroup counters (harness/isolation/cgroups.py)
 
 
 class RunStore:
@@ -283,8 +229,8 @@ class RunStore:
                  for e in events])
             self.db.executemany(
                 f"INSERT OR REPLACE INTO samples ({SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(trial, s.t, s.offered, s.sent, s.ok, s.timeout, s.conn_error, s.no_host, s.bad_reply, s.p50, s.p90,
-                  s.p99, s.p999, s.max, s.hosts_alive, s.offered_rate, s.hist) for s in samples])
+                [(trial, s.t, *counted(s), s.p50, s.p90, s.p99, s.p999, s.max, s.hosts_alive, s.offered_rate, s.hist)
+                 for s in samples])
             self.db.executemany(
                 f"INSERT OR REPLACE INTO host_samples ({HOST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(trial, h.t, h.host, h.state, h.pid, h.sent, h.ok, h.errors, h.inflight, h.rss, h.fds,
@@ -300,8 +246,7 @@ class RunStore:
                  for c in crashes])
             self.db.executemany(
                 f"INSERT OR REPLACE INTO request_samples ({REQUEST_SAMPLE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(trial, r.t, r.name, r.offered, r.sent, r.ok, r.timeout, r.conn_error, r.no_host, r.bad_reply, r.hist)
-                 for r in request_samples])
+                [(trial, r.t, r.name, *counted(r), r.hist) for r in request_samples])
             self.db.executemany(
                 "INSERT OR REPLACE INTO reply_counts (trial, t, family, name, count) VALUES (?,?,?,?,?)",
                 [(trial, t, family, name, count) for t, family, name, count in reply_counts])
@@ -380,10 +325,8 @@ def _merge_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
     histogram = _merged_histogram(group)
     has = histogram.get_total_count() > 0
     pct = (lambda q: histogram.get_value_at_percentile(q) / 1e6) if has else (lambda q: None)
-    total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
-                                                   "bad_reply")}
-    merged = (group[0]["t"], total["offered"], total["sent"], total["ok"], total["timeout"], total["conn_error"],
-              total["no_host"], total["bad_reply"], pct(50), pct(90), pct(99), pct(99.9),
+    totals = [sum(r[k] for r in group) for k in COUNTS]
+    merged = (group[0]["t"], *totals, pct(50), pct(90), pct(99), pct(99.9),
               histogram.get_max_value() / 1e6 if has else None, min(r["hosts_alive"] for r in group),
               sum(r["offered_rate"] for r in group) / len(group), histogram.encode() if has else None, len(group))
     hist.release_histogram(histogram)
@@ -404,11 +347,9 @@ def _merged_histogram(rows: list[sqlite3.Row]) -> Any:
 
 def _merge_request_samples(group: list[sqlite3.Row]) -> tuple[Any, ...]:
     histogram = _merged_histogram(group)
-    total = {k: sum(r[k] for r in group) for k in ("offered", "sent", "ok", "timeout", "conn_error", "no_host",
-                                                   "bad_reply")}
-    merged = (group[0]["t"], group[0]["name"], total["offered"], total["sent"], total["ok"], total["timeout"],
-              total["conn_error"], total["no_host"], total["bad_reply"],
-              histogram.encode() if histogram.get_total_count() else None, len(group))
+    totals = [sum(r[k] for r in group) for k in COUNTS]
+    merged = (group[0]["t"], group[0]["name"], *totals, histogram.encode() if histogram.get_total_count() else None,
+              len(group))
     hist.release_histogram(histogram)
     return merged
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,26 +73,6 @@ def apportion(total: int, weights: list[int]) -> list[int]:
     for i in order[:rest]:
         shares[i] += 1
     return shares
-
-
-@dataclass
-class Second:
-    """What happened during one second of virtual time (a row of `samples`)."""
-
-    t: int
-    offered: int = 0
-    sent: int = 0
-    ok: int = 0
-    timeout: int = 0
-    conn_error: int = 0
-    no_host: int = 0
-    bad_reply: int = 0
-    retries: int = 0
-    latency: dict[int, int] = field(default_factory=dict)      # latency bin -> count
-    hosts_alive: int = 0
-    host_sent: np.ndarray | None = None
-    host_ok: np.ndarray | None = None
-    host_errors: np.ndarray | None = None
 
 
 def lat_bin(seconds: float | np.ndarray) -> Any:

@@ -24,13 +24,14 @@ import trio.testing
 
 from harness.hist import new_histogram
 from harness.histmerge import Encoder
+from harness.outcomes import COUNTS, HostSample, Sample
 from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.scenario import Scenario, Variant
 from harness.sim import params
 from harness.sim.crashes import CAUSES as CAUSE_NAMES
 from harness.sim.engine import FleetModel, bin_seconds
 from harness.safefs import create_run_dir
-from harness.store import HostSample, RunStore, Sample
+from harness.store import RunStore
 
 FLUSH_EVERY = 300          # virtual seconds between store batches
 MAX_DRAIN = 600.0          # virtual seconds after the load for queues and retries to empty
@@ -129,15 +130,14 @@ class Trial:
 
     def _new_second(self, t: int) -> dict[str, Any]:
         n = self.model.n
-        second: dict[str, Any] = {"t": t, "offered": 0, "sent": 0, "ok": 0, "timeout": 0, "conn_error": 0,
-                                  "no_host": 0, "bad_reply": 0, "latency": {}}
+        second: dict[str, Any] = {"t": t, **dict.fromkeys(COUNTS, 0), "latency": {}}
         if self.model.per_host:
             second.update(host_sent=np.zeros(n, dtype=np.int64), host_ok=np.zeros(n, dtype=np.int64),
                           host_errors=np.zeros(n, dtype=np.int64))
         return second
 
     def _add(self, second: dict[str, Any], result: dict[str, Any]) -> None:
-        for key in ("offered", "sent", "ok", "timeout", "conn_error", "no_host", "bad_reply"):
+        for key in COUNTS:
             second[key] += result[key]
         latency = second["latency"]
         for b, count in result["latency"].items():
@@ -149,10 +149,8 @@ class Trial:
     def _close_second(self, s: dict[str, Any], alive: int) -> None:
         p50, p90, p99, p999, top = percentiles(s["latency"])
         hist = self._encode(s["latency"]) if s["latency"] else None
-        sample = Sample(t=s["t"], offered=s["offered"], sent=s["sent"], ok=s["ok"], timeout=s["timeout"],
-                        conn_error=s["conn_error"], no_host=s["no_host"], bad_reply=s["bad_reply"], p50=p50,
-                        p90=p90, p99=p99, p999=p999, max=top, hosts_alive=alive,
-                        offered_rate=self.scenario.load.rate(s["t"] + 0.5), hist=hist)
+        sample = Sample(t=s["t"], **{key: s[key] for key in COUNTS}, p50=p50, p90=p90, p99=p99, p999=p999, max=top,
+                        hosts_alive=alive, offered_rate=self.scenario.load.rate(s["t"] + 0.5), hist=hist)
         self.samples.append(sample)
         self.samples_end = s["t"] + 1
         if self.model.per_host:
