@@ -155,119 +155,185 @@ _GLIBC_HEAP_MESSAGES = ("double free", "free(): ", "malloc(): ", "realloc(): ", 
                         "malloc_consolidate", "tcache", "unaligned", "invalid next size", "invalid pointer")
 
 
-def classify(f: CrashFacts) -> Classification:
-    """Pure classification; see the module docstring for the rules."""
-    sig = f.signal
-    frames = list(f.frames)
-    in_alloc = crashed_in_allocator(frames)
-    addr = f.fault_address
-    ev: dict[str, Any] = {"signal": _signame(sig)}
-    if addr is not None:
-        ev["fault_address"] = hex(addr)
-        ev["address_source"] = f.address_source
+@dataclass
+class _Case:
+    """The facts with what every rule looks at derived once."""
+    f: CrashFacts
+    sig: int | None
+    frames: list[Frame]
+    in_alloc: bool
+    addr: int | None
+    ev: dict[str, Any]
+    seg: Segment | None = None
+    poison: str | None = None
 
-    if sig in (_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE) and f.si_code is not None \
-            and f.si_code <= 0:
-        # kill()/tgkill()/sigqueue() from a process: no faulting access, si_addr means nothing.
-        sender = f" (pid {f.sender_pid})" if f.sender_pid else ""
-        return Classification("external-signal", f"{_signame(sig)} sent by a process{sender}, not a fault",
-                              in_allocator=in_alloc, evidence=ev)
+    @classmethod
+    def of(cls, f: CrashFacts) -> "_Case":
+        frames = list(f.frames)
+        case = cls(f, f.signal, frames, crashed_in_allocator(frames), f.fault_address, {"signal": _signame(f.signal)})
+        if case.addr is not None:
+            case.ev["fault_address"] = hex(case.addr)
+            case.ev["address_source"] = f.address_source
+        if case.sig == _signal.SIGSEGV and not _sent_by_a_process(case):
+            # Where the address falls in the memory map: evidence for the SIGSEGV rules only.
+            addr = case.addr
+            case.seg = _segment_at(f.segments, addr) if (addr is not None and f.segments is not None) else None
+            if addr is not None and f.segments is not None:
+                case.ev["mapping"] = f"{case.seg.start:#x}-{case.seg.end:#x} {case.seg.perms}" if case.seg \
+                    else "unmapped"
+            case.poison = poison_pattern(addr) if addr is not None else None
+        return case
 
-    if sig == _signal.SIGBUS:
-        return Classification("bus-error", f"SIGBUS at {addr:#x}" if addr is not None else "SIGBUS",
-                              in_allocator=in_alloc, evidence=ev)
-    if sig == _signal.SIGILL:
-        return Classification("illegal-instruction", "SIGILL (ud2/__builtin_trap, bad jump or CPU feature)",
-                              in_allocator=in_alloc, evidence=ev)
-    if sig == _signal.SIGFPE:
-        return Classification("fpe", "SIGFPE (integer divide by zero or overflow)", in_allocator=in_alloc, evidence=ev)
+    def result(self, crash_class: str, detail: str, **extra: Any) -> Classification:
+        extra.setdefault("in_allocator", self.in_alloc)
+        return Classification(crash_class, detail, evidence=self.ev, **extra)
 
-    if sig == _signal.SIGABRT:
-        external = f.si_code == SI_USER or (f.si_code == SI_TKILL and f.sender_pid not in (None, f.pid)
-                                            and f.pid is not None)
-        if external and not _has_abort_frames(frames):
-            return Classification("unknown", f"SIGABRT sent by another process (pid {f.sender_pid}), not abort()",
-                                  in_allocator=in_alloc, evidence=ev)
-        msg = (f.abort_message or "").strip()
-        heap_msg = any(m in msg for m in _GLIBC_HEAP_MESSAGES)
-        if in_alloc or heap_msg:
-            return Classification("allocator-corruption",
-                                  f"abort inside the allocator: {msg}" if msg else "abort inside allocator frames",
-                                  in_allocator=True, evidence=ev)
-        if "Assertion" in msg or any(clean_function(x.function) in ("__assert_fail", "__assert_fail_base")
-                                     for x in frames):
-            return Classification("abort", f"assertion failed: {msg}" if msg else "assertion failed",
-                                  in_allocator=in_alloc, evidence=ev)
-        if _has_abort_frames(frames) or msg:
-            return Classification("abort", f"abort(): {msg}" if msg else "abort()", in_allocator=in_alloc, evidence=ev)
-        return Classification("abort", "SIGABRT raised without abort() in the stack", in_allocator=in_alloc,
-                              evidence=ev)
 
-    if sig != _signal.SIGSEGV:
-        return Classification("unknown", f"{_signame(sig)} is not a crash class we know", in_allocator=in_alloc,
-                              evidence=ev)
+def _sent_by_a_process(c: _Case) -> bool:
+    return c.sig in (_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE) and c.f.si_code is not None \
+        and c.f.si_code <= 0
 
-    # --- SIGSEGV ---
-    seg = _segment_at(f.segments, addr) if (addr is not None and f.segments is not None) else None
-    if addr is not None and f.segments is not None:
-        ev["mapping"] = f"{seg.start:#x}-{seg.end:#x} {seg.perms}" if seg else "unmapped"
-    poison = poison_pattern(addr) if addr is not None else None
 
-    if in_alloc:
-        what = f"poison address {addr:#x} ({poison})" if poison else (
-            f"address {addr:#x}" if addr is not None else "unknown address")
-        return Classification("allocator-corruption", f"SIGSEGV inside allocator frames at {what}: heap metadata corrupted",
-                              poison=poison, in_allocator=True, evidence=ev)
+# --- the rules, in order: the first that answers classifies ---------------------------------------------
 
-    if addr is not None and f.sp is not None and f.sp - STACK_BELOW <= addr <= f.sp + STACK_ABOVE and (
-            seg is None or not _allows(seg, f.access)):
-        return Classification("stack-overflow", f"fault at {addr:#x}, {addr - f.sp:+#x} from the stack pointer",
-                              in_allocator=in_alloc, evidence=ev)
+def _external_signal(c: _Case) -> Classification | None:
+    if not _sent_by_a_process(c):
+        return None
+    # kill()/tgkill()/sigqueue() from a process: no faulting access, si_addr means nothing.
+    sender = f" (pid {c.f.sender_pid})" if c.f.sender_pid else ""
+    return c.result("external-signal", f"{_signame(c.sig)} sent by a process{sender}, not a fault")
 
+
+def _bus_ill_fpe(c: _Case) -> Classification | None:
+    if c.sig == _signal.SIGBUS:
+        return c.result("bus-error", f"SIGBUS at {c.addr:#x}" if c.addr is not None else "SIGBUS")
+    if c.sig == _signal.SIGILL:
+        return c.result("illegal-instruction", "SIGILL (ud2/__builtin_trap, bad jump or CPU feature)")
+    if c.sig == _signal.SIGFPE:
+        return c.result("fpe", "SIGFPE (integer divide by zero or overflow)")
+    return None
+
+
+def _abort(c: _Case) -> Classification | None:
+    if c.sig != _signal.SIGABRT:
+        return None
+    f, frames = c.f, c.frames
+    external = f.si_code == SI_USER or (f.si_code == SI_TKILL and f.sender_pid not in (None, f.pid)
+                                        and f.pid is not None)
+    if external and not _has_abort_frames(frames):
+        return c.result("unknown", f"SIGABRT sent by another process (pid {f.sender_pid}), not abort()")
+    msg = (f.abort_message or "").strip()
+    heap_msg = any(m in msg for m in _GLIBC_HEAP_MESSAGES)
+    if c.in_alloc or heap_msg:
+        return c.result("allocator-corruption",
+                        f"abort inside the allocator: {msg}" if msg else "abort inside allocator frames",
+                        in_allocator=True)
+    if "Assertion" in msg or any(clean_function(x.function) in ("__assert_fail", "__assert_fail_base")
+                                 for x in frames):
+        return c.result("abort", f"assertion failed: {msg}" if msg else "assertion failed")
+    if _has_abort_frames(frames) or msg:
+        return c.result("abort", f"abort(): {msg}" if msg else "abort()")
+    return c.result("abort", "SIGABRT raised without abort() in the stack")
+
+
+def _not_segv(c: _Case) -> Classification | None:
+    if c.sig == _signal.SIGSEGV:
+        return None
+    return c.result("unknown", f"{_signame(c.sig)} is not a crash class we know")
+
+
+# SIGSEGV from here on.
+
+def _segv_in_allocator(c: _Case) -> Classification | None:
+    if not c.in_alloc:
+        return None
+    addr, poison = c.addr, c.poison
+    what = f"poison address {addr:#x} ({poison})" if poison else (
+        f"address {addr:#x}" if addr is not None else "unknown address")
+    return c.result("allocator-corruption", f"SIGSEGV inside allocator frames at {what}: heap metadata corrupted",
+                    poison=poison, in_allocator=True)
+
+
+def _near_stack_pointer(c: _Case) -> Classification | None:
+    addr, sp = c.addr, c.f.sp
+    if addr is not None and sp is not None and sp - STACK_BELOW <= addr <= sp + STACK_ABOVE and (
+            c.seg is None or not _allows(c.seg, c.f.access)):
+        return c.result("stack-overflow", f"fault at {addr:#x}, {addr - sp:+#x} from the stack pointer")
+    return None
+
+
+def _null_page(c: _Case) -> Classification | None:
+    addr, access = c.addr, c.f.access
     if addr is not None and addr < NULL_PAGE:
-        return Classification("null-deref", f"{f.access or 'access'} at {addr:#x}: below 4096 (page 0)",
-                              threshold=NULL_PAGE, in_allocator=in_alloc, evidence=ev)
+        return c.result("null-deref", f"{access or 'access'} at {addr:#x}: below 4096 (page 0)", threshold=NULL_PAGE)
     if addr is not None and addr < NEAR_NULL:
-        return Classification("null-deref", f"{f.access or 'access'} at {addr:#x}: below 64 KiB (near-null)",
-                              threshold=NEAR_NULL, in_allocator=in_alloc, evidence=ev)
-    if poison is not None:
-        return Classification("poison-address", f"{f.access or 'access'} at {addr:#x}: {poison}: likely use-after-free",
-                               poison=poison, in_allocator=in_alloc, evidence=ev)
-    if addr is not None and f.address_source == "instruction" and is_canonical(addr) and seg is not None \
-            and _allows(seg, f.access):
+        return c.result("null-deref", f"{access or 'access'} at {addr:#x}: below 64 KiB (near-null)",
+                        threshold=NEAR_NULL)
+    return None
+
+
+def _poisoned(c: _Case) -> Classification | None:
+    if c.poison is None:
+        return None
+    return c.result("poison-address", f"{c.f.access or 'access'} at {c.addr:#x}: {c.poison}: likely use-after-free",
+                    poison=c.poison)
+
+
+def _gp_on_accessible(c: _Case) -> Classification | None:
+    addr, f = c.addr, c.f
+    if addr is not None and f.address_source == "instruction" and is_canonical(addr) and c.seg is not None \
+            and _allows(c.seg, f.access):
         # #GP on a valid, accessible address: misaligned SSE/AVX operand, privileged instruction…
-        return Classification("unknown", f"general-protection fault on accessible address {addr:#x} "
-                              "(misaligned SSE/AVX access or privileged instruction?)", in_allocator=in_alloc,
-                              evidence=ev)
-    if addr is not None:
-        if not is_canonical(addr):
-            why = "non-canonical address"
-        elif f.segments is not None and seg is None:
-            why = "unmapped address"
-        elif seg is not None and not _allows(seg, f.access):
-            why = f"{f.access or 'access'} not allowed on mapped {seg.perms} memory"
-        elif f.segments is None:
-            why = "address (memory map unknown)"
-        else:
-            why = "mapped address (fault cause unclear)"
-        return Classification("wild-address", f"{f.access or 'access'} at {addr:#x}: {why}", in_allocator=in_alloc,
-                              evidence=ev)
+        return c.result("unknown", f"general-protection fault on accessible address {addr:#x} "
+                        "(misaligned SSE/AVX access or privileged instruction?)")
+    return None
 
-    # Address unknown. A GP fault (SI_KERNEL) we could not decode must not be called a NULL deref.
-    names = [clean_function(x.function) for x in after_trampoline(frames)]
-    cyc = find_cycle(names)
+
+def _wild(c: _Case) -> Classification | None:
+    addr, f, seg = c.addr, c.f, c.seg
+    if addr is None:
+        return None
+    if not is_canonical(addr):
+        why = "non-canonical address"
+    elif f.segments is not None and seg is None:
+        why = "unmapped address"
+    elif seg is not None and not _allows(seg, f.access):
+        why = f"{f.access or 'access'} not allowed on mapped {seg.perms} memory"
+    elif f.segments is None:
+        why = "address (memory map unknown)"
+    else:
+        why = "mapped address (fault cause unclear)"
+    return c.result("wild-address", f"{f.access or 'access'} at {addr:#x}: {why}")
+
+
+# Address unknown from here on.
+
+def _deep_recursion(c: _Case) -> Classification | None:
+    cyc = find_cycle([clean_function(x.function) for x in after_trampoline(c.frames)])
     if cyc is not None and cyc.repeats * cyc.period >= 32:
-        return Classification("stack-overflow", f"deep recursion ({cyc.repeats}× a {cyc.period}-frame cycle), "
-                              "fault address unknown", in_allocator=in_alloc, evidence=ev)
-    if f.si_code == SI_KERNEL:
-        return Classification("unknown", "general-protection fault (SI_KERNEL, si_addr 0) and the faulting "
-                              "instruction could not be decoded: not necessarily NULL", in_allocator=in_alloc,
-                              evidence=ev)
-    return Classification("unknown", "SIGSEGV with unknown fault address", in_allocator=in_alloc, evidence=ev)
+        return c.result("stack-overflow", f"deep recursion ({cyc.repeats}× a {cyc.period}-frame cycle), "
+                        "fault address unknown")
+    return None
 
 
-def classify_core(core, executable, *, timeout: float = 30.0) -> Classification:
-    """Wrapper: classify a core file (runs the triage tools; see triage.triage_core)."""
-    from .triage import triage_core  # local import: triage depends on this module
+def _undecoded_gp(c: _Case) -> Classification | None:
+    # A GP fault (SI_KERNEL) we could not decode must not be called a NULL deref.
+    if c.f.si_code != SI_KERNEL:
+        return None
+    return c.result("unknown", "general-protection fault (SI_KERNEL, si_addr 0) and the faulting "
+                    "instruction could not be decoded: not necessarily NULL")
 
-    return triage_core(core, executable, timeout=timeout).classification
+
+RULES = (_external_signal, _bus_ill_fpe, _abort, _not_segv,
+         _segv_in_allocator, _near_stack_pointer, _null_page, _poisoned, _gp_on_accessible, _wild,
+         _deep_recursion, _undecoded_gp)
+
+
+def classify(f: CrashFacts) -> Classification:
+    """Pure classification: the first of RULES that answers (see the module docstring for the order)."""
+    case = _Case.of(f)
+    for rule in RULES:
+        found = rule(case)
+        if found is not None:
+            return found
+    return case.result("unknown", "SIGSEGV with unknown fault address")
