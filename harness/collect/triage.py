@@ -22,8 +22,8 @@ from .classify import Classification, CrashFacts, classify
 from .elfcore import CoreInfo, ElfError, read_build_id, read_core
 from .frames import Frame, ThreadStack
 from .signature import SIGNATURE_VERSION, Signature, bucket_id, crash_state
-from .decode import decode_at_pc
-from .x86 import SI_KERNEL, recompute_fault_address
+from .decode import Decoded, decode_at_pc
+from .x86 import SI_KERNEL, FaultAddress, recompute_fault_address
 
 FAULT_SIGNALS = {_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGILL, _signal.SIGFPE}
 KEPT_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
@@ -152,19 +152,50 @@ def _main_module_build_id(modules: list[bt.Module], executable: Path) -> str | N
 def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
                 tool_paths: Mapping[str, str] | None = None) -> Triage:
     """Triage a core written by ``executable``. tool_paths overrides argv[0] of "eu-stack" / "gdb"
-    (tests use it to simulate missing tools)."""
+    (tests use it to simulate missing tools). Three steps: gather (the tools and the core's notes: all
+    the I/O), assemble (pure: which source to believe for each fact), classify."""
     t0 = time.monotonic()
     core, executable = Path(core), Path(executable)
     tri = Triage(core=str(core), executable=str(executable))
-    paths = dict(tool_paths or {})
-    eu_stack = paths.get("eu-stack", "eu-stack")
-    gdb = paths.get("gdb", "gdb")
-
     problem = _check_core(core)
     if problem:
         tri.errors.append(problem)
         _finish(tri, Classification("unknown", problem), t0)
         return tri
+    gathered = _gather(tri, core, executable, timeout, dict(tool_paths or {}), t0)
+    sender = _assemble(tri, gathered, executable)
+    info = gathered.info
+    cls = classify(CrashFacts(
+        signal=tri.signal, si_code=tri.si_code, fault_address=tri.fault_address,
+        address_source=tri.address_source, reported_si_addr=tri.reported_si_addr, access=tri.access,
+        pc=tri.pc, sp=tri.sp, frames=tri.crashing_thread, segments=info.segments if info else None,
+        pid=info.pid if info else None, sender_pid=sender if tri.signal not in FAULT_SIGNALS else None,
+        abort_message=tri.abort_message))
+    _finish(tri, cls, t0)
+    return tri
+
+
+@dataclass
+class _Gathered:
+    """What the tools and the core's own notes said."""
+    info: CoreInfo | None
+    stack: bt.StackResult
+    facts: bt.GdbFacts
+    threads: list[ThreadStack]
+    frames_tool: str
+    decoded: Decoded | None
+
+
+def _registers(facts: bt.GdbFacts, info: CoreInfo | None) -> dict[str, int]:
+    """gdb's registers first, the core's own notes when gdb is missing or failed."""
+    return facts.registers or (info.registers if info else {})
+
+
+def _gather(tri: Triage, core: Path, executable: Path, timeout: float, paths: dict[str, str],
+            t0: float) -> _Gathered:
+    """Run eu-stack and gdb, read the core's notes and the bytes at pc; timings and tool errors into `tri`."""
+    eu_stack = paths.get("eu-stack", "eu-stack")
+    gdb = paths.get("gdb", "gdb")
     if not executable.is_file():
         tri.errors.append(f"executable {executable} not found: frames of the main program will be unsymbolized")
 
@@ -201,11 +232,39 @@ def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
         tri.timings["gdb-backtrace"] = time.monotonic() - t2
         if retry.threads:
             threads, frames_tool = retry.threads, "gdb"
-    tri.tools["frames"] = frames_tool if threads else "none"
 
-    # Signal and registers: gdb first, the core's own notes when gdb is missing or failed.
-    regs = facts.registers or (info.registers if info else {})
+    # The faulting instruction, and the x86-64 trap: capstone on the bytes at pc (from the core, or the file
+    # mapped there); gdb's text only when those bytes cannot be read (_instruction).
+    regs = _registers(facts, info)
+    decoded = decode_at_pc(core, info, regs.get("rip"), regs) if regs else None
+    return _Gathered(info, stack, facts, threads, frames_tool, decoded)
+
+
+def _assemble(tri: Triage, g: _Gathered, executable: Path) -> int | None:
+    """Pure: fill `tri` from what was gathered, each fact from the best source that has it. Returns the
+    sender's pid from the siginfo (meaningful for signals sent by a process)."""
+    info, facts = g.info, g.facts
+    tri.tools["frames"] = g.frames_tool if g.threads else "none"
+    regs = _registers(facts, info)
     tri.registers = {k: regs[k] for k in KEPT_REGISTERS if k in regs}
+    sender = _siginfo(tri, facts, info)
+    tri.pc = regs.get("rip")
+    tri.sp = regs.get("rsp")
+    tri.abort_message = facts.abort_message
+
+    crashing_tid = facts.lwp or (info.pid if info else None)
+    threads = _order_threads(g.threads, crashing_tid)
+    tri.threads = threads
+    tri.crashing_tid = threads[0].tid if threads else crashing_tid
+    tri.crashing_thread = list(threads[0].frames) if threads else []
+
+    _fault_address(tri, _instruction(tri, g, regs))
+    _build_ids(tri, g.stack.modules, executable)
+    return sender
+
+
+def _siginfo(tri: Triage, facts: bt.GdbFacts, info: CoreInfo | None) -> int | None:
+    """Signal, si_code and si_addr: gdb first, the core's own notes when gdb is missing or failed."""
     if facts.si_signo is not None:
         tri.signal, tri.si_code, si_addr, sender = facts.si_signo, facts.si_code, facts.si_addr, facts.si_pid
         tri.tools["siginfo"] = "gdb"
@@ -224,31 +283,27 @@ def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
     tri.si_code_name = si_code_name(tri.signal, tri.si_code)
     # si_addr shares a union with si_pid: it means an address only for fault signals.
     tri.reported_si_addr = si_addr if tri.signal in FAULT_SIGNALS else None
-    tri.pc = regs.get("rip")
-    tri.sp = regs.get("rsp")
-    tri.abort_message = facts.abort_message
+    return sender
 
-    crashing_tid = facts.lwp or (info.pid if info else None)
-    threads = _order_threads(threads, crashing_tid)
-    tri.threads = threads
-    tri.crashing_tid = threads[0].tid if threads else crashing_tid
-    tri.crashing_thread = list(threads[0].frames) if threads else []
 
-    # The faulting instruction, and the x86-64 trap: capstone on the bytes at pc (from the core, or the file
-    # mapped there); gdb's text only when those bytes cannot be read.
-    decoded = decode_at_pc(core, info, regs.get("rip"), regs) if regs else None
+def _instruction(tri: Triage, g: _Gathered, regs: dict[str, int]) -> FaultAddress | None:
+    """The faulting instruction's text, and the address and access it computes (None if unknown)."""
+    decoded, facts = g.decoded, g.facts
     if decoded is not None:
         tri.instruction = decoded.text
         tri.tools["instruction"] = "capstone (bytes from the core)" if decoded.source == "core" else \
             f"capstone (bytes from {decoded.source})"
-        recomputed = decoded.fault
-    else:
-        insn = facts.instructions[0] if facts.instructions else None
-        next_pc = facts.instructions[1].address if len(facts.instructions) > 1 else None
-        tri.tools["instruction"] = "gdb text (bytes at pc unreadable)" if insn else "none"
-        if insn is not None:
-            tri.instruction = insn.text
-        recomputed = recompute_fault_address(insn, regs, next_pc) if insn is not None and regs else None
+        return decoded.fault
+    insn = facts.instructions[0] if facts.instructions else None
+    next_pc = facts.instructions[1].address if len(facts.instructions) > 1 else None
+    tri.tools["instruction"] = "gdb text (bytes at pc unreadable)" if insn else "none"
+    if insn is not None:
+        tri.instruction = insn.text
+    return recompute_fault_address(insn, regs, next_pc) if insn is not None and regs else None
+
+
+def _fault_address(tri: Triage, recomputed: FaultAddress | None) -> None:
+    """The real fault address: si_addr, or recomputed from the instruction for a #GP (SI_KERNEL, si_addr 0)."""
     if tri.signal == _signal.SIGSEGV and tri.si_code == SI_KERNEL and not tri.reported_si_addr:
         if recomputed is not None:
             tri.fault_address, tri.address_source, tri.access = recomputed.address, "instruction", recomputed.access
@@ -262,23 +317,16 @@ def triage_core(core: Path, executable: Path, *, timeout: float = 30.0,
             elif recomputed is not None and recomputed.address >> 12 == tri.fault_address >> 12:
                 tri.access = recomputed.access
 
-    # Build ids: from eu-stack's module list (no extra process).
-    for m in stack.modules:
+
+def _build_ids(tri: Triage, modules: list[bt.Module], executable: Path) -> None:
+    """Build ids from eu-stack's module list (no extra process), and whether the executable was rebuilt."""
+    for m in modules:
         if m.build_id:
             tri.build_ids[m.name] = m.build_id
-    core_exe_bid = _main_module_build_id(stack.modules, executable)
+    core_exe_bid = _main_module_build_id(modules, executable)
     if tri.executable_build_id and core_exe_bid and core_exe_bid != tri.executable_build_id:
         tri.errors.append(f"executable build id {tri.executable_build_id} differs from the core's {core_exe_bid}: "
                           "it was rebuilt since the crash, frames in it are unreliable")
-
-    cls = classify(CrashFacts(
-        signal=tri.signal, si_code=tri.si_code, fault_address=tri.fault_address,
-        address_source=tri.address_source, reported_si_addr=tri.reported_si_addr, access=tri.access,
-        pc=tri.pc, sp=tri.sp, frames=tri.crashing_thread, segments=info.segments if info else None,
-        pid=info.pid if info else None, sender_pid=sender if tri.signal not in FAULT_SIGNALS else None,
-        abort_message=tri.abort_message))
-    _finish(tri, cls, t0)
-    return tri
 
 
 def _finish(tri: Triage, cls: Classification, t0: float) -> None:
