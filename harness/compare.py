@@ -17,8 +17,8 @@ import math
 import operator
 import re
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -239,181 +239,246 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
-def pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
-              n_resamples: int) -> dict[str, Any]:
-    """One comparison row before the multiplicity correction: estimates, raw p-value, smallest possible p.
+@dataclass
+class Detectable:
+    """What a row's test could have detected at a threshold: a factor (None: not a ratio), or a text."""
+    factor: float | None
+    text: str | None = None
+    trials: dict[str, int | None] | None = None   # crashed trials: the counts that would have been significant
 
-    `_detect(alpha)` gives (detectable factor or None, text or None) once the row's threshold is known.
-    """
+
+@dataclass
+class PairRow:
+    """One comparison row before the multiplicity correction: estimates, raw p-value, smallest possible p.
+    finish_rows() turns it into the row of the JSON output (docs/compare.md)."""
+    variant: str
+    baseline: str
+    metric: str
+    label: str
+    unit: str
+    test: str
+    lower_is_better: bool
+    min_p: float
+    variant_value: float | None = None
+    baseline_value: float | None = None
+    effect: float | None = None
+    effect_kind: str | None = None
+    low: float | None = None
+    high: float | None = None
+    p_value: float | None = None
+    notes: list[str] = field(default_factory=list)
+    blocks: list[int] | None = None          # harness.regress: blocks a side (in the output when set)
+    # What finish_rows needs and the output does not show:
+    direction: int = 0                       # +1 the variant's value is higher, -1 lower
+    reason: str | None = None                # why there is no test (None: p_value is a test's)
+    detect: Callable[[float], Detectable] | None = None   # what the test could detect at a threshold
+    effect_note: str | None = None           # the effect in words, for the verdict's text
+
+
+def pair_row(metric: str, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
+             n_resamples: int) -> PairRow:
+    """The row comparing variant `v` with baseline `b` on `metric` (see PairRow)."""
     label, unit, lower_is_better, test = METRICS[metric]
-    row: dict[str, Any] = {"variant": v["name"], "baseline": b["name"], "metric": metric, "label": label,
-                           "unit": unit, "test": test, "lower_is_better": lower_is_better,
-                           "variant_value": None, "baseline_value": None, "effect": None, "effect_kind": None,
-                           "low": None, "high": None, "p_value": None, "p_holm": None,
-                           "min_p": _min_p(metric, v, b), "threshold": None, "detectable": None,
-                           "detectable_trials": None, "verdict": None, "text": None, "notes": [],
-                           "_direction": 0, "_reason": None, "_detect": None, "_effect_text": None}
+    row = PairRow(variant=v["name"], baseline=b["name"], metric=metric, label=label, unit=unit, test=test,
+                  lower_is_better=lower_is_better, min_p=_min_p(metric, v, b))
     if not v["trials"] or not b["trials"]:
-        row["_reason"] = "no trials"
+        row.reason = "no trials"
         return row
     if metric == "crash_rate":
-        vr, br = v["crash_rate"]["per_host_hour"], b["crash_rate"]["per_host_hour"]
-        row.update(variant_value=vr["rate"], baseline_value=br["rate"], effect_kind="rate_ratio")
-        if v["crashes"] + b["crashes"] == 0:
-            row["_reason"] = (f"no crashes in either; {confidence:.0%} bounds {_fmt_rate(vr['upper_bound'])} and "
-                              f"{_fmt_rate(br['upper_bound'])} per host-hour")
-            return row
-        if vr["exposure"] <= 0 or br["exposure"] <= 0:
-            row["_reason"] = "no exposure (no host ran: no start events and no host-seconds recorded)"
-            return row
-        result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence)
-        row.update(effect=result.ratio, low=result.low, high=result.high, p_value=result.p_value)
-        row["_direction"] = (1 if vr["rate"] > br["rate"] else -1 if vr["rate"] < br["rate"] else 0)
-        if b["crashes"] == 0:
-            row["_effect_text"] = f"{v['crashes']} vs 0 crashes"
-        total, e1, e2 = v["crashes"] + b["crashes"], vr["exposure"], br["exposure"]
-        lean = row["_direction"]
-        row["_detect"] = lambda alpha: (stats.rate_ratio_detectable(total, e1, e2, alpha, lean), None)
-        for side in (v, b):
-            if side["overdispersion_p"] is not None and side["overdispersion_p"] < 0.05:
-                row["notes"].append(f"{side['name']}: crashes cluster within trials (dispersion p="
-                                    f"{side['overdispersion_p']:.2g}); the Poisson interval is too narrow, "
-                                    "trust the crashed-trials row more")
-        return row
+        return _crash_rate_row(row, v, b, confidence)
     if metric == "crashed_trials":
-        k1, n1, k2, n2 = v["crashed_trials"], v["trials"], b["crashed_trials"], b["trials"]
-        row.update(variant_value=k1 / n1, baseline_value=k2 / n2, effect_kind="odds_ratio")
-        if k1 + k2 == 0:
-            row["_reason"] = (f"no trial crashed in either, 0/{n1} and 0/{n2}; {confidence:.0%} bounds "
-                              f"{v['crashed_trials_bound']['upper_bound']:.0%} and "
-                              f"{b['crashed_trials_bound']['upper_bound']:.0%} per trial")
-            return row
-        if k1 + k2 == n1 + n2:
-            row["_reason"] = f"every trial crashed in both ({n1}/{n1} and {n2}/{n2}): compare the crash rates"
-            return row
-        result = stats.fisher_trials(k1, n1, k2, n2, confidence)
-        row.update(effect=result.odds_ratio, low=result.low, high=result.high, p_value=result.p_value)
-        row["_direction"] = 1 if k1 / n1 > k2 / n2 else -1 if k1 / n1 < k2 / n2 else 0
-        row["_effect_text"] = f"{k1}/{n1} vs {k2}/{n2} trials crashed, odds ratio"
-
-        def detect_trials(alpha: float) -> tuple[None, str]:
-            low_k, high_k = stats.fisher_detectable(k2, n1, n2, alpha)
-            row["detectable_trials"] = {"low": low_k, "high": high_k}
-            reach = []
-            if low_k is not None:
-                reach.append(("" if low_k == 0 else "<=") + f"{low_k}/{n1}")
-            if high_k is not None:
-                reach.append((">=" if high_k < n1 else "") + f"{high_k}/{n1}")
-            return None, (f"less than a move to {' or '.join(reach)} crashed trials, baseline {k2}/{n2}" if reach
-                          else f"any difference in crashed trials with {n1} and {n2} trials")
-
-        row["_detect"] = detect_trials
-        return row
+        return _crashed_trials_row(row, v, b, confidence)
     if metric == "first_crash":
-        vf, bf = v["first_crash"], b["first_crash"]
-        row.update(variant_value=vf["median"], baseline_value=bf["median"], effect_kind="time_ratio")
-        times = [[t["first_crash"] for t in side["per_trial"]] for side in (v, b)]
-        ends = [[t["end"] for t in side["per_trial"]] for side in (v, b)]
-        if vf["crashed"] + bf["crashed"] == 0:
-            row["_reason"] = "no trial crashed in either"
-            return row
-        result = stats.first_crash_test(times[0], ends[0], times[1], ends[1])
-        row.update(effect=result.time_ratio, p_value=None if math.isnan(result.p_value) else result.p_value)
-        # log-rank statistic > 0: the variant crashes sooner; "higher is better" is about the time.
-        row["_direction"] = -1 if result.statistic > 0 else 1 if result.statistic < 0 else 0
-        events, n1, n2 = result.events, len(times[0]), len(times[1])
-        row["_detect"] = lambda alpha: (stats.first_crash_detectable(events, n1, n2, alpha), None)
-        if row["p_value"] is None:
-            row["_reason"] = "log-rank test undefined"
+        return _first_crash_row(row, v, b)
+    return _per_trial_row(row, v, b, confidence=confidence, seed=seed, n_resamples=n_resamples)
+
+
+def _crash_rate_row(row: PairRow, v: dict[str, Any], b: dict[str, Any], confidence: float) -> PairRow:
+    """Crashes per host-hour: the exact conditional rate ratio."""
+    vr, br = v["crash_rate"]["per_host_hour"], b["crash_rate"]["per_host_hour"]
+    row.variant_value, row.baseline_value, row.effect_kind = vr["rate"], br["rate"], "rate_ratio"
+    if v["crashes"] + b["crashes"] == 0:
+        row.reason = (f"no crashes in either; {confidence:.0%} bounds {_fmt_rate(vr['upper_bound'])} and "
+                      f"{_fmt_rate(br['upper_bound'])} per host-hour")
         return row
+    if vr["exposure"] <= 0 or br["exposure"] <= 0:
+        row.reason = "no exposure (no host ran: no start events and no host-seconds recorded)"
+        return row
+    result = stats.rate_ratio(v["crashes"], vr["exposure"], b["crashes"], br["exposure"], confidence)
+    row.effect, row.low, row.high, row.p_value = result.ratio, result.low, result.high, result.p_value
+    row.direction = (1 if vr["rate"] > br["rate"] else -1 if vr["rate"] < br["rate"] else 0)
+    if b["crashes"] == 0:
+        row.effect_note = f"{v['crashes']} vs 0 crashes"
+    total, e1, e2 = v["crashes"] + b["crashes"], vr["exposure"], br["exposure"]
+    lean = row.direction
+    row.detect = lambda alpha: Detectable(stats.rate_ratio_detectable(total, e1, e2, alpha, lean))
+    for side in (v, b):
+        if side["overdispersion_p"] is not None and side["overdispersion_p"] < 0.05:
+            row.notes.append(f"{side['name']}: crashes cluster within trials (dispersion p="
+                             f"{side['overdispersion_p']:.2g}); the Poisson interval is too narrow, "
+                             "trust the crashed-trials row more")
+    return row
+
+
+def _crashed_trials_row(row: PairRow, v: dict[str, Any], b: dict[str, Any], confidence: float) -> PairRow:
+    """The fraction of trials with a crash: Fisher's exact test."""
+    k1, n1, k2, n2 = v["crashed_trials"], v["trials"], b["crashed_trials"], b["trials"]
+    row.variant_value, row.baseline_value, row.effect_kind = k1 / n1, k2 / n2, "odds_ratio"
+    if k1 + k2 == 0:
+        row.reason = (f"no trial crashed in either, 0/{n1} and 0/{n2}; {confidence:.0%} bounds "
+                      f"{v['crashed_trials_bound']['upper_bound']:.0%} and "
+                      f"{b['crashed_trials_bound']['upper_bound']:.0%} per trial")
+        return row
+    if k1 + k2 == n1 + n2:
+        row.reason = f"every trial crashed in both ({n1}/{n1} and {n2}/{n2}): compare the crash rates"
+        return row
+    result = stats.fisher_trials(k1, n1, k2, n2, confidence)
+    row.effect, row.low, row.high, row.p_value = result.odds_ratio, result.low, result.high, result.p_value
+    row.direction = 1 if k1 / n1 > k2 / n2 else -1 if k1 / n1 < k2 / n2 else 0
+    row.effect_note = f"{k1}/{n1} vs {k2}/{n2} trials crashed, odds ratio"
+
+    def detect_trials(alpha: float) -> Detectable:
+        low_k, high_k = stats.fisher_detectable(k2, n1, n2, alpha)
+        reach = []
+        if low_k is not None:
+            reach.append(("" if low_k == 0 else "<=") + f"{low_k}/{n1}")
+        if high_k is not None:
+            reach.append((">=" if high_k < n1 else "") + f"{high_k}/{n1}")
+        return Detectable(None, f"less than a move to {' or '.join(reach)} crashed trials, baseline {k2}/{n2}"
+                          if reach else f"any difference in crashed trials with {n1} and {n2} trials",
+                          trials={"low": low_k, "high": high_k})
+
+    row.detect = detect_trials
+    return row
+
+
+def _first_crash_row(row: PairRow, v: dict[str, Any], b: dict[str, Any]) -> PairRow:
+    """Time to the first crash (Kaplan-Meier medians): the log-rank test."""
+    vf, bf = v["first_crash"], b["first_crash"]
+    row.variant_value, row.baseline_value, row.effect_kind = vf["median"], bf["median"], "time_ratio"
+    times = [[t["first_crash"] for t in side["per_trial"]] for side in (v, b)]
+    ends = [[t["end"] for t in side["per_trial"]] for side in (v, b)]
+    if vf["crashed"] + bf["crashed"] == 0:
+        row.reason = "no trial crashed in either"
+        return row
+    result = stats.first_crash_test(times[0], ends[0], times[1], ends[1])
+    row.effect, row.p_value = result.time_ratio, None if math.isnan(result.p_value) else result.p_value
+    # log-rank statistic > 0: the variant crashes sooner; "higher is better" is about the time.
+    row.direction = -1 if result.statistic > 0 else 1 if result.statistic < 0 else 0
+    events, n1, n2 = result.events, len(times[0]), len(times[1])
+    row.detect = lambda alpha: Detectable(stats.first_crash_detectable(events, n1, n2, alpha))
+    if row.p_value is None:
+        row.reason = "log-rank test undefined"
+    return row
+
+
+def _per_trial_row(row: PairRow, v: dict[str, Any], b: dict[str, Any], *, confidence: float, seed: int,
+                   n_resamples: int) -> PairRow:
+    """A per-trial figure (latency, throughput, peak RSS): Mann-Whitney U and a bootstrap ratio of medians."""
+    metric, label = row.metric, row.label
     x = [t[metric] for t in v["per_trial"] if t[metric] is not None]
     y = [t[metric] for t in b["per_trial"] if t[metric] is not None]
     for side, values in ((v, x), (b, y)):
         if len(values) < side["trials"]:
-            row["notes"].append(f"{side['name']}: {side['trials'] - len(values)} trial(s) without {label} left out")
+            row.notes.append(f"{side['name']}: {side['trials'] - len(values)} trial(s) without {label} left out")
     if not x or not y:
-        row["_reason"] = f"no {label} recorded"
+        row.reason = f"no {label} recorded"
         return row
     if len(x) < 2 or len(y) < 2:
         # One value a side: the ratio is shown, but no rank test can say anything about it.
         mx, my = float(np.median(x)), float(np.median(y))
-        row.update(variant_value=mx, baseline_value=my, effect_kind="ratio_of_medians",
-                   effect=mx / my if my else None)
-        row["_reason"] = (f"n too small: {len(x)} vs {len(y)} trial(s), a rank test needs at least 2 a side; "
-                          f"run more trials (--trials)")
+        row.variant_value, row.baseline_value, row.effect_kind = mx, my, "ratio_of_medians"
+        row.effect = mx / my if my else None
+        row.reason = (f"n too small: {len(x)} vs {len(y)} trial(s), a rank test needs at least 2 a side; "
+                      f"run more trials (--trials)")
         return row
     result = stats.compare_samples(x, y, seed=_row_seed(seed, v["name"], b["name"], metric), confidence=confidence,
                                    alpha=None, n_resamples=n_resamples)
-    row.update(variant_value=result.medians[0], baseline_value=result.medians[1], effect=result.ratio,
-               effect_kind="ratio_of_medians", low=result.low, high=result.high, p_value=result.p_value)
-    row["_direction"] = result.direction
-    def detect_shift(alpha: float) -> tuple[float, str | None]:
+    row.variant_value, row.baseline_value, row.effect = result.medians[0], result.medians[1], result.ratio
+    row.effect_kind, row.low, row.high, row.p_value = "ratio_of_medians", result.low, result.high, result.p_value
+    row.direction = result.direction
+
+    def detect_shift(alpha: float) -> Detectable:
         factor = stats.rank_detectable(x, y, alpha, result.direction)
         if math.isinf(factor):
-            return factor, f"any difference: {len(x)} vs {len(y)} trials with tied values cannot reach p<{alpha:.2g}"
-        return factor, None
+            return Detectable(factor, f"any difference: {len(x)} vs {len(y)} trials with tied values cannot reach "
+                                      f"p<{alpha:.2g}")
+        return Detectable(factor)
 
-    row["_detect"] = detect_shift
+    row.detect = detect_shift
     if result.interval_method == "percentile":
-        row["notes"].append("BCa interval degenerate (few distinct values): percentile interval")
+        row.notes.append("BCa interval degenerate (few distinct values): percentile interval")
     return row
 
 
-def _cannot_reach(row: dict[str, Any], variants: Mapping[str, dict[str, Any]], alpha: float) -> str:
+def _cannot_reach(row: PairRow, threshold: float, variants: Mapping[str, dict[str, Any]], alpha: float) -> str:
     """Why a row could not have been significant whatever its data."""
-    if row["metric"] in TRIAL_METRICS:
-        n1 = variants[row["variant"]]["metrics"][row["metric"]]["n"]
-        n2 = variants[row["baseline"]]["metrics"][row["metric"]]["n"]
-        text = f"any difference: {n1} vs {n2} trials cannot give a rank-test p below {row['min_p']:.2g}"
+    if row.metric in TRIAL_METRICS:
+        n1 = variants[row.variant]["metrics"][row.metric]["n"]
+        n2 = variants[row.baseline]["metrics"][row.metric]["n"]
+        text = f"any difference: {n1} vs {n2} trials cannot give a rank-test p below {row.min_p:.2g}"
     else:
-        text = f"any difference: the smallest p-value these counts can give is {row['min_p']:.2g}"
-    return text + (f", p<{row['threshold']:.2g} needed" if row["min_p"] < alpha else "")
+        text = f"any difference: the smallest p-value these counts can give is {row.min_p:.2g}"
+    return text + (f", p<{threshold:.2g} needed" if row.min_p < alpha else "")
 
 
-def finish_rows(rows: list[dict[str, Any]], variants: Mapping[str, dict[str, Any]], *, alpha: float,
-            min_difference: float | Mapping[str, float] | None) -> None:
-    """Holm-Tarone over every row that is a test, then what each row could detect, then the verdicts."""
+def finish_rows(rows: Sequence[PairRow], variants: Mapping[str, dict[str, Any]], *, alpha: float,
+                min_difference: float | Mapping[str, float] | None) -> list[dict[str, Any]]:
+    """Holm-Tarone over every row that is a test, then what each row could detect, then the verdicts: the
+    rows of the output, in order."""
     adjusted, thresholds = stats.holm_tarone(
-        [r["p_value"] if r["_reason"] is None else None for r in rows], [r["min_p"] for r in rows], alpha)
-    for row, p_holm, threshold in zip(rows, adjusted, thresholds):
-        row["p_holm"], row["threshold"] = p_holm, threshold
-        md = (min_difference.get(row["metric"]) if isinstance(min_difference, Mapping) else min_difference)
-        if row["metric"] == "crashed_trials":
-            md = None   # odds ratios of a few trials: a relative minimum means little
-        detectable, detectable_text = None, None
-        if p_holm is not None and p_holm >= alpha:
-            if row["min_p"] >= threshold:
-                detectable, detectable_text = math.inf, _cannot_reach(row, variants, alpha)
-            elif row["_detect"] is not None:
-                detectable, detectable_text = row["_detect"](threshold)
-                if detectable_text is None and detectable is not None and math.isinf(detectable):
-                    detectable_text = "any difference with these counts"
-        row["detectable"] = detectable
-        verdict = stats.decide(p_adjusted=p_holm, alpha=alpha, direction=row["_direction"],
-                               lower_is_better=row["lower_is_better"], effect=row["effect"], low=row["low"],
-                               high=row["high"], min_difference=md, detectable=detectable,
-                               detectable_text=detectable_text, no_test_reason=row["_reason"],
-                               effect_text=row["_effect_text"])
-        row["verdict"], row["text"] = verdict.verdict, verdict.text
-        row["min_difference"] = md
-        band = None if md is None else 1.0 + md
-        row["within_min_difference"] = bool(
-            band is not None and row["low"] is not None and row["high"] is not None
-            and 1.0 / band <= row["low"] and row["high"] <= band)
-        row["effect_text"] = stats.fmt_ratio(row["effect"])
-        row["interval_text"] = ("-" if row["low"] is None or row["high"] is None or math.isnan(row["low"])
-                                else f"{stats.fmt_ratio(row['low'])}-{stats.fmt_ratio(row['high'])}")
-        for key in ("_direction", "_reason", "_detect", "_effect_text"):
-            row.pop(key, None)
+        [r.p_value if r.reason is None else None for r in rows], [r.min_p for r in rows], alpha)
+    return [_finished(row, p_holm, threshold, variants, alpha, min_difference)
+            for row, p_holm, threshold in zip(rows, adjusted, thresholds)]
+
+
+def _finished(row: PairRow, p_holm: float | None, threshold: float, variants: Mapping[str, dict[str, Any]],
+              alpha: float, min_difference: float | Mapping[str, float] | None) -> dict[str, Any]:
+    md = (min_difference.get(row.metric) if isinstance(min_difference, Mapping) else min_difference)
+    if row.metric == "crashed_trials":
+        md = None   # odds ratios of a few trials: a relative minimum means little
+    detectable, detectable_text, detectable_trials = None, None, None
+    if p_holm is not None and p_holm >= alpha:
+        if row.min_p >= threshold:
+            detectable, detectable_text = math.inf, _cannot_reach(row, threshold, variants, alpha)
+        elif row.detect is not None:
+            found = row.detect(threshold)
+            detectable, detectable_text, detectable_trials = found.factor, found.text, found.trials
+            if detectable_text is None and detectable is not None and math.isinf(detectable):
+                detectable_text = "any difference with these counts"
+    verdict = stats.decide(p_adjusted=p_holm, alpha=alpha, direction=row.direction,
+                           lower_is_better=row.lower_is_better, effect=row.effect, low=row.low,
+                           high=row.high, min_difference=md, detectable=detectable,
+                           detectable_text=detectable_text, no_test_reason=row.reason,
+                           effect_text=row.effect_note)
+    band = None if md is None else 1.0 + md
+    out: dict[str, Any] = {
+        "variant": row.variant, "baseline": row.baseline, "metric": row.metric, "label": row.label,
+        "unit": row.unit, "test": row.test, "lower_is_better": row.lower_is_better,
+        "variant_value": row.variant_value, "baseline_value": row.baseline_value, "effect": row.effect,
+        "effect_kind": row.effect_kind, "low": row.low, "high": row.high, "p_value": row.p_value,
+        "p_holm": p_holm, "min_p": row.min_p, "threshold": threshold, "detectable": detectable,
+        "detectable_trials": detectable_trials, "verdict": verdict.verdict, "text": verdict.text,
+        "notes": row.notes}
+    if row.blocks is not None:
+        out["blocks"] = row.blocks
+    out["min_difference"] = md
+    out["within_min_difference"] = bool(
+        band is not None and row.low is not None and row.high is not None
+        and 1.0 / band <= row.low and row.high <= band)
+    out["effect_text"] = stats.fmt_ratio(row.effect)
+    out["interval_text"] = ("-" if row.low is None or row.high is None or math.isnan(row.low)
+                            else f"{stats.fmt_ratio(row.low)}-{stats.fmt_ratio(row.high)}")
+    return out
 
 
 def _rows_for(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metrics: Sequence[str], settings: dict[str, Any],
               min_difference: float | Mapping[str, float] | None) -> tuple[list[dict[str, Any]], int]:
     """The rows of these (variant, baseline) pairs, corrected together; and Tarone's K at the first step."""
-    rows = [pair_row(m, v, b, confidence=settings["confidence"], seed=settings["seed"],
-                      n_resamples=settings["n_resamples"]) for v, b in pairs for m in metrics]
+    pending = [pair_row(m, v, b, confidence=settings["confidence"], seed=settings["seed"],
+                        n_resamples=settings["n_resamples"]) for v, b in pairs for m in metrics]
     by_name = {side["name"]: side for pair in pairs for side in pair}
-    finish_rows(rows, by_name, alpha=settings["alpha"], min_difference=min_difference)
+    rows = finish_rows(pending, by_name, alpha=settings["alpha"], min_difference=min_difference)
     tested = [r["min_p"] for r in rows if r["p_holm"] is not None]
     return rows, stats.tarone_size(tested, settings["alpha"]) if tested else 0
 

@@ -57,7 +57,7 @@ import numpy as np
 
 from harness import stats
 from harness import trends as trends_module
-from harness.compare import json_safe, trial_exposures, finish_rows, pair_row, spread_of, summarize_variant
+from harness.compare import PairRow, json_safe, trial_exposures, finish_rows, pair_row, spread_of, summarize_variant
 from harness.crashcounts import read_crashes
 from harness.histmerge import merge_encoded
 from harness.errors import HarnessError
@@ -255,30 +255,31 @@ def _side(name: str, run: dict[str, Any], variant: str, block: float) -> dict[st
 def _rate_and_performance(names: Sequence[str], run: dict[str, Any], base: dict[str, Any],
                           block: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Crash-rate rows and per-block latency/throughput rows of every matched variant, corrected together."""
-    rows, by_name = [], {}
+    pending: list[PairRow] = []
+    by_name: dict[str, dict[str, Any]] = {}
     for name in names:
         v, b = _side(name, run, name, block), _side(f"{name} (baseline)", base, name, block)
         by_name[v["name"]], by_name[b["name"]] = v, b
-        rows.append(pair_row("crash_rate", v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
-                              n_resamples=SETTINGS["n_resamples"]))
+        pending.append(pair_row("crash_rate", v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
+                                n_resamples=SETTINGS["n_resamples"]))
         for metric in PERF_METRICS:
             row = pair_row(metric, v, b, confidence=SETTINGS["confidence"], seed=SETTINGS["seed"],
-                            n_resamples=SETTINGS["n_resamples"])
+                           n_resamples=SETTINGS["n_resamples"])
             if min(v["metrics"][metric]["n"], b["metrics"][metric]["n"]) < MIN_BLOCKS:
-                row["_reason"] = (f"too short to compare: {v['metrics'][metric]['n']} and {b['metrics'][metric]['n']}"
-                                  f" blocks of {block:.0f}s, {MIN_BLOCKS} a side needed")
+                row.reason = (f"too short to compare: {v['metrics'][metric]['n']} and {b['metrics'][metric]['n']}"
+                              f" blocks of {block:.0f}s, {MIN_BLOCKS} a side needed")
             for side in (v, b):
                 values = [x[metric] for x in side["per_trial"] if x[metric] is not None]
                 rho = _block_autocorrelation(values)
                 if rho > AUTOCORR_NOTE:
-                    row["notes"].append(f"{side['name']}: successive blocks correlate (lag-1 r={rho:.2f}): "
-                                        "the p-value is optimistic")
-            row["blocks"] = [v["metrics"][metric]["n"], b["metrics"][metric]["n"]]
-            rows.append(row)
-    finish_rows(rows, by_name, alpha=SETTINGS["alpha"], min_difference=MIN_DIFFERENCE)
-    for row in rows:
-        if row["metric"] in PERF_METRICS:   # compare's wording is about trials; here the repeats are blocks
-            row["text"] = row["text"].replace(" trials", " blocks")
+                    row.notes.append(f"{side['name']}: successive blocks correlate (lag-1 r={rho:.2f}): "
+                                     "the p-value is optimistic")
+            row.blocks = [v["metrics"][metric]["n"], b["metrics"][metric]["n"]]
+            pending.append(row)
+    rows = finish_rows(pending, by_name, alpha=SETTINGS["alpha"], min_difference=MIN_DIFFERENCE)
+    for out in rows:
+        if out["metric"] in PERF_METRICS:   # compare's wording is about trials; here the repeats are blocks
+            out["text"] = out["text"].replace(" trials", " blocks")
     return ([r for r in rows if r["metric"] == "crash_rate"], [r for r in rows if r["metric"] in PERF_METRICS])
 
 
