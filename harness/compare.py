@@ -15,7 +15,6 @@ import json
 
 import math
 import operator
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,22 +26,13 @@ from scipy import stats as scipy_stats
 from tabulate import tabulate
 
 from harness import stats
+from harness.claims import METRICS, VERDICT_CLAIMS, VariantExpectation  # noqa: F401 (re-exported)
 from harness.exposure import uptime_exposure
 from harness.report import build_report
 from harness.store import open_run
 
 COMPARE_SCHEMA = 1
 
-# metric -> (label, unit, lower is better, test)
-METRICS: dict[str, tuple[str, str, bool, str]] = {
-    "crash_rate": ("crash rate", "per host-hour", True, "exact conditional rate ratio"),
-    "crashed_trials": ("crashed trials", "fraction of trials", True, "Fisher exact"),
-    "first_crash": ("time to first crash", "s (Kaplan-Meier median)", False, "log-rank"),
-    "p50_latency": ("p50 latency", "s (median of trials)", True, "Mann-Whitney U"),
-    "p99_latency": ("p99 latency", "s (median of trials)", True, "Mann-Whitney U"),
-    "throughput": ("throughput", "ok/s (median of trials)", False, "Mann-Whitney U"),
-    "peak_rss": ("peak RSS", "bytes (median of trials)", True, "Mann-Whitney U"),
-}
 DEFAULT_METRICS = ("crash_rate", "crashed_trials", "p50_latency", "p99_latency", "throughput", "peak_rss")
 TRIAL_METRICS = ("p50_latency", "p99_latency", "throughput", "peak_rss")
 NOT_RUNNING = ("down", "stopped")       # host_samples states that are *not* exposure
@@ -692,54 +682,6 @@ def render_compare(result: dict[str, Any]) -> str:
 
 
 # --- expectations over a comparison ---------------------------------------------------------------
-
-VERDICT_CLAIMS = ("better", "worse", "no worse", "no better", "no difference")
-_RATIO_CLAIM = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*x\s*$")
-
-
-@dataclass(frozen=True)
-class VariantExpectation:
-    """`{compare: [variant, reference], <metric>: <claim>}` from a scenario's expect list.
-
-    claim: a verdict claim ("better", "worse", "no worse", "no better", "no difference") judged on the
-    comparison's verdict, or a ratio claim ("< 1.1x", "<= 1.1x", "> 0.9x", ">= 0.9x") judged on the
-    ratio variant / reference (rate ratio, ratio of medians, or time ratio).
-    """
-
-    variant: str
-    reference: str
-    metric: str
-    claim: str                         # one of VERDICT_CLAIMS, or "<", "<=", ">", ">="
-    factor: float | None = None        # for ratio claims
-    text: str = ""
-    index: int = 0
-    line: int = 0
-
-    @classmethod
-    def parse(cls, compare: Sequence[str], metric: str, value: str, *, index: int = 0,
-              line: int = 0) -> "VariantExpectation":
-        """Raises ValueError with a message fit for a FILE:LINE: FIELD: message line."""
-        if len(compare) != 2 or not all(isinstance(n, str) and n for n in compare):
-            raise ValueError("compare: needs two variant names, [variant, reference]")
-        if compare[0] == compare[1]:
-            raise ValueError("compare: the two variants are the same")
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r} for compare (known: {', '.join(METRICS)})")
-        text = f"{compare[0]} vs {compare[1]}: {metric} {str(value).strip()}"
-        claim = str(value).strip().lower()
-        if claim in VERDICT_CLAIMS:
-            return cls(compare[0], compare[1], metric, claim, None, text, index, line)
-        match = _RATIO_CLAIM.match(claim)
-        if not match:
-            raise ValueError(f"{metric}: expected one of {', '.join(VERDICT_CLAIMS)} or a ratio like '< 1.1x', "
-                             f"got {value!r}")
-        if metric == "crashed_trials":
-            raise ValueError("crashed_trials takes a verdict claim (better, no worse, ...), not a ratio")
-        factor = float(match.group(2))
-        if factor <= 0:
-            raise ValueError(f"{metric}: the ratio must be positive")
-        return cls(compare[0], compare[1], metric, match.group(1), factor, text, index, line)
-
 
 def _row_for(result: dict[str, Any], variant: dict[str, Any], reference: dict[str, Any], metric: str) -> dict[str, Any]:
     """The table's row when the reference is the baseline; else this pair compared on its own

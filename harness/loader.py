@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import units
+from harness.claims import METRICS as COMPARE_METRICS, VariantExpectation
 from harness.errors import Problem, ScenarioError
 from harness.fields import (
     MISSING, Invalid, Reader, as_argv, as_bool, as_int, as_number, as_positive_int, as_str, as_str_map,
@@ -1053,7 +1054,6 @@ def _expectations(top: Reader, load: LoadShape | None, variants: list[Variant],
 
 def _compare_expectations(top: Reader, variants: list[Variant]) -> list[Any]:
     """`{compare: [variant, reference], crash_rate: "no worse"}` or `{..., p99_latency: "< 1.1x"}`."""
-    from harness.compare import METRICS as COMPARE_METRICS, VariantExpectation
     result = []
     names = {v.name for v in variants}
     for index, (path, item) in enumerate(top.items("expect")):

@@ -311,7 +311,7 @@ class Scenario:
     expect: tuple[Expectation, ...] = ()
     description: str = ""
     cores: "Cores" = field(default_factory=lambda: Cores())
-    compare_expect: tuple[Any, ...] = ()      # harness.compare.VariantExpectation: {compare: [a, b], metric: claim}
+    compare_expect: tuple[Any, ...] = ()      # harness.claims.VariantExpectation: {compare: [a, b], metric: claim}
 
     @property
     def duration(self) -> float:
