@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from harness.driverpool import resolve_workers  # noqa: E402
 from harness.fleet import free_port  # noqa: E402
 from harness.loader import load_scenario_text  # noqa: E402
-from harness.runner import RunOptions, run_scenario  # noqa: E402
+from harness.runner import run_scenario  # noqa: E402
+from harness.runoptions import RunOptions  # noqa: E402
 
 ECHO = REPO / "targets" / "echo" / "echo-server"
 SCENARIO = """

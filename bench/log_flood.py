@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.loader import load_scenario_text  # noqa: E402
-from harness.runner import RunOptions, run_scenario  # noqa: E402
+from harness.runner import run_scenario  # noqa: E402
+from harness.runoptions import RunOptions  # noqa: E402
 
 SCENARIO = """
 name: bench-log-flood

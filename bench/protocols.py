@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from harness.fleet import free_port, render  # noqa: E402
 from harness.loader import load_scenario_text  # noqa: E402
-from harness.runner import RunOptions, run_scenario  # noqa: E402
+from harness.runner import run_scenario  # noqa: E402
+from harness.runoptions import RunOptions  # noqa: E402
 
 TARGETS = {
     "http": """

@@ -437,7 +437,7 @@ def _crashes(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.resume import Invocation
-    from harness.runner import RunOptions
+    from harness.runoptions import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
@@ -489,7 +489,7 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
 def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, lock: Any) -> int:
     from harness.loader import build_scenario
     from harness.resume import resume_point
-    from harness.runner import RunOptions
+    from harness.runoptions import RunOptions
     from harness.yamlsource import parse_source
     point = resume_point(run_dir)
     invocation = point.invocation

@@ -8,17 +8,15 @@ error, every host is stopped and reaped, and what was gathered is written before
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import os
-import secrets
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,15 @@ from harness.fleet import (FleetSupervisor, Host, State, assign_ports, check_com
                            stderr_tail)
 from harness.hostprep import HostPrep
 from harness.plan import PlanSpec, choose_hosts, loss_events
+from harness.runoptions import RunOptions, RunResult, new_run_id
+from harness.trialorder import trial_order
 from harness.isolation import scenario_problem
 from harness.netfault import NetFaults
 from harness.netfault.topology import backends
 from harness.isolation.limits import ResourceFaults, oom_triage, oom_verdict
 from harness.procs import ExitInfo, Spawner
 from harness.scenario import Cores, Scenario, ShimFault, Variant
-from harness.resume import FINISHED, Invocation, ResumePoint, gap_detail
+from harness.resume import FINISHED, gap_detail
 from harness.logsink import LogPump
 from harness.safefs import RunLock, Untrusted, check_trusted_path, create_run_dir
 from harness.status import CLEAR, eta_text, fit, run_eta, terminal_width
@@ -61,35 +61,8 @@ from harness.collect.objects import ObjectStore, object_list, save_deleted
 FLUSH_INTERVAL = 1.0
 
 
-@dataclass
-class RunOptions:
-    out_dir: Path = Path("results")
-    variant: str | None = None
-    trials: int | None = None
-    status: bool = True
-    argv: list[str] = field(default_factory=list)
-    metrics: tuple[str, int] | None = None      # serve /metrics here during the run
-    invocation: Invocation | None = None         # how the run was started (saved for harness resume)
-    resume: ResumePoint | None = None            # continue this stopped run instead of starting one
-    rollup_after: float = 3600.0                 # per-second samples older than this become ...
-    rollup_every: int = 60                       # ... one row per this many seconds
-    self_sample_every: float = 10.0              # the harness's own RSS/fds/threads, for soaks
-    lock: RunLock | None = None                  # resume: the run folder's lock, taken before reading it
-
-
 class TrialFailed(Exception):
     """A trial that cannot stand as evidence (e.g. the requested allocator is not the one bound)."""
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    run_dir: Path
-    status: str                # complete | interrupted
-    signal: int | None = None
-    failed_trials: list[str] = field(default_factory=list)
-    lock: RunLock | None = None    # held until the caller has recorded the verdict
-    forced: bool = False           # a second SIGINT/SIGTERM: hosts killed, exit at once
 
 
 class Recorder:
@@ -141,22 +114,6 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-def new_run_id(name: str) -> str:
-    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
-
-
-def trial_order(scenario: Scenario, only: str | None, repeats: int) -> list[tuple[Variant, int]]:
-    """Variants interleaved: A B C A B C ..., so drift on the machine hits them all alike."""
-    variants = list(scenario.variants) or [Variant(name="default")]
-    if only is not None:
-        chosen = scenario.variant(only)
-        if chosen is None:
-            names = ", ".join(v.name for v in scenario.variants) or "(none defined)"
-            raise HarnessError(f"no variant named {only!r} in {scenario.file} (variants: {names})")
-        variants = [chosen]
-    return [(variant, repeat) for repeat in range(repeats) for variant in variants]
 
 
 async def build_target(argv: tuple[str, ...], root: Path) -> None:

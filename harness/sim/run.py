@@ -25,13 +25,14 @@ import trio.testing
 from harness.hist import new_histogram
 from harness.histmerge import Encoder
 from harness.outcomes import COUNTS, HostSample, Sample
-from harness.runner import RunOptions, RunResult, new_run_id, trial_order
+from harness.runoptions import RunOptions, RunResult, new_run_id
 from harness.scenario import Scenario, Variant
 from harness.sim import params
 from harness.sim.crashes import CAUSES as CAUSE_NAMES
 from harness.sim.engine import FleetModel, bin_seconds
 from harness.safefs import create_run_dir
 from harness.store import RunStore
+from harness.trialorder import trial_order
 
 FLUSH_EVERY = 300          # virtual seconds between store batches
 MAX_DRAIN = 600.0          # virtual seconds after the load for queues and retries to empty
