@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,38 @@ def apportion(total: int, weights: list[int]) -> list[int]:
     for i in order[:rest]:
         shares[i] += 1
     return shares
+
+
+@dataclass
+class _Tick:
+    """One tick's working values, passed from section to section of FleetModel.step (arrays suffixed _p,
+    and every array here, span the hosts in play: the whole fleet when `play` is None)."""
+    t: float
+    fresh: int                     # new arrivals
+    retries: list[int]             # retries due this tick, by attempt
+    attempts: int
+    counts: np.ndarray             # the balancer's requests per host (the whole fleet)
+    placed: int                    # handed to a host (the rest found nobody in rotation)
+    uniform: bool                  # every host up and warm: capacity is one number
+    play: np.ndarray | None = None
+    capacity: Any = None
+    can: Any = None                # requests each host can serve this tick
+    wait_cap: Any = None           # the most that can wait and still be served within the client timeout
+    counts_p: Any = None
+    budget_p: Any = None
+    up: Any = None
+    waiting_before: Any = None     # backlog at the start of the tick
+    served: Any = None
+    backlog: Any = None
+    peak: Any = None               # backlog before refusals and timeouts
+    queued: bool = False
+    refused: Any = None
+    timed_out: Any = None
+    refused_total: int = 0
+    timed_out_total: int = 0
+    inflight: Any = None
+    rejected: Any = None           # memory over budget with on_exhaust: reject
+    crash_memory: Any = None       # memory over budget with on_exhaust: crash (a mask over play)
 
 
 def lat_bin(seconds: float | np.ndarray) -> Any:
@@ -398,44 +431,28 @@ class FleetModel:
 
         While every host is up and warm, capacity is one number and the arrays span the fleet; otherwise
         the per-host arrays of this tick (suffix _p) span only the hosts in play (`play`): hosts down or
-        stopped hold nothing (no backlog, no carry, zero capacity), so leaving them out changes nothing."""
-        m, dt, t, n = self.m, self.dt, self.t, self.n
+        stopped hold nothing (no backlog, no carry, zero capacity), so leaving them out changes nothing.
+        The sections, in order: faults and lifecycle, arrivals and the balancer, capacity (the quiet
+        ticks leave here), serving and the queue, memory, crashes, latency, outcomes."""
+        t, n = self.t, self.n
         end = (self.tick_index + 1) / self.ticks_per_second    # no drift from adding 0.1s ticks
         self.backlog_lost = 0
         if self.shim_faults:
             self._update_faults(t)
         if self.timers or self.next_restart <= t + 1e-9 or self.loss_next < len(self.losses):
             self._lifecycle(t, end)
-        shape = self.scenario.load
-        if not load_on:
-            fresh = 0
-        elif m.arrivals == "even":            # the expected count, whole requests carried over
-            fresh = int(math.floor(shape.expected(end) + 1e-9) - math.floor(shape.expected(t) + 1e-9))
-        else:
-            mean = shape.expected(end) - shape.expected(t)
-            fresh = int(self.arrivals_rng.poisson(mean)) if mean > 0 else 0
+        fresh = self._arrivals(load_on, t, end)
         retries = self.pool[1:]
         self.pool = [0] * len(self.pool)
         attempts = fresh + sum(retries)
         counts, self.pointer = assign(attempts, self.in_rotation, self.backlog, self.policy, self.pointer,
                                       self.count_rotation)
         placed = attempts if self.count_rotation else 0
-        no_host = attempts - placed
         # capacity this tick: a scalar while every host is up and warm (the common case), else per host
-        uniform = self.count_up == n and t >= self.warm_until
-        play: np.ndarray | None = None
-        if uniform:
-            capacity: Any = self.full_capacity
-            can: Any = capacity * dt
-            if can != math.floor(can):
-                credit = can + self.carry
-                can = np.floor(credit)
-                self.carry = credit - can
-                can = can.astype(np.int64)
-            else:
-                can = int(can)
-            wait_cap: Any = int(math.floor(capacity * max(self.timeout - m.service_time, 0.0)))
-            counts_p, budget_p = counts, self.budget
+        k = _Tick(t=t, fresh=fresh, retries=retries, attempts=attempts, counts=counts, placed=placed,
+                  uniform=self.count_up == n and t >= self.warm_until)
+        if k.uniform:
+            self._uniform_capacity(k)
         else:
             if not self.any_backlog and self.count_rotation and self.uniform_multiplier:
                 odd = self._odd_hosts(t)
@@ -443,118 +460,175 @@ class FleetModel:
                     quiet = self._quiet_few(t, attempts, counts, fresh, retries, odd)
                     if quiet is not None:
                         return quiet
-            play = self._in_play()
-            if 2 * len(play) > n:
-                play = None                    # most hosts in play: whole arrays are cheaper than gathers
-            counts_p, budget_p = (counts, self.budget) if play is None else (counts[play], self.budget[play])
-            up = self.state == UP if play is None else self.state[play] == UP
-            if t < self.warm_until:
-                started = self.started if play is None else self.started[play]
-                warm = np.clip((t - started) / m.warmup_for, 0.0, 1.0)
-                capacity = np.where(up, m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * warm), 0.0)
-            else:
-                capacity = np.where(up, self.full_capacity, 0.0)
-            credit = capacity * dt + (self.carry if play is None else self.carry[play])
-            can = np.floor(credit)
-            if play is None:
-                self.carry = credit - can
-            else:
-                self.carry[play] = credit - can
-            can = can.astype(np.int64)
-            wait_cap = np.floor(capacity * max(self.timeout - m.service_time, 0.0)).astype(np.int64)
+            self._capacity_in_play(k)
         if not self.any_backlog and self.count_rotation:
-            quiet = self._quiet_tick(t, attempts, counts, counts_p, can, capacity, fresh, retries, uniform, play)
+            quiet = self._quiet_tick(t, attempts, counts, k.counts_p, k.can, k.capacity, fresh, retries, k.uniform,
+                                     k.play)
             if quiet is not None:
                 return quiet
-        waiting_before = self.backlog if play is None else self.backlog[play]
-        backlog = waiting_before + counts_p if self.any_backlog else counts_p
-        served = np.minimum(backlog, can)
-        backlog = backlog - served
-        refused_total = timed_out_total = 0
-        refused = timed_out = None
-        peak = backlog                                          # before refusals and timeouts
+        self._serve(k)
+        if self.m.memory_per_request or self.m.memory_base:
+            self._memory(k)
+        self._keep_queues(k)
+        lost_total, lost = self._crashes(k)
+        latency = self._latency(k)
+        return self._outcomes(k, lost_total, lost, latency)
+
+    def _arrivals(self, load_on: bool, t: float, end: float) -> int:
+        """Fresh arrivals in [t, end): the expected count with whole requests carried over ("even"), or a
+        Poisson draw."""
+        shape, m = self.scenario.load, self.m
+        if not load_on:
+            return 0
+        if m.arrivals == "even":
+            return int(math.floor(shape.expected(end) + 1e-9) - math.floor(shape.expected(t) + 1e-9))
+        mean = shape.expected(end) - shape.expected(t)
+        return int(self.arrivals_rng.poisson(mean)) if mean > 0 else 0
+
+    def _uniform_capacity(self, k: _Tick) -> None:
+        """Every host up and warm: one capacity for the fleet (a fractional one carried over per host)."""
+        m = self.m
+        k.capacity = self.full_capacity
+        can: Any = k.capacity * self.dt
+        if can != math.floor(can):
+            credit = can + self.carry
+            can = np.floor(credit)
+            self.carry = credit - can
+            can = can.astype(np.int64)
+        else:
+            can = int(can)
+        k.can = can
+        k.wait_cap = int(math.floor(k.capacity * max(self.timeout - m.service_time, 0.0)))
+        k.counts_p, k.budget_p = k.counts, self.budget
+
+    def _capacity_in_play(self, k: _Tick) -> None:
+        """Per-host capacity (warm-up, hosts down or paused), over the hosts in play."""
+        m, t = self.m, k.t
+        play: np.ndarray | None = self._in_play()
+        if 2 * len(play) > self.n:
+            play = None                    # most hosts in play: whole arrays are cheaper than gathers
+        k.play = play
+        k.counts_p, k.budget_p = (k.counts, self.budget) if play is None else (k.counts[play], self.budget[play])
+        k.up = self.state == UP if play is None else self.state[play] == UP
+        if t < self.warm_until:
+            started = self.started if play is None else self.started[play]
+            warm = np.clip((t - started) / m.warmup_for, 0.0, 1.0)
+            capacity = np.where(k.up, m.capacity * (m.warmup_from + (1.0 - m.warmup_from) * warm), 0.0)
+        else:
+            capacity = np.where(k.up, self.full_capacity, 0.0)
+        credit = capacity * self.dt + (self.carry if play is None else self.carry[play])
+        can = np.floor(credit)
+        if play is None:
+            self.carry = credit - can
+        else:
+            self.carry[play] = credit - can
+        k.capacity, k.can = capacity, can.astype(np.int64)
+        k.wait_cap = np.floor(capacity * max(self.timeout - m.service_time, 0.0)).astype(np.int64)
+
+    def _serve(self, k: _Tick) -> None:
+        """Serve what capacity allows; refuse what overflows the queue, time out what cannot be served in time."""
+        m, play = self.m, k.play
+        k.waiting_before = self.backlog if play is None else self.backlog[play]
+        backlog = k.waiting_before + k.counts_p if self.any_backlog else k.counts_p
+        k.served = np.minimum(backlog, k.can)
+        backlog = backlog - k.served
+        k.peak = backlog                                          # before refusals and timeouts
         queued = bool(backlog.any())
         if queued:
-            refused = np.maximum(backlog - m.queue, 0)
-            backlog = backlog - refused
-            timed_out = np.maximum(backlog - wait_cap, 0)     # paused hosts: capacity 0, all of it
-            backlog = backlog - timed_out
-            refused_total, timed_out_total = int(refused.sum()), int(timed_out.sum())
+            k.refused = np.maximum(backlog - m.queue, 0)
+            backlog = backlog - k.refused
+            k.timed_out = np.maximum(backlog - k.wait_cap, 0)     # paused hosts: capacity 0, all of it
+            backlog = backlog - k.timed_out
+            k.refused_total, k.timed_out_total = int(k.refused.sum()), int(k.timed_out.sum())
             queued = bool(backlog.any())
-        inflight = served * (m.service_time / dt) + backlog if queued else served * (m.service_time / dt)
-        rejected = None
-        crash_memory = None
-        if m.memory_per_request or m.memory_base:
-            memory = m.memory_base + m.memory_per_request * inflight
-            over = memory > budget_p
-            if not uniform:
-                over &= up
-            if over.any():
-                if m.memory_on_exhaust == "crash":
-                    crash_memory = over
-                else:
-                    allowed = np.floor((budget_p - m.memory_base) / max(m.memory_per_request, 1))
-                    excess = np.where(over, np.ceil(inflight - allowed), 0).astype(np.int64)
-                    from_backlog = np.minimum(backlog, excess)
-                    backlog = backlog - from_backlog
-                    rest = excess - from_backlog
-                    from_served = np.minimum(served, np.ceil(rest * dt / max(m.service_time, 1e-9)).astype(np.int64))
-                    served = served - from_served
-                    rejected = from_backlog + from_served
-                    inflight = served * (m.service_time / dt) + backlog
-                    memory = m.memory_base + m.memory_per_request * inflight
-                    queued = bool(backlog.any())
-            if play is None:
-                self.memory = memory
-            elif self.per_host:
-                self.memory = self._spread_out(play, memory, float(m.memory_base))
+        k.backlog, k.queued = backlog, queued
+        k.inflight = k.served * (m.service_time / self.dt) + backlog if queued else k.served * (m.service_time / self.dt)
+
+    def _memory(self, k: _Tick) -> None:
+        """In-flight memory against each host's budget: over it, a crash (marked) or rejected requests."""
+        m, dt, play = self.m, self.dt, k.play
+        memory = m.memory_base + m.memory_per_request * k.inflight
+        over = memory > k.budget_p
+        if not k.uniform:
+            over &= k.up
+        if over.any():
+            if m.memory_on_exhaust == "crash":
+                k.crash_memory = over
             else:
-                self.memory[play] = memory      # only the hosts in play are read (their crash rows)
+                allowed = np.floor((k.budget_p - m.memory_base) / max(m.memory_per_request, 1))
+                excess = np.where(over, np.ceil(k.inflight - allowed), 0).astype(np.int64)
+                from_backlog = np.minimum(k.backlog, excess)
+                k.backlog = k.backlog - from_backlog
+                rest = excess - from_backlog
+                from_served = np.minimum(k.served, np.ceil(rest * dt / max(m.service_time, 1e-9)).astype(np.int64))
+                k.served = k.served - from_served
+                k.rejected = from_backlog + from_served
+                k.inflight = k.served * (m.service_time / dt) + k.backlog
+                memory = m.memory_base + m.memory_per_request * k.inflight
+                k.queued = bool(k.backlog.any())
         if play is None:
-            self.inflight = inflight
+            self.memory = memory
         elif self.per_host:
-            self.inflight = self._spread_out(play, inflight, 0.0)
+            self.memory = self._spread_out(play, memory, float(m.memory_base))
         else:
-            self.inflight[play] = inflight
+            self.memory[play] = memory      # only the hosts in play are read (their crash rows)
+
+    def _keep_queues(self, k: _Tick) -> None:
+        """The tick's in-flight requests and backlog into the fleet's state."""
+        play = k.play
         if play is None:
-            self.backlog = backlog
+            self.inflight = k.inflight
+        elif self.per_host:
+            self.inflight = self._spread_out(play, k.inflight, 0.0)
         else:
-            self.backlog[play] = backlog
-        self.any_backlog = queued
-        # crashes: memory ones in the middle of the tick, hazard ones at their drawn time (indices in play)
+            self.inflight[play] = k.inflight
+        if play is None:
+            self.backlog = k.backlog
+        else:
+            self.backlog[play] = k.backlog
+        self.any_backlog = k.queued
+
+    def _crashes(self, k: _Tick) -> tuple[int, np.ndarray | None]:
+        """Memory crashes in the middle of the tick, hazard ones at their drawn time (indices in play): the
+        requests lost, in total and per host (small fleets)."""
+        m, t, play = self.m, k.t, k.play
         parts = []
-        if crash_memory is not None:
-            where = np.flatnonzero(crash_memory)
-            parts.append((where, np.full(len(where), t + dt * 0.5), np.full(len(where), MEMORY),
+        if k.crash_memory is not None:
+            where = np.flatnonzero(k.crash_memory)
+            parts.append((where, np.full(len(where), t + self.dt * 0.5), np.full(len(where), MEMORY),
                           np.zeros(len(where))))
         if m.hazard_base > 0 or m.hazard_scale > 0:
-            hit = self._hazard(t, counts_p, capacity, uniform, play, crash_memory)
+            hit = self._hazard(t, k.counts_p, k.capacity, k.uniform, play, k.crash_memory)
             if hit is not None:
                 parts.append(hit)
         lost_total = self.backlog_lost
-        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
+        lost = np.zeros(self.n, dtype=np.int64) if self.per_host else None
         if parts:
             where, times, causes, hazards = ([np.concatenate(c) for c in zip(*parts)] if len(parts) > 1
                                              else parts[0])
-            cap = np.full(len(where), capacity) if uniform else capacity[where]
+            cap = np.full(len(where), k.capacity) if k.uniform else k.capacity[where]
             crashed, dropped = self._crash(where if play is None else play[where], times, causes, hazards,
-                                           counts_p[where], cap)
+                                           k.counts_p[where], cap)
             lost_total += int(dropped.sum())
             if lost is not None:
                 lost[crashed] = dropped
-        # latency of what was served: service time plus the wait behind the backlog, which (fluid, at
-        # this resolution) grows linearly through the tick from its start to its end value
+        return lost_total, lost
+
+    def _latency(self, k: _Tick) -> dict[int, int]:
+        """Latency bins of what was served: service time plus the wait behind the backlog, which (fluid, at
+        this resolution) grows linearly through the tick from its start to its end value."""
+        m, served = self.m, k.served
         latency: dict[int, int] = {}
         served_total = int(served.sum())
         if served_total:
-            if not queued and not bool(peak.any()) and not bool(waiting_before.any()):
+            if not k.queued and not bool(k.peak.any()) and not bool(k.waiting_before.any()):
                 latency[self.service_bin] = served_total
             else:
                 hosts = np.flatnonzero(served)
-                cap = capacity if uniform else capacity[hosts]
-                limit = wait_cap if uniform else wait_cap[hosts]
+                cap = k.capacity if k.uniform else k.capacity[hosts]
+                limit = k.wait_cap if k.uniform else k.wait_cap[hosts]
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    queue_mean = 0.5 * (waiting_before[hosts] + np.minimum(peak[hosts], limit))
+                    queue_mean = 0.5 * (k.waiting_before[hosts] + np.minimum(k.peak[hosts], limit))
                     wait = np.where(cap > 0, queue_mean / cap, 0.0)
                 bins = lat_bin(np.minimum(m.service_time + wait, self.timeout))
                 low, high = int(bins.min()), int(bins.max())
@@ -564,19 +638,26 @@ class FleetModel:
                     tally = np.bincount(bins - low, weights=served[hosts])
                     for offset in np.flatnonzero(tally).tolist():
                         latency[low + offset] = int(tally[offset])
-        # failures, retries and what is final
-        failures = {"timeout": timed_out_total, "conn_error": refused_total + lost_total,
-                    "no_host": no_host, "bad_reply": int(rejected.sum()) if rejected is not None else 0}
-        final = self._retry(failures, fresh, retries)
+        return latency
+
+    def _outcomes(self, k: _Tick, lost_total: int, lost: np.ndarray | None, latency: dict[int, int]) -> dict[str, Any]:
+        """Failures by kind, what is retried and what is final, per-host errors; the tick's result."""
+        served = k.served
+        served_total = int(served.sum())
+        failures = {"timeout": k.timed_out_total, "conn_error": k.refused_total + lost_total,
+                    "no_host": k.attempts - k.placed,
+                    "bad_reply": int(k.rejected.sum()) if k.rejected is not None else 0}
+        final = self._retry(failures, k.fresh, k.retries)
         errors = None
         if self.per_host:
-            errors = (refused if refused is not None else 0) + (timed_out if timed_out is not None else 0) \
-                + (rejected if rejected is not None else 0)
-            if play is not None:
-                served = self._spread_out(play, served, 0)
-                errors = self._spread_out(play, errors, 0) if not np.isscalar(errors) else errors
+            errors = (k.refused if k.refused is not None else 0) + (k.timed_out if k.timed_out is not None else 0) \
+                + (k.rejected if k.rejected is not None else 0)
+            if k.play is not None:
+                served = self._spread_out(k.play, served, 0)
+                errors = self._spread_out(k.play, errors, 0) if not np.isscalar(errors) else errors
             errors = lost + errors
-        return self._finish(fresh, attempts, placed, served_total, retries, final, latency, counts, served, errors)
+        return self._finish(k.fresh, k.attempts, k.placed, served_total, k.retries, final, latency, k.counts, served,
+                            errors)
 
     def _spread_out(self, play: np.ndarray, values: np.ndarray, rest: float) -> np.ndarray:
         """A per-host array over the whole fleet from its values for the hosts in play."""
