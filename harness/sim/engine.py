@@ -163,29 +163,15 @@ class FleetModel:
         self.pool = [0] * (model.retries_max + 1)              # pool[k]: to be sent as retry number k
         self.tokens = 0.0
         # per-host budgets: the model's (with its spread) and any budget-mode alloc-fail faults
-        base_budget = np.full(n, np.inf)
-        if model.memory_budget is not None:
-            jitter = rng(self.seed, "sim-budget").uniform(-model.memory_spread, model.memory_spread, n) \
-                if model.memory_spread else np.zeros(n)
-            base_budget = np.maximum(1.0, model.memory_budget * (1.0 + jitter))
-        self.base_budget = base_budget
-        self.budget = base_budget.copy()
-        self.budget_min = float(base_budget.min())
+        self.base_budget = self._base_budgets()
+        self.budget = self.base_budget.copy()
+        self.budget_min = float(self.base_budget.min())
         self.multiplier = np.ones(n)
         self.uniform_multiplier = True
         self.shim_faults: list[tuple[ShimFault, np.ndarray, list[tuple[float, float]], np.ndarray | None]] = []
         self.fault_masks: list[np.ndarray] = []
         if faults_on:
-            end = scenario.duration + self.timeout + 60
-            for fault in scenario.shim_faults:
-                hosts = self._fault_hosts(fault)
-                budgets = None
-                if fault.kind == "alloc-fail" and fault.mode == "budget":
-                    budgets = self._fault_budgets(fault, hosts)
-                self.shim_faults.append((fault, hosts, fault.window.intervals(end), budgets))
-                mask = np.zeros(n, dtype=bool)
-                mask[hosts] = True
-                self.fault_masks.append(mask)
+            self._place_shim_faults()
         self.active: tuple[int, ...] | None = None
         self.losses = loss_events(scenario.host_losses, scenario.duration) if faults_on else []
         self.loss_next = 0
@@ -211,6 +197,28 @@ class FleetModel:
             self._event(0.0, "start", host, incarnation=0)
 
     # --- set-up helpers ------------------------------------------------------------------------
+
+    def _base_budgets(self) -> np.ndarray:
+        """Each host's memory budget: the model's, spread +-memory_spread between machines (inf: none)."""
+        model, n = self.m, self.n
+        if model.memory_budget is None:
+            return np.full(n, np.inf)
+        jitter = rng(self.seed, "sim-budget").uniform(-model.memory_spread, model.memory_spread, n) \
+            if model.memory_spread else np.zeros(n)
+        return np.maximum(1.0, model.memory_budget * (1.0 + jitter))
+
+    def _place_shim_faults(self) -> None:
+        """The scenario's shim faults: on which hosts, when, with which budgets (alloc-fail, budget mode)."""
+        end = self.scenario.duration + self.timeout + 60
+        for fault in self.scenario.shim_faults:
+            hosts = self._fault_hosts(fault)
+            budgets = None
+            if fault.kind == "alloc-fail" and fault.mode == "budget":
+                budgets = self._fault_budgets(fault, hosts)
+            self.shim_faults.append((fault, hosts, fault.window.intervals(end), budgets))
+            mask = np.zeros(self.n, dtype=bool)
+            mask[hosts] = True
+            self.fault_masks.append(mask)
 
     def _fault_hosts(self, fault: ShimFault) -> np.ndarray:
         """The same choice as harness.faults.fault_hosts, over the model's hosts."""
