@@ -50,6 +50,36 @@ class Decoder(Protocol):
     def eof(self) -> list[Any]: ...
 
 
+class FramedDecoder:
+    """A Decoder for protocols whose replies parse one at a time from a position in the buffer:
+    `parse_one(buffer, pos)` gives (reply, the position after it), or None when more bytes are needed,
+    and raises ProtocolError for bytes that are not a reply."""
+
+    __slots__ = ("buffer", "closing")
+    parse_one: Callable[[bytes, int], tuple[Any, int] | None]
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.closing = False
+
+    def feed(self, data: bytes) -> list[Any]:
+        buffer = self.buffer + data if self.buffer else data
+        replies: list[Any] = []
+        parse = self.parse_one
+        pos = 0
+        while pos < len(buffer):
+            parsed = parse(buffer, pos)
+            if parsed is None:
+                break
+            reply, pos = parsed
+            replies.append(reply)
+        self.buffer = buffer[pos:]
+        return replies
+
+    def eof(self) -> list[Any]:
+        return []
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     """One request of the scenario's mix (or of set-up, or the readiness probe), as validated.

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from harness.fields import Invalid, describe
-from harness.protocols import Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload, unknown_placeholders
+from harness.protocols import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload,
+                               unknown_placeholders)
 
 STORAGE = {"set": 4, "add": 4, "replace": 4, "append": 4, "prepend": 4, "cas": 5}   # fields before <bytes>
 COMMANDS = set(STORAGE) | {"get", "gets", "gat", "gats", "delete", "incr", "decr", "touch", "version", "stats",
@@ -80,30 +81,6 @@ def compile(spec: RequestSpec, seed: int) -> Encoder:
 Reply = tuple[bytes, bytes | None]
 
 
-class Decoder:
-    __slots__ = ("buffer", "closing")
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.closing = False
-
-    def feed(self, data: bytes) -> list[Reply]:
-        buffer = self.buffer + data if self.buffer else data
-        replies: list[Reply] = []
-        pos = 0
-        while True:
-            parsed = _parse(buffer, pos)
-            if parsed is None:
-                break
-            reply, pos = parsed
-            replies.append(reply)
-        self.buffer = buffer[pos:]
-        return replies
-
-    def eof(self) -> list[Reply]:
-        return []
-
-
 def _parse(buf: bytes, pos: int) -> tuple[Reply, int] | None:
     end = buf.find(b"\r\n", pos)
     if end < 0:
@@ -155,3 +132,8 @@ def check(expect: Pattern | None, reply: Reply, key: str, seq: int) -> str | Non
 
 def describe_reply(reply: Reply) -> str:
     return text_of(reply).decode("utf-8", "replace")
+
+
+class Decoder(FramedDecoder):
+    __slots__ = ()
+    parse_one = staticmethod(_parse)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from harness.fields import Invalid, describe
-from harness.protocols import Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload, unknown_placeholders
+from harness.protocols import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload,
+                               unknown_placeholders)
 
 MAX_BULK = 512 * 1024 * 1024     # redis's own limit (proto-max-bulk-len)
 MAX_LINE = 64 * 1024             # a header line longer than this is not RESP
@@ -77,31 +78,7 @@ def compile(spec: RequestSpec, seed: int) -> Encoder:
 Reply = tuple[bytes, Any]
 
 
-class Decoder:
-    __slots__ = ("buffer", "closing")
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.closing = False
-
-    def feed(self, data: bytes) -> list[Reply]:
-        buffer = self.buffer + data if self.buffer else data
-        replies: list[Reply] = []
-        pos = 0
-        while pos < len(buffer):
-            parsed = _parse(buffer, pos, 0)
-            if parsed is None:
-                break
-            reply, pos = parsed
-            replies.append(reply)
-        self.buffer = buffer[pos:]
-        return replies
-
-    def eof(self) -> list[Reply]:
-        return []
-
-
-def _parse(buf: bytes, pos: int, depth: int) -> tuple[Reply, int] | None:
+def _parse(buf: bytes, pos: int, depth: int = 0) -> tuple[Reply, int] | None:
     """One reply starting at pos: (reply, position after it), or None when more bytes are needed."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
@@ -172,3 +149,8 @@ def check(expect: Pattern | None, reply: Reply, key: str, seq: int) -> str | Non
 
 def describe_reply(reply: Reply) -> str:
     return text_of(reply).decode("utf-8", "replace")
+
+
+class Decoder(FramedDecoder):
+    __slots__ = ()
+    parse_one = staticmethod(_parse)
