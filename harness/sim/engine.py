@@ -727,22 +727,15 @@ class FleetModel:
                     capacity_of: Any) -> dict[str, Any]:
         """A quiet tick once its checks passed: every request served without waiting; hazard crashes only
         (the same hazard for every host up; capacity_of(hosts) gives their capacity for the crash rows)."""
-        m, dt, n = self.m, self.dt, self.n
-        self.inflight = counts * (m.service_time / dt)
-        if self.per_host and (m.memory_per_request or m.memory_base):
-            self.memory = m.memory_base + m.memory_per_request * self.inflight
+        m = self.m
+        self._quiet_queues(counts)
         hit = None
         if m.hazard_base > 0 or m.hazard_scale > 0:
             hit = self._hazard(t, counts, None, False, None, None, overloaded=False)
-        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
         if hit is not None:
             where, times, causes, hazards = hit
             self._crash(where, times, causes, hazards, counts[where], capacity_of(where))
-        lost_total = self.backlog_lost
-        latency = {self.service_bin: attempts} if attempts else {}
-        failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
-        final = self._retry(failures, fresh, retries) if lost_total else failures
-        return self._finish(fresh, attempts, attempts, attempts, retries, final, latency, counts, counts, lost)
+        return self._quiet_result(attempts, counts, fresh, retries)
 
     def _quiet_tick(self, t: float, attempts: int, counts: np.ndarray, counts_p: np.ndarray, can: Any,
                     capacity: Any, fresh: int, retries: list[int], uniform: bool,
@@ -761,18 +754,27 @@ class FleetModel:
         if m.memory_per_request or m.memory_base:
             if m.memory_base + m.memory_per_request * most * (m.service_time / dt) > self.budget_min:
                 return None
-        self.inflight = counts * (m.service_time / dt)
-        if self.per_host and (m.memory_per_request or m.memory_base):
-            self.memory = m.memory_base + m.memory_per_request * self.inflight
+        self._quiet_queues(counts)
         hit = None
         if m.hazard_base > 0 or m.hazard_scale > 0:
             hit = self._hazard(t, counts_p, capacity, uniform, play, None, overloaded=False)
-        lost = np.zeros(n, dtype=np.int64) if self.per_host else None
         if hit is not None:
             # served before they died: the tick's requests were all answered (nothing was waiting)
             where, times, causes, hazards = hit
             cap = np.full(len(where), capacity) if uniform else capacity[where]
             self._crash(where if play is None else play[where], times, causes, hazards, counts_p[where], cap)
+        return self._quiet_result(attempts, counts, fresh, retries)
+
+    def _quiet_queues(self, counts: np.ndarray) -> None:
+        """A quiet tick's in-flight requests (and memory): what was sent, held for the service time."""
+        m = self.m
+        self.inflight = counts * (m.service_time / self.dt)
+        if self.per_host and (m.memory_per_request or m.memory_base):
+            self.memory = m.memory_base + m.memory_per_request * self.inflight
+
+    def _quiet_result(self, attempts: int, counts: np.ndarray, fresh: int, retries: list[int]) -> dict[str, Any]:
+        """A quiet tick's result: every request answered at the service time but those a crash lost."""
+        lost = np.zeros(self.n, dtype=np.int64) if self.per_host else None
         lost_total = self.backlog_lost
         latency = {self.service_bin: attempts} if attempts else {}
         failures = {"timeout": 0, "conn_error": lost_total, "no_host": 0, "bad_reply": 0}
