@@ -465,99 +465,128 @@ def render_text(report: dict[str, Any], expectations: list[dict[str, Any]] | Non
         out.append("allocator (proof): " + ("; ".join(proof["bindings"]) if proof.get("bindings") else "unknown "
                                             "(no host was proven)"))
         out += [f"  warning: {w}" for w in proof.get("warnings", [])]
-        rows = []
-        for phase in trial["phases"] + [{"name": "all", **trial["overall"]}]:
-            lat = phase["latency"]
-            rows.append([phase["name"], f"{phase['start']:.0f}-{phase['end']:.0f}s" if phase["name"] != "all" else "",
-                         f"{phase['offered_rate']:.0f}", f"{phase['achieved_rate']:.0f}", _ms(lat["p50"]),
-                         _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["p999"]),
-                         " ".join(f"{k}={v}" for k, v in phase["errors"].items() if v) or "0",
-                         phase["crashes"], phase["hosts_alive_min"] if phase["hosts_alive_min"] is not None else "-"])
-        out.append(tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
-                                           "p99.9 ms", "errors", "crashes", "min alive"]))
+        out.append(_phase_table(trial))
         out += _request_lines(trial)
         out += fault_text_lines(trial)
-        if trial["buckets"]:
-            bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", _hosts_text(b["hosts"]),
-                            f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]
-                           for b in trial["buckets"]]
-            out.append(tabulate(bucket_rows, headers=["bucket", "crashes", "class", "signature", "hosts",
-                                                      "seen", "cores kept"]))
-            for b in trial["buckets"][:5]:
-                if b["example_core"]:
-                    out.append(f"  {b['bucket']}: example core {b['example_core']}  "
-                               f"(harness crashes {report['run_dir']} {b['bucket']})")
-        if trial["crashes"]:
-            by_host = ", ".join(f"{h}: {n}" for h, n in trial["crashes_by_host"].items())
-            by_signal = ", ".join(f"{s}: {n}" for s, n in trial["crashes_by_signal"].items())
-            if len(trial["crashes_by_host"]) > 16:
-                by_host = f"{len(trial['crashes_by_host'])} hosts"
-            out.append(f"crashes: {trial['crashes_total']} ({by_signal}; {by_host})")
-            shim = any(c.get("faults_armed") is not None for c in trial["crashes"])
-            crash_rows = [[f"{c['t']:.2f}" + ("" if c.get("when", "load") == "load" else f" ({c['when']})"),
-                           c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
-                           c["crash_class"] or "-",
-                           c["bucket"] or "-", "yes" if c["core_dumped"] else "no", _uptime(c["uptime"]),
-                           f"{c['offered_rate']:.0f}", c["hosts_alive"]]
-                          + ([armed_text(c.get("faults_armed"))] if shim else []) for c in trial["crashes"][:20]]
-            out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
-                                                     "uptime", "offered/s", "alive after"]
-                                + (["faults armed (injected on the host, last at)"] if shim else []),
-                                disable_numparse=True))
-            if trial["crashes_total"] > 20:
-                kept = (f"; {len(trial['crashes'])} of them kept as rows, a sample" if trial.get("crashes_sampled")
-                        else "")
-                out.append(f"... and {trial['crashes_total'] - 20} more (harness report --json{kept})")
-        else:
-            out.append("crashes: none")
-        if trial.get("groups"):
-            out.append("groups: " + "; ".join(f"{name} ({g['hosts']} host{'s' if g['hosts'] != 1 else ''}): "
-                                              f"sent {g['sent']}, ok {g['ok']}, "
-                                              f"errors {g['errors']}, crashes {g['crashes']}"
-                                              for name, g in trial["groups"].items()))
-        if trial.get("fault_windows"):
-            out.append("fault windows (what each did on each host: injected / eligible calls):")
-            out.append(fault_window_table(trial["fault_windows"]))
-        segments = [f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"]]
-        if len(segments) > 24:  # big fleets change every second: show the start and the end
-            segments = segments[:12] + [f"... ({len(segments) - 18} more)"] + segments[-6:]
-        timeline = " ".join(segments)
-        out.append(f"hosts alive over time: {timeline or '-'}")
-        for loss in trial["host_losses"]:
-            hosts = ", ".join(loss.get("host_names") or [f"h{h}" for h in loss.get("hosts", [])]) or "none available"
-            out.append(f"host-loss at {loss['t']:.2f}s: {loss.get('how')} {hosts}")
-        if trial["restarts"] > 0:
-            out.append(f"restarts: {trial['restarts']}")
-        for gap in trial["gaps"]:
-            out.append(f"gap: the harness stopped and was resumed at {gap['resumed_at']}s of load after "
-                       f"{gap['down_seconds']:.0f}s down; the load after the gap continues the same seeded stream")
-        if trial.get("unsent"):
-            count = trial["unsent"]["count"]
-            shown = f"{count}" if trial["unsent"]["exact"] else f"about {count:.3g} (estimated from the plan)"
-            out.append(f"unsent: {shown} planned arrivals were never sent: the driver could not keep up by the "
-                       f"planned end plus the client timeout")
-        if trial.get("log_dropped_bytes"):
-            out.append(f"target output dropped: {trial['log_dropped_bytes'] / 2**20:.1f} MiB beyond log_max a second "
-                       f"(counted, never written)")
-        for low in trial["low_disk"]:
-            out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
-                       f"cores not collected while the disk stays low (crashes still counted)")
-    cut = report.get("plan_cut")
-    if cut:
-        from harness.units import format_duration
-        out += ["", f"the run lasted {format_duration(cut['duration'])} of a {format_duration(cut['planned'])} plan; "
-                    "cut: " + "; ".join([f"phase {p['name']} " + ("dropped" if p["ran"] <= 0 else
-                                                                  f"cut after {format_duration(p['ran'])}")
-                                         for p in cut["phases"]] + cut["faults"])]
+        out += _bucket_lines(report, trial)
+        out += _crash_lines(trial)
+        out += _trial_notes(trial)
+    out += _plan_cut_lines(report)
     if expectations:
-        out += ["", "expectations:"]
-        rows = [["NOT EVALUATED" if e.get("evaluated", True) is False else "held" if e["held"] else "FAILED",
-                 e["text"] + (f" (request {e['request']})" if e.get("request") else "")
-                 + (f" (phase {e['phase']})" if e.get("phase") else "")
-                 + (f" (variant {e['variant']})" if e.get("variant") else ""), e["observed_text"]]
-                for e in expectations]
-        out.append(tabulate(rows, headers=["", "expectation", "observed"]))
+        out += ["", "expectations:", _expectation_table(expectations)]
     return "\n".join(out)
+
+
+def _phase_table(trial: dict[str, Any]) -> str:
+    rows = []
+    for phase in trial["phases"] + [{"name": "all", **trial["overall"]}]:
+        lat = phase["latency"]
+        rows.append([phase["name"], f"{phase['start']:.0f}-{phase['end']:.0f}s" if phase["name"] != "all" else "",
+                     f"{phase['offered_rate']:.0f}", f"{phase['achieved_rate']:.0f}", _ms(lat["p50"]),
+                     _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["p999"]),
+                     " ".join(f"{k}={v}" for k, v in phase["errors"].items() if v) or "0",
+                     phase["crashes"], phase["hosts_alive_min"] if phase["hosts_alive_min"] is not None else "-"])
+    return tabulate(rows, headers=["phase", "window", "offered/s", "ok/s", "p50 ms", "p90 ms", "p99 ms",
+                                   "p99.9 ms", "errors", "crashes", "min alive"])
+
+
+def _bucket_lines(report: dict[str, Any], trial: dict[str, Any]) -> list[str]:
+    if not trial["buckets"]:
+        return []
+    bucket_rows = [[b["bucket"], b["count"], b["crash_class"], b["signature"] or "-", _hosts_text(b["hosts"]),
+                    f"{b['first_seen']:.1f}-{b['last_seen']:.1f}s", b["cores_kept"]]
+                   for b in trial["buckets"]]
+    out = [tabulate(bucket_rows, headers=["bucket", "crashes", "class", "signature", "hosts", "seen", "cores kept"])]
+    for b in trial["buckets"][:5]:
+        if b["example_core"]:
+            out.append(f"  {b['bucket']}: example core {b['example_core']}  "
+                       f"(harness crashes {report['run_dir']} {b['bucket']})")
+    return out
+
+
+def _crash_lines(trial: dict[str, Any]) -> list[str]:
+    if not trial["crashes"]:
+        return ["crashes: none"]
+    by_host = ", ".join(f"{h}: {n}" for h, n in trial["crashes_by_host"].items())
+    by_signal = ", ".join(f"{s}: {n}" for s, n in trial["crashes_by_signal"].items())
+    if len(trial["crashes_by_host"]) > 16:
+        by_host = f"{len(trial['crashes_by_host'])} hosts"
+    out = [f"crashes: {trial['crashes_total']} ({by_signal}; {by_host})"]
+    shim = any(c.get("faults_armed") is not None for c in trial["crashes"])
+    crash_rows = [[f"{c['t']:.2f}" + ("" if c.get("when", "load") == "load" else f" ({c['when']})"),
+                   c.get("host_name") or f"h{c['host']}", c["pid"], c["signal_name"],
+                   c["crash_class"] or "-",
+                   c["bucket"] or "-", "yes" if c["core_dumped"] else "no", _uptime(c["uptime"]),
+                   f"{c['offered_rate']:.0f}", c["hosts_alive"]]
+                  + ([armed_text(c.get("faults_armed"))] if shim else []) for c in trial["crashes"][:20]]
+    out.append(tabulate(crash_rows, headers=["t (s)", "host", "pid", "signal", "class", "bucket", "core",
+                                             "uptime", "offered/s", "alive after"]
+                        + (["faults armed (injected on the host, last at)"] if shim else []),
+                        disable_numparse=True))
+    if trial["crashes_total"] > 20:
+        kept = (f"; {len(trial['crashes'])} of them kept as rows, a sample" if trial.get("crashes_sampled")
+                else "")
+        out.append(f"... and {trial['crashes_total'] - 20} more (harness report --json{kept})")
+    return out
+
+
+def _trial_notes(trial: dict[str, Any]) -> list[str]:
+    """Groups, fault windows, hosts alive over time, host losses, restarts, gaps, and what was not sent,
+    written or collected."""
+    out = []
+    if trial.get("groups"):
+        out.append("groups: " + "; ".join(f"{name} ({g['hosts']} host{'s' if g['hosts'] != 1 else ''}): "
+                                          f"sent {g['sent']}, ok {g['ok']}, "
+                                          f"errors {g['errors']}, crashes {g['crashes']}"
+                                          for name, g in trial["groups"].items()))
+    if trial.get("fault_windows"):
+        out.append("fault windows (what each did on each host: injected / eligible calls):")
+        out.append(fault_window_table(trial["fault_windows"]))
+    segments = [f"{seg['from']}-{seg['to']}s:{seg['alive']}" for seg in trial["hosts_alive"]]
+    if len(segments) > 24:  # big fleets change every second: show the start and the end
+        segments = segments[:12] + [f"... ({len(segments) - 18} more)"] + segments[-6:]
+    timeline = " ".join(segments)
+    out.append(f"hosts alive over time: {timeline or '-'}")
+    for loss in trial["host_losses"]:
+        hosts = ", ".join(loss.get("host_names") or [f"h{h}" for h in loss.get("hosts", [])]) or "none available"
+        out.append(f"host-loss at {loss['t']:.2f}s: {loss.get('how')} {hosts}")
+    if trial["restarts"] > 0:
+        out.append(f"restarts: {trial['restarts']}")
+    for gap in trial["gaps"]:
+        out.append(f"gap: the harness stopped and was resumed at {gap['resumed_at']}s of load after "
+                   f"{gap['down_seconds']:.0f}s down; the load after the gap continues the same seeded stream")
+    if trial.get("unsent"):
+        count = trial["unsent"]["count"]
+        shown = f"{count}" if trial["unsent"]["exact"] else f"about {count:.3g} (estimated from the plan)"
+        out.append(f"unsent: {shown} planned arrivals were never sent: the driver could not keep up by the "
+                   f"planned end plus the client timeout")
+    if trial.get("log_dropped_bytes"):
+        out.append(f"target output dropped: {trial['log_dropped_bytes'] / 2**20:.1f} MiB beyond log_max a second "
+                   f"(counted, never written)")
+    for low in trial["low_disk"]:
+        out.append(f"low disk at {low['t']:.0f}s: {low.get('free', 0) / 2**20:.0f} MiB free on {low.get('path')}; "
+                   f"cores not collected while the disk stays low (crashes still counted)")
+    return out
+
+
+def _plan_cut_lines(report: dict[str, Any]) -> list[str]:
+    cut = report.get("plan_cut")
+    if not cut:
+        return []
+    from harness.units import format_duration
+    return ["", f"the run lasted {format_duration(cut['duration'])} of a {format_duration(cut['planned'])} plan; "
+                "cut: " + "; ".join([f"phase {p['name']} " + ("dropped" if p["ran"] <= 0 else
+                                                              f"cut after {format_duration(p['ran'])}")
+                                     for p in cut["phases"]] + cut["faults"])]
+
+
+def _expectation_table(expectations: list[dict[str, Any]]) -> str:
+    rows = [["NOT EVALUATED" if e.get("evaluated", True) is False else "held" if e["held"] else "FAILED",
+             e["text"] + (f" (request {e['request']})" if e.get("request") else "")
+             + (f" (phase {e['phase']})" if e.get("phase") else "")
+             + (f" (variant {e['variant']})" if e.get("variant") else ""), e["observed_text"]]
+            for e in expectations]
+    return tabulate(rows, headers=["", "expectation", "observed"])
 
 
 def _request_lines(trial: dict[str, Any]) -> list[str]:
