@@ -216,6 +216,15 @@ def _protocol_expect(protocol: str) -> Any:
     return module.parse_expect
 
 
+def _check_name(r: Reader, name: str | None, taken: set[str], what: str, use: str = "") -> None:
+    """A request's or a group's name: a letter first, then letters, digits, '.', '_' and '-'; used once."""
+    if name is not None and not GROUP_NAME.fullmatch(name):
+        r.problem(("name",), f"a {what} name starts with a letter and uses letters, digits, '.', '_' and '-'{use}, "
+                             f"got {name!r}")
+    elif name is not None and name in taken:
+        r.problem(("name",), f"{what} name {name!r} is used twice")
+
+
 def _requests(r: Reader, protocol: str, value_size: int, expect_status: Any) -> tuple[RequestSpec, ...]:
     """`request:` (one) or `requests:` (a mix by weight), each template checked by its protocol's codec."""
     module = codec(protocol)
@@ -241,11 +250,7 @@ def _requests(r: Reader, protocol: str, value_size: int, expect_status: Any) -> 
         if not q.ok:
             continue
         name = q.get("name", as_str, required=True, default=None)
-        if name is not None and not GROUP_NAME.fullmatch(name):
-            q.problem(("name",), f"a request name starts with a letter and uses letters, digits, '.', '_' and '-', "
-                                 f"got {name!r}")
-        elif name is not None and any(s.name == name for s in specs):
-            q.problem(("name",), f"request name {name!r} is used twice")
+        _check_name(q, name, {s.name for s in specs}, "request")
         weight = q.get("weight", as_number, default=1.0)
         if not weight > 0:
             q.problem(("weight",), f"expected a weight greater than zero, got {weight:g}")
@@ -474,11 +479,8 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
             r.problem((key,), f"'{key}' is shared by the whole fleet (one balancer, one request stream): "
                               f"set it once in target.{key}")
         name = r.get("name", as_str, required=True, default=None)
-        if name is not None and not GROUP_NAME.fullmatch(name):
-            r.problem(("name",), f"a group name starts with a letter and uses letters, digits, '.', '_' and '-' "
-                                 f"(it names the hosts: {name}-0, {name}-1...), got {name!r}")
-        elif name is not None and any(group.name == name for group in groups):
-            r.problem(("name",), f"group name {name!r} is used twice")
+        _check_name(r, name, {group.name for group in groups}, "group",
+                    f" (it names the hosts: {name}-0, {name}-1...)")
         hosts = r.get("hosts", as_positive_int, required=True, default=None)
         settings = _host_settings(r, base)
         if settings.command == ("?",) and target is not None and not r.has("command") \
