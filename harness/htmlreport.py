@@ -33,6 +33,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.crashcounts import Crashes, read_crashes  # noqa: E402
+from harness.outcomes import ERROR_KINDS  # noqa: E402
 from harness.report import build_report  # noqa: E402
 from harness.safefs import write_replace  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
@@ -423,7 +424,7 @@ def plot_load(trial: TrialData, ctx: PlotContext) -> Figure:
     series = [
         ("offered (scheduled)", [r["offered_rate"] for r in rows], "#7f7f7f", "--"),
         ("ok/s", [r["ok"] / r["span"] for r in rows], "#2ca02c", "-"),
-        ("errors/s", [(r["timeout"] + r["conn_error"] + r["no_host"] + r["bad_reply"]) / r["span"] for r in rows],
+        ("errors/s", [sum(r[kind] for kind in ERROR_KINDS) / r["span"] for r in rows],
          "#d62728", "-"),
     ]
     for name, values, color, style in series:
