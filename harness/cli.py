@@ -37,6 +37,8 @@ def _html_default() -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # One declaration per command and option, read top to bottom like the usage text: long, but a table,
+    # not logic.
     parser = argparse.ArgumentParser(prog="harness", description="Fault-injection stress harness for native services.")
     parser.add_argument("--version", action="version", version=f"harness {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
