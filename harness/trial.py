@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 import trio
@@ -34,20 +34,44 @@ from harness.fleet import FleetSupervisor, Host, State, assign_ports, plan_fleet
 from harness.hostprep import HostPrep
 from harness.isolation.limits import ResourceFaults, oom_triage, oom_verdict
 from harness.logsink import LogPump
+from harness.metrics import Metrics
 from harness.netfault import NetFaults
 from harness.netfault.topology import backends
 from harness.outcomes import COUNTS, ERROR_KINDS, OUTCOMES, HostSample, RequestSample, Sample
 from harness.plan import PlanSpec, choose_hosts, loss_events
 from harness.procs import ExitInfo, Spawner
 from harness.proof.binding import contradiction, prove_files, prove_process
-from harness.resume import gap_detail
-from harness.scenario import Cores, Variant
+from harness.resume import ResumePoint, gap_detail
+from harness.runoptions import RunOptions
+from harness.scenario import Cores, Scenario, Variant
 from harness.shim.build import ShimBuildError, ensure_shim
 from harness.shim.interpose import shim_loaded
 from harness.status import CLEAR, eta_text, fit, run_eta, terminal_width
+from harness.store import RunStore
 
-if TYPE_CHECKING:
-    from harness.runner import Run
+
+class RunContext(Protocol):
+    """What a trial uses of the run it belongs to (harness.runner.Run): the store, the folder, the run-wide
+    counters and warnings said once, and the triage of cores, which outlives the trial."""
+
+    scenario: Scenario
+    options: RunOptions
+    run_id: str
+    run_dir: Path
+    resume: ResumePoint | None
+    store: RunStore | None
+    metrics: Metrics
+    objects: ObjectStore
+    interrupted: int | None
+    low_disk: bool
+    missing_records: int
+    warned_shim: bool
+    warned_proof: set[str]
+    trial_walls: list[float]
+
+    async def store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None: ...
+
+    def triage_later(self, uid: str, core: Path, executable: Path) -> None: ...
 
 FLUSH_INTERVAL = 1.0
 
@@ -111,7 +135,7 @@ class Trial:
     """Trial `number` of `total`: `variant`, repeat `repeat`; `start_at` continues a stopped one at that second
     (harness resume)."""
 
-    def __init__(self, run: Run, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
+    def __init__(self, run: RunContext, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
                  start_at: int | None = None):
         self.run = run
         self.scenario = run.scenario
