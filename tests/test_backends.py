@@ -32,7 +32,12 @@ def test_varnish_in_front_of_a_partitioned_nginx_group_answers_503_then_recovers
     by_second: dict[int, int] = {}
     for row in query(run_dir, "SELECT t, count FROM reply_counts WHERE family='status' AND name='503'"):
         by_second[row["t"]] = by_second.get(row["t"], 0) + row["count"]
-    assert by_second and min(by_second) >= 8 and max(by_second) <= 11, by_second
+    # A busy machine can make the real backends miss Varnish's 1 s first-byte timeout at the spike's start
+    # (second 7, twice the rate) on their own: a few such 503s are allowed there, never in the steady
+    # phase, and the partition's window holds at least 90 % of them.
+    inside = sum(count for t, count in by_second.items() if 8 <= t <= 11)
+    assert by_second and min(by_second) >= 7 and max(by_second) <= 11, by_second
+    assert inside > 0 and inside >= 9 * (sum(by_second.values()) - inside), by_second
     after = [s for s in query(run_dir, "SELECT * FROM samples WHERE t >= 12")]
     assert after and all(s["bad_reply"] == 0 and s["timeout"] == 0 for s in after)
     assert all(s["ok"] > 0 for s in after)
