@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -19,11 +20,51 @@ HARNESS = [sys.executable, "-m", "harness"]
 os.environ.setdefault("HARNESS_HTML", "off")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--serial", choices=("skip", "only"), default=None,
+                     help="skip: leave out the tests marked serial (scripts/test.sh's parallel pass); "
+                          "only: run just those (its serial pass, afterwards)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = config.getoption("--serial")
+    if wanted is not None:
+        keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (wanted == "only")]
+        dropped = [item for item in items if item not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # A serial test changes what every other test on the machine sees (core_pattern, a system user):
+        # never beside other workers' tests. scripts/test.sh runs them in a pass of their own.
+        for item in items:
+            if item.get_closest_marker("serial") is not None:
+                item.add_marker(pytest.mark.skip(reason="marked serial: not under pytest-xdist (-n); "
+                                                        "bash scripts/test.sh runs it alone after the others"))
+
+
+def make_targets(*folders: Path) -> subprocess.CompletedProcess[str]:
+    """`make -s` in each folder (stopping at the first failure), one build at a time: pytest-xdist workers
+    share the binaries under targets/, and a make racing another could leave a half-written binary for
+    a test to exec. The lock is an flock on the targets folder, dropped by the kernel if we die."""
+    lock = os.open(REPO / "targets", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.CompletedProcess[str]([], 0, "", "")
+        for folder in folders:
+            result = subprocess.run(["make", "-s", "-C", str(folder)], capture_output=True, text=True)
+            if result.returncode != 0:
+                break
+        return result
+    finally:
+        os.close(lock)
+
+
 @pytest.fixture(scope="session")
 def targets() -> Path:
     """Build every target once per test session."""
-    for makefile in sorted((REPO / "targets").glob("*/Makefile")):
-        subprocess.run(["make", "-s", "-C", str(makefile.parent)], check=True, capture_output=True)
+    built = make_targets(*(makefile.parent for makefile in sorted((REPO / "targets").glob("*/Makefile"))))
+    assert built.returncode == 0, built.stdout + built.stderr
     return REPO / "targets"
 
 
@@ -95,10 +136,25 @@ def wait_for_run(results: Path, samples: int = 0) -> Path:
 ATTACKER = "harness-attacker"
 
 
+def require_serial(request: pytest.FixtureRequest) -> None:
+    """For tests that change what the whole machine sees (core_pattern, a system user): they must be
+    marked serial, so that scripts/test.sh never runs them beside other tests."""
+    if request.node.get_closest_marker("serial") is None:
+        pytest.fail(f"{request.node.nodeid} changes machine-wide state: mark it @pytest.mark.serial", pytrace=False)
+
+
+@pytest.fixture
+def attacker(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """A real unprivileged user (uid, gid) for the attacks of tests/test_hardening.py (serial tests only:
+    a system user is machine-wide, and two pytest-xdist workers would each make and remove it)."""
+    require_serial(request)   # before the user is made
+    user: tuple[int, int] = request.getfixturevalue("attacker_user")
+    return user
+
+
 @pytest.fixture(scope="session")
-def attacker() -> Iterator[tuple[int, int]]:
-    """A real unprivileged user (uid, gid) for the attacks of tests/test_hardening.py, made with useradd
-    when missing and removed at the end if we made it. Root only."""
+def attacker_user() -> Iterator[tuple[int, int]]:
+    """The attacker, made with useradd when missing and removed at the end if we made it. Root only."""
     import pwd
     if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
         pytest.skip("needs root, useradd and setpriv to act as another user")

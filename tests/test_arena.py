@@ -24,6 +24,8 @@ import pytest
 
 from harness.collect.triage import triage_core
 
+from conftest import make_targets
+
 REPO = Path(__file__).resolve().parent.parent
 EXE = REPO / "targets" / "arena" / "arena-server"
 HOST = "127.0.0.1"
@@ -117,7 +119,8 @@ def workload(seed: int = SEED, n: int = N_REQUESTS, space: int = KEY_SPACE) -> l
 
 @pytest.fixture(scope="module")
 def exe() -> Path:
-    subprocess.run(["make", "-s", "-C", str(EXE.parent)], check=True, capture_output=True)
+    built = make_targets(EXE.parent)
+    assert built.returncode == 0, built.stdout + built.stderr
     return EXE
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import make_targets
+
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = REPO / "targets"
 HOST = "127.0.0.1"
@@ -248,7 +250,7 @@ PROTOCOL_TARGETS = [
 
 @pytest.fixture(scope="session")
 def binaries() -> dict[str, Path]:
-    r = subprocess.run(["make", "-C", str(TARGETS)], capture_output=True, text=True)
+    r = make_targets(TARGETS)
     assert r.returncode == 0, r.stdout + r.stderr
     bins = {n: TARGETS / n / f"{n}-server" for n in ("echo", "estats", "twq")}
     for b in bins.values():
