@@ -27,7 +27,8 @@ import pytest
 
 from harness.collect.coreinstall import find_spooled_record, install, prepare_spool, uninstall
 
-from conftest import HARNESS, REPO, as_user, query, start_harness, wait_for, wait_for_run, write_scenario
+from conftest import (HARNESS, REPO, as_user, query, require_serial, start_harness, wait_for, wait_for_run,
+                      write_scenario)
 
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 CORE_PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
@@ -165,8 +166,10 @@ def _pattern_writable() -> str | None:
 
 
 @pytest.fixture
-def saved_pattern() -> Iterator[tuple[str, str]]:
-    """core_pattern and core_pipe_limit as they were, put back whatever the test did."""
+def saved_pattern(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """core_pattern and core_pipe_limit as they were, put back whatever the test did (serial tests only:
+    the setting is machine-wide)."""
+    require_serial(request)
     why = _pattern_writable()
     if why:
         pytest.skip(why)
@@ -197,6 +200,7 @@ def _crash(argv: list[str]) -> int:
     return proc.returncode
 
 
+@pytest.mark.serial
 def test_other_users_crashes_cannot_starve_the_harness(saved_pattern: tuple[str, str], short_dir: Path,
                                                        attacker: tuple[int, int]) -> None:
     crasher = short_dir / "crasher"
@@ -230,6 +234,7 @@ def test_other_users_crashes_cannot_starve_the_harness(saved_pattern: tuple[str,
     assert CORE_PATTERN.read_text().rstrip("\n") == saved_pattern[0]
 
 
+@pytest.mark.serial
 def test_cores_status_fails_when_the_handler_cannot_run(saved_pattern: tuple[str, str], short_dir: Path) -> None:
     python = short_dir / "python3"                                # an interpreter that will disappear
     shutil.copy2(os.path.realpath(sys.executable), python)
@@ -265,6 +270,7 @@ coreinstall.install(sys.argv[1], keep_exe=[sys.argv[2]], pipe_limit=int(sys.argv
 """
 
 
+@pytest.mark.serial
 def test_an_install_killed_between_its_two_writes_is_undone(saved_pattern: tuple[str, str],
                                                             short_dir: Path) -> None:
     spool = short_dir / "spool"
@@ -305,6 +311,7 @@ load: [{hold: {rate: 50, for: 60s}}]
 """
 
 
+@pytest.mark.serial
 def test_the_runner_warns_when_a_crash_has_no_record(targets: Path, tmp_path: Path, saved_pattern: tuple[str, str],
                                                      short_dir: Path) -> None:
     echo = REPO / "targets" / "echo" / "echo-server"

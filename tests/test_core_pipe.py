@@ -24,6 +24,8 @@ from harness.collect.coreinstall import (find_spooled_core, find_spooled_record,
 from harness.collect.elfcore import read_core
 from harness.collect.pipe_handler import forward_name
 
+from conftest import require_serial
+
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 CORE_PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
 UNLIMITED = str(2**64 - 1)  # %c for RLIM_INFINITY
@@ -377,7 +379,9 @@ def _pattern_writable() -> str | None:
     return None
 
 
-def test_end_to_end_kernel_pipes_a_real_core(tmp_path: Path) -> None:
+@pytest.mark.serial
+def test_end_to_end_kernel_pipes_a_real_core(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    require_serial(request)
     why = _pattern_writable()
     if why:
         pytest.skip(why)

@@ -60,6 +60,7 @@ def chown_tree(path: Path, user: tuple[int, int]) -> None:
 # --------------------------------------------------------------------------------- trusted folders
 
 
+@pytest.mark.serial
 def test_trusted_folders_are_ours_or_roots_all_the_way_up(tmp_path: Path, attacker: tuple[int, int]) -> None:
     os.close(safefs.open_trusted_dir(tmp_path))                          # root's 0700 pytest folder
     theirs = tmp_path / "theirs"
@@ -187,6 +188,7 @@ load: [{{hold: {{rate: 50, for: 2s}}}}]
 """
 
 
+@pytest.mark.serial
 def test_symlink_swap_through_a_results_folder_another_user_owns_is_refused(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:
     victim = shared_dir / "victim"
@@ -213,6 +215,7 @@ def test_symlink_swap_through_a_results_folder_another_user_owns_is_refused(
     assert victim.read_text() == "precious\n"
 
 
+@pytest.mark.serial
 def test_a_trusted_results_folder_cannot_be_swapped_or_planted_into(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:
     """Root's own results folder (0755: others may look): the same attacker gets nowhere, the run goes
@@ -287,6 +290,7 @@ def _plant(cache: Path, library: bytes) -> Path:
     return cache / name
 
 
+@pytest.mark.serial
 def test_a_planted_shim_is_never_preloaded(targets: Path, tmp_path: Path, attacker: tuple[int, int],
                                            shared_dir: Path) -> None:
     marker = shared_dir / "pwned"
@@ -345,6 +349,7 @@ def test_a_planted_shim_is_never_preloaded(targets: Path, tmp_path: Path, attack
 # --------------------------------------------------------------------------------- attack 3: resume
 
 
+@pytest.mark.serial
 def test_resume_runs_nothing_from_a_folder_another_user_could_change(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:
     scenario = write_scenario(tmp_path, ECHO.format(name="resume-planted", load="60s"))

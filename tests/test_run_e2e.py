@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import (HARNESS, host_pids, pid_alive, query, run_dir_of, start_harness, wait_for, wait_for_run,
-                      write_scenario)
+from conftest import (HARNESS, host_pids, pid_alive, query, require_serial, run_dir_of, start_harness, wait_for,
+                      wait_for_run, write_scenario)
 
 ECHO_FLEET = """
 name: e2e-echo
@@ -250,18 +251,20 @@ load: [{{hold: {{rate: 20, for: 60s}}}}]
 
 
 def test_target_flooding_output_is_capped_and_harmless(targets: Path, tmp_path: Path) -> None:
-    # `yes` in the host's process group floods stdout as fast as the disk takes it.
+    # `yes` in the host's process group floods stdout as fast as the disk takes it. Its word is this
+    # test's own, so the check below never sees another run's `yes` (parallel workers, other suites).
+    flood = f"flooding-the-log-{uuid.uuid4().hex}"
     scenario = write_scenario(tmp_path, """
 name: flood
 target:
   root: @REPO@
-  command: [sh, -c, "yes flooding-the-log & exec {root}/targets/echo/echo-server --port {port}"]
+  command: [sh, -c, "yes @FLOOD@ & exec {root}/targets/echo/echo-server --port {port}"]
   log_max: 2MiB
 fleet: {hosts: 2}
 load: [{hold: {rate: 100, for: 4s}}]
 expect:
   - {error_rate: "< 1%"}
-""")
+""".replace("@FLOOD@", flood))
     result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = run_dir_of(tmp_path / "r")
@@ -274,7 +277,7 @@ expect:
         assert rotated.stat().st_size <= 2 * 1024 * 1024 and log.stat().st_size <= 2 * 1024 * 1024
     assert "output was dropped" in result.stderr
     # The flooding `yes` children were stopped with their hosts.
-    ps = subprocess.run(["pgrep", "-f", "flooding-the-log"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", flood], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
 
 
@@ -323,8 +326,11 @@ load:
     assert scrape() == "", "the endpoint is closed when the run ends"
 
 
+@pytest.mark.serial
 @pytest.mark.skipif(os.geteuid() != 0, reason="installing a core_pattern pipe handler needs root")
-def test_cores_through_the_pipe_handler_and_pattern_restored(targets: Path, tmp_path: Path) -> None:
+def test_cores_through_the_pipe_handler_and_pattern_restored(targets: Path, tmp_path: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    require_serial(request)
     import shutil
     import tempfile
     pattern_file = Path("/proc/sys/kernel/core_pattern")
