@@ -35,8 +35,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=dropped)
             items[:] = keep
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # A serial test changes what every other test on the machine sees (core_pattern, a system user):
-        # never beside other workers' tests. scripts/test.sh runs them in a pass of their own.
+        # Long tests first (every worker sorts alike, as xdist requires): handed out one or two at a time
+        # (scripts/test.sh: --maxschedchunk), the short ones then fill in, instead of one long test
+        # running alone at the end.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        # A serial test changes what every other test on the machine sees (core_pattern, a system user), or
+        # needs the CPUs to itself: never beside other workers' tests. scripts/test.sh runs them in a pass
+        # of their own.
         for item in items:
             if item.get_closest_marker("serial") is not None:
                 item.add_marker(pytest.mark.skip(reason="marked serial: not under pytest-xdist (-n); "

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import HARNESS, query, write_scenario
 
 from harness.htmlreport import lane_rows
@@ -41,6 +43,8 @@ def harness(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
     return result
 
 
+@pytest.mark.slow
+@pytest.mark.serial   # asserts each incarnation dies within 1 s of its start: failed beside 3 busy workers
 def test_junk_fill_host_dying_in_its_first_second(targets: Path, tmp_path: Path) -> None:
     """Exposure is the uptime of every incarnation, so a crash-looping junk-fill variant has a crash rate
     (and it is worse than glibc's, with a p-value, at one trial each); compare at n=1 exits 0."""
@@ -112,6 +116,7 @@ expect:
 """
 
 
+@pytest.mark.slow
 def test_fault_effects_time_bookkeeping_and_a_cut_plan(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, EFFECTS)
     ran = harness(["run", str(scenario), "--duration", "5s", "--results", "results", "--quiet", "--json", "--html"],
@@ -174,6 +179,7 @@ while True:
 '''
 
 
+@pytest.mark.slow
 def test_crash_while_stopping_is_timed_and_told_the_faults_were_disarmed(tmp_path: Path) -> None:
     (tmp_path / "abort_on_term.py").write_text(ABORT_ON_TERM)
     scenario = write_scenario(tmp_path, f"""

@@ -211,6 +211,7 @@ def test_redis_under_a_tcmalloc_preload_is_a_mixed_binding(servers: dict[str, Pa
     assert not any("nallocx" in w for w in mixed)
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_preload_against_a_static_allocator(servers: dict[str, Path], tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, f"""
 name: static-jemalloc
@@ -233,6 +234,7 @@ variants:
     assert subprocess.run([*HARNESS, "validate", str(scenario)], capture_output=True, timeout=60).returncode == 0
 
 
+@pytest.mark.slow
 def test_redis_runs_under_every_allocator_variant(servers: dict[str, Path], tmp_path: Path) -> None:
     """Debian's redis-server (libjemalloc.so.2 linked in) under tcmalloc and mimalloc preloads: the preload was
     honoured, so the trials pass; each host's proof says so, and the mixed binding is a warning."""

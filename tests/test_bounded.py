@@ -40,6 +40,7 @@ load: [{hold: {rate: 200, for: 5s}}]
 """
 
 
+@pytest.mark.slow
 def test_a_full_speed_writer_never_makes_a_log_pass_log_max(targets: Path, tmp_path: Path) -> None:
     """Before: 1.46 GB in 20 s with log_max 4MiB (here 5 s of load: the property shows within the first
     second). Every log file is sampled every few milliseconds from before the hosts start until the
@@ -114,6 +115,7 @@ load: [{hold: {rate: 1000000000, for: 3s}}]
 """
 
 
+@pytest.mark.slow
 def test_a_rate_no_driver_can_send_ends_at_its_planned_end_with_unsent_counted(targets: Path,
                                                                                  tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, HUGE_RATE)
@@ -154,6 +156,7 @@ load: [{hold: {rate: 100, for: 60s}}]
 """
 
 
+@pytest.mark.slow
 def test_a_second_sigint_kills_the_hosts_and_ends_the_harness_at_once(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, STUBBORN)
     results = tmp_path / "results"
@@ -212,6 +215,7 @@ load: [{hold: {rate: 50, for: 60s}}]
 """
 
 
+@pytest.mark.slow
 def test_one_run_has_one_owner(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, LONG)
     results = tmp_path / "results"

@@ -72,6 +72,7 @@ int vcl_recv(const char *line) {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gdb") is None or shutil.which("eu-unstrip") is None, reason="needs gdb, elfutils")
 def test_bundle_opens_elsewhere_with_the_deleted_object(tmp_path: Path) -> None:
     build = tmp_path / "build"

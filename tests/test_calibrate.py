@@ -7,6 +7,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import HARNESS, run_dir_of, write_scenario
 
 ESTATS = """
@@ -40,6 +42,8 @@ def midnight_min_alive(report: dict) -> int:
     return next(p for p in report["trials"][0]["phases"] if p["name"] == "midnight")["hosts_alive_min"]
 
 
+@pytest.mark.slow
+@pytest.mark.serial   # the fit's r² (> 0.8) falls with CPU contention: 0.54 beside 3 busy workers
 def test_calibrated_model_agrees_with_the_real_night(targets: Path, tmp_path: Path) -> None:
     # 1. A short real ramp with the shim loaded (a budget far away), to fit memory per request.
     ramp = run(tmp_path, "ramp", ESTATS.format(name="ramp", fleet=REAL_FLEET, budget="64MiB",

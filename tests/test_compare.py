@@ -137,6 +137,7 @@ def test_a_vs_a_identical_distributions_no_difference(tmp_path: Path):
         assert row["text"].startswith("no difference detected (")
 
 
+@pytest.mark.slow
 def test_a_vs_a_false_positive_rate(tmp_path: Path):
     """10 repetitions of A vs A, 5 trials each from one distribution: how many rows say better/worse?"""
     flagged, tests, rows = [], 0, 0
@@ -263,6 +264,7 @@ def test_uptime_exposure_unfinished_and_missing():
 
 # --- several runs, names, exclusions ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_runs_prefix_shared_names(tmp_path: Path):
     rng = np.random.default_rng(8)
     first = make_run(tmp_path, "r1", interleaved(rng, 3, {"a": {}, "b": {}}))

@@ -200,6 +200,7 @@ def _crash(argv: list[str]) -> int:
     return proc.returncode
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_other_users_crashes_cannot_starve_the_harness(saved_pattern: tuple[str, str], short_dir: Path,
                                                        attacker: tuple[int, int]) -> None:
@@ -234,6 +235,7 @@ def test_other_users_crashes_cannot_starve_the_harness(saved_pattern: tuple[str,
     assert CORE_PATTERN.read_text().rstrip("\n") == saved_pattern[0]
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_cores_status_fails_when_the_handler_cannot_run(saved_pattern: tuple[str, str], short_dir: Path) -> None:
     python = short_dir / "python3"                                # an interpreter that will disappear
@@ -270,6 +272,7 @@ coreinstall.install(sys.argv[1], keep_exe=[sys.argv[2]], pipe_limit=int(sys.argv
 """
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_an_install_killed_between_its_two_writes_is_undone(saved_pattern: tuple[str, str],
                                                             short_dir: Path) -> None:
@@ -311,6 +314,7 @@ load: [{hold: {rate: 50, for: 60s}}]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_the_runner_warns_when_a_crash_has_no_record(targets: Path, tmp_path: Path, saved_pattern: tuple[str, str],
                                                      short_dir: Path) -> None:

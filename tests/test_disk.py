@@ -66,6 +66,7 @@ cores: {min_free: 1000000TiB}      # more than any disk has: the disk is "low" f
 """
 
 
+@pytest.mark.slow
 def test_low_disk_stops_core_collection_not_the_run(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, LOW_DISK)
     done = subprocess.run([*HARNESS, "run", str(scenario), "--out", "results", "--quiet", "--json"], cwd=tmp_path,
@@ -114,6 +115,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_cleanly_and_it_resumes_once_there_is_space(targets: Path, tmp_path: Path,
                                                                               small_disk: Path) -> None:
     scenario = write_scenario(tmp_path, FULL_DISK)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from hdrh.histogram import HdrHistogram
 
 from conftest import HARNESS, pid_alive, query, start_harness, wait_for, wait_for_run, write_scenario
@@ -53,6 +54,7 @@ def worker_pids(run_dir: Path | None = None) -> list[int]:
     return [pid for pid in found if pid_alive(pid)]
 
 
+@pytest.mark.slow
 def test_two_workers_send_the_whole_plan_and_move_a_dead_hosts_share(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, FLEET + """
 load:
@@ -106,6 +108,7 @@ faults:
     assert not worker_pids(run_dir)
 
 
+@pytest.mark.slow
 def test_a_paused_host_is_ejected_by_every_worker(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, FLEET + """
 load:
@@ -129,6 +132,7 @@ faults:
     assert offered == sum(s["ok"] + s["timeout"] + s["conn_error"] + s["no_host"] + s["bad_reply"] for s in samples)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_fails_the_run_with_its_reason(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, FLEET + """
 load:
@@ -155,6 +159,7 @@ load:
     assert not worker_pids(run_dir)
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_harness(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, FLEET + """
 load:

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import HARNESS, host_pids, pid_alive, query, write_scenario
 
 NYE_MINI = """
@@ -57,6 +59,7 @@ def run_json(scenario: Path, tmp_path: Path) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path) -> None:
     code, report = run_json(write_scenario(tmp_path, NYE_MINI), tmp_path)
     on, off = report["trials"]
@@ -122,6 +125,7 @@ def test_nye_budget_crashes_estats_on_and_not_off(targets: Path, tmp_path: Path)
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
+@pytest.mark.slow
 def test_twq_crashes_only_with_lock_errors(targets: Path, tmp_path: Path) -> None:
     _, report = run_json(write_scenario(tmp_path, TWQ_MINI), tmp_path)
     faulty, control = report["trials"]
@@ -135,6 +139,7 @@ def test_twq_crashes_only_with_lock_errors(targets: Path, tmp_path: Path) -> Non
     assert control["overall"]["ok"] > 0.99 * control["overall"]["offered"]
 
 
+@pytest.mark.slow
 def test_static_target_is_refused_before_the_run(tmp_path: Path) -> None:
     """A statically linked executable ignores LD_PRELOAD: say so up front, never inject nothing silently."""
     source = tmp_path / "static.c"

@@ -145,6 +145,7 @@ def test_groups_need_a_real_fleet_and_group_references_need_groups(tmp_path: Pat
     assert found[1] == "fleet.groups" and "groups are for real fleets" in found[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(BAD.glob("group-*.yaml")), ids=lambda p: p.stem)
 def test_harness_validate_reports_group_mistakes_on_one_line_each(path: Path) -> None:
     result = subprocess.run([*HARNESS, "validate", str(path.relative_to(REPO))], cwd=REPO, capture_output=True,
@@ -179,6 +180,7 @@ def test_plan_fleet_names_hosts_after_their_group_and_applies_variants_per_group
 
 # --- a real mixed fleet ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_mixed_fleet_really_runs_both_kinds_and_faults_reach_only_their_group(targets: Path,
                                                                                  tmp_path: Path) -> None:
     """One echo and one estats host behind one balancer; an allocation fault aimed at estats alone crashes it
@@ -231,6 +233,7 @@ faults:
     assert (run_dir / "hosts" / "t1" / "echo-0" / "stdout.log").exists()
 
 
+@pytest.mark.slow
 def test_harness_validate_lists_a_mixed_fleets_groups() -> None:
     result = subprocess.run([*HARNESS, "validate", "scenarios/nightly-soak.yaml"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)

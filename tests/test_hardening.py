@@ -188,6 +188,7 @@ load: [{{hold: {{rate: 50, for: 2s}}}}]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_symlink_swap_through_a_results_folder_another_user_owns_is_refused(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:
@@ -215,6 +216,7 @@ def test_symlink_swap_through_a_results_folder_another_user_owns_is_refused(
     assert victim.read_text() == "precious\n"
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_a_trusted_results_folder_cannot_be_swapped_or_planted_into(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:
@@ -290,6 +292,7 @@ def _plant(cache: Path, library: bytes) -> Path:
     return cache / name
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_a_planted_shim_is_never_preloaded(targets: Path, tmp_path: Path, attacker: tuple[int, int],
                                            shared_dir: Path) -> None:
@@ -349,6 +352,7 @@ def test_a_planted_shim_is_never_preloaded(targets: Path, tmp_path: Path, attack
 # --------------------------------------------------------------------------------- attack 3: resume
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_resume_runs_nothing_from_a_folder_another_user_could_change(
         targets: Path, tmp_path: Path, attacker: tuple[int, int], shared_dir: Path) -> None:

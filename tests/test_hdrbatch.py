@@ -42,6 +42,7 @@ def test_record_many_equals_record_value_on_edges_and_a_wide_spread() -> None:
     assert_same(one_by_one(values), batched)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=-10, max_value=2 * LATENCY_MAX_US), max_size=300))
 def test_record_many_equals_record_value_for_any_values(values: list[int]) -> None:

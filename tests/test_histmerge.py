@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from harness.hist import LATENCY_MAX_US, new_histogram, release_histogram
 from harness.histmerge import Encoder, merge_encoded
 
@@ -20,6 +22,7 @@ def _blobs(rng: random.Random, count: int) -> list[bytes]:
     return blobs
 
 
+@pytest.mark.slow
 def test_merge_equals_decode_and_add() -> None:
     rng = random.Random(7)
     for case in range(40):

@@ -208,6 +208,7 @@ def _long_trial(seconds: int) -> TrialData:
     return TrialData(1, "night", samples, {}, {}, [], [])
 
 
+@pytest.mark.slow
 def test_plots_of_an_eight_hour_trial_draw_at_most_max_points_per_series() -> None:
     trial = _long_trial(8 * 3600)
     ctx = PlotContext(axis=TimeAxis.for_duration(8 * 3600), end=8 * 3600, phases=[], hosts=8, rate_max=100.0,
@@ -291,6 +292,7 @@ def dom(page: Path) -> tuple[_Dom, str]:
     return parser, result.stdout
 
 
+@pytest.mark.slow
 def test_browser_sees_the_plots_of_every_trial(dom: tuple[_Dom, str], cascade_run: Path) -> None:
     parsed, text = dom
     trials = [r[0] for r in sqlite3.connect(cascade_run / "run.db").execute("SELECT id FROM trials ORDER BY id")]
@@ -308,6 +310,7 @@ def test_browser_sees_the_plots_of_every_trial(dom: tuple[_Dom, str], cascade_ru
         assert label in cascade, label
 
 
+@pytest.mark.slow
 def test_browser_sees_the_bucket_table_with_working_anchors(dom: tuple[_Dom, str]) -> None:
     parsed, text = dom
     rows = [e for e in parsed.elements if e[0] == "tr" and e[1].get("class") == "bucket-row"]
@@ -330,6 +333,7 @@ def test_browser_sees_the_bucket_table_with_working_anchors(dom: tuple[_Dom, str
     assert parsed.by_id("trends") is not None            # harness.trends verdicts (too short in 15 s)
 
 
+@pytest.mark.slow
 def test_screenshot_of_the_page(page: Path, tmp_path: Path) -> None:
     from PIL import Image
     shot = tmp_path / "shot.png"
@@ -342,6 +346,7 @@ def test_screenshot_of_the_page(page: Path, tmp_path: Path) -> None:
         assert colors is not None and len(colors) > 50     # plots and text, not a blank page
 
 
+@pytest.mark.slow
 def test_report_reads_the_real_fault_windows(cascade_run: Path) -> None:
     from harness.htmlreport import _read_trial
     from harness.store import open_run
@@ -368,6 +373,7 @@ def _copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
     return copy, target
 
 
+@pytest.mark.slow
 def test_gaps_and_the_harness_footprint_are_drawn_when_recorded(cascade_run: Path, tmp_path: Path) -> None:
     # a resumed run records its gap; the runner samples its own footprint (both optional in a store)
     copy, db = _copy_run(cascade_run, tmp_path)
@@ -383,6 +389,7 @@ def test_gaps_and_the_harness_footprint_are_drawn_when_recorded(cascade_run: Pat
     assert 'id="footprint"' in text
 
 
+@pytest.mark.slow
 def test_hostile_strings_from_the_store_are_escaped_on_the_page(cascade_run: Path, tmp_path: Path) -> None:
     copy, target = _copy_run(cascade_run, tmp_path)
     target.execute("UPDATE triage SET signature=?", (HOSTILE,))
@@ -396,6 +403,7 @@ def test_hostile_strings_from_the_store_are_escaped_on_the_page(cascade_run: Pat
     assert "&lt;script&gt;" in text
 
 
+@pytest.mark.slow
 def test_a_mixed_fleets_hosts_are_labelled_by_their_group_names(cascade_run: Path, tmp_path: Path) -> None:
     copy, db = _copy_run(cascade_run, tmp_path)
     db.execute("UPDATE events SET detail = json_set(detail, '$.name', 'estats-' || host) "

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import HARNESS, query, write_scenario
 
 SERVERS = Path(__file__).resolve().parent / "servers"
@@ -17,6 +19,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*HARNESS, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_keyless_template_is_sent_exactly_as_written(tmp_path: Path) -> None:
     capture = tmp_path / "wire.bin"
     scenario = write_scenario(tmp_path, f"""
@@ -36,6 +39,7 @@ load: [{{hold: {{rate: 200, for: 2s}}}}]
     assert capture.read_bytes() == b"PING\r\n" * overall["sent"]
 
 
+@pytest.mark.slow
 def test_resp_reply_that_is_not_resp_is_a_protocol_error_not_a_shift(tmp_path: Path) -> None:
     """A server answering `$5\\r\\nab\\r\\n` (5 bytes announced, 2 sent) to every command: the parser reads
     the next reply's header as data, finds no CRLF, and calls it a protocol error: no reply is ever

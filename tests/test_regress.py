@@ -123,6 +123,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"result": result, "now": now, "base": base}
 
 
+@pytest.mark.slow
 def test_new_and_gone_buckets(night: dict[str, Any]) -> None:
     result = night["result"]
     assert result["variants"] == ["a"] and result["only_in_run"] == ["b"] and result["only_in_baseline"] == ["c"]
@@ -225,6 +226,7 @@ variants:
 """
 
 
+@pytest.mark.slow
 def test_a_real_night_that_starts_crashing_fails_against_last_good(targets: Path, tmp_path: Path) -> None:
     """Last night estats ran with its stats block off (allocation failures become ERR replies); tonight's
     build turns it on, and the unchecked allocation crashes under the same budget: a new bucket."""

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from harness.loader import load_scenario
@@ -57,6 +58,7 @@ def _kill_at_random_moment(run: subprocess.Popen[str], run_dir: Path, seconds: i
 
 @settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow
 @given(seconds=st.integers(min_value=1, max_value=12), fraction=st.floats(min_value=0.0, max_value=0.99))
 def test_sigkill_at_a_random_moment_then_report_and_resume(targets: Path, tmp_path_factory, seconds: int,
                                                            fraction: float) -> None:
@@ -115,6 +117,7 @@ def test_sigkill_at_a_random_moment_then_report_and_resume(targets: Path, tmp_pa
         db.close()
 
 
+@pytest.mark.slow
 def test_the_load_after_the_gap_is_the_same_seeded_stream(targets: Path, tmp_path: Path) -> None:
     """Resume continues the arrival stream at the same position: per-second offered counts after the
     gap equal those of an uninterrupted run with the same seed."""
@@ -155,6 +158,7 @@ load:
     assert total == sum(1 for _ in arrivals(plan.load, plan.client.keys, plan.seed))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_complete_run_and_a_live_one(targets: Path, tmp_path: Path) -> None:
     text = """
 name: resume-refuse

@@ -31,6 +31,7 @@ def run_harness(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.
     return subprocess.run([*HARNESS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_host_loss_moves_share_and_counts_paused_timeouts(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, ECHO_FLEET + """
 load:
@@ -80,6 +81,7 @@ expect:
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
+@pytest.mark.slow
 def test_crash_is_recorded_with_core_and_host_restarted(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, ECHO_FLEET + """
 load:
@@ -120,6 +122,7 @@ expect:
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
+@pytest.mark.slow
 def test_sigkill_of_harness_leaves_no_target_and_run_is_reportable(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, ECHO_FLEET + """
 load:
@@ -146,6 +149,7 @@ load:
     assert "status incomplete" in text.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_exit_143(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, ECHO_FLEET + """
 load:
@@ -167,6 +171,7 @@ load:
     assert len(stops) == 4
 
 
+@pytest.mark.slow
 def test_build_failure_is_one_clear_line(tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: broken-build
@@ -183,6 +188,7 @@ load: [{hold: {rate: 10, for: 1s}}]
     assert len(lines) == 1 and lines[0].startswith("harness: error: build failed (make -C nowhere-at-all")
 
 
+@pytest.mark.slow
 def test_target_that_exits_at_start_is_a_clear_error(tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: exits-at-start
@@ -198,6 +204,7 @@ load: [{hold: {rate: 10, for: 1s}}]
     assert "exited with code 3 before accepting connections: config error: no such option" in lines[0]
 
 
+@pytest.mark.slow
 def test_target_that_never_listens_is_a_clear_error(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: never-ready
@@ -216,6 +223,7 @@ load: [{hold: {rate: 10, for: 1s}}]
     assert not any(pid_alive(pid) for pid in host_pids(run_dir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy,expected_starts", [("never", 1), ("always", 3)])
 def test_restart_policy(targets: Path, tmp_path: Path, policy: str, expected_starts: int) -> None:
     """A host whose process exits on its own is restarted per policy (with backoff)."""
@@ -250,6 +258,7 @@ load: [{{hold: {{rate: 20, for: 60s}}}}]
     assert query(run_dir, "SELECT count(*) AS n FROM crashes")[0]["n"] == 0
 
 
+@pytest.mark.slow
 def test_target_flooding_output_is_capped_and_harmless(targets: Path, tmp_path: Path) -> None:
     # `yes` in the host's process group floods stdout as fast as the disk takes it. Its word is this
     # test's own, so the check below never sees another run's `yes` (parallel workers, other suites).
@@ -281,6 +290,7 @@ expect:
     assert ps.stdout.strip() == ""
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_counts_crashes_live(targets: Path, tmp_path: Path) -> None:
     import socket
     import urllib.request
@@ -326,6 +336,7 @@ load:
     assert scrape() == "", "the endpoint is closed when the run ends"
 
 
+@pytest.mark.slow
 @pytest.mark.serial
 @pytest.mark.skipif(os.geteuid() != 0, reason="installing a core_pattern pipe handler needs root")
 def test_cores_through_the_pipe_handler_and_pattern_restored(targets: Path, tmp_path: Path,
@@ -372,6 +383,7 @@ load:
     assert pattern_file.read_text() == before
 
 
+@pytest.mark.slow
 def test_crash_while_stopping_is_recorded(tmp_path: Path) -> None:
     """A target that aborts in its SIGTERM path (a destructor bug) crashed: it counts, with its core."""
     server = ("import os, signal, socket, sys\n"
@@ -396,6 +408,7 @@ expect:
     assert [c["signal_name"] for c in crashes] == ["SIGABRT"]
 
 
+@pytest.mark.slow
 def test_unusable_results_folder_is_one_clear_line(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
@@ -412,6 +425,7 @@ load: [{hold: {rate: 5, for: 1s}}]
     assert len(lines) == 1 and lines[0].startswith("harness: error: cannot create the results folder"), result.stderr
 
 
+@pytest.mark.slow
 def test_root_placeholder_in_the_command(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: root-placeholder

@@ -44,6 +44,7 @@ load:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_nginx_get_post_mix(tmp_path: Path, workers: int) -> None:
     """(With two driver workers too: per-request counts, histograms and statuses merged from both.)"""
@@ -81,6 +82,7 @@ expect:
     assert trial["detail"]["driver_workers"] == workers
 
 
+@pytest.mark.slow
 def test_varnish_answers_from_vcl_and_a_404_can_be_expected(tmp_path: Path) -> None:
     need("varnishd")
     report = short_run(tmp_path, f"""
@@ -107,6 +109,7 @@ expect:
     assert report["expectations"][0]["held"]
 
 
+@pytest.mark.slow
 def test_redis_every_get_matches_the_key_set_up(tmp_path: Path) -> None:
     need("redis-server")
     report = short_run(tmp_path, """
@@ -136,6 +139,7 @@ expect:
     assert report["expectations"][0]["held"]
 
 
+@pytest.mark.slow
 def test_memcached_get_set_with_setup(tmp_path: Path) -> None:
     need("memcached")
     report = short_run(tmp_path, """
@@ -164,6 +168,7 @@ expect:
     assert report["expectations"][0]["held"]
 
 
+@pytest.mark.slow
 def test_nginx_host_loss_moves_the_share_within_a_second(tmp_path: Path) -> None:
     need("nginx")
     report = short_run(tmp_path, f"""

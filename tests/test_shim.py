@@ -122,6 +122,7 @@ def test_build_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.Mon
 # ------------------------------------------------------------------------------ pass-through
 
 
+@pytest.mark.slow
 def test_without_control_the_shim_is_a_transparent_pass_through(shim: Path, progs, tmp_path: Path) -> None:
     out = run([progs["prog"], "alloc", "malloc", 777, 200], env_for(shim, None)).stdout
     assert fails(out) == [] and field(out, "errno") == ["ok"]

@@ -277,6 +277,7 @@ def test_variants_override_model_fields_and_bad_keys_are_reported(tmp_path: Path
     assert "fleet.simulated.capacity" in text and "fleet.simulated.tick" in text and "did you mean 'budget'" in text
 
 
+@pytest.mark.slow
 def test_harness_run_and_report_work_on_a_simulated_run(tmp_path: Path) -> None:
     path = tmp_path / "night.yaml"
     path.write_text(BASE.format(seed=3, model=NIGHT_MODEL, load=NIGHT_LOAD, balancer="least-loaded", extra="""

@@ -127,6 +127,7 @@ def same_numbers(old: Any, new: Any, path: str = "") -> None:
         assert old == new, f"{path}: {old!r} != {new!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hosts", [40, 80])     # 40: per-host samples too; 80: fleet samples only
 def test_readers_print_the_same_numbers_from_counts_and_a_sample_as_from_every_row(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hosts: int) -> None:
@@ -180,6 +181,7 @@ def test_readers_print_the_same_numbers_from_counts_and_a_sample_as_from_every_r
     assert counted(old) == counted(new)
 
 
+@pytest.mark.slow
 def test_counts_are_those_of_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every crash also a row, the per-second x bucket and per-host counts are the rows' counts."""
     every_row(monkeypatch)
@@ -206,6 +208,7 @@ def test_counts_are_those_of_the_rows(tmp_path: Path, monkeypatch: pytest.Monkey
         assert rows(run, f"SELECT count(*) FROM event_counts WHERE trial={trial}") == [(0,)]   # all exits are rows
 
 
+@pytest.mark.slow
 def test_the_sample_is_bounded_holds_each_buckets_first_crashes_and_is_seeded(
         tmp_path: Path, small_sample: None) -> None:
     first = run_to_dir(night(80), tmp_path / "a")

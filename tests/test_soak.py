@@ -8,6 +8,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from conftest import HARNESS, query, write_scenario
 
 NIGHT = """
@@ -36,6 +38,7 @@ def _soak(tmp_path: Path, estats: str, *extra: str) -> subprocess.CompletedProce
                            *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_new_bucket_against_the_last_good_night_fails_the_soak(targets: Path, tmp_path: Path) -> None:
     # The first night has nothing to compare with: it says so and passes.
     first = _soak(tmp_path, "off", "--baseline", "latest-good", "--html")
@@ -72,6 +75,7 @@ def test_a_new_bucket_against_the_last_good_night_fails_the_soak(targets: Path, 
     assert json.loads(third.stdout)["regressions"]["baseline"]["run_id"] == good.name
 
 
+@pytest.mark.slow
 def test_a_mistyped_baseline_is_refused_before_the_night(targets: Path, tmp_path: Path) -> None:
     done = _soak(tmp_path, "off", "--baseline", "no-such-run")
     assert done.returncode == 2

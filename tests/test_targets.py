@@ -498,6 +498,7 @@ def test_estats_on_segfaults_when_malloc_returns_null(binaries, tmp_path, stats_
         assert rc == -signal.SIGSEGV, (rc, srv.stderr())
 
 
+@pytest.mark.slow
 def test_estats_off_answers_nomem_under_the_same_load(binaries, tmp_path):
     limit = estats_as_limit(binaries, tmp_path)
     argv = [str(binaries["estats"]), "--estats", "off", "--service-ms", "1500", *ESTATS_AS_ARGS]
@@ -728,6 +729,7 @@ def test_twq_segfaults_under_lock_errors_and_key_reuse(binaries, tmp_path, lockf
         assert rc == -signal.SIGSEGV, (rc, srv.stderr())
 
 
+@pytest.mark.slow
 def test_twq_survives_lock_errors_when_the_destructor_handles_them(binaries, tmp_path, lockfail):
     """The same lock errors, with conn_destroy() retrying its lock like every
     other lock site does: no crash.  So the early return is the whole bug."""
@@ -747,6 +749,7 @@ def test_twq_survives_lock_errors_when_the_destructor_handles_them(binaries, tmp
         assert srv.stop() == 0, srv.stderr()
 
 
+@pytest.mark.slow
 def test_twq_crash_signature(binaries, tmp_path, lockfail):
     gdb = gdb_or_skip()
     wrap = gdb_wrap(gdb, f"env LD_PRELOAD={lockfail} LOCKFAIL_PPM=10000")

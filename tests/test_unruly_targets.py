@@ -136,6 +136,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 # --------------------------------------------------------------------------- 1. SIGTERM ignored
 
 
+@pytest.mark.slow
 def test_target_ignoring_sigterm_is_killed_after_stop_grace(targets: Path, tmp_path: Path) -> None:
     path = scenario(tmp_path, "ignores-sigterm", ["--ignore-sigterm", "--fork-children", "1"])
     result = run_harness(["run", str(path), "--out", str(tmp_path / "results"), "--quiet"], tmp_path)
@@ -162,6 +163,7 @@ FORKING = ["--fork-children", "2", "--setsid-child"]
 PER_HOST = 4  # the leader, two children in its group, one that escaped it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending,code", [("complete", 0), ("SIGINT", 130), ("SIGTERM", 143)])
 def test_forked_children_do_not_outlive_the_run(targets: Path, tmp_path: Path, ending: str, code: int) -> None:
     path = scenario(tmp_path, "forks", FORKING, load="2s" if ending == "complete" else "60s")
@@ -193,6 +195,7 @@ def _watchdog_of(harness_pid: int) -> psutil.Process:
     return found
 
 
+@pytest.mark.slow
 def test_sigkill_of_harness_leaves_no_child_or_grandchild(targets: Path, tmp_path: Path) -> None:
     path = scenario(tmp_path, "forks-sigkill", FORKING, load="60s")
     results = tmp_path / "results"
@@ -209,6 +212,7 @@ def test_sigkill_of_harness_leaves_no_child_or_grandchild(targets: Path, tmp_pat
     assert_no_leftovers(run_dir, timeout=15)
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_harness_killed_with_its_watchdog_are_reaped_by_the_next_run(
         targets: Path, tmp_path: Path) -> None:
     # Without PID namespaces (isolation: none) this is the last line of defence; with them (the default as
@@ -275,6 +279,7 @@ HANG_H1 = json.dumps(["sh", "-c", 'if [ {index} = 1 ]; then set -- --hang-on-sta
                       f'exec {UNRULY} --port {{port}} "$@"'])
 
 
+@pytest.mark.slow
 def test_target_hanging_on_start_is_one_clear_error(targets: Path, tmp_path: Path) -> None:
     path = scenario(tmp_path, "hangs", [], command=HANG_H1, extra="  ready: {tcp: \"{port}\", timeout: 1s}")
     result = run_harness(["run", str(path), "--out", str(tmp_path / "results"), "--quiet"], tmp_path)
@@ -295,6 +300,7 @@ HANG_LATER = json.dumps(["sh", "-c", f'if [ -e started ]; then set -- --hang-on-
                          f'set -- --exit-after 0.5; fi; exec {UNRULY} --port {{port}} "$@"'])
 
 
+@pytest.mark.slow
 def test_target_hanging_on_restart_is_retried_with_backoff(targets: Path, tmp_path: Path) -> None:
     """Only a first start that fails is fatal (a misconfigured target); a host that hangs later is
     killed at ready.timeout and restarted per policy, as a supervisor would."""
@@ -318,6 +324,7 @@ def test_target_hanging_on_restart_is_retried_with_backoff(targets: Path, tmp_pa
 LOG_MAX = 2 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_target_flooding_output_costs_no_harness_memory_and_keeps_results(targets: Path, tmp_path: Path) -> None:
     # The end of the load races the sampler's log rotation (slow here): before the fix, a sampler
     # caught in it recorded an extra second with every host already stopped. Timing-dependent;
@@ -372,6 +379,7 @@ expect:
 # --------------------------------------------------------------------------- 5. exits in a loop
 
 
+@pytest.mark.slow
 def test_target_exiting_in_a_loop_is_restarted_with_backoff(targets: Path, tmp_path: Path) -> None:
     path = scenario(tmp_path, "exits", ["--exit-after", "0.3"], load="3s", extra="""\
   restart: {policy: always, backoff: 100ms, max_backoff: 400ms, reset_after: 30s}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,7 @@ def expected_count(path: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_bad_scenarios_directory_fails_with_one_line_per_problem():
     result = harness("validate", "tests/bad_scenarios")
     assert result.returncode == 2
@@ -48,6 +50,7 @@ def test_bad_scenarios_directory_fails_with_one_line_per_problem():
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_each_bad_file_alone_exits_2():
     for path in sorted(BAD.glob("*.yaml"))[:5]:
         result = harness("validate", str(path.relative_to(ROOT)))
@@ -55,6 +58,7 @@ def test_each_bad_file_alone_exits_2():
         assert len(result.stderr.splitlines()) == expected_count(path)
 
 
+@pytest.mark.slow
 def test_repo_scenarios_validate_with_exit_0():
     result = harness("validate", "scenarios")
     assert result.returncode == 0, result.stderr
@@ -80,6 +84,7 @@ expect:
 """
 
 
+@pytest.mark.slow
 def test_valid_file_exits_0_and_mixed_exits_2(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(VALID, encoding="utf-8")
@@ -94,6 +99,7 @@ def test_valid_file_exits_0_and_mixed_exits_2(tmp_path):
         "or '2m', got '10 parsecs'"]
 
 
+@pytest.mark.slow
 def test_missing_and_binary_files_are_reported_not_raised(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage\x00")
@@ -103,6 +109,7 @@ def test_missing_and_binary_files_are_reported_not_raised(tmp_path):
     assert len(result.stderr.splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_empty_directory_is_a_usage_error(tmp_path):
     result = harness("validate", str(tmp_path))
     assert result.returncode == 2 and "no scenario files" in result.stderr
@@ -136,6 +143,7 @@ WORDS = ["name", "seed", "duration", "target", "command", "fleet", "hosts", "loa
 yamlish = st.lists(st.sampled_from(WORDS) | st.text(max_size=5), max_size=60).map("".join)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(yamlish)
 def test_random_yamlish_text_never_raises_anything_but_scenario_error(text):
@@ -202,6 +210,7 @@ mutations = st.lists(st.tuples(st.sampled_from(ALL_PATHS), st.sampled_from(["rep
                      min_size=1, max_size=3)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(mutations)
 def test_mutated_valid_scenario_never_raises_anything_but_scenario_error(changes):
@@ -218,6 +227,7 @@ def test_mutated_valid_scenario_never_raises_anything_but_scenario_error(changes
 @SETTINGS
 @given(st.integers(min_value=0, max_value=len(VALID)), st.integers(min_value=0, max_value=20),
        st.text(alphabet=st.sampled_from(list(":{}[]-,'\"#&*!|>%\n \t0123456789sm")), max_size=8))
+@pytest.mark.slow
 def test_text_edits_of_a_valid_scenario_never_raise_anything_but_scenario_error(position, cut, insert):
     loads_or_scenario_error(VALID[:position] + insert + VALID[position + cut:])
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import HARNESS, REPO, query, run_dir_of, write_scenario
 
 
+@pytest.mark.slow
 def test_each_host_proves_its_allocator(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: proof
@@ -50,6 +51,7 @@ variants:
     assert len(set(offered.values())) == 1
 
 
+@pytest.mark.slow
 def test_allocator_that_cannot_be_bound_is_refused_or_fails_the_trial(targets: Path, tmp_path: Path) -> None:
     """A static executable with a preload variant: refused before the night (validate and run, exit 2). Behind a
     wrapper the check cannot see through, the live proof contradicts the variant: the trial fails, same words."""
@@ -94,6 +96,7 @@ variants:
     assert "asked for jemalloc" in json.loads(trials[1]["detail"])["failure"]
 
 
+@pytest.mark.slow
 def test_compare_a_against_a_finds_no_difference(targets: Path, tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, """
 name: a-vs-a
@@ -126,6 +129,7 @@ trials: 3
     assert "a-again" in text.stdout and "verdict" in text.stdout and "loaded (proof)" in text.stdout
 
 
+@pytest.mark.slow
 def test_comparison_expectations_are_judged(targets: Path, tmp_path: Path) -> None:
     """{compare: [a, b], crash_rate: "no worse"} holds for identical variants; an impossible ratio claim fails."""
     scenario = write_scenario(tmp_path, """
