@@ -213,6 +213,9 @@ def test_sigkill_of_harness_leaves_no_child_or_grandchild(targets: Path, tmp_pat
 
 
 @pytest.mark.slow
+# Serial: its orphans are machine-wide state, reaped (and reported, one more stderr line) by whichever
+# harness starts next, on any worker.
+@pytest.mark.serial
 def test_leftovers_of_a_harness_killed_with_its_watchdog_are_reaped_by_the_next_run(
         targets: Path, tmp_path: Path) -> None:
     # Without PID namespaces (isolation: none) this is the last line of defence; with them (the default as
