@@ -38,6 +38,9 @@ def only_run(results: Path) -> Path:
 
 
 @needs_cgroups
+@pytest.mark.slow
+# Serial: which phase an OOM kill lands in is timing; beside 3 busy workers one fell outside the spike.
+@pytest.mark.serial
 def test_memory_limit_below_the_working_set_is_an_oom_kill_and_a_harness_kill_is_not(targets: Path,
                                                                                      tmp_path: Path) -> None:
     # estats holds 1 MiB per request in flight for 100 ms: ~3 MiB at 30/s fits the 12 MiB limit, ~40 MiB at
