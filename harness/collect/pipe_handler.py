@@ -35,7 +35,7 @@ crashed process is reaped only once the core and its sidecar are in place:
 * reads SPOOL/limits.json (max_core_bytes default 1 GiB, max_cores 100, max_spool_bytes 8 GiB,
   keep_free_bytes 256 MiB, max_records 10000, uid_share_percent 25, others_share_percent 50,
   max_age_seconds 7 days);
-* takes an flock on the spool for its decisions and reservations (never while copying). Under it:
+* takes an flock on the spool for its decisions, reservations and renames (never while copying). Under it:
   records and cores older than max_age_seconds, and temp files of handlers that died, are removed
   (so unclaimed crashes of other users age out; the runner removes the records it claims);
 * quotas, so other users' crashes cannot starve the harness's: the spool's owner (root: the harness)
@@ -592,7 +592,10 @@ def _dump(dfd: int, spool: str, record: dict, stdin: Stdin) -> int:
                 record["reason"] = (f"truncated to {record['bytes_written']} of {stdin.received} bytes "
                                     f"by {record['limited_by']}")
         published, sidecar = sidecar, None
-        _publish(dfd, base, tmp, record, published)
+        # Renamed under the lock: a directory scan running beside a rename may miss the file (tmpfs moves a
+        # renamed entry to the front of the list), and a scan that misses a core would grant its room twice.
+        with SpoolLock(dfd):
+            _publish(dfd, base, tmp, record, published)
         tmp = None
     finally:
         if fd is not None:
