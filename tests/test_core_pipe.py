@@ -241,7 +241,8 @@ def test_disk_full_drains_and_records(tmp_path: Path) -> None:
                                  "x"],
                                 stdin=subprocess.PIPE, env={}, cwd="/")
         deadline = time.monotonic() + 10
-        while not any(n.startswith(".tmp.core.130.") for n in os.listdir(spool)):  # sized its limit, opened its temp
+        # Sized its limit and reserved the core's temp (the record's temp, .json, comes first: not that one).
+        while not any(n.startswith(".tmp.core.130.") and not n.endswith(".json") for n in os.listdir(spool)):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.005)
         vfs = os.statvfs(disk)
