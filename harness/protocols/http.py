@@ -17,7 +17,7 @@ from typing import Any
 import httptools
 
 from harness.fields import Invalid, describe
-from harness.protocols import ProtocolError, RequestSpec, TextTemplate, payload, unknown_placeholders
+from harness.protocols.common import ProtocolError, RequestSpec, TextTemplate, payload, unknown_placeholders
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 DEFAULT_EXPECT = "2xx, 3xx"

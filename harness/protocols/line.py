@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.fields import Invalid, describe
-from harness.protocols import Pattern, RequestSpec, TextTemplate, parse_pattern, payload, unknown_placeholders
+from harness.protocols.common import Pattern, RequestSpec, TextTemplate, parse_pattern, payload, unknown_placeholders
 
 DEFAULT_TERMINATOR = "\n"
 

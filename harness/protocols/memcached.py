@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from harness.fields import Invalid, describe
-from harness.protocols import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload,
-                               unknown_placeholders)
+from harness.protocols.common import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern,
+                                      payload, unknown_placeholders)
 
 STORAGE = {"set": 4, "add": 4, "replace": 4, "append": 4, "prepend": 4, "cas": 5}   # fields before <bytes>
 COMMANDS = set(STORAGE) | {"get", "gets", "gat", "gats", "delete", "incr", "decr", "touch", "version", "stats",

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from harness.fields import Invalid, describe
-from harness.protocols import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern, payload,
-                               unknown_placeholders)
+from harness.protocols.common import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern,
+                                      payload, unknown_placeholders)
 
 MAX_BULK = 512 * 1024 * 1024     # redis's own limit (proto-max-bulk-len)
 MAX_LINE = 64 * 1024             # a header line longer than this is not RESP
