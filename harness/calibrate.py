@@ -20,6 +20,7 @@ from scipy import stats as scipy_stats
 
 from harness.errors import HarnessError, ScenarioError
 from harness.loader import load_scenario
+from harness import storereads as reads
 from harness.store import open_run
 from harness.units import format_size
 
@@ -49,14 +50,11 @@ def calibrate(run_dir: Path, trial: int | None = None) -> Calibration:
     store = open_run(run_dir)
     try:
         if trial is None:
-            row = store.query("SELECT id FROM trials ORDER BY id LIMIT 1")
-            if not row:
+            trial = reads.first_trial(store)
+            if trial is None:
                 raise HarnessError(f"{run_dir} has no trial to calibrate from")
-            trial = int(row[0]["id"])
-        rows = store.query("SELECT host, inflight, ok, shim, state FROM host_samples WHERE trial=? AND state='up'",
-                           (trial,))
-        latency = [r["p50"] for r in store.query("SELECT p50 FROM samples WHERE trial=? AND p50 IS NOT NULL",
-                                                 (trial,))]
+        rows = reads.up_host_samples(store, trial)
+        latency = reads.p50s(store, trial)
     finally:
         store.close()
     inflight, live = [], []

@@ -386,9 +386,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _run_hosts(run_dir: Path) -> int:
     from harness.store import open_run
+    from harness.storereads import run_hosts
     store = open_run(run_dir)
     try:
-        return int(store.query("SELECT hosts FROM runs")[0]["hosts"])
+        return run_hosts(store)
     finally:
         store.close()
 

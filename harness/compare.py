@@ -29,6 +29,7 @@ from harness import stats
 from harness.claims import METRICS, VERDICT_CLAIMS, VariantExpectation  # noqa: F401 (re-exported)
 from harness.exposure import uptime_exposure
 from harness.report import build_report
+from harness import storereads as reads
 from harness.store import open_run
 
 COMPARE_SCHEMA = 1
@@ -40,29 +41,19 @@ NOT_RUNNING = ("down", "stopped")       # host_samples states that are *not* exp
 
 # --- reading the stores ------------------------------------------------------------------------
 
-def _tables(store: Any) -> set[str]:
-    return {row["name"] for row in store.query("SELECT name FROM sqlite_master WHERE type='table'")}
-
-
 def trial_exposures(store: Any, ends: Mapping[int, float], hosts: int) -> dict[int, dict[str, Any]]:
     """Host-seconds per trial: every process's uptime from its start and exit events; from an older store
     without them, seconds each host was seen running in the per-host samples, else hosts alive per second,
     else the whole fleet for the trial's length (`ends`: trial id -> its length). Also the source used
     and how many processes were started."""
-    per_host = {row["trial"]: row["host_seconds"] or 0 for row in store.query(
-        f"SELECT trial, SUM(CASE WHEN state IN ({','.join('?' * len(NOT_RUNNING))}) THEN 0 ELSE span END) "
-        "AS host_seconds FROM host_samples GROUP BY trial", NOT_RUNNING)}
-    fleet = {row["trial"]: (row["alive_seconds"] or 0, row["last"]) for row in store.query(
-        "SELECT trial, SUM(hosts_alive * span) AS alive_seconds, MAX(t + span) AS last FROM samples GROUP BY trial")}
+    per_host = {row["trial"]: row["host_seconds"] or 0 for row in reads.host_seconds(store, NOT_RUNNING)}
+    fleet = {row["trial"]: (row["alive_seconds"] or 0, row["last"]) for row in reads.fleet_seconds(store)}
     # a simulated crash storm counts most exits and restarts instead of storing them: its uptime is the
     # simulator's own sum over every exit, by the same rule (harness/sim/run.py)
-    simulated = {row["id"]: json.loads(row["exposure"]) for row in store.query(
-        "SELECT id, json_extract(detail, '$.exposure') AS exposure FROM trials WHERE id IN "
-        "(SELECT DISTINCT trial FROM event_counts WHERE kind IN ('start', 'exit'))") if row["exposure"]} \
-        if "event_counts" in _tables(store) else {}
+    simulated = {row["id"]: json.loads(row["exposure"]) for row in reads.simulated_exposures(store)
+                 if row["exposure"]} if "event_counts" in reads.tables(store) else {}
     lives: dict[int, list[dict[str, Any]]] = {}
-    for row in store.query("SELECT trial, t, kind, host, pid, json_extract(detail, '$.uptime') AS uptime "
-                           "FROM events WHERE kind IN ('start', 'exit', 'stop') ORDER BY trial, t"):
+    for row in reads.lifecycle_events(store):
         lives.setdefault(row["trial"], []).append(
             {"t": row["t"], "kind": row["kind"], "host": row["host"], "pid": row["pid"],
              "detail": {} if row["uptime"] is None else {"uptime": row["uptime"]}})
@@ -91,13 +82,12 @@ def _trial_numbers(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     report = build_report(run_dir)
     store = open_run(run_dir)
     try:
-        peak_rss = {row["trial"]: row["peak_rss"] for row in store.query(
-            "SELECT trial, MAX(rss) AS peak_rss FROM host_samples GROUP BY trial")}
+        peak_rss = reads.peak_rss(store)
         exposures = trial_exposures(store, {t["id"]: float(t["end"]) for t in report["trials"]}, report["hosts"])
         # Proof of what ran: the allocator malloc was bound to in each host (harness.proof), with where it
         # came from, and "+shim" when malloc went through the fault shim.
         proofs: dict[int, set[str]] = {}
-        for row in store.query("SELECT trial, detail FROM events WHERE kind='proof'"):
+        for row in reads.proof_events(store):
             detail = json.loads(row["detail"] or "{}")
             source = detail.get("source")
             proofs.setdefault(row["trial"], set()).add(

@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from harness.crashcounts import read_crashes
 from harness.errors import HarnessError
+from harness import storereads as reads
 from harness.store import RunStore, open_run
 
 
@@ -28,7 +29,7 @@ def render_buckets(report: dict[str, Any]) -> str:
 def _host_names(store: RunStore) -> dict[tuple[int, int], str]:
     """(trial, host index) -> name, for a mixed fleet's hosts (estats-0); others are h<index>."""
     names = {}
-    for row in store.query("SELECT trial, host, detail FROM events WHERE kind='start'"):
+    for row in reads.start_events(store):
         name = json.loads(row["detail"] or "{}").get("name")
         if name:
             names[(row["trial"], row["host"])] = name
@@ -39,9 +40,7 @@ def bucket_example(run_dir: Path, bucket: str) -> tuple[dict[str, Any], dict[str
     """(crash row, triage) of the bucket's example: the first crash whose core was kept."""
     store = open_run(run_dir)
     try:
-        rows = [dict(r) for r in store.query(
-            "SELECT c.*, x.bucket, x.data FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
-            "WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+        rows = reads.bucket_crashes(store, bucket)
     finally:
         store.close()
     if not rows:
@@ -66,9 +65,7 @@ def bucket_json(run_dir: Path, bucket: str) -> dict[str, Any]:
     """`harness crashes RUN BUCKET --json`: the bucket's crashes, each with its triage and fault context."""
     store = open_run(run_dir)
     try:
-        rows = [dict(r) for r in store.query(
-            "SELECT c.*, t.variant, x.bucket, x.data FROM crashes c JOIN trials t ON t.id = c.trial "
-            "LEFT JOIN triage x ON x.uid = c.uid WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+        rows = reads.bucket_crashes_by_variant(store, bucket)
         names = _host_names(store)
     finally:
         store.close()
@@ -112,9 +109,7 @@ def _address_line(triage: dict[str, Any]) -> str:
 def render_bucket(run_dir: Path, bucket: str) -> str | None:
     store = open_run(run_dir)
     try:
-        rows = [dict(r) for r in store.query(
-            "SELECT c.*, t.variant, x.bucket, x.data FROM crashes c JOIN trials t ON t.id = c.trial "
-            "LEFT JOIN triage x ON x.uid = c.uid WHERE x.bucket LIKE ? ORDER BY c.t", (bucket + "%",))]
+        rows = reads.bucket_crashes_by_variant(store, bucket)
         names = _host_names(store)
         # exact counts (the rows of a compactly stored cascade are a sample)
         count, hosts_seen = 0, set()

@@ -35,6 +35,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from harness.crashcounts import Crashes, read_crashes  # noqa: E402
 from harness.outcomes import ERROR_KINDS  # noqa: E402
 from harness.report import build_report  # noqa: E402
+from harness import storereads as reads  # noqa: E402
 from harness.safefs import write_replace  # noqa: E402
 from harness.store import RunStore, open_run  # noqa: E402
 from harness.units import format_duration  # noqa: E402
@@ -267,10 +268,6 @@ class TrialData:
         return sorted(set(self.hosts) | set(self.lanes))
 
 
-def _rows(store: RunStore, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    return [dict(row) for row in store.query(sql, args)]
-
-
 def _by_host(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     hosts: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
@@ -278,62 +275,41 @@ def _by_host(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     return hosts
 
 
-# A bucket where a host was down for a moment shows it down: the worst state wins.
-_WORST_STATE = ("CASE WHEN sum(state='down') THEN 'down' WHEN sum(state='paused') THEN 'paused' "
-                "WHEN sum(state='ejected') THEN 'ejected' WHEN sum(state='starting') THEN 'starting' "
-                "ELSE 'stopped' END")
-
-
 def _read_trial(store: RunStore, trial: dict[str, Any], hosts: int) -> TrialData:
     """One trial's series. Host rows are bucketed inside SQLite (a night of 64 hosts has 1.8 million
     per-second rows): memory per process and bucket keeps its highest value, a lane bucket its worst
     state; short runs have one-second buckets, i.e. the rows themselves."""
     tid, end = trial["id"], float(trial["end"])
-    samples = _rows(store, "SELECT t, span, offered, ok, timeout, conn_error, no_host, bad_reply, p50, p99, p999, "
-                           "max, hosts_alive, offered_rate FROM samples WHERE trial=? ORDER BY t", (tid,))
+    samples = reads.plot_samples(store, tid)
     width = max(1, int(end // max(60, HOST_POINTS_BUDGET // max(hosts, 1))))
-    memory = _rows(store, "SELECT host, pid, min(t) AS t, max(t + span) - min(t) AS span, max(rss) AS rss, "
-                          "max(fds) AS fds, max(threads) AS threads, "
-                          "max(CASE WHEN json_extract(shim, '$.loaded') THEN json_extract(shim, '$.live_bytes') END) "
-                          "AS live FROM host_samples WHERE trial=? AND pid IS NOT NULL "
-                          "GROUP BY host, pid, t / ? ORDER BY host, t", (tid, width))
+    memory = reads.memory_buckets(store, tid, width)
     lane_width = max(1, int(end // (2 * MAX_POINTS)))
-    lane_events = _rows(store, "SELECT t, kind, host FROM events WHERE trial=? AND host IS NOT NULL AND host < ? "
-                               "AND kind IN ('start', 'ready', 'pause', 'resume', 'exit', 'stop', 'no-restart')",
-                        (tid, MAX_LANES))
+    lane_events = reads.lane_events(store, tid, MAX_LANES)
     if any(e["kind"] == "ready" for e in lane_events):
         # Down, starting, paused: from the events, at the moment each happened (a host killed at 4.00 s is
         # red from 4.00 s); only "ejected" (the balancer's view) comes from the per-second samples. (A
         # simulated host has no start-up to wait for and no `ready` event, and a crash storm's exits and
         # restarts may be counted rather than stored: its lanes come from the samples.)
         lanes = [{"host": h, **row} for h, rows in lane_rows(lane_events, end).items() for row in rows]
-        lanes += _rows(store, "SELECT host, min(t) AS t, max(t + span) - min(t) AS span, 'ejected' AS state "
-                              "FROM host_samples WHERE trial=? AND state = 'ejected' AND host < ? "
-                              "GROUP BY host, t / ? ORDER BY host, t", (tid, MAX_LANES, lane_width))
+        lanes += reads.ejected_lanes(store, tid, MAX_LANES, lane_width)
         lanes.sort(key=lambda r: (r["host"], r["t"]))
     else:   # a store without readiness events: the state each host was sampled in, per second
-        lanes = _rows(store, f"SELECT host, min(t) AS t, max(t + span) - min(t) AS span, {_WORST_STATE} AS state "
-                             "FROM host_samples WHERE trial=? AND state != 'up' GROUP BY host, t / ? ORDER BY host, t",
-                      (tid, lane_width))
+        lanes = reads.state_lanes(store, tid, lane_width)
     counted = read_crashes(store, tid)
     crashes = [(r["t"], r["host"]) for r in counted.rows]
     label = f"{trial['variant']}" + (f" #{trial['repeat'] + 1}" if trial["repeat"] else "") + f" (trial {tid})"
     windows = fault_windows(_timeline_events(store, tid), end)
-    names = {r["host"]: r["name"] for r in store.query(
-        "SELECT host, json_extract(detail, '$.name') AS name FROM events WHERE trial=? AND kind='start' "
-        "AND json_extract(detail, '$.name') IS NOT NULL GROUP BY host", (tid,))}
+    names = reads.host_names(store, tid)
     return TrialData(tid, label, samples, _by_host(memory), _by_host(lanes), crashes, windows,
                      [w for w in windows if w.kind == "gap"], trial["variant"], names, counted)
 
 
 def _timeline_events(store: RunStore, tid: int) -> list[dict[str, Any]]:
-    events = _rows(store, "SELECT t, kind, host, detail FROM events WHERE trial=? AND kind IN ('fault-arm', "
-                          "'fault-disarm', 'fault-armed', 'fault-disarmed', 'host-loss', 'gap') ORDER BY id", (tid,))
+    events = reads.fault_timeline_events(store, tid)
     if any(e["kind"] == "host-loss" for e in events):
         # a lost host's window ends at its next start or resume; a crash-looping fleet has many starts,
         # so they are only read (without their argv) when there was a host loss at all
-        events += _rows(store, "SELECT t, kind, host, '{}' AS detail FROM events WHERE trial=? AND kind IN "
-                               "('start', 'resume') ORDER BY id", (tid,))
+        events += reads.start_resume_events(store, tid)
     for event in events:
         event["detail"] = json.loads(event["detail"] or "{}")
     return events
@@ -698,8 +674,7 @@ def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | 
     try:
         trials = [_read_trial(store, trial, int(report["hosts"])) for trial in report["trials"]]
         examples = _bucket_examples(store)
-        footprint = _rows(store, "SELECT wall, rss, threads, fds FROM harness_samples ORDER BY wall") \
-            if _has_table(store, "harness_samples") else []
+        footprint = reads.harness_footprint_rows(store)
     finally:
         store.close()
     ctx = _context(report, trials)
@@ -733,10 +708,6 @@ def render_html(run_dir: Path, report: dict[str, Any], trends: dict[str, Any] | 
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><main><nav>{nav}</nav>" + "".join(sections)
             + f"<p class=\"note\">written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by harness</p></main></body></html>\n")
-
-
-def _has_table(store: RunStore, name: str) -> bool:
-    return bool(store.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)))
 
 
 def _context(report: dict[str, Any], trials: list[TrialData]) -> PlotContext:
@@ -943,15 +914,13 @@ def _bucket_examples(store: RunStore) -> dict[str, dict[str, Any]]:
     """Per bucket, the triage of its first crash whose core was kept (else its first), as `harness crashes`
     picks; only the chosen rows' JSON is decoded (a simulated night has ~100k crashes)."""
     chosen: dict[str, tuple[bool, dict[str, Any]]] = {}
-    for row in store.query("SELECT x.bucket, x.uid, c.host, c.pid, c.t, c.trial, "
-                           "coalesce(json_extract(x.data, '$.core_kept'), 1) AS kept FROM crashes c "
-                           "JOIN triage x ON x.uid = c.uid WHERE x.bucket IS NOT NULL ORDER BY c.trial, c.t"):
+    for row in reads.triaged_crashes(store):
         current = chosen.get(row["bucket"])
         if current is None or (row["kept"] and not current[0]):
             chosen[row["bucket"]] = (bool(row["kept"]), dict(row))
     examples = {}
     for bucket, (_, row) in chosen.items():
-        data = store.query("SELECT data FROM triage WHERE uid=?", (row["uid"],))[0]["data"]
+        data = reads.triage_data(store, row["uid"])
         examples[bucket] = {"data": json.loads(data or "{}"), "host": row["host"], "pid": row["pid"], "t": row["t"],
                             "trial": row["trial"]}
     return examples

@@ -48,8 +48,7 @@ reports as failures too.
 from __future__ import annotations
 
 import math
-import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from harness.compare import PairRow, json_safe, trial_exposures, finish_rows, pa
 from harness.crashcounts import read_crashes
 from harness.histmerge import merge_encoded
 from harness.errors import HarnessError
+from harness import storereads as reads
 from harness.store import open_run
 from harness.units import format_duration
 
@@ -79,18 +79,7 @@ SETTINGS = {"alpha": stats.ALPHA, "confidence": stats.CONFIDENCE, "seed": 0, "n_
 
 def _run_row(db_path: Path) -> dict[str, Any] | None:
     """The runs row of a store, read-only (other runs, possibly still being written, are never touched)."""
-    try:
-        db = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return None
-    try:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT id, scenario, status, exit_code, started FROM runs").fetchone()
-        return dict(row) if row else None
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
+    return reads.run_record(db_path)
 
 
 def _same(a: Path, b: Path | None) -> bool:
@@ -123,10 +112,10 @@ def find_baseline(results_dir: Path, scenario: str, spec: str, exclude: Path | N
 
 # --- reading one run ------------------------------------------------------------------------------
 
-def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]]:
+def _blocks(samples: Sequence[Mapping[str, Any]], block: float) -> list[dict[str, Any]]:
     """One value per block of `block` seconds from the load's start: p50 and p99 of the block's merged
     histograms (exact), throughput = ok replies per second. Blocks less than half covered are dropped."""
-    groups: dict[int, list[sqlite3.Row]] = {}
+    groups: dict[int, list[Mapping[str, Any]]] = {}
     for sample in samples:
         if sample["t"] >= 0:
             groups.setdefault(int(sample["t"] // block), []).append(sample)
@@ -144,10 +133,10 @@ def _blocks(samples: Sequence[sqlite3.Row], block: float) -> list[dict[str, Any]
     return out
 
 
-def _trial(store: Any, row: sqlite3.Row, run: dict[str, Any]) -> dict[str, Any]:
+def _trial(store: Any, row: Mapping[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """One trial's numbers as compare counts them (exposure filled in later), its buckets as the report
     groups them, and its samples (for blocks). No histogram is merged here."""
-    samples = store.query("SELECT t, span, sent, ok, hist FROM samples WHERE trial=? ORDER BY t", (row["id"],))
+    samples = reads.sample_counts(store, row["id"])
     crashes = read_crashes(store, row["id"])        # exact counts, also for a compactly stored cascade
     buckets = crashes.buckets()
     return {
@@ -167,11 +156,11 @@ def _read(run_dir: Path) -> dict[str, Any]:
     the allocator was not bound) are left out and listed."""
     store = open_run(run_dir)
     try:
-        rows = store.query("SELECT * FROM runs")
+        rows = reads.runs(store)
         if not rows:
             raise HarnessError(f"{run_dir} holds no run record (the run stopped before it began)")
         run = dict(rows[0])
-        trials = [_trial(store, row, run) for row in store.query("SELECT * FROM trials ORDER BY id")]
+        trials = [_trial(store, row, run) for row in reads.trial_rows(store)]
         exposure = trial_exposures(store, {t["trial"]: t["end"] for t in trials}, run["hosts"])
     finally:
         store.close()

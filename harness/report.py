@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from harness.errors import HarnessError
 from harness.faultreport import cgroup_totals, network_faults, resource_faults, text_lines as fault_text_lines
 from harness.histmerge import merge_encoded
 from harness.outcomes import COUNTS, ERROR_KINDS
+from harness import storereads as reads
 from harness.store import RunStore, open_run
 
 REPORT_SCHEMA = 1
@@ -83,7 +83,7 @@ def _seconds_of(sample: dict[str, Any], until: float | None) -> float:
 def _requests(store: RunStore, tid: int, phases: list[dict[str, Any]], until: float) -> dict[str, Any]:
     """Per request of a mix: the whole run and each phase, like the fleet-wide tables (the drain after
     the load counts in the last phase, without a second of its own)."""
-    rows = _rows(store, "SELECT * FROM request_samples WHERE trial=? ORDER BY t", (tid,))
+    rows = reads.request_samples(store, tid)
     by_name: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_name.setdefault(row["name"], []).append(row)
@@ -101,14 +101,9 @@ def _requests(store: RunStore, tid: int, phases: list[dict[str, Any]], until: fl
 def _replies(store: RunStore, tid: int) -> dict[str, dict[str, int]]:
     """Bad replies by kind (http_5xx, resp_error, protocol_error...) and HTTP replies by status code."""
     result: dict[str, dict[str, int]] = {"bad_kinds": {}, "status": {}}
-    for row in _rows(store, "SELECT family, name, sum(count) AS n FROM reply_counts WHERE trial=? "
-                            "GROUP BY family, name ORDER BY family, name", (tid,)):
+    for row in reads.reply_counts(store, tid):
         result["bad_kinds" if row["family"] == "bad" else "status"][row["name"]] = row["n"]
     return result
-
-
-def _rows(store: RunStore, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    return [dict(row) for row in store.query(sql, args)]
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
@@ -120,11 +115,11 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
 
 def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
-    runs = _rows(store, "SELECT * FROM runs")
+    runs = reads.runs(store)
     if not runs:
         raise HarnessError(f"{run_dir} holds no run record (the run stopped before it began)")
     run = runs[0]
-    phases = _rows(store, "SELECT * FROM phases ORDER BY idx")
+    phases = reads.phases(store)
     status = run["status"]
     if status == "running":
         status = "incomplete"  # the harness died (SIGKILL, power loss) before finishing
@@ -136,17 +131,17 @@ def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
                     "rate_from": p["rate_from"], "rate_to": p["rate_to"]} for p in phases],
         "trials": [],
     }
-    for trial in _rows(store, "SELECT * FROM trials ORDER BY id"):
+    for trial in reads.trials(store):
         report["trials"].append(_trial(store, trial, phases, run))
     return report
 
 
 def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
     tid = trial["id"]
-    samples = _rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (tid,))
+    samples = reads.samples(store, tid)
     counted = read_crashes(store, tid)
     crashes = counted.rows
-    events = _rows(store, "SELECT * FROM events WHERE trial=? ORDER BY id", (tid,))
+    events = reads.events(store, tid)
     for item in crashes + events:
         item["detail"] = json.loads(item["detail"] or "{}")
     end = max([run["duration"]] + [s["t"] + s.get("span", 1) for s in samples])
@@ -264,8 +259,7 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
             continue
         hosts = []
         for host in d.get("hosts", []):
-            row = store.query("SELECT shim FROM host_samples WHERE trial=? AND host=? AND t>=? AND shim IS NOT NULL "
-                              "ORDER BY t DESC LIMIT 1", (trial, host, math.floor(event["t"])))
+            row = reads.last_shim_counters(store, trial, host, math.floor(event["t"]))
             shim = json.loads(row[0]["shim"]) if row else {}
             slot = d.get("slot", 0)
 
@@ -323,11 +317,7 @@ def _has_groups(events: list[dict[str, Any]]) -> bool:
 
 def _counted_events(store: RunStore, trial: int, kind: str) -> int:
     """Events of a kind stored as counts, not rows (a simulated crash loop's restarts)."""
-    try:
-        return int(store.query("SELECT coalesce(sum(count), 0) AS n FROM event_counts WHERE trial=? AND kind=?",
-                               (trial, kind))[0]["n"])
-    except sqlite3.OperationalError:
-        return 0                            # an old store on read-only media
+    return reads.counted_events(store, trial, kind)
 
 
 def _group_totals(store: RunStore, trial: int, events: list[dict[str, Any]],
@@ -339,8 +329,7 @@ def _group_totals(store: RunStore, trial: int, events: list[dict[str, Any]],
     for name in dict.fromkeys(group_of[h] for h in sorted(group_of)):
         totals[name] = {"hosts": sum(1 for g in group_of.values() if g == name), "sent": 0, "ok": 0, "errors": 0,
                         "crashes": 0}
-    for row in _rows(store, "SELECT host, sum(sent) AS sent, sum(ok) AS ok, sum(errors) AS errors "
-                            "FROM host_samples WHERE trial=? GROUP BY host", (trial,)):
+    for row in reads.host_traffic(store, trial):
         if row["host"] in group_of:
             for key in ("sent", "ok", "errors"):
                 totals[group_of[row["host"]]][key] += row[key] or 0
@@ -374,8 +363,7 @@ def per_second(run_dir: Path, trial: int = 1) -> tuple[list[dict[str, Any]], lis
     """(samples, host_samples) of one trial, for plots and tests."""
     store = open_run(run_dir)
     try:
-        return (_rows(store, "SELECT * FROM samples WHERE trial=? ORDER BY t", (trial,)),
-                _rows(store, "SELECT * FROM host_samples WHERE trial=? ORDER BY t, host", (trial,)))
+        return reads.samples(store, trial), reads.host_samples(store, trial)
     finally:
         store.close()
 

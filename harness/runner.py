@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from harness.runoptions import RunOptions, RunResult, new_run_id
 from harness.safefs import RunLock, Untrusted, check_trusted_path, create_run_dir
 from harness.scenario import Scenario, ShimFault, Variant
 from harness.shim.interpose import check_interposable
-from harness.store import RunStore
+from harness.store import RunStore, StoreError
 from harness.trial import Trial, TrialFailed, leaf
 from harness.trialorder import trial_order
 from harness.variants import apply_variant, variant_for_group
@@ -93,7 +92,7 @@ class Run:
     async def store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self.store_lock)
-        except (sqlite3.Error, OSError) as exc:
+        except (StoreError, OSError) as exc:
             # A full disk, most likely: what was committed stays, and the run can be finished later.
             raise HarnessError(f"cannot write the results store {self.run_dir / 'run.db'}: {exc}; what was "
                                f"recorded so far is kept: `harness resume {self.run_dir}` continues the run") from None

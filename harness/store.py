@@ -19,6 +19,7 @@ from harness import hist
 from harness.outcomes import COUNTS, HostSample, RequestSample, Sample, counted  # noqa: F401 (the records the store writes)
 
 SCHEMA_VERSION = 2
+StoreError = sqlite3.Error      # what a failed write raises (a full disk, most likely)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -259,6 +260,14 @@ class RunStore:
                 "VALUES (?,?,?,?,?,?,?)",
                 (uid, triage.get("crash_class"), triage.get("signature"), triage.get("bucket"),
                  int(bool(triage.get("in_allocator"))), triage.get("fault_address"), json.dumps(triage)))
+
+    def record_triage_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Triage rows already in the table's form (uid, crash_class, signature, bucket, in_allocator,
+        fault_address, data JSON), in one transaction: the simulator's, one per simulated crash kind."""
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO triage (uid, crash_class, signature, bucket, in_allocator, "
+                "fault_address, data) VALUES (?,?,?,?,?,?,?)", rows)
 
     def harness_sample(self, trial: int | None, rss: int, fds: int, threads: int) -> None:
         """The harness's own footprint, so a soak shows that the harness itself does not leak."""

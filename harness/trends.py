@@ -39,9 +39,7 @@ a short table.
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +50,7 @@ from scipy import stats
 from tabulate import tabulate
 
 from harness.compare import NOT_RUNNING, json_safe
+from harness import storereads as reads
 from harness.store import open_run
 from harness.units import format_duration, format_size
 
@@ -228,28 +227,10 @@ def combine(fits: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
 
 # --- reading the store ----------------------------------------------------------------------------
 
-_HEAP_JSON = ("CASE WHEN json_extract(h.shim, '$.loaded') = 0 THEN NULL "
-              "ELSE json_extract(h.shim, '$.live_bytes') END")
-
-
-def _host_sql(heap: str) -> str:
-    return (f"SELECT h.trial, h.host, h.pid, h.t, h.span, h.rss, {heap}, h.fds, h.threads FROM host_samples h "
-            f"WHERE h.pid IS NOT NULL AND h.state NOT IN ({','.join('?' * len(NOT_RUNNING))}) "
-            "ORDER BY h.trial, h.host, h.t")
-
-
 def _host_rows(store: Any) -> np.ndarray:
     """host_samples as a float array: trial, host, pid, t, span, rss, heap, fds, threads (NULL -> nan).
     heap is the shim's live_bytes, read by SQLite's JSON functions (fast) when it has them."""
-    try:
-        rows = store.db.execute(_host_sql(_HEAP_JSON), NOT_RUNNING).fetchall()
-    except sqlite3.OperationalError:
-        rows = []
-        for row in store.db.execute(_host_sql("h.shim"), NOT_RUNNING):
-            shim = json.loads(row[6]) if row[6] else None
-            heap = shim.get("live_bytes") if shim and shim.get("loaded", True) else None
-            rows.append((*row[:6], heap, *row[7:]))
-    return np.array(rows, dtype=float).reshape(-1, 9)
+    return np.array(reads.process_series(store, NOT_RUNNING), dtype=float).reshape(-1, 9)
 
 
 def _series(data: np.ndarray) -> list[tuple[int, int]]:
@@ -274,8 +255,7 @@ def _fit_rows(block: np.ndarray, column: int, unit: str) -> dict[str, Any] | Non
 
 def _harness(store: Any) -> dict[str, Any]:
     """The harness process's own footprint, split where samples stop for a while (a resumed run)."""
-    rows = np.array(store.db.execute("SELECT wall, rss, fds, threads FROM harness_samples ORDER BY wall").fetchall(),
-                    dtype=float).reshape(-1, 4)
+    rows = np.array(reads.harness_footprint(store), dtype=float).reshape(-1, 4)
     out: dict[str, Any] = {"samples": int(rows.shape[0]), "segments": 0, "metrics": {m: None for m in HARNESS_METRICS}}
     if rows.shape[0] == 0:
         return out
@@ -295,8 +275,8 @@ def run_trends(run_dir: Path) -> dict[str, Any]:
     """Per process and per variant: slope per hour of rss, heap, fds and threads, with verdicts."""
     store = open_run(run_dir)
     try:
-        run = store.query("SELECT id FROM runs")
-        trials = {row["id"]: dict(row) for row in store.query("SELECT id, variant, status FROM trials ORDER BY id")}
+        run = reads.run_ids(store)
+        trials = {row["id"]: dict(row) for row in reads.trial_variants(store)}
         data = _host_rows(store)
         harness = _harness(store)
     finally:

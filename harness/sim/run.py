@@ -211,10 +211,7 @@ class Trial:
         self.store.write_batch(self.number, events=events, samples=self.samples, host_samples=self.host_samples,
                                crashes=crashes, crash_counts=slots, crash_hosts=hosts, event_counts=counted)
         if triage:
-            with self.store._tx():
-                self.store.db.executemany(
-                    "INSERT OR REPLACE INTO triage (uid, crash_class, signature, bucket, in_allocator, "
-                    "fault_address, data) VALUES (?,?,?,?,?,?,?)", triage)
+            self.store.record_triage_rows(triage)
         self.samples, self.host_samples = [], []
 
     def _detail(self, wall_seconds: float) -> dict[str, Any]:
