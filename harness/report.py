@@ -296,11 +296,7 @@ def _fault_sections(store: RunStore, tid: int, events: list[dict[str, Any]], det
             for e in events if e["kind"] == "oom-kill"]
     if ooms:
         out["oom_kills"] = ooms
-    try:
-        rows = _rows(store, "SELECT host, cgroup FROM host_samples WHERE trial=? AND cgroup IS NOT NULL ORDER BY t",
-                     (tid,))
-    except Exception:   # a store from before per-host cgroups
-        rows = []
+    rows = reads.cgroup_samples(store, tid)
     if rows:
         out["cgroups"] = cgroup_totals(rows, names)
     return out

@@ -133,6 +133,16 @@ def host_samples(store: RunStore, trial: int) -> list[dict[str, Any]]:
     return _dicts(store, "SELECT * FROM host_samples WHERE trial=? ORDER BY t, host", (trial,))
 
 
+def cgroup_samples(store: RunStore, trial: int) -> list[dict[str, Any]]:
+    """Per-host cgroup accounting rows (host, cgroup JSON) in time order; none from a store from before
+    per-host cgroups."""
+    try:
+        return _dicts(store, "SELECT host, cgroup FROM host_samples WHERE trial=? AND cgroup IS NOT NULL ORDER BY t",
+                      (trial,))
+    except sqlite3.Error:
+        return []
+
+
 def up_host_samples(store: RunStore, trial: int) -> list[sqlite3.Row]:
     return store.query("SELECT host, inflight, ok, shim, state FROM host_samples WHERE trial=? AND state='up'",
                        (trial,))
