@@ -39,11 +39,11 @@ from tabulate import tabulate
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.driverpool import resolve_workers  # noqa: E402
-from harness.fleet import free_port  # noqa: E402
-from harness.loader import load_scenario_text  # noqa: E402
-from harness.runner import run_scenario  # noqa: E402
-from harness.runoptions import RunOptions  # noqa: E402
+from harness.run.driverpool import resolve_workers  # noqa: E402
+from harness.run.fleet import free_port  # noqa: E402
+from harness.scenario.loader import load_scenario_text  # noqa: E402
+from harness.run.runner import run_scenario  # noqa: E402
+from harness.run.options import RunOptions  # noqa: E402
 
 ECHO = REPO / "targets" / "echo" / "echo-server"
 SCENARIO = """
@@ -133,11 +133,11 @@ def measure(rate: int, seconds: float, workers: str, hosts: int, connections: in
 async def _saturate(port: int, rate: float, seconds: float) -> dict[str, float]:
     """The driver alone (no runner), one echo host, a plan far above what it can send: what it sends per
     second of its own CPU time. Less sensitive to a busy machine than any latency figure."""
-    from harness.balancer import Balancer
-    from harness.driver import Driver
-    from harness.loadshape import LoadShape, PhaseSpec
-    from harness.plan import PlanSpec
-    from harness.scenario import Client, Keys, Target
+    from harness.run.balancer import Balancer
+    from harness.run.driver import Driver
+    from harness.scenario.loadshape import LoadShape, PhaseSpec
+    from harness.plan.streams import PlanSpec
+    from harness.scenario.model import Client, Keys, Target
     driver = Driver(Target(root=REPO, command=("echo",)), Client(timeout=1.0, connections=4), [port], Balancer(1))
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.serve)

@@ -3,7 +3,7 @@ through the proxy against the direct path, in one run (the two paths interleaved
 
 Both paths are the harness's own runner, driver and store against a real fleet of echo hosts; the proxied one
 has a network fault whose window never opens (`{kind: stall, from: 1h}`), so every driver link goes through the
-proxy (harness/netfault) and nothing is ever armed. Latency is measured from each request's intended send time,
+proxy (harness/run/faults/network) and nothing is ever armed. Latency is measured from each request's intended send time,
 merged over the run from the stored HDR histograms.
 
     .venv/bin/python bench/proxy.py [--seconds 4] [--rates 1000,4000,8000,12000] [--hosts 2] [--repeats 1]
@@ -25,8 +25,8 @@ from tabulate import tabulate
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.loader import load_scenario_text  # noqa: E402
-from harness.runner import RunOptions, run_scenario  # noqa: E402
+from harness.scenario.loader import load_scenario_text  # noqa: E402
+from harness.run.runner import RunOptions, run_scenario  # noqa: E402
 
 SCENARIO = """
 name: bench-proxy-{path}

@@ -120,9 +120,9 @@ def child(hosts: int, night: str, traced: bool) -> dict:
     import tracemalloc
     from dataclasses import replace
 
-    from harness.loader import load_scenario
-    from harness.loadshape import LoadShape
-    from harness.sim import params
+    from harness.scenario.loader import load_scenario
+    from harness.scenario.loadshape import LoadShape
+    from harness.scenario import simparams as params
     from harness.sim.run import run_to_dir
 
     scenario = load_scenario(SCENARIO)

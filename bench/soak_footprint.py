@@ -4,13 +4,13 @@ Runs a small real fleet (4 estats hosts, open-loop load, random allocation failu
 every few seconds -> cores + gdb/eu-stack triage + restarts, a host kill every 45 s) with rollups
 starting after 30 s instead of an hour (`--rollup-after 30s --rollup-every 60s`: a 60-row window each
 minute, as in a real soak), and prints the harness process's RSS / fds / threads every 30 s plus the
-Theil-Sen slope of its own samples (harness.trends.run_trends(run)["harness"]).
+Theil-Sen slope of its own samples (harness.analysis.trends.run_trends(run)["harness"]).
 
     python bench/soak_footprint.py                       # the harness as it is, 8 minutes
     python bench/soak_footprint.py --mode both           # before the fix, then after
     python bench/soak_footprint.py --duration 5m --rate 400
 
-`--mode before` runs the harness with harness.hist.release_histogram made a no-op, i.e. as it was
+`--mode before` runs the harness with harness.base.hist.release_histogram made a no-op, i.e. as it was
 before the fix (hdrh histograms, which are reference cycles, are freed only when the cyclic GC runs,
 so a rollup holds every decoded histogram of its window at once); `after` runs it as it is; `both`
 runs before, then after. One run at a time: the machine is small and the numbers are about the
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from harness.trends import fit_series, run_trends  # noqa: E402
+from harness.analysis.trends import fit_series, run_trends  # noqa: E402
 
 SCENARIO = """\
 name: soak-footprint
@@ -59,8 +59,8 @@ faults:
 
 LAUNCH = "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))"
 # As before the fix: histograms done with are left to the cyclic GC.
-LAUNCH_BEFORE = ("import sys, harness.hist, harness.driver; harness.hist.release_histogram = "
-                 "harness.driver.release_histogram = lambda h: None; from harness.cli import main; "
+LAUNCH_BEFORE = ("import sys, harness.base.hist, harness.run.driver; harness.base.hist.release_histogram = "
+                 "harness.run.driver.release_histogram = lambda h: None; from harness.cli import main; "
                  "sys.exit(main(sys.argv[1:]))")
 
 

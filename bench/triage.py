@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/triage.py [--runs 5] [--mib 100]
 
-For each size: compile tests/crashers/crasher.c, crash it in a tmp host directory (RLIMIT_CORE
+For each size: compile tests/fixtures/crashers/crasher.c, crash it in a tmp host directory (RLIMIT_CORE
 raised in the child), then time, from the moment wait() returns (the kernel has finished writing the
 core before the parent is told of the death):
   find_core → secure_core (rename into a results dir) → triage_core (frames symbolized, class, bucket).
@@ -29,7 +29,7 @@ import psutil
 from harness.collect import compress_stored, core_pattern_status, find_core, secure_core, triage_core
 
 ROOT = Path(__file__).resolve().parent.parent
-CRASHER = ROOT / "tests" / "crashers" / "crasher.c"
+CRASHER = ROOT / "tests" / "fixtures" / "crashers" / "crasher.c"
 
 
 class RssSampler:

@@ -15,10 +15,10 @@ from typing import Any
 
 import trio
 
-from harness import units
-from harness.errors import HarnessError, ScenarioError
-from harness.isolation import scenario_problem
-from harness.loader import load_scenario
+from harness.base import units
+from harness.base.errors import HarnessError, ScenarioError
+from harness.run.isolation import scenario_problem
+from harness.scenario.loader import load_scenario
 
 EXIT_OK, EXIT_EXPECTATION, EXIT_USAGE = 0, 1, 2
 
@@ -222,7 +222,7 @@ def _validate(paths: list[Path]) -> int:
     for file in files:
         try:
             scenario = load_scenario(file)
-            from harness.proof.check import allocator_problems
+            from harness.run.proofcheck import allocator_problems
             refused = allocator_problems(scenario)   # executables already there: a preload that cannot work
             if refused:
                 raise ScenarioError(refused)
@@ -235,7 +235,7 @@ def _validate(paths: list[Path]) -> int:
             print(f"{file}: ok ({scenario.fleet.hosts} hosts{': ' + mix if mix else ''}, "
                   f"{units.format_duration(scenario.duration)}, "
                   f"{len(scenario.faults)} faults, {len(scenario.expect)} expectations)")
-            from harness.capacity import rate_warning
+            from harness.run.capacity import rate_warning
             warning = rate_warning(scenario)
             if warning:
                 print(f"{file}: warning: {warning}", file=sys.stderr)
@@ -250,9 +250,9 @@ def _validate(paths: list[Path]) -> int:
 
 
 def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from harness.expect import evaluate
-    from harness.report import build_report
-    from harness.plancut import plan_cut
+    from harness.analysis.expect import evaluate
+    from harness.analysis.report import build_report
+    from harness.plan.cut import plan_cut
     report = build_report(run_dir)
     expectations: list[dict[str, Any]] = []
     saved = run_dir / "scenario.yaml"
@@ -273,7 +273,7 @@ def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[d
                  regressions: dict[str, Any] | None = None) -> None:
     if path is None:
         return
-    from harness.junit import write_junit
+    from harness.present.junit import write_junit
     try:
         write_junit(path, report, expectations, regressions)
     except OSError as exc:
@@ -282,7 +282,7 @@ def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[d
 
 def _judge_comparisons(scenario: Any, run_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """{compare: [a, b], metric: claim} expectations, judged with the statistics of `harness compare`."""
-    from harness.compare import compare_runs, evaluate_variant_expectations
+    from harness.analysis.compare import compare_runs, evaluate_variant_expectations
     ran = {t["variant"] for t in report["trials"] if t["status"] == "complete"}
     wanted = [e for e in scenario.compare_expect if e.variant in ran and e.reference in ran]
     results = []
@@ -305,7 +305,7 @@ def _judge_comparisons(scenario: Any, run_dir: Path, report: dict[str, Any]) -> 
 
 def _run_dir(args: argparse.Namespace) -> Path:
     """The run a command names (a directory, a run id or 'latest'), or a one-line error."""
-    from harness.report import find_run
+    from harness.analysis.report import find_run
     try:
         return find_run(args.run, args.results)
     except FileNotFoundError as exc:
@@ -313,7 +313,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.report import render_text
+    from harness.analysis.report import render_text
     run_dir = _run_dir(args)
     report, expectations = _judge(run_dir)
     _write_junit(args.junit, report, expectations)
@@ -330,7 +330,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _write_html(run_dir: Path, target: str, report: dict[str, Any]) -> Path:
-    from harness.htmlreport import write_html_report
+    from harness.present.html import write_html_report
     try:
         return write_html_report(run_dir, Path(target) if target else None, report=report)
     except OSError as exc:
@@ -375,7 +375,7 @@ def _cores(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from harness.calibrate import calibrate, render
+    from harness.analysis.calibrate import calibrate, render
     run_dir = _run_dir(args)
     result = calibrate(run_dir, args.trial)
     hosts = args.hosts or _run_hosts(run_dir)
@@ -385,8 +385,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_hosts(run_dir: Path) -> int:
-    from harness.store import open_run
-    from harness.storereads import run_hosts
+    from harness.store.runstore import open_run
+    from harness.store.reads import run_hosts
     store = open_run(run_dir)
     try:
         return run_hosts(store)
@@ -395,8 +395,8 @@ def _run_hosts(run_dir: Path) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare_runs, render_compare
-    from harness.report import find_run
+    from harness.analysis.compare import compare_runs, render_compare
+    from harness.analysis.report import find_run
     try:
         run_dirs = [find_run(run, args.results) for run in args.runs]
         result = compare_runs(run_dirs, baseline=args.baseline, min_difference=args.min_difference)
@@ -407,9 +407,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _crashes(args: argparse.Namespace) -> int:
-    from harness.crashview import render_bucket, render_buckets
-    from harness.report import build_report
-    from harness.crashview import bucket_json, buckets_json
+    from harness.present.crashview import render_bucket, render_buckets
+    from harness.analysis.report import build_report
+    from harness.present.crashview import bucket_json, buckets_json
     run_dir = _run_dir(args)
     report = build_report(run_dir)
     if args.bucket is None:
@@ -419,7 +419,7 @@ def _crashes(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.bundle or args.gdb:
         from harness.collect.bundle import open_in_gdb, write_bundle
-        from harness.crashview import bucket_example
+        from harness.present.crashview import bucket_example
         example = bucket_example(run_dir, args.bucket)
         if example is None:
             raise HarnessError(f"no crash bucket {args.bucket!r} in {run_dir} (harness crashes {run_dir} lists them)")
@@ -439,12 +439,12 @@ def _crashes(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from harness.resume import Invocation
-    from harness.runoptions import RunOptions
+    from harness.store.resume import Invocation
+    from harness.run.options import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
-    from harness.metrics import parse_address
+    from harness.present.prometheus import parse_address
     invocation = Invocation(command=args.command, scenario_base=str(args.scenario.resolve().parent),
                             scenario_file=str(args.scenario), duration=args.duration, seed=args.seed,
                             variant=args.variant, trials=args.trials, baseline=getattr(args, "baseline", None),
@@ -455,7 +455,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                          argv=argv, metrics=parse_address(args.metrics) if args.metrics else None,
                          invocation=invocation, rollup_after=args.rollup_after, rollup_every=int(args.rollup_every))
     if args.command == "soak" and args.baseline not in (None, "latest-good"):
-        from harness.regress import find_baseline
+        from harness.analysis.regress import find_baseline
         try:   # resolved as at the end of the night: a baseline that will not resolve is an error now, not after
             find_baseline(args.results, scenario.name, args.baseline, exclude=None)
         except HarnessError as exc:
@@ -467,14 +467,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _say_cut(plan: Any, duration: float) -> None:
     """Before the run: what a duration shorter than the plan leaves out (phases, faults, expectations)."""
-    from harness.plancut import plan_cut
+    from harness.plan.cut import plan_cut
     for line in plan_cut(plan, duration).lines():
         print(f"harness: note: {line}", file=sys.stderr)
 
 
 def _resume(args: argparse.Namespace, argv: list[str]) -> int:
     """Finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C (docs/soak.md)."""
-    from harness.safefs import RunLock, Untrusted, check_run_dir
+    from harness.base.safefs import RunLock, Untrusted, check_run_dir
     run_dir = _run_dir(args)
     try:  # resume runs what the folder says, as root: only from a folder nobody else could have changed
         check_run_dir(run_dir)
@@ -490,10 +490,10 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, lock: Any) -> int:
-    from harness.loader import build_scenario
-    from harness.resume import resume_point
-    from harness.runoptions import RunOptions
-    from harness.yamlsource import parse_source
+    from harness.scenario.loader import build_scenario
+    from harness.store.resume import resume_point
+    from harness.run.options import RunOptions
+    from harness.base.yamlsource import parse_source
     point = resume_point(run_dir)
     invocation = point.invocation
     where = Path(invocation.scenario_base) / Path(invocation.scenario_file).name
@@ -502,7 +502,7 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
     if scenario.fleet.simulated is not None:
         raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
     _say_cut(build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where), scenario.duration)
-    from harness.metrics import parse_address
+    from harness.present.prometheus import parse_address
     options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
                          status=not args.quiet, argv=argv, invocation=invocation, resume=point,
                          rollup_after=invocation.extra.get("rollup_after", 3600.0),
@@ -514,12 +514,12 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
 
 def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str) -> int:
     """Run (or resume) a scenario, judge it, print the report; the exit code is saved in the store."""
-    from harness.runner import run_scenario
+    from harness.run.runner import run_scenario
     if scenario.fleet.simulated is not None:
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
-        from harness.capacity import rate_warning
+        from harness.run.capacity import rate_warning
         warning = rate_warning(scenario)
         if warning:
             print(f"harness: warning: {warning}", file=sys.stderr)
@@ -534,7 +534,7 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
 
 
 def _record_exit_code(run_dir: Path, code: int) -> None:
-    from harness.store import open_run
+    from harness.store.runstore import open_run
     store = open_run(run_dir)
     try:
         store.set_exit_code(code)
@@ -543,7 +543,7 @@ def _record_exit_code(run_dir: Path, code: int) -> None:
 
 
 def _verdict(result: Any, args: argparse.Namespace, soak: bool = False) -> int:
-    from harness.report import render_text
+    from harness.analysis.report import render_text
     report, expectations = _judge(result.run_dir)
     regressions = _soak_judgement(result.run_dir, report, args) if soak else None
     _write_junit(args.junit, report, expectations, regressions)
@@ -573,8 +573,8 @@ def _verdict(result: Any, args: argparse.Namespace, soak: bool = False) -> int:
 def _soak_judgement(run_dir: Path, report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
     """Trends of the night, and what changed against the baseline (added to the report as `trends`
     and `regressions`); None when there is no baseline to compare with."""
-    from harness.regress import compare_to_baseline, find_baseline
-    from harness.trends import run_trends
+    from harness.analysis.regress import compare_to_baseline, find_baseline
+    from harness.analysis.trends import run_trends
     report["trends"] = run_trends(run_dir)
     report["regressions"] = None
     if not args.baseline:
@@ -591,8 +591,8 @@ def _soak_judgement(run_dir: Path, report: dict[str, Any], args: argparse.Namesp
 
 
 def _render_soak(report: dict[str, Any], regressions: dict[str, Any] | None) -> str:
-    from harness.regress import render_regressions
-    from harness.trends import render_trends
+    from harness.analysis.regress import render_regressions
+    from harness.analysis.trends import render_trends
     parts = ["", render_trends(report["trends"])]
     if regressions is not None:
         parts += ["", render_regressions(regressions)]

@@ -150,7 +150,7 @@ def require_serial(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 def attacker(request: pytest.FixtureRequest) -> tuple[int, int]:
-    """A real unprivileged user (uid, gid) for the attacks of tests/test_hardening.py (serial tests only:
+    """A real unprivileged user (uid, gid) for the attacks of tests/e2e/test_hardening.py (serial tests only:
     a system user is machine-wide, and two pytest-xdist workers would each make and remove it)."""
     require_serial(request)   # before the user is made
     user: tuple[int, int] = request.getfixturevalue("attacker_user")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.base.errors import HarnessError
 
 from .backtrace import parse_eu_unstrip, run_tool
 from .elfcore import ElfError, read_build_id, read_core

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.collect.elfcore import read_build_id
-from harness.proof.live import Mapping, file_identity, read_maps
+from harness.collect.proof.live import Mapping, file_identity, read_maps
 
 MAX_OBJECT_BYTES = 512 << 20       # one object
 MAX_SAVED_BYTES = 2 << 30          # all copies of one run

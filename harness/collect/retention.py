@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.scenario import Cores
+from harness.scenario.model import Cores
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def _keyed(text: str, key: str, seq: str, value: str) -> re.Pattern[bytes]:
 
 def parse_pattern(value: Any) -> Pattern | None:
     """`expect:` of the text protocols: a regular expression (searched, not anchored)."""
-    from harness.fields import Invalid, describe
+    from harness.base.fields import Invalid, describe
     if value is None:
         return None
     if not isinstance(value, str) or not value:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httptools
 
-from harness.fields import Invalid, describe
+from harness.base.fields import Invalid, describe
 from harness.protocols.common import ProtocolError, RequestSpec, TextTemplate, payload, unknown_placeholders
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.fields import Invalid, describe
+from harness.base.fields import Invalid, describe
 from harness.protocols.common import Pattern, RequestSpec, TextTemplate, parse_pattern, payload, unknown_placeholders
 
 DEFAULT_TERMINATOR = "\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.fields import Invalid, describe
+from harness.base.fields import Invalid, describe
 from harness.protocols.common import (FramedDecoder, Pattern, ProtocolError, RequestSpec, TextTemplate, parse_pattern,
                                       payload, unknown_placeholders)
 

@@ -3,7 +3,7 @@ before every use: it is preloaded into targets that run as root.
 
 The library is compiled with the system C compiler the first time it is needed and reused after
 that. The cache folder must be the harness user's (made 0700) and nobody else may be able to change it
-or any folder above it (harness.safefs): a library another user could plant or swap would run as root
+or any folder above it (harness.base.safefs): a library another user could plant or swap would run as root
 in every target. Each build is named by the hash of its own content (``libharness-shim-<sha256>.so``),
 and ``libharness-shim-<key>.sha256`` (key: a hash of the source, the flags and the compiler's path, so
 an edited source or another compiler builds anew) names the build to use. Before every use the
@@ -25,7 +25,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from harness import safefs
+from harness.base import safefs
 
 SOURCE = Path(__file__).with_name("shim.c")
 # -fexceptions: the C++ operator new wrapper needs a cleanup that runs while bad_alloc unwinds

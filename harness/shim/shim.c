@@ -847,7 +847,7 @@ static void name_copy(char *dst, const char *path)
 
 static uint32_t proc_pid(void)
 {   /* this process's pid as /proc shows it: the harness's numbering, also inside a PID namespace of its
-       own (harness/isolation), where getpid() counts from 1 */
+       own (harness/run/isolation), where getpid() counts from 1 */
     char buf[16];
     ssize_t n = readlink("/proc/self", buf, sizeof buf - 1);
     uint32_t pid = 0;

@@ -1,4 +1,4 @@
-"""The balancer for a tick's worth of requests at once: a vectorized twin of harness.balancer.Balancer.
+"""The balancer for a tick's worth of requests at once: a vectorized twin of harness.run.balancer.Balancer.
 
 Balancer.pick() places one request at a time; a simulated fleet of 10,000 hosts receives hundreds
 of thousands of requests per tick, so this module places a whole tick's count in one step with the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.balancer import Balancer
+from harness.run.balancer import Balancer
 
 POLICIES = ("round-robin", "least-loaded")
 

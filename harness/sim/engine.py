@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.plan import choose_hosts, loss_events, stream
-from harness.scenario import Scenario, ShimFault, SimModel, Variant
+from harness.plan.streams import choose_hosts, loss_events, stream
+from harness.scenario.model import Scenario, ShimFault, SimModel, Variant
 from harness.sim.balance import assign
 from harness.sim.crashes import CAUSES, HAZARD, MEMORY, CrashSampler, CrashTally, ExactSum
 
@@ -43,7 +43,7 @@ def rng(seed: int, purpose: str) -> np.random.Generator:
 def uniform_at(generator: np.random.Generator, positions: np.ndarray, total: int) -> np.ndarray:
     """generator.random(total)[positions] (positions ascending), leaving the stream where random(total)
     would; for a few positions out of many, only those are drawn and the stream is advanced past the
-    rest (a double is one 64-bit output of the bit generator: tests/test_sim.py checks it)."""
+    rest (a double is one 64-bit output of the bit generator: tests/unit/sim/test_sim.py checks it)."""
     if len(positions) * SELECTIVE_DRAWS >= total:
         return generator.random(total)[positions]
     bits = generator.bit_generator
@@ -221,7 +221,7 @@ class FleetModel:
             self.fault_masks.append(mask)
 
     def _fault_hosts(self, fault: ShimFault) -> np.ndarray:
-        """The same choice as harness.faults.fault_hosts, over the model's hosts."""
+        """The same choice as harness.run.faults.shimfaults.fault_hosts, over the model's hosts."""
         count = fault.hosts.resolve(self.n)
         if count >= self.n:
             return np.arange(self.n)
@@ -229,7 +229,7 @@ class FleetModel:
                         dtype=np.int64)
 
     def _fault_budgets(self, fault: ShimFault, hosts: np.ndarray) -> np.ndarray:
-        """The same per-host budgets as harness.faults.host_budget (seeded per host)."""
+        """The same per-host budgets as harness.run.faults.shimfaults.host_budget (seeded per host)."""
         if not fault.spread:
             return np.full(len(hosts), float(fault.budget))
         return np.array([max(1, int(fault.budget * (1.0 + stream(self.seed, f"budget:{fault.index}:{h}").uniform(
@@ -892,7 +892,7 @@ class FleetModel:
                 "number": self.total_crashes + i}
 
     def exposure(self, end: float) -> dict[str, Any]:
-        """Host-seconds of the trial as harness.exposure counts them from start and exit events (each
+        """Host-seconds of the trial as harness.analysis.exposure counts them from start and exit events (each
         incarnation from its start to its exit, one still running up to `end`), from every exit, also
         those counted rather than stored as event rows."""
         running = np.flatnonzero((self.state == UP) | (self.state == PAUSED))

@@ -22,17 +22,17 @@ import numpy as np
 import trio
 import trio.testing
 
-from harness.hist import new_histogram
-from harness.histmerge import Encoder
-from harness.outcomes import COUNTS, HostSample, Sample
-from harness.runoptions import RunOptions, RunResult, new_run_id
-from harness.scenario import Scenario, Variant
-from harness.sim import params
+from harness.base.hist import new_histogram
+from harness.analysis.histmerge import Encoder
+from harness.base.outcomes import COUNTS, HostSample, Sample
+from harness.run.options import RunOptions, RunResult, new_run_id
+from harness.scenario.model import Scenario, Variant
+from harness.scenario import simparams as params
 from harness.sim.crashes import CAUSES as CAUSE_NAMES
 from harness.sim.engine import FleetModel, bin_seconds
-from harness.safefs import create_run_dir
-from harness.store import RunStore
-from harness.trialorder import trial_order
+from harness.base.safefs import create_run_dir
+from harness.store.runstore import RunStore
+from harness.plan.trialorder import trial_order
 
 FLUSH_EVERY = 300          # virtual seconds between store batches
 MAX_DRAIN = 600.0          # virtual seconds after the load for queues and retries to empty
@@ -228,8 +228,8 @@ class Trial:
             "crashes_by_cause": {CAUSE_NAMES[c]: n for c, n in sorted(enumerate(model.tally.total),
                                                                       key=lambda item: CAUSE_NAMES[item[0]]) if n},
             "crash_rows": self.crash_rows,
-            # host-seconds as harness.exposure counts them from start and exit events, here from every exit
-            # (a crash storm's exits are mostly counted, not stored: harness.compare.trial_exposures)
+            # host-seconds as harness.analysis.exposure counts them from start and exit events, here from every exit
+            # (a crash storm's exits are mostly counted, not stored: harness.analysis.compare.trial_exposures)
             "exposure": model.exposure(float(self.samples_end)),
             "retries": model.total_retries,
             "attempts": model.total_attempts,

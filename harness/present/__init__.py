@@ -1,0 +1,1 @@
+"""Presentation: text, HTML, JUnit, Prometheus, crash views and the live status line."""

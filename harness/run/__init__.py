@@ -1,0 +1,1 @@
+"""The run: the one place that schedules I/O (fleet, driver, faults, sampling, collection)."""

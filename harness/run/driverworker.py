@@ -1,0 +1,139 @@
+"""One driver worker process (harness.run.driverpool starts it): `python -m harness.run.driverworker FD`.
+
+FD is its end of a socketpair to the harness. The harness sends the configuration, then host changes
+(ready, gone, ejected elsewhere), then the plan to send; the worker sends back each second's counters,
+events, ejections, and at the end what it gathered. It exits when the socket closes (the harness ended
+the trial, or died).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import sys
+import time
+from typing import Any
+
+import trio
+
+from harness.run.balancer import Balancer
+from harness.run.driver import Driver
+from harness.run.driverpool import Channel, pack_counters
+from harness.run.hdrbatch import to_sparse
+from harness.plan.streams import PlanSpec
+
+
+class WorkerRun:
+    def __init__(self, channel: Channel, config: dict[str, Any]):
+        self.channel = channel
+        self.number: int = config["worker"]
+        self.workers: int = config["workers"]
+        ports = config["ports"]
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel[Any](float("inf"))
+        self.driver = Driver(config["target"], config["client"], ports, Balancer(len(ports), config["policy"]),
+                             config["expect_replies"], seed=config["seed"], on_event=self._event,
+                             worker=self.number, on_eject=self._eject)
+        self.load_scope: trio.CancelScope | None = None
+        self.done = False
+
+    def _event(self, kind: str, host: int | None, pid: int | None, **detail: Any) -> None:
+        self.outbox_send.send_nowait(("event", kind, host, pid, detail))
+
+    def _eject(self, host: int, generation: int) -> None:
+        self.outbox_send.send_nowait(("eject", host, generation))
+
+    def _view(self) -> tuple[list[bool], list[int]]:
+        balancer = self.driver.balancer
+        return list(balancer.in_rotation), list(balancer.inflight)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender)
+            await nursery.start(self.driver.serve)
+            self.outbox_send.send_nowait(("ready",))
+            while True:
+                message = await self.channel.receive()
+                if message is None:
+                    break             # the harness closed the socket (or died): nothing left to do
+                kind = message[0]
+                if kind == "host_ready":
+                    self.driver.host_ready(message[1], message[2])
+                elif kind == "host_gone":
+                    _, host, sequence = message
+                    self.driver.host_gone(host)
+                    self.outbox_send.send_nowait(("gone-ack", host, sequence, self.driver.lost_inflight[host]))
+                elif kind == "eject":
+                    self.driver.eject(message[1], message[2])
+                elif kind == "start":
+                    nursery.start_soon(self._load, message[1], message[2], message[3])
+                elif kind == "stop":
+                    if self.load_scope is not None:
+                        self.load_scope.cancel()
+                    elif not self.done:
+                        self._finish()
+            nursery.cancel_scope.cancel()
+
+    async def _sender(self) -> None:
+        async for message in self.outbox_receive:
+            try:
+                await self.channel.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return            # the harness closed its end: the main loop sees it and ends
+
+    async def _load(self, plan: PlanSpec, start_monotonic: float, until_monotonic: float | None) -> None:
+        offset = trio.current_time() - time.perf_counter()          # CLOCK_MONOTONIC -> trio clock
+        start = start_monotonic + offset
+        until = None if until_monotonic is None else until_monotonic + offset
+        with trio.CancelScope() as self.load_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reporter, start, int(plan.start_at))
+                await self.driver.send_all(plan, start, until, worker=self.number, workers=self.workers)
+                await self.driver.drain()
+                self.driver.abandon_pending()
+                nursery.cancel_scope.cancel()
+        self.load_scope = None
+        self._finish()
+
+    async def _reporter(self, t0: float, first: int) -> None:
+        """Each second's counters at the same boundaries as the harness's sampler (t0 + k + 1)."""
+        second = first
+        while True:
+            await trio.sleep_until(t0 + second + 1)
+            counters = self.driver.swap_counters()
+            self.outbox_send.send_nowait(("second", second, pack_counters(counters), self._view()))
+            second += 1
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        driver = self.driver
+        counters = driver.swap_counters()
+        stats = {"lag": to_sparse(driver.lag), "resent": driver.resent, "protocol_errors": driver.protocol_errors,
+                 "unsent": driver.unsent, "unsent_exact": driver.unsent_exact}
+        self.outbox_send.send_nowait(("done", pack_counters(counters), stats, self._view()))
+
+
+async def main_async(fd: int) -> None:
+    channel = Channel(socket.socket(fileno=fd))
+    message = await channel.receive()
+    if message is None or message[0] != "config":
+        return
+    run = WorkerRun(channel, message[1])
+    # Start-up garbage is long-lived: freeze it so collections during the load stay short.
+    gc.collect()
+    gc.freeze()
+    await run.run()
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+        sys.exit("usage: python -m harness.run.driverworker FD (started by the harness, not by hand)")
+    try:
+        trio.run(main_async, int(sys.argv[1]))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Network faults: a user-space fault proxy per link (toxiproxy's model, no kernel module) and the timeline
+that arms its faults. Only links some network fault may act on go through it (topology.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from harness.run.faults.network.proxy import FaultProxy
+from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_hosts, fault_links, host_names, proxied_links
+from harness.scenario.model import NetFault, Scenario
+
+__all__ = ["NetFaults", "describe"]
+
+
+def describe(fault: NetFault) -> str:
+    """A short label: 'latency 50 ms (+-5 ms) downstream', 'partition refuse', 'bandwidth 64 KiB/s'."""
+    if fault.kind == "latency":
+        text = f"latency {fault.latency * 1e3:g} ms" + (f" (+-{fault.jitter * 1e3:g} ms)" if fault.jitter else "")
+    elif fault.kind == "bandwidth":
+        text = f"bandwidth {fault.rate / 1024:g} KiB/s"
+    elif fault.kind == "partition":
+        text = f"partition {fault.how}"
+    elif fault.kind == "slicer":
+        text = f"slicer {fault.size} B" + (f" +-{fault.variation}" if fault.variation else "") + \
+            (f" every {fault.delay * 1e3:g} ms" if fault.delay else "")
+    else:
+        text = fault.kind
+    if fault.kind != "reset" and fault.direction != "both":
+        text += f" {fault.direction}"
+    if fault.between is not None:
+        text += f" between {fault.between[0]} and {fault.between[1]}"
+    return text
+
+
+class NetFaults:
+    """The proxy of one trial and its faults' timeline."""
+
+    def __init__(self, scenario: Scenario, ports: list[int], addrs: list[str] | None = None):
+        self.scenario = scenario
+        self.faults = scenario.net_faults
+        names = host_names(scenario)
+        self.names = names
+
+        def link_name(spec: LinkSpec) -> str:
+            return f"{spec.client}->{names[spec.host]}"
+        self.link_name = link_name
+        links = [(spec, link_name(spec), (addrs[spec.host] if addrs else "127.0.0.1", ports[spec.host]))
+                 for spec in proxied_links(scenario)]
+        self.proxy = FaultProxy(links, {f.index: fault_links(scenario, f) for f in self.faults}, self.faults,
+                                scenario.seed)
+        self.targets = {f.index: sorted({s.host for s in self.proxy.fault_links[f.index]}) for f in self.faults}
+
+    def detail(self, fault: NetFault) -> dict[str, Any]:
+        detail: dict[str, Any] = {
+            "fault": fault.index, "fault_kind": fault.kind, "family": "network", "label": describe(fault),
+            "hosts": self.targets[fault.index],
+            "links": [self.link_name(s) for s in self.proxy.fault_links[fault.index]]}
+        if fault.between is None and (fault.hosts.count is not None or fault.hosts.fraction is not None):
+            detail["chosen"] = fault_hosts(self.scenario, fault)
+        return detail
+
+    def timeline(self) -> list[tuple[float, str, NetFault]]:
+        actions: list[tuple[float, str, NetFault]] = []
+        for fault in self.faults:
+            if fault.instant:
+                if fault.window.start < self.scenario.duration:
+                    actions += [(fault.window.start, "arm", fault), (fault.window.start, "disarm", fault)]
+                continue
+            for start, end in fault.window.intervals(self.scenario.duration):
+                actions.append((start, "arm", fault))
+                if end < self.scenario.duration:
+                    actions.append((end, "disarm", fault))
+        order = {"arm": 0, "disarm": 1}
+        return sorted(actions, key=lambda a: (a[0], a[2].index, order[a[1]]))
+
+    async def run(self, t0: float, recorder: Any, start_at: float = 0.0) -> None:
+        """Arm and disarm on the scenario's timeline (a resumed trial re-arms what is in force at start_at)."""
+        actions = self.timeline()
+        for t, action, fault in actions:
+            if t < start_at and not fault.instant:
+                self.proxy.act(action, fault)   # what was done before the gap, silently
+        try:
+            for t, action, fault in actions:
+                if t < start_at:
+                    continue
+                await trio.sleep_until(t0 + t)
+                self.proxy.act(action, fault)
+                detail = self.detail(fault)
+                if action == "disarm":
+                    detail["counts"] = self.proxy.counts(fault.index)
+                recorder.event(f"fault-{action}", None, None, **detail)
+            await trio.sleep_forever()
+        finally:
+            for fault in self.faults:
+                self.proxy.act("disarm", fault)
+
+    def summary(self) -> dict[str, Any]:
+        summary = self.proxy.summary()
+        summary["faults"] = {index: {"kind": self.faults_by_index[int(index)].kind,
+                                     "label": describe(self.faults_by_index[int(index)]), **counts}
+                             for index, counts in summary["faults"].items()}
+        return summary
+
+    @property
+    def faults_by_index(self) -> dict[int, NetFault]:
+        return {f.index: f for f in self.faults}
+
+    def driver_ports(self, ports: list[int]) -> list[int]:
+        return self.proxy.driver_ports(ports)
+
+
+def has_driver_link(net: NetFaults | None, host: int) -> bool:
+    return net is not None and LinkSpec(DRIVER, host) in net.proxy.links

@@ -1,0 +1,1 @@
+"""The scenario: the typed, immutable model and how it is read from YAML (pure)."""
