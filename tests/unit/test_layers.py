@@ -3,7 +3,8 @@ from its own layer or the layers below it, takes part in no import circle, and n
 harness/store/ speaks SQL.
 
 The imports are read with ast from the source (every import, also those inside functions: a local import
-that dodges a circle at load time is still a circle in the design). The checks are plain functions, and the
+that dodges a circle at load time is still a circle in the design; not those under `if TYPE_CHECKING:`,
+which only name types for annotations). The checks are plain functions, and the
 tests at the bottom run them on small made-up trees too, so a broken checker cannot pass silently.
 """
 
@@ -62,7 +63,11 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue        # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -82,6 +87,11 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if target and target != name:
             out.add(target)
     return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def graph(root: Path) -> dict[str, set[str]]:
@@ -216,12 +226,16 @@ def test_the_checks_find_an_upward_import_a_circle_sql_and_a_stray_module(tmp_pa
         "harness/analysis/__init__.py": "",
         "harness/analysis/a.py": "from . import b\nQ = 'SELECT x FROM t'\n",          # relative import
         "harness/analysis/b.py": "def g():\n    from harness.analysis.a import Q\n",   # a local import: a circle
+        "harness/analysis/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                 "    from harness.analysis.e import E\n",          # for annotations only
+        "harness/analysis/e.py": "from harness.analysis import d\nclass E:\n    pass\n",
         "harness/analysis/c.py": "def h(store, conn, q):\n    store.db\n    conn.executemany(q)\n"
                                  "    return store.execute()\n",
         "harness/stray.py": "import os\n",
     })
     g = graph(root)
     assert g["harness.base.errors"] == {"harness.store.runstore"}
+    assert g["harness.analysis.d"] == set() and g["harness.analysis.e"] == {"harness.analysis.d"}
     assert upward(g) == ["harness.base.errors (base) imports harness.store.runstore (store), a layer above it"]
     assert upward(g, [("harness.base.errors", "harness.store.runstore")]) == []
     assert circles(g) == [["harness.analysis.a", "harness.analysis.b"]]
