@@ -45,6 +45,7 @@ fi
 # Reinstall only when the project metadata changed.
 stamp=.venv/.harness-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  # cluster: the optional Dask dependency of --cluster, so its tests run here and on CI
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,cluster]"
   touch "$stamp"
 fi
