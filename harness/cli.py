@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="keep per-second samples for this long, then one row per --rollup-every (default 1h)")
         command.add_argument("--rollup-every", type=_duration_arg, default=60.0, metavar="DURATION",
                          help="the rolled-up window (default 1m)")
+        _cluster_option(command)
 
     resume = sub.add_parser("resume", help="finish a run stopped by SIGKILL, a reboot, a full disk or Ctrl-C")
     resume.add_argument("run", help="a results/<run-id> directory, a run id, or 'latest'")
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus /metrics here")
     resume.add_argument("--html", action=argparse.BooleanOptionalAction, default=_html_default(),
                         help="write RUN/report.html at the end (default: on)")
+    _cluster_option(resume)
 
     compare = sub.add_parser("compare", help="compare the variants of one or more runs, with statistics")
     compare.add_argument("runs", nargs="+", help="results/<run-id> directories, run ids, or 'latest'")
@@ -136,6 +138,30 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _cluster_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--cluster", metavar="ADDRESS", default=None,
+                         help="run the trials on this Dask scheduler (e.g. tcp://10.0.0.5:8786; default: "
+                              "$HARNESS_CLUSTER); simulated fleets only so far (docs/cluster.md)")
+
+
+def _cluster_engine_needed(args: argparse.Namespace) -> bool:
+    from harness.cluster.connect import cluster_address
+    return cluster_address(args.cluster) is not None
+
+
+def _cluster(args: argparse.Namespace, simulated: bool) -> str | None:
+    """The cluster to run on (--cluster, else $HARNESS_CLUSTER), checked before anything starts."""
+    from harness.cluster.connect import cluster_address, require_engine
+    address = cluster_address(args.cluster)
+    if address is None:
+        return None
+    require_engine()
+    if not simulated:
+        raise HarnessError("--cluster: real fleets over a cluster are not built yet; only simulated fleets "
+                           "(fleet.simulated) run there (docs/cluster.md)")
+    return address
+
+
 def _results_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                          help="where runs are kept, for run ids and 'latest' (default: results)")
@@ -177,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "cores":
             return _cores(args)
+        if args.command in ("run", "soak", "resume") and _cluster_engine_needed(args):
+            from harness.cluster.connect import require_engine
+            require_engine()      # before anything else: one line on how to install it
         if args.command == "resume":
             return _resume(args, sys.argv if argv is None else ["harness", *argv])
         return _run(args, sys.argv if argv is None else ["harness", *argv])
@@ -442,6 +471,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.store.resume import Invocation
     from harness.run.options import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
+    args.cluster = _cluster(args, scenario.fleet.simulated is not None)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
     from harness.present.prometheus import parse_address
@@ -501,6 +531,7 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
                               duration_override=invocation.duration, seed_override=invocation.seed)
     if scenario.fleet.simulated is not None:
         raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
+    args.cluster = _cluster(args, simulated=False)
     _say_cut(build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where), scenario.duration)
     from harness.present.prometheus import parse_address
     options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
@@ -515,7 +546,10 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
 def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str) -> int:
     """Run (or resume) a scenario, judge it, print the report; the exit code is saved in the store."""
     from harness.run.runner import run_scenario
-    if scenario.fleet.simulated is not None:
+    if scenario.fleet.simulated is not None and args.cluster:
+        from harness.cluster.simrun import run_simulation_on_cluster
+        result = run_simulation_on_cluster(scenario, options, args.cluster)   # one task per trial
+    elif scenario.fleet.simulated is not None:
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:

@@ -1,0 +1,105 @@
+"""A simulated run spread over a Dask cluster: each trial (variant x repeat) is one task.
+
+A trial is deterministic per seed and independent of every other trial, so a worker runs it exactly as
+a local run does (harness.sim.run.Trial under a MockClock), with its store writes recorded
+(harness.cluster.record); the client replays them into the one run store on this machine, trial after
+trial in the local run's order, so the store, the digests and `harness report` are a local run's. Only
+wall-clock columns differ, and the store's meta row `cluster` says which worker ran which trial.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import trio
+import trio.testing
+
+from harness.cluster.connect import connect
+from harness.cluster.record import RecordingStore, replay
+from harness.errors import HarnessError
+from harness.runner import RunOptions, RunResult, new_run_id, trial_order
+from harness.safefs import create_run_dir
+from harness.scenario import Scenario, Variant
+from harness.store import RunStore
+
+
+def run_trial(scenario: Scenario, variant: Variant, number: int, run_id: str) -> dict[str, Any]:
+    """On a worker: one simulated trial, its writes recorded. Runs in a worker thread (trio.run is fine
+    there: it only installs signal handlers on the main thread)."""
+    from distributed import get_worker
+
+    from harness.sim.run import Trial
+    store = RecordingStore()
+    trial = Trial(scenario, variant, number, store, run_id, False, "")  # type: ignore[arg-type]
+    detail = trio.run(trial.run, clock=trio.testing.MockClock(autojump_threshold=0))
+    return {"writes": store.writes, "detail": detail, "wall0": trial.wall0,
+            "worker": get_worker().address, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def run_simulation_on_cluster(scenario: Scenario, options: RunOptions, address: str) -> RunResult:
+    assert scenario.fleet.simulated is not None
+    trials = trial_order(scenario, options.variant, options.trials or scenario.trials)
+    client = connect(address)
+    try:
+        return _run(client, address, scenario, options, trials)
+    finally:
+        client.close()
+
+
+def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
+         trials: list[tuple[Variant, int]]) -> RunResult:
+    from distributed import KilledWorker
+    run_id = new_run_id(scenario.name)
+    run_dir, lock = create_run_dir(options.out_dir, run_id, scenario.text)   # trusted results folder, 0700/0600
+    store = RunStore(run_dir / "run.db", create=True)
+    status, code = "interrupted", 130
+    futures: list[Any] = []
+    placed: dict[str, Any] = {}
+    try:
+        store.begin_run(run_id=run_id, scenario=scenario.name, scenario_file=scenario.file, seed=scenario.seed,
+                        duration=scenario.duration, hosts=scenario.fleet.hosts, argv=options.argv,
+                        phases=[(p.name, p.kind, p.start, p.end, p.rate_from, p.rate_to)
+                                for p in scenario.load.phases], pid=os.getpid())
+        workers = len(client.scheduler_info()["workers"])
+        if options.status:
+            print(f"cluster {address}: {len(trials)} trial(s) over {workers} worker(s)", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        # every trial at once: the scheduler hands them out in this order as workers free up
+        futures = [client.submit(run_trial, scenario, variant, number, run_id, pure=False,
+                                 key=f"harness-trial-{run_id}-{number}")
+                   for number, (variant, _) in enumerate(trials, start=1)]
+        for number, ((variant, repeat), future) in enumerate(zip(trials, futures), start=1):
+            try:
+                outcome = future.result()
+            except KilledWorker as exc:
+                raise HarnessError(f"trial {number} ({variant.name}): the cluster lost the workers running it "
+                                   f"({exc})") from None
+            store.begin_trial(number, variant.name, repeat, scenario.seed)
+            store.trial_load_started(number, outcome["wall0"])
+            try:
+                replay(outcome["writes"], store)
+            except BaseException:
+                store.end_trial(number, "interrupted", {"simulated": True})
+                raise
+            store.end_trial(number, "complete", outcome["detail"])
+            placed[str(number)] = {"worker": outcome["worker"], "host": outcome["host"], "pid": outcome["pid"],
+                                   "wall_seconds": outcome["detail"]["wall_seconds"]}
+            store.set_meta("cluster", {"scheduler": address, "workers": workers, "trials": placed})
+            if options.status:
+                print(f"trial {number}/{len(trials)} ({variant.name}) ran on {outcome['worker']} "
+                      f"({outcome['host']}): {outcome['detail']['wall_seconds']:.1f}s; "
+                      f"{time.perf_counter() - started:.1f}s since the first was sent", file=sys.stderr, flush=True)
+        status, code = "complete", 0
+    finally:
+        if status != "complete" and futures:
+            try:
+                client.cancel(futures)
+            except Exception:     # the cluster itself may be what failed: the store's verdict comes first
+                pass
+        store.end_run(status, code)
+        store.close()
+    return RunResult(run_id, run_dir, status, lock=lock)

@@ -1,0 +1,203 @@
+"""--cluster: simulated trials spread over a real local Dask cluster (a scheduler and two workers, each its
+own process tree, started here and stopped by process group), with results identical to a local run;
+and the one-line error when the optional dependency cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = [sys.executable, "-m", "harness"]
+
+SWEEP = """
+name: cluster-sweep
+seed: 7
+target: {command: [model]}
+fleet:
+  balancer: least-loaded
+  simulated:
+    hosts: 6
+    capacity: 100/s
+    service_time: 100ms
+    queue: 40
+    memory: {base: 8MiB, per_request: 256KiB, budget: 12MiB, spread: 25%}
+    hazard: {base: 0.002/s, scale: 0.05/s, exponent: 2}
+    restart: {time: 5s}
+    warmup: {for: 10s, from: 40%}
+    retries: {max: 2, budget: 20%}
+client: {timeout: 1s}
+load:
+  - {ramp: {from: 100, to: 450, over: 30s}}
+  - {hold: {for: 20s}}
+  - {spike: {factor: 2.5, for: 20s, name: midnight}}
+  - {hold: {for: 20s, name: after}}
+variants:
+  - {name: six}
+  - {name: eight, args: {hosts: 8}}
+  - {name: big-budget, args: {memory.budget: 16MiB}}
+expect:
+  - {variant: eight, crashes: 0, phase: midnight}
+"""
+
+
+def _dask() -> list[str]:
+    script = Path(sys.executable).with_name("dask")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dask"]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[str]:
+    """A scheduler and two one-thread workers on loopback, as an operator starts them; the address."""
+    distributed = pytest.importorskip("distributed")
+    folder = Path(tempfile.mkdtemp(prefix="harness-cluster-"))
+    scheduler_file = folder / "scheduler.json"
+    procs = [subprocess.Popen([*_dask(), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(scheduler_file)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for(scheduler_file.exists, timeout=120)
+        for _ in range(2):
+            # --death-timeout: a worker whose scheduler is gone exits by itself
+            procs.append(subprocess.Popen(
+                [*_dask(), "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--no-dashboard",
+                 "--host", "127.0.0.1", "--local-directory", str(folder), "--death-timeout", "60"],
+                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = json.loads(scheduler_file.read_text())["address"]
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)    # nanny and worker share the group
+            proc.wait()
+        shutil.rmtree(folder)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _run(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+    scenario = tmp / "sweep.yaml"          # one file for both runs: the report names it
+    scenario.write_text(SWEEP, encoding="utf-8")
+    out = tmp / ("results-cluster" if extra or env else "results")
+    run = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(out), "--json", "--quiet", *extra],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, **(env or {})})
+    runs = [p for p in out.iterdir() if (p / "run.db").exists()] if out.exists() else []
+    assert len(runs) == 1, run.stderr
+    return run, runs[0]
+
+
+def _rows(run_dir: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(str(run_dir / "run.db"))
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+WALL_KEYS = {"id", "run_id", "started", "ended", "load_started", "wall", "wall_seconds", "argv", "run_dir", "path",
+             "harness", "harness_footprint", "html"}
+
+
+def _without_walls(value: object) -> object:
+    """The report minus what a rerun on the same machine changes too: wall-clock times, ids, paths."""
+    if isinstance(value, dict):
+        return {k: _without_walls(v) for k, v in value.items() if k not in WALL_KEYS}
+    if isinstance(value, list):
+        return [_without_walls(v) for v in value]
+    return value
+
+
+def test_a_sweep_on_the_cluster_is_the_local_sweep(tmp_path: Path, dask_cluster: str) -> None:
+    local, local_dir = _run(tmp_path)
+    spread, spread_dir = _run(tmp_path, "--cluster", dask_cluster)
+    assert local.returncode == spread.returncode == 1, spread.stderr    # the same expectation fails in both
+    digests = {v: json.loads(d)["digest"] for v, d in _rows(local_dir, "SELECT variant, detail FROM trials")}
+    assert len(set(digests.values())) == 3                              # three different nights ...
+    assert {v: json.loads(d)["digest"] for v, d in _rows(spread_dir, "SELECT variant, detail FROM trials")} \
+        == digests                                                      # ... each the same on the cluster
+    assert _rows(local_dir, "SELECT count(*) FROM crashes")[0][0] > 0
+    for table, columns in (("samples", "*"), ("crash_counts", "*"), ("crash_hosts", "*"), ("event_counts", "*"),
+                           ("events", "trial, t, kind, host, pid, detail"),
+                           ("crashes", "trial, t, host, pid, signal, detail"),
+                           ("triage", "crash_class, signature, bucket, data")):
+        assert _rows(local_dir, f"SELECT {columns} FROM {table} ORDER BY 1, 2, 3") == \
+            _rows(spread_dir, f"SELECT {columns} FROM {table} ORDER BY 1, 2, 3"), table
+    assert _without_walls(json.loads(local.stdout)) == _without_walls(json.loads(spread.stdout))
+    # where each trial ran, kept in the store: both workers took a share
+    placed = json.loads(_rows(spread_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])
+    assert placed["scheduler"] == dask_cluster and sorted(placed["trials"]) == ["1", "2", "3"]
+    assert len({t["worker"] for t in placed["trials"].values()}) == 2
+    assert _rows(local_dir, "SELECT value FROM meta WHERE key='cluster'") == []
+    report = subprocess.run([*HARNESS, "report", str(spread_dir)], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert report.returncode == 1 and "big-budget" in report.stdout
+
+
+def test_harness_cluster_env_names_the_cluster(tmp_path: Path, dask_cluster: str) -> None:
+    run, run_dir = _run(tmp_path, "--variant", "eight", env={"HARNESS_CLUSTER": dask_cluster})
+    assert run.returncode == 1, run.stderr
+    assert json.loads(_rows(run_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])["scheduler"] == dask_cluster
+
+
+# Blocks the import for real: a None entry in sys.modules makes `import distributed` raise ImportError.
+BLOCKED = ("import sys; sys.modules['distributed'] = None; from harness.cli import main; "
+           "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_without_the_engine_one_line_says_how_to_install_it(tmp_path: Path, how: str) -> None:
+    scenario = tmp_path / "sweep.yaml"
+    scenario.write_text(SWEEP, encoding="utf-8")
+    base = ["run", str(scenario), "--out", str(tmp_path / "results"), "--quiet"]
+    argv, env = list(base), dict(os.environ)
+    if how == "flag":
+        argv += ["--cluster", "tcp://127.0.0.1:8786"]
+    else:
+        env["HARNESS_CLUSTER"] = "tcp://127.0.0.1:8786"
+    run = subprocess.run([sys.executable, "-c", BLOCKED, *argv], capture_output=True, text=True, cwd=REPO,
+                         timeout=60, env=env)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "harness: error: --cluster needs Dask distributed, an optional dependency: pip install 'harness[cluster]'"]
+    assert not (tmp_path / "results").exists()          # nothing started
+    # the same process without the block runs locally when no cluster is named
+    env.pop("HARNESS_CLUSTER", None)
+    plain = subprocess.run([sys.executable, "-c", BLOCKED, *base, "--variant", "six"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert plain.returncode == 0, plain.stderr
+
+
+def test_a_real_fleet_on_the_cluster_is_refused_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    run = subprocess.run([*HARNESS, "run", str(REPO / "scenarios" / "echo-hostloss.yaml"), "--out",
+                          str(tmp_path / "results"), "--cluster", "tcp://127.0.0.1:8786"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "harness: error: --cluster: real fleets over a cluster are not built yet; only simulated fleets "
+        "(fleet.simulated) run there (docs/cluster.md)"]
