@@ -182,7 +182,8 @@ try:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
-        # one node after the other: two started at once often never both joined here (see docs/cluster.md)
+        # one node after the other, once the head listens (nodes started with the head never joined here:
+        # docs/cluster.md)
         for n in (1, 2):
             workers.append(start([f"{venv_bin}/ray", "start", "--block", "--address", address,
                                   "--node-ip-address", "127.0.0.1", "--num-cpus", "1"], env=ray_env))

@@ -8,8 +8,9 @@ cd "$root"
 # varnish, nginx-light, redis-server, memcached: real services the tests and shipped scenarios run (the
 # harness starts each host itself; none may run as a system service, see below).
 # libjemalloc-dev (libjemalloc_pic.a): the binding proof's tests build a server with jemalloc linked in statically.
+# iproute2 (ip netns, veth, bridge): the cluster tests stand in for machines with network namespaces.
 debs=(gcc make libc6-dev gdb elfutils zstd libjemalloc2 libjemalloc-dev libtcmalloc-minimal4 libmimalloc2.0
-      fiu-utils python3-venv chromium fonts-dejavu-core varnish nginx-light redis-server memcached)
+      fiu-utils python3-venv chromium fonts-dejavu-core varnish nginx-light redis-server memcached iproute2)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,10 +13,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import netns_machines as netns
 from conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,26 +60,27 @@ def _dask() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "dask"]
 
 
-@pytest.fixture(scope="module")
-def dask_cluster() -> Iterator[str]:
-    """A scheduler and two one-thread workers on loopback, as an operator starts them; the address."""
+@contextmanager
+def _cluster(scheduler_host: str, workers: list[tuple[list[str], str]]) -> Iterator[str]:
+    """A scheduler and one-thread workers (each: a command prefix such as `ip netns exec NS`, and the
+    address it listens on), started as an operator starts them; stopped by process group."""
     distributed = pytest.importorskip("distributed")
     folder = Path(tempfile.mkdtemp(prefix="harness-cluster-"))
     scheduler_file = folder / "scheduler.json"
-    procs = [subprocess.Popen([*_dask(), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+    procs = [subprocess.Popen([*_dask(), "scheduler", "--host", scheduler_host, "--port", "0", "--no-dashboard",
                                "--scheduler-file", str(scheduler_file)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         wait_for(scheduler_file.exists, timeout=120)
-        for _ in range(2):
+        address = json.loads(scheduler_file.read_text())["address"]
+        for prefix, host in workers:
             # --death-timeout: a worker whose scheduler is gone exits by itself
             procs.append(subprocess.Popen(
-                [*_dask(), "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--no-dashboard",
-                 "--host", "127.0.0.1", "--local-directory", str(folder), "--death-timeout", "60"],
+                [*prefix, *_dask(), "worker", address, "--nthreads", "1", "--no-dashboard", "--host", host,
+                 "--local-directory", str(folder), "--death-timeout", "60"],
                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        address = json.loads(scheduler_file.read_text())["address"]
         with distributed.Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+            client.wait_for_workers(len(workers), timeout=120)
         yield address
     finally:
         for proc in procs:
@@ -90,6 +93,13 @@ def dask_cluster() -> Iterator[str]:
             _signal_group(proc, signal.SIGKILL)    # nanny and worker share the group
             proc.wait()
         shutil.rmtree(folder)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[str]:
+    """A scheduler and two workers on loopback; the scheduler's address."""
+    with _cluster("127.0.0.1", [([], "127.0.0.1"), ([], "127.0.0.1")]) as address:
+        yield address
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -132,14 +142,17 @@ def _without_walls(value: object) -> object:
     return value
 
 
+def _digests(run_dir: Path) -> dict[str, str]:
+    return {v: json.loads(d)["digest"] for v, d in _rows(run_dir, "SELECT variant, detail FROM trials")}
+
+
 def test_a_sweep_on_the_cluster_is_the_local_sweep(tmp_path: Path, dask_cluster: str) -> None:
     local, local_dir = _run(tmp_path)
     spread, spread_dir = _run(tmp_path, "--cluster", dask_cluster)
     assert local.returncode == spread.returncode == 1, spread.stderr    # the same expectation fails in both
-    digests = {v: json.loads(d)["digest"] for v, d in _rows(local_dir, "SELECT variant, detail FROM trials")}
+    digests = _digests(local_dir)
     assert len(set(digests.values())) == 3                              # three different nights ...
-    assert {v: json.loads(d)["digest"] for v, d in _rows(spread_dir, "SELECT variant, detail FROM trials")} \
-        == digests                                                      # ... each the same on the cluster
+    assert _digests(spread_dir) == digests                              # ... each the same on the cluster
     assert _rows(local_dir, "SELECT count(*) FROM crashes")[0][0] > 0
     for table, columns in (("samples", "*"), ("crash_counts", "*"), ("crash_hosts", "*"), ("event_counts", "*"),
                            ("events", "trial, t, kind, host, pid, detail"),
@@ -162,6 +175,76 @@ def test_harness_cluster_env_names_the_cluster(tmp_path: Path, dask_cluster: str
     run, run_dir = _run(tmp_path, "--variant", "eight", env={"HARNESS_CLUSTER": dask_cluster})
     assert run.returncode == 1, run.stderr
     assert json.loads(_rows(run_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])["scheduler"] == dask_cluster
+
+
+def test_a_sweep_over_workers_in_their_own_network_namespaces(tmp_path: Path) -> None:
+    """Two workers, each in its own network namespace (its own stack, an address the test assigns, reachable
+    only over the test's bridge): the trials are spread over both and the results are the local run's."""
+    reason = netns.available()
+    if reason:
+        pytest.skip(reason)
+    local, local_dir = _run(tmp_path)
+    with netns.machines(2) as machines:
+        root_addresses = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+        assert all(f"inet {a}/" not in root_addresses for a in machines.addresses)   # not this stack's
+        workers = [(machines.exec_prefix(i), address) for i, address in enumerate(machines.addresses)]
+        with _cluster(machines.bridge_address, workers) as address:
+            spread, spread_dir = _run(tmp_path, "--cluster", address)
+    assert spread.returncode == local.returncode == 1, spread.stderr
+    assert _digests(spread_dir) == _digests(local_dir)
+    placed = json.loads(_rows(spread_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])
+    hosts = {t["worker"].split("://")[1].rsplit(":", 1)[0] for t in placed["trials"].values()}
+    assert hosts == set(machines.addresses)                    # each "machine" ran a share
+    assert _without_walls(json.loads(local.stdout)) == _without_walls(json.loads(spread.stdout))
+
+
+LONGER = SWEEP.replace("hosts: 6\n", "hosts: 300\n").replace("hosts: 8}", "hosts: 350}").replace(
+    "budget: 12MiB, spread", "budget: 14MiB, spread").replace(
+    "hazard: {base: 0.002/s, scale: 0.05/s, exponent: 2}", "hazard: {base: 0.00002/s, scale: 0.001/s, exponent: 2}")
+LONGER = LONGER[:LONGER.index("load:")] + """load:
+  - {ramp: {from: 15000, to: 25000, over: 30m}}
+  - {spike: {factor: 1.3, for: 5m, name: midnight}}
+variants:
+  - {name: six}
+  - {name: eight, args: {hosts: 350}}
+  - {name: big-budget, args: {memory.budget: 16MiB}}
+"""
+
+
+def test_a_worker_lost_mid_trial_is_recorded_and_its_trial_runs_elsewhere(tmp_path: Path) -> None:
+    """A worker machine lost (nanny and worker SIGKILLed) while it runs a trial: the scheduler runs the trial
+    on the other worker, the results are still the local run's, and the loss is said and kept in the store."""
+    distributed = pytest.importorskip("distributed")
+    scenario = tmp_path / "longer.yaml"
+    scenario.write_text(LONGER, encoding="utf-8")
+    local = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "local"), "--quiet"],
+                           capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert local.returncode == 0, local.stderr
+    with _cluster("127.0.0.1", [([], "127.0.0.1"), ([], "127.0.0.1")]) as address, \
+            distributed.Client(address, timeout=60) as observer:
+        run = subprocess.Popen([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "cluster"), "--quiet",
+                                "--cluster", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+        try:
+            def busy_worker() -> str | None:
+                return next((w for w, keys in observer.processing().items()
+                             if any(str(k).startswith("harness-trial-") for k in keys)), None)
+            victim = wait_for(busy_worker, timeout=300)
+            pid = observer.run(os.getpid, workers=[victim])[victim]
+            os.killpg(os.getpgid(pid), signal.SIGKILL)          # the whole "machine": nanny and worker
+            out, err = run.communicate(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 0, err
+    assert f"harness: warning: cluster worker {victim} left during the run" in err
+    local_dir = next((tmp_path / "local").iterdir())
+    spread_dir = next((tmp_path / "cluster").iterdir())
+    assert _digests(spread_dir) == _digests(local_dir)
+    placed = json.loads(_rows(spread_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])
+    assert [loss["worker"] for loss in placed["lost_workers"]] == [victim]
+    assert sorted(placed["trials"]) == ["1", "2", "3"]
 
 
 # Blocks the import for real: a None entry in sys.modules makes `import distributed` raise ImportError.

@@ -72,12 +72,23 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
         futures = [client.submit(run_trial, scenario, variant, number, run_id, pure=False,
                                  key=f"harness-trial-{run_id}-{number}")
                    for number, (variant, _) in enumerate(trials, start=1)]
+        watch = WorkerWatch(client, {future.key: number for number, future in enumerate(futures, start=1)})
         for number, ((variant, repeat), future) in enumerate(zip(trials, futures), start=1):
-            try:
-                outcome = future.result()
-            except KilledWorker as exc:
-                raise HarnessError(f"trial {number} ({variant.name}): the cluster lost the workers running it "
-                                   f"({exc})") from None
+            while True:
+                try:
+                    outcome = future.result(timeout=1.0)
+                    break
+                except TimeoutError:
+                    for loss in watch.poll():
+                        store.set_meta("cluster", {"scheduler": address, "workers": workers, "trials": placed,
+                                                   "lost_workers": watch.lost})
+                        assigned = ", ".join(str(n) for n in loss["assigned"]) or "none"
+                        print(f"harness: warning: cluster worker {loss['worker']} left during the run (trials "
+                              f"assigned to it: {assigned}; the scheduler runs them again on another worker)",
+                              file=sys.stderr, flush=True)
+                except KilledWorker as exc:
+                    raise HarnessError(f"trial {number} ({variant.name}): the cluster lost the workers running "
+                                       f"it ({exc})") from None
             store.begin_trial(number, variant.name, repeat, scenario.seed)
             store.trial_load_started(number, outcome["wall0"])
             try:
@@ -88,7 +99,8 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
             store.end_trial(number, "complete", outcome["detail"])
             placed[str(number)] = {"worker": outcome["worker"], "host": outcome["host"], "pid": outcome["pid"],
                                    "wall_seconds": outcome["detail"]["wall_seconds"]}
-            store.set_meta("cluster", {"scheduler": address, "workers": workers, "trials": placed})
+            store.set_meta("cluster", {"scheduler": address, "workers": workers, "trials": placed,
+                                       "lost_workers": watch.lost})
             if options.status:
                 print(f"trial {number}/{len(trials)} ({variant.name}) ran on {outcome['worker']} "
                       f"({outcome['host']}): {outcome['detail']['wall_seconds']:.1f}s; "
@@ -103,3 +115,31 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
         store.end_run(status, code)
         store.close()
     return RunResult(run_id, run_dir, status, lock=lock)
+
+
+class WorkerWatch:
+    """Which workers left while trials ran, and which trials they were running: a worker that disappears
+    is recorded (the store's meta row `cluster`, `lost_workers`) and said, never a silent retry."""
+
+    def __init__(self, client: Any, trial_of: dict[str, int]):
+        self.client = client
+        self.trial_of = trial_of
+        self.lost: list[dict[str, Any]] = []
+        self.known = set(client.scheduler_info()["workers"])
+        self.running: dict[str, list[int]] = {}
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            now = set(self.client.scheduler_info()["workers"])
+            processing = self.client.processing()
+        except OSError:
+            return []          # the scheduler itself is unreachable: the pending result will say so
+        gone = []
+        for worker in sorted(self.known - now):
+            loss = {"worker": worker, "lost_wall": time.time(), "assigned": self.running.get(worker, [])}
+            self.lost.append(loss)
+            gone.append(loss)
+        self.known = now
+        self.running = {w: sorted(self.trial_of[k] for k in keys if k in self.trial_of)
+                        for w, keys in processing.items()}
+        return gone
