@@ -71,23 +71,50 @@ def stop_cluster(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def harness_run(scenario: Path, out: Path, cluster: str | None) -> dict:
-    argv = [str(Path(sys.executable).with_name("harness")), "run", str(scenario), "--out", str(out), "--quiet"]
+def tree_cpu(procs: list[subprocess.Popen]) -> float:
+    """CPU seconds (user + system) used so far by the cluster's processes and their children."""
+    import psutil
+    total = 0.0
+    for proc in procs:
+        try:
+            root = psutil.Process(proc.pid)
+            for member in [root, *root.children(recursive=True)]:
+                times = member.cpu_times()      # children_*: the trial processes a worker started and reaped
+                total += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def harness_run(scenario: Path, out: Path, cluster: str | None, procs: list[subprocess.Popen],
+                extra: list[str]) -> dict:
+    argv = [str(Path(sys.executable).with_name("harness")), "run", str(scenario), "--out", str(out), "--quiet",
+            *extra]
     if cluster:
         argv += ["--cluster", cluster]
     load = os.getloadavg()[0]
+    cluster_cpu = tree_cpu(procs)
+    scheduler_before = tree_cpu(procs[:1])
+    children = os.times()
     started = time.perf_counter()
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HARNESS_HTML": "off"})
     wall = time.perf_counter() - started
+    after = os.times()
+    cpu = after.children_user + after.children_system - children.children_user - children.children_system
+    workers_cpu = tree_cpu(procs) - cluster_cpu if cluster else 0.0
+    scheduler_cpu = tree_cpu(procs[:1]) - scheduler_before if cluster else 0.0
     if run.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(argv)} exited {run.returncode}:\n{run.stderr[-3000:]}")
     run_dir = next(p for p in out.iterdir() if (p / "run.db").exists())
     db = sqlite3.connect(str(run_dir / "run.db"))
     trials = {variant: json.loads(detail) for variant, detail in
               db.execute("SELECT variant, detail FROM trials ORDER BY id")}
+    placed = db.execute("SELECT value FROM meta WHERE key='cluster'").fetchone()
+    trial_cpu = sum(t["cpu_seconds"] for t in json.loads(placed[0])["trials"].values()) if placed else None
     db.close()
     shutil.rmtree(run_dir)
-    return {"wall": wall, "load": load, "exit": run.returncode,
+    return {"wall": wall, "load": load, "exit": run.returncode, "cpu": cpu, "workers_cpu": workers_cpu,
+            "trial_cpu": trial_cpu, "scheduler_cpu": scheduler_cpu,
             "digests": {v: d["digest"] for v, d in trials.items()},
             "trial_seconds": sum(d["wall_seconds"] for d in trials.values())}
 
@@ -98,6 +125,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--order", default="local,cluster")
+    parser.add_argument("--variant", help="run only this variant (default: the whole sweep)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # unwind: the cluster is stopped
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-cluster-"))
@@ -110,9 +138,13 @@ def main() -> None:
         results: dict[str, list[dict]] = {"local": [], "cluster": []}
         for i in range(args.repeat):
             for how in args.order.split(","):
-                r = harness_run(args.scenario.resolve(), folder, address if how == "cluster" else None)
+                r = harness_run(args.scenario.resolve(), folder, address if how == "cluster" else None, procs,
+                                ["--variant", args.variant] if args.variant else [])
                 results[how].append(r)
-                print(f"{how} #{i + 1}: wall {r['wall']:.1f}s (trials' own time {r['trial_seconds']:.1f}s), "
+                print(f"{how} #{i + 1}: wall {r['wall']:.1f}s (trials' own time {r['trial_seconds']:.1f}s), CPU "
+                      f"{r['cpu']:.1f}s in the harness command + {r['workers_cpu']:.1f}s in the cluster (scheduler "
+                      f"{r['scheduler_cpu']:.1f}s"
+                      + (f", trial processes {r['trial_cpu']:.1f}s" if r["trial_cpu"] is not None else "") + "), "
                       f"exit {r['exit']}, load average before {r['load']:.1f}", file=sys.stderr, flush=True)
     finally:
         stop_cluster(procs)

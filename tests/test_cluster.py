@@ -112,7 +112,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def _run(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:
     scenario = tmp / "sweep.yaml"          # one file for both runs: the report names it
     scenario.write_text(SWEEP, encoding="utf-8")
-    out = tmp / ("results-cluster" if extra or env else "results")
+    out = Path(tempfile.mkdtemp(prefix="results-", dir=tmp)) if extra or env else tmp / "results"
     run = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(out), "--json", "--quiet", *extra],
                          capture_output=True, text=True, cwd=REPO, timeout=300,
                          env={**os.environ, **(env or {})})
@@ -146,9 +146,16 @@ def _digests(run_dir: Path) -> dict[str, str]:
     return {v: json.loads(d)["digest"] for v, d in _rows(run_dir, "SELECT variant, detail FROM trials")}
 
 
-def test_a_sweep_on_the_cluster_is_the_local_sweep(tmp_path: Path, dask_cluster: str) -> None:
-    local, local_dir = _run(tmp_path)
-    spread, spread_dir = _run(tmp_path, "--cluster", dask_cluster)
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, Path]:
+    """The sweep run locally, once: (folder of its scenario file, the command's result, its run folder)."""
+    folder = tmp_path_factory.mktemp("local-sweep")
+    return (folder, *_run(folder))
+
+
+def test_a_sweep_on_the_cluster_is_the_local_sweep(local_sweep: tuple, dask_cluster: str) -> None:
+    folder, local, local_dir = local_sweep
+    spread, spread_dir = _run(folder, "--cluster", dask_cluster)
     assert local.returncode == spread.returncode == 1, spread.stderr    # the same expectation fails in both
     digests = _digests(local_dir)
     assert len(set(digests.values())) == 3                              # three different nights ...
@@ -177,19 +184,19 @@ def test_harness_cluster_env_names_the_cluster(tmp_path: Path, dask_cluster: str
     assert json.loads(_rows(run_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])["scheduler"] == dask_cluster
 
 
-def test_a_sweep_over_workers_in_their_own_network_namespaces(tmp_path: Path) -> None:
+def test_a_sweep_over_workers_in_their_own_network_namespaces(local_sweep: tuple) -> None:
     """Two workers, each in its own network namespace (its own stack, an address the test assigns, reachable
     only over the test's bridge): the trials are spread over both and the results are the local run's."""
     reason = netns.available()
     if reason:
         pytest.skip(reason)
-    local, local_dir = _run(tmp_path)
+    folder, local, local_dir = local_sweep
     with netns.machines(2) as machines:
         root_addresses = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
         assert all(f"inet {a}/" not in root_addresses for a in machines.addresses)   # not this stack's
         workers = [(machines.exec_prefix(i), address) for i, address in enumerate(machines.addresses)]
         with _cluster(machines.bridge_address, workers) as address:
-            spread, spread_dir = _run(tmp_path, "--cluster", address)
+            spread, spread_dir = _run(folder, "--cluster", address)
     assert spread.returncode == local.returncode == 1, spread.stderr
     assert _digests(spread_dir) == _digests(local_dir)
     placed = json.loads(_rows(spread_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])
@@ -202,8 +209,8 @@ LONGER = SWEEP.replace("hosts: 6\n", "hosts: 300\n").replace("hosts: 8}", "hosts
     "budget: 12MiB, spread", "budget: 14MiB, spread").replace(
     "hazard: {base: 0.002/s, scale: 0.05/s, exponent: 2}", "hazard: {base: 0.00002/s, scale: 0.001/s, exponent: 2}")
 LONGER = LONGER[:LONGER.index("load:")] + """load:
-  - {ramp: {from: 15000, to: 25000, over: 30m}}
-  - {spike: {factor: 1.3, for: 5m, name: midnight}}
+  - {ramp: {from: 15000, to: 25000, over: 15m}}
+  - {spike: {factor: 1.3, for: 3m, name: midnight}}
 variants:
   - {name: six}
   - {name: eight, args: {hosts: 350}}
@@ -273,6 +280,18 @@ def test_without_the_engine_one_line_says_how_to_install_it(tmp_path: Path, how:
     plain = subprocess.run([sys.executable, "-c", BLOCKED, *base, "--variant", "six"],
                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert plain.returncode == 0, plain.stderr
+
+
+@pytest.mark.parametrize("command", ["soak", "resume"])
+def test_soak_and_resume_take_cluster_and_say_how_to_install_it_too(tmp_path: Path, command: str) -> None:
+    scenario = tmp_path / "sweep.yaml"
+    scenario.write_text(SWEEP, encoding="utf-8")
+    target = [str(scenario), "--out"] if command == "soak" else ["latest", "--results"]
+    run = subprocess.run([sys.executable, "-c", BLOCKED, command, *target, str(tmp_path / "results"),
+                          "--cluster", "tcp://127.0.0.1:8786"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "harness: error: --cluster needs Dask distributed, an optional dependency: pip install 'harness[cluster]'"]
 
 
 def test_a_real_fleet_on_the_cluster_is_refused_in_one_line(tmp_path: Path) -> None:

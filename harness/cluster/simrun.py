@@ -1,8 +1,8 @@
 """A simulated run spread over a Dask cluster: each trial (variant x repeat) is one task.
 
 A trial is deterministic per seed and independent of every other trial, so a worker runs it exactly as
-a local run does (harness.sim.run.Trial under a MockClock), with its store writes recorded
-(harness.cluster.record); the client replays them into the one run store on this machine, trial after
+a local run does (harness.sim.run.Trial under a MockClock, in a child process: harness.cluster.trialproc),
+with its store writes recorded (harness.cluster.record); the client replays them into the one run store on this machine, trial after
 trial in the local run's order, so the store, the digests and `harness report` are a local run's. Only
 wall-clock columns differ, and the store's meta row `cluster` says which worker ran which trial.
 """
@@ -10,16 +10,15 @@ wall-clock columns differ, and the store's meta row `cluster` says which worker 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
 
-import trio
-import trio.testing
-
 from harness.cluster.connect import connect
-from harness.cluster.record import RecordingStore, replay
+from harness.cluster.record import replay
 from harness.errors import HarnessError
 from harness.runner import RunOptions, RunResult, new_run_id, trial_order
 from harness.safefs import create_run_dir
@@ -28,16 +27,20 @@ from harness.store import RunStore
 
 
 def run_trial(scenario: Scenario, variant: Variant, number: int, run_id: str) -> dict[str, Any]:
-    """On a worker: one simulated trial, its writes recorded. Runs in a worker thread (trio.run is fine
-    there: it only installs signal handlers on the main thread)."""
+    """On a worker: one simulated trial, its writes recorded, in a child process (harness.cluster.trialproc
+    says why). The worker's thread only waits for the child."""
     from distributed import get_worker
-
-    from harness.sim.run import Trial
-    store = RecordingStore()
-    trial = Trial(scenario, variant, number, store, run_id, False, "")  # type: ignore[arg-type]
-    detail = trio.run(trial.run, clock=trio.testing.MockClock(autojump_threshold=0))
-    return {"writes": store.writes, "detail": detail, "wall0": trial.wall0,
-            "worker": get_worker().address, "host": socket.gethostname(), "pid": os.getpid()}
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}   # the nanny's, for itself
+    child = subprocess.run([sys.executable, "-m", "harness.cluster.trialproc", str(os.getpid())],
+                           input=pickle.dumps((scenario, variant, number, run_id), protocol=pickle.HIGHEST_PROTOCOL),
+                           capture_output=True, env=env, check=False)
+    if child.returncode != 0:
+        tail = child.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"trial {number} ({variant.name}) process exited {child.returncode} on "
+                           f"{socket.gethostname()}: {' | '.join(tail) or 'no output'}")
+    outcome: dict[str, Any] = pickle.loads(child.stdout)
+    outcome.update(worker=get_worker().address, host=socket.gethostname())
+    return outcome
 
 
 def run_simulation_on_cluster(scenario: Scenario, options: RunOptions, address: str) -> RunResult:
@@ -89,6 +92,8 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
                 except KilledWorker as exc:
                     raise HarnessError(f"trial {number} ({variant.name}): the cluster lost the workers running "
                                        f"it ({exc})") from None
+                except RuntimeError as exc:       # the trial's process failed on the worker: run_trial says how
+                    raise HarnessError(str(exc)) from None
             store.begin_trial(number, variant.name, repeat, scenario.seed)
             store.trial_load_started(number, outcome["wall0"])
             try:
@@ -98,7 +103,8 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
                 raise
             store.end_trial(number, "complete", outcome["detail"])
             placed[str(number)] = {"worker": outcome["worker"], "host": outcome["host"], "pid": outcome["pid"],
-                                   "wall_seconds": outcome["detail"]["wall_seconds"]}
+                                   "wall_seconds": outcome["detail"]["wall_seconds"],
+                                   "cpu_seconds": outcome["cpu_seconds"]}   # the trial process's, imports too
             store.set_meta("cluster", {"scheduler": address, "workers": workers, "trials": placed,
                                        "lost_workers": watch.lost})
             if options.status:
