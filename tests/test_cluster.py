@@ -254,6 +254,26 @@ def test_a_worker_lost_mid_trial_is_recorded_and_its_trial_runs_elsewhere(tmp_pa
     assert sorted(placed["trials"]) == ["1", "2", "3"]
 
 
+def test_a_worker_with_other_harness_code_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A worker that imports a harness whose sources differ from this one's (a copy with one line added, first
+    on its PYTHONPATH) would compute other results: the run is refused before any trial is sent."""
+    copy = tmp_path / "other"
+    shutil.copytree(REPO / "harness", copy / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "harness" / "sim" / "engine.py", "a", encoding="utf-8") as handle:
+        handle.write("\n# another version\n")
+    scenario = tmp_path / "sweep.yaml"
+    scenario.write_text(SWEEP, encoding="utf-8")
+    other = ["env", f"PYTHONPATH={copy}"]
+    with _cluster("127.0.0.1", [(other, "127.0.0.1")]) as address:
+        run = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "results"), "--quiet",
+                              "--cluster", address], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: cluster worker tcp://127.0.0.1:"), run.stderr
+    assert "runs other harness code than this machine" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
 # Blocks the import for real: a None entry in sys.modules makes `import distributed` raise ImportError.
 BLOCKED = ("import sys; sys.modules['distributed'] = None; from harness.cli import main; "
            "sys.exit(main(sys.argv[1:]))")

@@ -9,6 +9,7 @@ wall-clock columns differ, and the store's meta row `cluster` says which worker 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
 import socket
@@ -53,6 +54,9 @@ def run_simulation_on_cluster(scenario: Scenario, options: RunOptions, address: 
         client.close()
 
 
+CANCELLED = concurrent.futures.CancelledError     # distributed.client.FutureCancelledError
+
+
 def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
          trials: list[tuple[Variant, int]]) -> RunResult:
     from distributed import KilledWorker
@@ -90,10 +94,16 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
                               f"assigned to it: {assigned}; the scheduler runs them again on another worker)",
                               file=sys.stderr, flush=True)
                 except KilledWorker as exc:
+                    code = 2
                     raise HarnessError(f"trial {number} ({variant.name}): the cluster lost the workers running "
                                        f"it ({exc})") from None
                 except RuntimeError as exc:       # the trial's process failed on the worker: run_trial says how
+                    code = 2
                     raise HarnessError(str(exc)) from None
+                except CANCELLED:                 # the scheduler was lost (or cancelled the task)
+                    code = 2
+                    raise HarnessError(f"trial {number} ({variant.name}) was cancelled by the cluster at {address} "
+                                       "(scheduler lost?)") from None
             store.begin_trial(number, variant.name, repeat, scenario.seed)
             store.trial_load_started(number, outcome["wall0"])
             try:
