@@ -153,6 +153,7 @@ def local_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
     return (folder, *_run(folder))
 
 
+@pytest.mark.slow
 def test_a_sweep_on_the_cluster_is_the_local_sweep(local_sweep: tuple, dask_cluster: str) -> None:
     folder, local, local_dir = local_sweep
     spread, spread_dir = _run(folder, "--cluster", dask_cluster)
@@ -178,12 +179,14 @@ def test_a_sweep_on_the_cluster_is_the_local_sweep(local_sweep: tuple, dask_clus
     assert report.returncode == 1 and "big-budget" in report.stdout
 
 
+@pytest.mark.slow
 def test_harness_cluster_env_names_the_cluster(tmp_path: Path, dask_cluster: str) -> None:
     run, run_dir = _run(tmp_path, "--variant", "eight", env={"HARNESS_CLUSTER": dask_cluster})
     assert run.returncode == 1, run.stderr
     assert json.loads(_rows(run_dir, "SELECT value FROM meta WHERE key='cluster'")[0][0])["scheduler"] == dask_cluster
 
 
+@pytest.mark.slow
 def test_a_sweep_over_workers_in_their_own_network_namespaces(local_sweep: tuple) -> None:
     """Two workers, each in its own network namespace (its own stack, an address the test assigns, reachable
     only over the test's bridge): the trials are spread over both and the results are the local run's."""
@@ -218,6 +221,7 @@ variants:
 """
 
 
+@pytest.mark.slow
 def test_a_worker_lost_mid_trial_is_recorded_and_its_trial_runs_elsewhere(tmp_path: Path) -> None:
     """A worker machine lost (nanny and worker SIGKILLed) while it runs a trial: the scheduler runs the trial
     on the other worker, the results are still the local run's, and the loss is said and kept in the store."""
@@ -254,6 +258,7 @@ def test_a_worker_lost_mid_trial_is_recorded_and_its_trial_runs_elsewhere(tmp_pa
     assert sorted(placed["trials"]) == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_a_worker_with_other_harness_code_is_refused_in_one_line(tmp_path: Path) -> None:
     """A worker that imports a harness whose sources differ from this one's (a copy with one line added, first
     on its PYTHONPATH) would compute other results: the run is refused before any trial is sent."""
@@ -301,6 +306,7 @@ BLOCKED = ("import sys; sys.modules['distributed'] = None; from harness.cli impo
            "sys.exit(main(sys.argv[1:]))")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_without_the_engine_one_line_says_how_to_install_it(tmp_path: Path, how: str) -> None:
     scenario = tmp_path / "sweep.yaml"
@@ -336,6 +342,7 @@ def test_soak_and_resume_take_cluster_and_say_how_to_install_it_too(tmp_path: Pa
         "harness: error: --cluster needs Dask distributed, an optional dependency: pip install 'harness[cluster]'"]
 
 
+@pytest.mark.slow
 def test_a_real_fleet_on_the_cluster_is_refused_in_one_line(tmp_path: Path) -> None:
     pytest.importorskip("distributed")
     run = subprocess.run([*HARNESS, "run", str(REPO / "scenarios" / "echo-hostloss.yaml"), "--out",
