@@ -21,7 +21,7 @@ import pytest
 import netns_machines as netns
 from conftest import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HARNESS = [sys.executable, "-m", "harness"]
 
 SWEEP = """
