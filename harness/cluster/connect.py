@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.base.errors import HarnessError
 
 INSTALL_HINT = "--cluster needs Dask distributed, an optional dependency: pip install 'harness[cluster]'"
 ENV = "HARNESS_CLUSTER"

@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness.store import RunStore
+from harness.store.runstore import RunStore
 
 # the one statement harness.sim.run issues besides write_batch (replayed with this text, never a worker's)
 TRIAGE_INSERT = ("INSERT OR REPLACE INTO triage (uid, crash_class, signature, bucket, in_allocator, "

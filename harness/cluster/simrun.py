@@ -20,11 +20,11 @@ from typing import Any
 
 from harness.cluster.connect import connect
 from harness.cluster.record import replay
-from harness.errors import HarnessError
-from harness.runner import RunOptions, RunResult, new_run_id, trial_order
-from harness.safefs import create_run_dir
-from harness.scenario import Scenario, Variant
-from harness.store import RunStore
+from harness.base.errors import HarnessError
+from harness.run.runner import RunOptions, RunResult, new_run_id, trial_order
+from harness.base.safefs import create_run_dir
+from harness.scenario.model import Scenario, Variant
+from harness.store.runstore import RunStore
 
 
 def run_trial(scenario: Scenario, variant: Variant, number: int, run_id: str) -> dict[str, Any]:

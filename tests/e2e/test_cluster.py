@@ -283,7 +283,7 @@ def test_a_recorded_trial_writes_only_batches_and_triage_rows(tmp_path: Path) ->
     """What a worker sends back is replayed through RunStore's own calls; any other SQL is refused when
     recorded, and the replay runs its own statement, never a worker's."""
     from harness.cluster.record import TRIAGE_INSERT, RecordingStore, replay
-    from harness.store import RunStore
+    from harness.store.runstore import RunStore
     recorder = RecordingStore()
     with pytest.raises(ValueError):
         recorder.db.executemany("DELETE FROM crashes", [()])
