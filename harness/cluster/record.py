@@ -1,40 +1,25 @@
 """A trial's store writes, recorded on a worker and replayed into the one store on the machine that ran
 the command.
 
-A simulated trial (harness.sim.run.Trial) writes through `write_batch` and, for the triage rows of its
-crash buckets, one `INSERT OR REPLACE INTO triage` statement. On a worker those calls are recorded in
-order; the client replays them, in the same order, through the same RunStore methods a local run calls,
-so the rows are the rows a local run writes.
+A simulated trial (harness.sim.run.Trial) writes through two RunStore calls: `write_batch` and
+`record_triage_rows` (the triage rows of its crash kinds). On a worker those calls are recorded in order;
+the client replays them, in the same order, through the same RunStore calls a local run makes, so the
+rows are the rows a local run writes. Only those two calls exist here: a trial that tried any other
+write would fail on the worker (AttributeError), never write something else into the client's store.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from harness.store.runstore import RunStore
-
-# the one statement harness.sim.run issues besides write_batch (replayed with this text, never a worker's)
-TRIAGE_INSERT = ("INSERT OR REPLACE INTO triage (uid, crash_class, signature, bucket, in_allocator, "
-                 "fault_address, data) VALUES (?,?,?,?,?,?,?)")
 
 
 @dataclass
 class RecordedWrites:
-    batches: list[tuple[str, Any]] = field(default_factory=list)   # ("batch", (trial, kwargs)) | ("triage", rows)
-
-
-class _RecordingDB:
-    def __init__(self, writes: RecordedWrites):
-        self._writes = writes
-
-    def executemany(self, sql: str, rows: Any) -> None:
-        # only the statement the simulator issues: replaying arbitrary SQL from a worker would let a worker
-        # write anything into the client's store
-        if sql != TRIAGE_INSERT:
-            raise ValueError(f"a recorded trial may only write triage rows, not {sql[:60]!r}")
-        self._writes.batches.append(("triage", [tuple(r) for r in rows]))
+    calls: list[tuple[str, Any]] = field(default_factory=list)   # ("batch", (trial, kwargs)) | ("triage", rows)
 
 
 class RecordingStore:
@@ -42,25 +27,22 @@ class RecordingStore:
 
     def __init__(self) -> None:
         self.writes = RecordedWrites()
-        self.db = _RecordingDB(self.writes)
 
     def write_batch(self, trial: int, **kwargs: Any) -> None:
         # the lists are handed over, not copied: the trial starts new ones after each batch
-        self.writes.batches.append(("batch", (trial, kwargs)))
+        self.writes.calls.append(("batch", (trial, kwargs)))
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        yield
+    def record_triage_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        self.writes.calls.append(("triage", [tuple(row) for row in rows]))
 
 
 def replay(writes: RecordedWrites, store: RunStore) -> None:
-    """The recorded writes, in order, into the real store (one transaction per batch, as a local run)."""
-    for kind, payload in writes.batches:
+    """The recorded calls, in order, on the real store (one transaction each, as in a local run)."""
+    for kind, payload in writes.calls:
         if kind == "batch":
             trial, kwargs = payload
             store.write_batch(trial, **kwargs)
         elif kind == "triage":
-            with store._tx():
-                store.db.executemany(TRIAGE_INSERT, payload)
+            store.record_triage_rows(payload)
         else:
             raise ValueError(f"unknown recorded write {kind!r}")

@@ -21,7 +21,8 @@ from typing import Any
 from harness.cluster.connect import connect
 from harness.cluster.record import replay
 from harness.base.errors import HarnessError
-from harness.run.runner import RunOptions, RunResult, new_run_id, trial_order
+from harness.plan.trialorder import trial_order
+from harness.run.options import RunOptions, RunResult, new_run_id
 from harness.base.safefs import create_run_dir
 from harness.scenario.model import Scenario, Variant
 from harness.store.runstore import RunStore

@@ -279,22 +279,21 @@ def test_a_worker_with_other_harness_code_is_refused_in_one_line(tmp_path: Path)
     assert not (tmp_path / "results").exists()
 
 
-def test_a_recorded_trial_writes_only_batches_and_triage_rows(tmp_path: Path) -> None:
-    """What a worker sends back is replayed through RunStore's own calls; any other SQL is refused when
-    recorded, and the replay runs its own statement, never a worker's."""
-    from harness.cluster.record import TRIAGE_INSERT, RecordingStore, replay
+def test_a_recorded_trial_replays_through_the_stores_own_calls(tmp_path: Path) -> None:
+    """What a worker sends back is replayed through RunStore's own calls, in order; nothing else."""
+    from harness.cluster.record import RecordingStore, replay
     from harness.store.runstore import RunStore
     recorder = RecordingStore()
-    with pytest.raises(ValueError):
-        recorder.db.executemany("DELETE FROM crashes", [()])
-    recorder.db.executemany(TRIAGE_INSERT, [("u1", "c", "s", "b", 0, None, "{}")])
+    assert not hasattr(recorder, "db")          # no connection to write anything else through
+    recorder.record_triage_rows([("u1", "c", "s", "b", 0, None, "{}")])
     recorder.write_batch(1, event_counts=[(0, "exit", 2)])
+    recorder.write_batch(1, event_counts=[(0, "exit", 3)])
     store = RunStore(tmp_path / "run.db", create=True)
     try:
         replay(recorder.writes, store)
         assert [tuple(r) for r in store.query("SELECT uid, bucket FROM triage")] == [("u1", "b")]
-        assert [tuple(r) for r in store.query("SELECT trial, t, kind, count FROM event_counts")] == [(1, 0, "exit", 2)]
-        recorder.writes.batches.append(("sql", ("DROP TABLE crashes", [])))
+        assert [tuple(r) for r in store.query("SELECT trial, t, kind, count FROM event_counts")] == [(1, 0, "exit", 5)]
+        recorder.writes.calls.append(("sql", ("DROP TABLE crashes", [])))
         with pytest.raises(ValueError):
             replay(recorder.writes, store)
     finally:

@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("present", ("harness.present",)),      # text, HTML, JUnit, Prometheus, crash views, status line
     ("run", ("harness.run",)),              # the only place that schedules I/O; writes the store, shows status
     ("sim", ("harness.sim",)),              # a second executor of the same plan, in virtual time
+    ("cluster", ("harness.cluster",)),      # simulated trials as tasks on a Dask cluster (docs/cluster.md)
     ("cli", ("harness.cli", "harness.__main__")),            # parse and dispatch
 )
 
