@@ -268,6 +268,10 @@ def _validate(paths: list[Path]) -> int:
             warning = rate_warning(scenario)
             if warning:
                 print(f"{file}: warning: {warning}", file=sys.stderr)
+            from harness.scenario.needs import machine_loss_problem
+            needs_cluster = machine_loss_problem(scenario)
+            if needs_cluster:
+                print(f"{file}: note: {needs_cluster}; a local run refuses it", file=sys.stderr)
         except ScenarioError as exc:
             failed += 1
             for problem in exc.problems:
@@ -553,6 +557,10 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
+        from harness.scenario.needs import machine_loss_problem
+        refused = None if args.cluster else machine_loss_problem(scenario)   # a local run has no machines to lose
+        if refused:
+            raise HarnessError(refused)
         from harness.run.capacity import rate_warning
         warning = rate_warning(scenario)
         if warning:

@@ -1,7 +1,7 @@
 """What a run's duration cut from the scenario's plan (pure): phases, faults and expectations.
 
 A `--duration` (or a scenario `duration:`) shorter than the load as written truncates it: later phases
-never run, a phase may stop half-way, host losses and fault windows after the end never happen. That
+never run, a phase may stop half-way, host and machine losses and fault windows after the end never happen. That
 is said before the run starts, and an expectation on a phase that was cut is *not evaluated* (a failed
 verdict with the reason), never "held" over the part that ran.
 """
@@ -85,6 +85,9 @@ def plan_cut(plan: Scenario, duration: float) -> PlanCut:
             faults.append(f"faults[{loss.index}] (host-loss {loss.how}): " + (
                 "never fires" if not kept else f"fires {len(kept)} of {len(planned_times)} times")
                 + f" (not at {when}{'...' if len(planned_times) - len(kept) > 4 else ''})")
+    for machine_loss in plan.machine_losses:
+        if duration <= machine_loss.at < planned:
+            faults.append(f"faults[{machine_loss.index}] (machine-loss): never fires (not at {_s(machine_loss.at)})")
     for fault in plan.shim_faults:
         windows = fault.window.intervals(planned)
         kept = [(a, b) for a, b in windows if a < duration]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.scenario.loadshape import LoadShape
-from harness.scenario.model import HostLoss, Keys
+from harness.scenario.model import HostLoss, Keys, MachineLoss
 
 
 def stream(seed: int, purpose: str) -> random.Random:
@@ -139,3 +139,12 @@ def choose_hosts(seed: int, event: LossEvent, candidates: list[int], count: int)
     """Which hosts an event strikes: seeded per event, so the same history picks the same hosts."""
     rng = stream(seed, f"host-loss:{event.fault.index}:{event.occurrence}")
     return sorted(rng.sample(sorted(candidates), min(count, len(candidates))))
+
+
+def choose_machines(seed: int, fault: MachineLoss, candidates: list[int]) -> list[int]:
+    """Which machines a machine-loss takes: the one it names (none if that machine is not among the
+    candidates), else `count` of them seeded per fault, so the same run loses the same machines."""
+    if fault.machine is not None:
+        return [fault.machine] if fault.machine in candidates else []
+    rng = stream(seed, f"machine-loss:{fault.index}")
+    return sorted(rng.sample(sorted(candidates), min(fault.count, len(candidates))))

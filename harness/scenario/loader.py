@@ -20,7 +20,8 @@ from harness.scenario.loadshape import LoadShape, PhaseSpec
 from harness.protocols import PROTOCOLS, RequestSpec, codec, parse_pattern
 from harness.scenario.model import (
     ALLOCATORS, NET_FAULT_KINDS, RESOURCE_FAULT_KINDS, Client, Cores, Expectation, Fault, Fleet, Group, HostLoss,
-    HostSelection, IsolationSpec, Keys, Ready, Restart, Scenario, SetupStep, ShimFault, Target, Variant, Window,
+    HostSelection, IsolationSpec, Keys, MachineLoss, Ready, Restart, Scenario, SetupStep, ShimFault, Target, Variant,
+    Window,
 )
 from harness.base.yamlsource import UNREADABLE, PathKey, Source, parse_source, problem, read_text
 
@@ -432,13 +433,16 @@ def _ready_port(value: Any) -> str:
 
 
 def _fleet(top: Reader, target: Target | None) -> Fleet | None:
-    r = top.child("fleet", {"hosts", "balancer", "simulated", "groups"}, required=True)
+    r = top.child("fleet", {"hosts", "balancer", "simulated", "groups", "placement"}, required=True)
     if not r.ok:
         return None
     balancer = r.get("balancer", one_of("round-robin", "least-loaded"), default="least-loaded")
     if r.has("simulated"):
         if r.has("groups"):
             r.problem(("groups",), "groups are for real fleets; a simulated fleet models one kind of host")
+        if r.has("placement"):
+            r.problem(("placement",), "placement is for real fleets over --cluster (a simulated fleet's "
+                                      "hosts are a model, not processes)")
         model = _simulated(r)
         if model is None:
             return None
@@ -456,10 +460,12 @@ def _fleet(top: Reader, target: Target | None) -> Fleet | None:
     if hosts > MAX_REAL_HOSTS:
         r.problem(("groups",) if groups and not r.has("hosts") else ("hosts",),
                   f"{hosts} real hosts is more than one machine can run (at most {MAX_REAL_HOSTS})")
-    return Fleet(hosts=hosts, balancer=balancer, groups=groups)
+    return Fleet(hosts=hosts, balancer=balancer, groups=groups,
+                 placement=r.get("placement", one_of(*PLACEMENTS), default="spread"))
 
 
 GROUP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+PLACEMENTS = ("spread", "pack")    # how hosts go over --cluster machines (harness.plan.placement)
 
 
 def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
@@ -471,7 +477,7 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
     groups: list[Group] = []
     for path, item in items:
         r = Reader(fleet.source, path, item, fleet.problems,
-                   {"name", "hosts", "backends", "rotation"} | GROUP_OVERRIDES | FLEET_WIDE,
+                   {"name", "hosts", "backends", "rotation", "placement"} | GROUP_OVERRIDES | FLEET_WIDE,
                    what="a group like {name: estats, hosts: 2, command: [...]}")
         if not r.ok:
             continue
@@ -495,7 +501,8 @@ def _groups(fleet: Reader, target: Target | None) -> tuple[Group, ...]:
         _backend_placeholders(r, settings, backends)
         if name is not None and hosts is not None:
             groups.append(Group(name=name, hosts=hosts, target=settings, backends=backends,
-                                rotation=r.get("rotation", as_bool, default=None)))  # type: ignore[arg-type]
+                                rotation=r.get("rotation", as_bool, default=None),  # type: ignore[arg-type]
+                                placement=r.get("placement", one_of(*PLACEMENTS), default=None)))
     # A group that another group names as its backend gets its traffic from there, not from the driver.
     behind = {b for g in groups for b in g.backends}
     groups = [replace(g, rotation=g.name not in behind if g.rotation is None else g.rotation) for g in groups]
@@ -748,7 +755,7 @@ def _hosts_selection(r: Reader, fleet_size: int, where: str = "the fleet has") -
     return HostSelection()
 
 
-FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error", *NET_FAULT_KINDS, *RESOURCE_FAULT_KINDS]
+FAULT_KINDS = ["host-loss", "alloc-fail", "lock-error", *NET_FAULT_KINDS, *RESOURCE_FAULT_KINDS, "machine-loss"]
 _WINDOW_KEYS = {"from", "until", "every", "for"}
 _SHIM_COMMON = {"kind", "mode", "hosts", "groups", "probability", "nth", "after", "times", "callers"} | _WINDOW_KEYS
 
@@ -782,6 +789,9 @@ def _faults(top: Reader, fleet: Fleet | None, group_names: set[str] | None) -> l
                 _check_shim_fault(r, fault)
         elif kind in NET_FAULT_KINDS or kind in RESOURCE_FAULT_KINDS:
             fault = _net_or_resource_fault(top, path, item, index, kind, fleet, group_names)
+        elif kind == "machine-loss":
+            fault = _machine_loss(Reader(top.source, path, item, top.problems, {"kind", "at", "machine", "machines"}),
+                                  index, fleet)
         else:
             if kind is UNREADABLE:
                 continue
@@ -829,6 +839,31 @@ def _window(r: Reader) -> Window:
     if window.active is not None and window.every is not None and window.active > window.every:
         r.problem(("for",), f"'for' ({window.active:g}s) is longer than 'every' ({window.every:g}s)")
     return window
+
+
+def _machine_number(value: Any) -> int:
+    """machine: N, the N-th cluster worker in placement order, from 1 (stored 0-based)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Invalid(f"expected the number of a cluster worker's machine in placement order, from 1, "
+                      f"got {describe(value)}")
+    return value - 1
+
+
+def _machine_loss(r: Reader, index: int, fleet: Fleet | None) -> MachineLoss | None:
+    """{kind: machine-loss, at: 6s, machine: 2} or {..., machines: 1} (chosen by the seed): --cluster only."""
+    if fleet is not None and fleet.simulated is not None:
+        r.problem(("kind",), "a machine-loss loses a cluster worker's machine with the real hosts placed on it; "
+                             "a simulated fleet has none")
+        return None
+    if r.has("machine") and r.has("machines"):
+        r.problem(("machines",), "give either machine (which one, from 1) or machines (how many, chosen by the "
+                                 "seed), not both")
+    at = r.get("at", _duration, required=True, default=None)
+    machine = r.get("machine", _machine_number, default=None)
+    count = r.get("machines", as_positive_int, default=1)
+    if at is None:
+        return None
+    return MachineLoss(index=index, at=at, machine=machine, count=1 if machine is not None else count)
 
 
 def _host_loss(r: Reader, index: int, fleet_size: int) -> HostLoss | None:

@@ -120,6 +120,7 @@ class Group:
     target: Target
     backends: tuple[str, ...] = ()    # groups this one sends traffic to ({backends}, {backend.*} in its templates)
     rotation: bool = True             # the driver's balancer sends load to its hosts (not to a pure backend)
+    placement: str | None = None      # spread | pack over cluster machines; None: the fleet's (harness.plan.placement)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class Fleet:
     balancer: str = "least-loaded"    # round-robin | least-loaded
     simulated: SimModel | None = None
     groups: tuple[Group, ...] = ()    # empty: one kind of host, the scenario's target
+    placement: str = "spread"         # spread | pack: hosts over --cluster machines (harness.plan.placement)
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,17 @@ class ResourceFault:
     quota: float = 0.0                # cpu: fraction of one CPU (0.25 = a quarter of a core)
 
 
-Fault = HostLoss | ShimFault | NetFault | ResourceFault
+@dataclass(frozen=True)
+class MachineLoss:
+    """A cluster worker's machine lost at `at` (with every host placed on it); only with --cluster."""
+
+    index: int                        # position in faults:, for naming and per-event seeding
+    at: float
+    machine: int | None = None        # 0-based, in placement order (YAML `machine:` is 1-based); None: seeded
+    count: int = 1                    # how many machines, chosen seeded, when `machine` is None
+
+
+Fault = HostLoss | ShimFault | NetFault | ResourceFault | MachineLoss
 
 
 @dataclass(frozen=True)
@@ -320,6 +332,10 @@ class Scenario:
     @property
     def host_losses(self) -> tuple[HostLoss, ...]:
         return tuple(f for f in self.faults if isinstance(f, HostLoss))
+
+    @property
+    def machine_losses(self) -> tuple[MachineLoss, ...]:
+        return tuple(f for f in self.faults if isinstance(f, MachineLoss))
 
     @property
     def shim_faults(self) -> tuple[ShimFault, ...]:
