@@ -141,7 +141,8 @@ def _version() -> str:
 def _cluster_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--cluster", metavar="ADDRESS", default=None,
                          help="run the trials on this Dask scheduler (e.g. tcp://10.0.0.5:8786; default: "
-                              "$HARNESS_CLUSTER); simulated fleets only so far (docs/cluster.md)")
+                              "$HARNESS_CLUSTER): simulated trials spread over its workers, or a real fleet's "
+                              "hosts placed on their machines (docs/cluster.md)")
 
 
 def _cluster_engine_needed(args: argparse.Namespace) -> bool:
@@ -149,16 +150,16 @@ def _cluster_engine_needed(args: argparse.Namespace) -> bool:
     return cluster_address(args.cluster) is not None
 
 
-def _cluster(args: argparse.Namespace, simulated: bool) -> str | None:
+def _cluster(args: argparse.Namespace, resuming: bool = False) -> str | None:
     """The cluster to run on (--cluster, else $HARNESS_CLUSTER), checked before anything starts."""
     from harness.cluster.connect import cluster_address, require_engine
     address = cluster_address(args.cluster)
     if address is None:
         return None
     require_engine()
-    if not simulated:
-        raise HarnessError("--cluster: real fleets over a cluster are not built yet; only simulated fleets "
-                           "(fleet.simulated) run there (docs/cluster.md)")
+    if resuming:
+        raise HarnessError("--cluster: resuming a real fleet's run over a cluster is not built yet; resume it "
+                           "without --cluster, or run it again (docs/cluster.md)")
     return address
 
 
@@ -475,7 +476,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.store.resume import Invocation
     from harness.run.options import RunOptions
     scenario = load_scenario(args.scenario, duration=args.duration, seed=args.seed)
-    args.cluster = _cluster(args, scenario.fleet.simulated is not None)
+    args.cluster = _cluster(args)
     if args.trials is not None and args.trials < 1:
         raise HarnessError("--trials must be at least 1")
     from harness.present.prometheus import parse_address
@@ -535,7 +536,7 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
                               duration_override=invocation.duration, seed_override=invocation.seed)
     if scenario.fleet.simulated is not None:
         raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
-    args.cluster = _cluster(args, simulated=False)
+    args.cluster = _cluster(args, resuming=True)
     _say_cut(build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where), scenario.duration)
     from harness.present.prometheus import parse_address
     options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
@@ -553,6 +554,9 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
     if scenario.fleet.simulated is not None and args.cluster:
         from harness.cluster.simrun import run_simulation_on_cluster
         result = run_simulation_on_cluster(scenario, options, args.cluster)   # one task per trial
+    elif args.cluster:
+        from harness.cluster.fleetrun import run_fleet_on_cluster
+        result = run_fleet_on_cluster(scenario, options, args.cluster)   # hosts on the workers' machines
     elif scenario.fleet.simulated is not None:
         from harness.sim.run import run_simulation
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)

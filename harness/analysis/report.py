@@ -17,6 +17,7 @@ from harness.store.crashcounts import Crashes, bucket_rows, read_crashes
 from harness.base.errors import HarnessError
 from harness.analysis.faultreport import cgroup_totals, network_faults, resource_faults, text_lines as fault_text_lines
 from harness.analysis.histmerge import merge_encoded
+from harness.analysis.machines import machine_lines, machines_section
 from harness.base.outcomes import COUNTS, ERROR_KINDS
 from harness.store import reads
 from harness.store.runstore import RunStore, open_run
@@ -202,7 +203,16 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "setup": [{"t": e["t"], "host": e["host"], "kind": e["kind"], **e["detail"]}
                   for e in events if e["kind"] in ("setup", "setup-failed")],
         **_fault_sections(store, tid, events, json.loads(trial["detail"] or "{}"), end, names),
+        **_machines(store, tid, json.loads(trial["detail"] or "{}"), end, names),
     }
+
+
+def _machines(store: RunStore, tid: int, detail: dict[str, Any], end: float, names: dict[int, str]) -> dict[str, Any]:
+    """A fleet spread over a cluster's machines (harness/analysis/machines.py); nothing otherwise."""
+    if not detail.get("machines"):
+        return {}
+    section = machines_section(detail, reads.host_samples(store, tid), end, names)
+    return {"machines": section} if section else {}
 
 
 def faults_armed(detail: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -523,6 +533,8 @@ def _trial_notes(trial: dict[str, Any]) -> list[str]:
                                           f"sent {g['sent']}, ok {g['ok']}, "
                                           f"errors {g['errors']}, crashes {g['crashes']}"
                                           for name, g in trial["groups"].items()))
+    if trial.get("machines"):
+        out += machine_lines(trial["machines"])
     if trial.get("fault_windows"):
         out.append("fault windows (what each did on each host: injected / eligible calls):")
         out.append(fault_window_table(trial["fault_windows"]))

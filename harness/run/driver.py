@@ -155,6 +155,7 @@ class Conn:
 class HostLink:
     index: int
     port: int
+    addr: str = "127.0.0.1"      # where the host listens (another machine's address, over a cluster)
     generation: int = 0          # incarnation we are connected to; -1 while the process is gone
     conns: list[Conn] = field(default_factory=list)
     next_conn: int = 0
@@ -166,16 +167,18 @@ class Driver:
     def __init__(self, target: Target, client: Client, ports: list[int], balancer: Balancer,
                  expect_replies: Sequence[str | None] | None = None, *, seed: int = 1,
                  on_event: Callable[..., None] | None = None, worker: int | None = None,
-                 on_eject: Callable[[int, int], None] | None = None):
+                 on_eject: Callable[[int, int], None] | None = None, addrs: Sequence[str] | None = None):
         """`expect_replies`: each host's default reply pattern (a fleet of different kinds), for requests
         that give no `expect` of their own (default: the target's). `on_event(kind, host, pid, **detail)`
         records what the driver saw (protocol errors, hosts leaving rotation). `worker`: this driver's
         number when it is one of several driver processes; `on_eject(host, generation)` is told when a
-        host is ejected here for not answering (the others eject it too, harness.run.driverpool)."""
+        host is ejected here for not answering (the others eject it too, harness.run.driverpool). `addrs`: each
+        host's address (default loopback; hosts on other machines over a cluster, harness.cluster)."""
         self.target = target
         self.client = client
         self.balancer = balancer
-        self.links = [HostLink(i, port) for i, port in enumerate(ports)]
+        self.links = [HostLink(i, port, addr) for i, (port, addr) in
+                      enumerate(zip(ports, addrs if addrs is not None else ["127.0.0.1"] * len(ports)))]
         self.module = codec(target.protocol)
         self.conversation = Conversation(target.protocol, target.terminator)
         self.check = self.module.check
@@ -630,14 +633,14 @@ class Driver:
         if conn.sock is not None:
             conn.sock.close()
 
-    async def _probe(self, port: int) -> bool:
+    async def _probe(self, link: HostLink) -> bool:
         """One request must get a complete reply within the timeout: the host really serves. (Any reply:
         a host that answers, even with errors, is up; its replies are judged under load.)"""
         spec = self.requests[0]
         payload = self.module.compile(spec, 1).encode(PROBE_KEY, 0)
-        outcome = await exchange(port, self.conversation,
+        outcome = await exchange(link.port, self.conversation,
                                  [(payload, self.conversation.judge(spec, PROBE_KEY, 0, any_reply=True))],
-                                 timeout=self.client.timeout, window=1)
+                                 timeout=self.client.timeout, window=1, addr=link.addr)
         return outcome.ok
 
     async def _bring_up(self, link: HostLink, generation: int, probe: bool) -> None:
@@ -647,12 +650,12 @@ class Driver:
         link.probing = generation
         try:
             while link.generation == generation:
-                answered = await self._probe(link.port) if probe else True
-                first = await connect(link.port, self.client.timeout) if answered else None
+                answered = await self._probe(link) if probe else True
+                first = await connect(link.port, self.client.timeout, link.addr) if answered else None
                 if first is not None:
                     socks = [first]
                     for _ in range(self.client.connections - 1):
-                        extra = await connect(link.port, self.client.timeout)
+                        extra = await connect(link.port, self.client.timeout, link.addr)
                         if extra is not None:
                             socks.append(extra)
                     if link.generation != generation or self._epoll is None:
@@ -744,7 +747,7 @@ class Driver:
         self._nursery.start_soon(self._open_replacement, link, fresh)
 
     async def _open_replacement(self, link: HostLink, conn: Conn) -> None:
-        sock = await connect(link.port, self.client.timeout)
+        sock = await connect(link.port, self.client.timeout, link.addr)
         if conn.closed or self._epoll is None:            # the host went meanwhile
             if sock is not None:
                 sock.close()

@@ -71,11 +71,13 @@ def resolve_workers(value: int | str) -> int:
 # --- the wire: length-prefixed pickles between the harness and its own workers ------------------
 
 class Channel:
-    """Messages over a Unix stream socket (a socketpair the harness made for a child it started)."""
+    """Messages over a Unix stream socket (a socketpair the harness made for a child it started), or over a
+    stream a cluster's machine opened and authenticated (harness.cluster.wire)."""
 
-    def __init__(self, sock: socket.socket):
-        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self._buffer = bytearray()
+    def __init__(self, sock: socket.socket | trio.SocketStream, buffered: bytes = b""):
+        self.stream = sock if isinstance(sock, trio.SocketStream) else \
+            trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._buffer = bytearray(buffered)
         self._send_lock = trio.Lock()
 
     async def send(self, message: Any) -> None:
@@ -178,7 +180,7 @@ class DriverPool:
 
     def __init__(self, target: Target, client: Client, ports: list[int], policy: str,
                  expect_replies: Sequence[str | None] | None, *, seed: int, workers: int, spawner: Spawner,
-                 log_dir: Path, on_event: Any = None):
+                 log_dir: Path, on_event: Any = None, addrs: Sequence[str] | None = None):
         self.target = target
         self.client = client
         self.hosts = len(ports)
@@ -188,6 +190,7 @@ class DriverPool:
         self.log_dir = log_dir
         self.on_event = on_event
         self.config = {"target": target, "client": client, "ports": list(ports), "policy": policy,
+                       "addrs": list(addrs) if addrs is not None else None,
                        "expect_replies": list(expect_replies) if expect_replies is not None else None,
                        "seed": seed, "workers": workers}
         self.balancer = PoolView(self.hosts, workers)

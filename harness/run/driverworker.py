@@ -32,7 +32,7 @@ class WorkerRun:
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[Any](float("inf"))
         self.driver = Driver(config["target"], config["client"], ports, Balancer(len(ports), config["policy"]),
                              config["expect_replies"], seed=config["seed"], on_event=self._event,
-                             worker=self.number, on_eject=self._eject)
+                             worker=self.number, on_eject=self._eject, addrs=config.get("addrs"))
         self.load_scope: trio.CancelScope | None = None
         self.done = False
 

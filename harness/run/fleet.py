@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,14 +151,18 @@ def assign_ports(count: int) -> list[int]:
 def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, ...],
                extra_env: dict[str, str], *, group: str = "", first: int = 0,
                taken: set[int] | None = None, ports: list[int] | None = None,
-               backends: list[Backend] | None = None, addrs: list[str] | None = None) -> list[Host]:
+               backends: list[Backend] | None = None, addrs: list[str] | None = None,
+               only: Collection[int] | None = None) -> list[Host]:
     """`count` hosts of one kind, numbered from `first` in the fleet. A group's hosts are named after it
     (estats-0, estats-1: what the report shows), others h<index>; `taken` keeps ports distinct across calls,
-    `ports` gives them instead; `backends`: a frontend group's backend hosts, for its templates."""
+    `ports` gives them instead; `backends`: a frontend group's backend hosts, for its templates; `only`: the
+    fleet indices to plan (one machine's share of a fleet spread over a cluster), default all."""
     hosts = []
     taken = set() if taken is None else taken
     for number in range(count):
         index = first + number
+        if only is not None and index not in only:
+            continue
         name = f"{group}-{number}" if group else f"h{index}"
         directory = hosts_dir / name
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # in the run's trusted 0700 folder
@@ -190,23 +194,26 @@ def plan_hosts(target: Target, count: int, hosts_dir: Path, command: tuple[str, 
 
 
 def plan_fleet(groups: Sequence[Group], variant: Variant, hosts_dir: Path, *, ports: list[int] | None = None,
-               backends: dict[str, list[Backend]] | None = None, addrs: list[str] | None = None) -> list[Host]:
+               backends: dict[str, list[Backend]] | None = None, addrs: list[str] | None = None,
+               only: Collection[int] | None = None) -> list[Host]:
     """Every group's hosts in fleet order, each with its group's target and what the variant changes there.
-    `ports`: each host's port, chosen beforehand (assign_ports); `backends`: each frontend group's backends."""
+    `ports`: each host's port, chosen beforehand (assign_ports); `backends`: each frontend group's backends;
+    `only`: the fleet indices to plan, default all."""
     hosts: list[Host] = []
     taken: set[int] = set()
+    first = 0
     for group in groups:
         applied = variant_for_group(variant, group.name)
         argv, env = apply_variant(group.target, applied, group.target.command)
-        first = len(hosts)
         planned = plan_hosts(group.target, group.hosts, hosts_dir, tuple(argv), env, group=group.name,
                              first=first, taken=taken,
                              ports=ports[first:first + group.hosts] if ports is not None else None,
                              addrs=addrs[first:first + group.hosts] if addrs is not None else None,
-                             backends=(backends or {}).get(group.name) if group.backends else None)
+                             backends=(backends or {}).get(group.name) if group.backends else None, only=only)
         for host in planned:
             host.extra["allocator"] = applied.allocator   # what the proof of this host must show
         hosts += planned
+        first += group.hosts
     return hosts
 
 
@@ -235,7 +242,7 @@ class FleetSupervisor:
         # at the last second's boundary: a change belongs to the second it happened in
         self._alive_changes: list[tuple[float, int]] = []
         self._alive_at_boundary: int | None = None
-        self._ready_once = [trio.Event() for _ in hosts]
+        self._ready_once = {h.index: trio.Event() for h in hosts}   # a machine's share of a fleet, over a cluster
         self.forced = False     # a second SIGINT/SIGTERM: stop without grace
 
     def target_of(self, host: Host) -> Target:
@@ -282,7 +289,7 @@ class FleetSupervisor:
 
     async def wait_all_started(self) -> None:
         """Until every host has been ready once (or failed its first start)."""
-        for event in self._ready_once:
+        for event in self._ready_once.values():
             await event.wait()
 
     async def run(self) -> None:

@@ -162,8 +162,8 @@ class Run:
                             if before is not None and before[0] in FINISHED:
                                 continue
                             self._trial_number = number
-                            self.trial = Trial(self, number, variant, repeat, spawner, len(trials),
-                                               start_at=before[1] if before else None)
+                            self.trial = self._new_trial(number, variant, repeat, spawner, len(trials),
+                                                         before[1] if before else None)
                             try:
                                 await self.trial.execute()
                             except* TrialFailed as group:
@@ -189,6 +189,11 @@ class Run:
             self.store.close()
         return RunResult(self.run_id, self.run_dir, status, self.interrupted, self.failed_trials, lock=self.lock,
                          forced=self.forced)
+
+    def _new_trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
+                   start_at: int | None) -> Trial:
+        """A trial of this run (a run over a cluster makes its own kind: harness.cluster.fleetrun)."""
+        return Trial(self, number, variant, repeat, spawner, total, start_at=start_at)
 
     def _open_run_folder(self) -> None:
         """The run's folder, made (or, resuming, taken) under its lock."""

@@ -260,6 +260,7 @@ class Trial:
                 nursery.start_soon(self.limits.run, recorder.t0, recorder, self.start_at)
             if net is not None and variant.faults:
                 nursery.start_soon(net.run, recorder.t0, recorder, self.start_at)
+            self._more_faults(nursery, recorder)
             if self.run.options.status:
                 nursery.start_soon(self._status_line, recorder, driver, supervisor,
                                    (self.number, self.total, variant.name))
@@ -273,6 +274,9 @@ class Trial:
             if self.shim is not None:
                 self.shim.finish(recorder)
             nursery.cancel_scope.cancel()
+
+    def _more_faults(self, nursery: trio.Nursery, recorder: Recorder) -> None:
+        """Fault tasks a kind of trial adds beside the load (a cluster's machine losses: harness.cluster)."""
 
     async def _clock_to_the_load(self) -> None:
         """The trial's clock starts with the load (at the resumed second when resuming); start-up events move
@@ -297,10 +301,11 @@ class Trial:
         """The last partial second, the hosts' last output, the trial's row; faults and namespaces released."""
         run, recorder, driver, supervisor, hosts, net = self.run, self.recorder, self.driver, self.supervisor, \
             self.hosts, self.net
-        assert driver is not None and supervisor is not None and self.pump is not None and run.store is not None
+        assert driver is not None and supervisor is not None and run.store is not None
         if self.status != "complete":
             await self._final_sample(recorder, driver, supervisor, stopped=True)
-        await trio.to_thread.run_sync(self.pump.close)  # the hosts are stopped: take their last output
+        if self.pump is not None:   # (none here when every host runs on other machines: harness.cluster)
+            await trio.to_thread.run_sync(self.pump.close)  # the hosts are stopped: take their last output
         self._log_overflow(recorder, hosts)
         recorder.event("trial-end", status=self.status)
         await self._flush(self.number, recorder)
@@ -604,14 +609,18 @@ class Trial:
             if host.state == State.UP and not driver.balancer.in_rotation[host.index] \
                     and host.index in self.rotation:
                 state = "ejected"
-            rss, fds, threads = usage.get(host.pid or -1, (None, None, None))
+            rss, fds, threads = usage.get(host.index, (None, None, None))
             recorder.host_samples.append(HostSample(
                 t=second, host=host.index, state=state, pid=host.pid, sent=c.host_sent[host.index],
                 ok=c.host_ok[host.index], errors=c.host_errors[host.index],
                 inflight=driver.balancer.inflight[host.index], rss=rss, fds=fds, threads=threads,
-                shim=self.shim.snapshot(host.index) if self.shim is not None else None,
+                shim=self._shim_snapshot(host.index),
                 cgroup=(cgroups or {}).get(host.index)))
         c.release()  # encoded above: free the histograms now, not at the next GC (see release_histogram)
+
+    def _shim_snapshot(self, host: int) -> dict[str, Any] | None:
+        """What the shim injected into the host so far (None: no shim faults)."""
+        return self.shim.snapshot(host) if self.shim is not None else None
 
     async def _host_losses(self, recorder: Recorder, supervisor: FleetSupervisor, nursery: trio.Nursery) -> None:
         scenario = self.scenario
@@ -688,16 +697,17 @@ def _cgroup_usage(hosts: list[Host]) -> dict[int, dict[str, Any]]:
     return {h.index: h.jail.cgroup.stats() for h in hosts if h.jail is not None and h.jail.cgroup is not None}
 
 
-def _process_usage(pids: list[int | None]) -> dict[int, tuple[int, int, int]]:
-    """(RSS, open fds, threads) of each process."""
+def _process_usage(hosts: list[Host]) -> dict[int, tuple[int, int, int]]:
+    """(RSS, open fds, threads) of each host's process, by host index."""
     usage = {}
-    for pid in pids:
+    for host in hosts:
+        pid = host.pid
         if pid is None:
             continue
         try:
             process = psutil.Process(pid)
             with process.oneshot():
-                usage[pid] = (process.memory_info().rss, process.num_fds(), process.num_threads())
+                usage[host.index] = (process.memory_info().rss, process.num_fds(), process.num_threads())
         except (psutil.Error, OSError):
             continue
     return usage
@@ -718,7 +728,7 @@ def _usage_and_objects(hosts: list[Host], store: ObjectStore) -> tuple[dict[int,
     """Each host's usage (its leader's, and its cgroup's counters); and objects deleted while mapped (a compiled
     VCL .so) are copied while their process lives (for crash bundles). One worker-thread hop for all: the
     sampler's second stays short."""
-    usage = _process_usage([h.pid for h in hosts])
+    usage = _process_usage(hosts)
     for host in hosts:
         if host.pid is not None and host.state == State.UP:
             save_deleted(host.pid, store)

@@ -13,12 +13,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import netns_machines as netns
+from dask_local import cluster as _cluster
 from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,58 +55,11 @@ expect:
 """
 
 
-def _dask() -> list[str]:
-    script = Path(sys.executable).with_name("dask")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dask"]
-
-
-@contextmanager
-def _cluster(scheduler_host: str, workers: list[tuple[list[str], str]]) -> Iterator[str]:
-    """A scheduler and one-thread workers (each: a command prefix such as `ip netns exec NS`, and the
-    address it listens on), started as an operator starts them; stopped by process group."""
-    distributed = pytest.importorskip("distributed")
-    folder = Path(tempfile.mkdtemp(prefix="harness-cluster-"))
-    scheduler_file = folder / "scheduler.json"
-    procs = [subprocess.Popen([*_dask(), "scheduler", "--host", scheduler_host, "--port", "0", "--no-dashboard",
-                               "--scheduler-file", str(scheduler_file)], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        wait_for(scheduler_file.exists, timeout=120)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for prefix, host in workers:
-            # --death-timeout: a worker whose scheduler is gone exits by itself
-            procs.append(subprocess.Popen(
-                [*prefix, *_dask(), "worker", address, "--nthreads", "1", "--no-dashboard", "--host", host,
-                 "--local-directory", str(folder), "--death-timeout", "60"],
-                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        with distributed.Client(address, timeout=60) as client:
-            client.wait_for_workers(len(workers), timeout=120)
-        yield address
-    finally:
-        for proc in procs:
-            _signal_group(proc, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)    # nanny and worker share the group
-            proc.wait()
-        shutil.rmtree(folder)
-
-
 @pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[str]:
     """A scheduler and two workers on loopback; the scheduler's address."""
     with _cluster("127.0.0.1", [([], "127.0.0.1"), ([], "127.0.0.1")]) as address:
         yield address
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _run(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:
@@ -339,15 +292,3 @@ def test_soak_and_resume_take_cluster_and_say_how_to_install_it_too(tmp_path: Pa
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "harness: error: --cluster needs Dask distributed, an optional dependency: pip install 'harness[cluster]'"]
-
-
-@pytest.mark.slow
-def test_a_real_fleet_on_the_cluster_is_refused_in_one_line(tmp_path: Path) -> None:
-    pytest.importorskip("distributed")
-    run = subprocess.run([*HARNESS, "run", str(REPO / "scenarios" / "echo-hostloss.yaml"), "--out",
-                          str(tmp_path / "results"), "--cluster", "tcp://127.0.0.1:8786"],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
-        "harness: error: --cluster: real fleets over a cluster are not built yet; only simulated fleets "
-        "(fleet.simulated) run there (docs/cluster.md)"]

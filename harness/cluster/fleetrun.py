@@ -1,0 +1,560 @@
+"""A real fleet spread over a Dask cluster's machines (`--cluster` with a real fleet; docs/cluster.md).
+
+The machine that ran the command keeps what a run has once: the store, the trial's clock and timeline, the
+load (its driver, or driver workers, sending to every host wherever it runs), the balancer's fleet-wide view,
+the per-second samples and the report. The hosts run on the workers' machines, placed by `fleet.placement`
+(harness.plan.placement): for each trial, one Dask task per machine starts an agent there
+(harness.cluster.machine) that runs that machine's hosts as a local trial runs its own, and streams back
+what it sees. So:
+- a host that dies on one machine leaves the driver's rotation at once (its machine's supervisor says so),
+  and its share goes to the survivors on every machine, as on one machine;
+- samples are made here from the driver's own counters, so they are exact; each host's usage (RSS, fds,
+  threads, cgroup, shim counters) comes from its machine every second;
+- crashes are recorded, their cores kept and triaged on the machine that wrote them; the crash row (with the
+  in-flight count and hosts alive filled in here) and later its triage come back into the one store;
+- `kind: machine-loss` stops a machine's agent at once: its watchdog SIGKILLs every host it runs, nothing
+  more comes from there, and the driver finds out by itself (connections reset), as it would; a machine
+  that goes silent or drops its link unplanned is recorded as a `machine-lost` event, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from harness.base.errors import HarnessError
+from harness.cluster.connect import connect
+from harness.cluster.wire import local_address_towards, new_token, read_hello
+from harness.plan.placement import place_hosts
+from harness.plan.streams import choose_machines
+from harness.run.balancer import Balancer
+from harness.run.driver import Driver
+from harness.run.driverpool import Channel, DriverPool, resolve_workers
+from harness.run.faults.network.topology import host_names
+from harness.run.fleet import FleetSupervisor, Host, State
+from harness.run.options import RunOptions, RunResult
+from harness.run.procs import Spawner
+from harness.run.runner import Run
+from harness.run.trial import Recorder, Trial, TrialFailed, _Listener
+from harness.scenario.model import Scenario, Variant
+
+CONNECT_TIMEOUT = 120.0     # for every machine's agent to call back (a Dask task, then a Python start-up)
+SILENT_AFTER = 15.0         # a machine that sends nothing this long (it reports every second) is lost
+FINAL_TIMEOUT = 300.0       # for a machine to stop its hosts and finish triaging its cores
+
+
+def refusal(scenario: Scenario) -> str | None:
+    """What a real fleet over a cluster cannot do yet (one line), or None."""
+    if scenario.net_faults:
+        return "network faults (the fault proxy) do not run over --cluster yet"
+    if scenario.resource_faults:
+        return "resource faults (cgroup limits) do not run over --cluster yet"
+    if any(g.target.isolation.netns for g in scenario.host_groups):
+        return "isolation: netns does not run over --cluster yet"
+    return None
+
+
+def machine_task(address: str, port: int, token: bytes, machine: int) -> dict[str, Any]:
+    """On a worker: this machine's agent for one trial, in a process of its own (it dies with the worker:
+    PR_SET_PDEATHSIG). The worker's thread only waits for it."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}   # the nanny's, for itself
+    child = subprocess.run([sys.executable, "-m", "harness.cluster.machine", str(os.getpid())],
+                           input=pickle.dumps((address, port, token, machine)), capture_output=True, env=env,
+                           check=False)
+    tail = child.stderr.decode(errors="replace").strip().splitlines()[-5:]
+    return {"returncode": child.returncode, "stderr": " | ".join(tail), "host": socket.gethostname()}
+
+
+@dataclass
+class Machine:
+    number: int                      # 0-based, in the order of the workers' addresses
+    worker: str                      # the Dask worker's address
+    addr: str                        # where its hosts listen (the worker's host)
+    hosts: list[int] = field(default_factory=list)
+    channel: Channel | None = None
+    future: Any = None
+    outbox: Any = None
+    inbox: Any = None
+    started: bool = False
+    done: bool = False
+    lost: str | None = None          # "planned" | why it was lost unplanned
+    lost_at: float | None = None
+    heard: float = 0.0               # trio time of its last message
+    ports: dict[int, int] = field(default_factory=dict)
+    usage: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"machine {self.number + 1} ({self.worker})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"machine": self.number + 1, "worker": self.worker, "addr": self.addr, "hosts": self.hosts,
+                "lost": self.lost, "lost_at": self.lost_at}
+
+
+@dataclass
+class RemoteHost(Host):
+    """A host as seen from the command: its state, process and counters as its machine reports them."""
+
+    machine: int = 0
+    remote_pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:      # the process on its machine (never looked up here)
+        return self.remote_pid if self.state not in (State.DOWN, State.STOPPED) else None
+
+
+class RemoteFleet(FleetSupervisor):
+    """The fleet supervisor's surface (what the trial reads and does) over the machines' agents."""
+
+    def __init__(self, trial: ClusterTrial, hosts: list[Host], machines: list[Machine], listener: _Listener):
+        super().__init__(hosts, trial.scenario.target, None, trial.recorder, listener)  # type: ignore[arg-type]
+        self.trial = trial
+        self.machines = machines
+        self.by_index = {h.index: h for h in hosts}
+
+    # --- what the trial asks ----------------------------------------------------------------------
+
+    def kill(self, host: Host, why: str, down_for: float) -> bool:
+        machine = self.machines_by_number()[host.machine]   # type: ignore[attr-defined]
+        if machine.lost or host.state not in (State.UP, State.PAUSED):
+            return False
+        machine.outbox.send_nowait(("kill", host.index, why, down_for))
+        return True
+
+    async def pause(self, host: Host, duration: float) -> bool:
+        machine = self.machines_by_number()[host.machine]   # type: ignore[attr-defined]
+        if machine.lost or host.state != State.UP:
+            return False
+        machine.outbox.send_nowait(("pause", host.index, duration))   # its machine records pause and resume
+        return True
+
+    def mark_alive_boundary(self) -> None:
+        super().mark_alive_boundary()
+        for machine in self.live():
+            machine.outbox.send_nowait(("load", self.trial.recorder.t0))
+
+    def machines_by_number(self) -> dict[int, Machine]:
+        return {m.number: m for m in self.machines}
+
+    def live(self) -> list[Machine]:
+        return [m for m in self.machines if not m.lost and not m.done]
+
+    def usage(self) -> tuple[dict[int, tuple[int, int, int]], dict[int, dict[str, Any]]]:
+        """Each host's last reported usage, as the local sampler's (harness.run.trial._usage_and_objects)."""
+        usage: dict[int, tuple[int, int, int]] = {}
+        cgroups: dict[int, dict[str, Any]] = {}
+        for machine in self.machines:
+            if machine.lost:
+                continue
+            for index, report in machine.usage.items():
+                if report.get("usage") is not None and self.by_index[index].pid is not None:
+                    usage[index] = tuple(report["usage"])   # type: ignore[assignment]
+                if report.get("cgroup") is not None:
+                    cgroups[index] = report["cgroup"]
+        return usage, cgroups
+
+    def shim_snapshot(self, host: int) -> dict[str, Any] | None:
+        machine = self.machines_by_number()[self.by_index[host].machine]   # type: ignore[attr-defined]
+        return machine.usage.get(host, {}).get("shim")
+
+    # --- running -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for machine in self.machines:
+                    nursery.start_soon(self._send, machine)
+                    nursery.start_soon(self._receive, machine)
+                    machine.outbox.send_nowait(("start",))
+                nursery.start_soon(self._watch_silence)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_all()
+
+    async def _send(self, machine: Machine) -> None:
+        assert machine.channel is not None
+        async for message in machine.inbox:
+            try:
+                await machine.channel.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return            # the receiver sees the link close
+
+    async def _receive(self, machine: Machine) -> None:
+        assert machine.channel is not None
+        machine.heard = trio.current_time()
+        while not machine.done:
+            message = await machine.channel.receive()
+            if message is None:
+                if not machine.done and not machine.lost:
+                    self.lose(machine, "its link to this machine closed")
+                return
+            machine.heard = trio.current_time()
+            if machine.lost:
+                continue                  # lost: what still arrives did not come from a live machine
+            await self._handle(machine, message)
+
+    async def _handle(self, machine: Machine, message: Any) -> None:
+        kind = message[0]
+        recorder = self.recorder
+        if kind == "ready":
+            _, index, incarnation, pid = message
+            host = self.by_index[index]
+            host.incarnation, host.remote_pid = incarnation, pid   # type: ignore[attr-defined]
+            host.state = State.UP
+            self._alive_changed()
+            self._ready_once[index].set()
+            self.listener.host_ready(host)
+        elif kind == "gone":
+            _, index, incarnation, pid = message
+            host = self.by_index[index]
+            if host.state in (State.UP, State.PAUSED):
+                host.state = State.DOWN
+                self._host_went_down()
+                self.listener.host_gone(host)
+        elif kind == "started":
+            _, failed, directory = message
+            machine.started = True
+            if failed and self.first_start_failed is None:
+                self.first_start_failed = f"{failed} (on {machine.label})"
+                self.first_start_failed_dir = Path(directory) if directory else None
+            for index in machine.hosts:
+                self._ready_once[index].set()
+        elif kind == "usage":
+            machine.usage = message[1]
+            before = self.alive_now()
+            for index, report in message[1].items():
+                host = self.by_index[index]
+                host.state = State(report["state"])
+                host.remote_pid = report["pid"]   # type: ignore[attr-defined]
+                host.incarnation, host.restarts, host.crashes = report["incarnation"], report["restarts"], \
+                    report["crashes"]
+            if self.alive_now() != before:
+                self._alive_changed()
+        elif kind == "batch":
+            _, events, crashes = message
+            recorder.events.extend(events)
+            for record in crashes:
+                await self.trial.remote_crash(machine, record)
+        elif kind == "triage":
+            await self.trial.run.store_call(self.trial.run.store.record_triage, message[1], message[2])
+        elif kind == "core-dropped":
+            await self.trial.run.store_call(self.trial.run.store.mark_core_dropped, message[1], message[2])
+        elif kind == "say":
+            line = message[1]
+            print(line.replace("harness: ", f"harness: {machine.label}: ", 1) if line.startswith("harness: ")
+                  else f"harness: {machine.label}: {line}", file=sys.stderr)
+        elif kind == "failed":
+            raise TrialFailed(f"{message[1]} (on {machine.label})")
+        elif kind == "done":
+            for summary in message[1]:
+                host = self.by_index[summary["host"]]
+                host.restarts, host.crashes = summary["restarts"], summary["crashes"]
+            machine.done = True
+
+    async def _watch_silence(self) -> None:
+        """A machine that stops talking (powered off, partitioned: no FIN ever comes) is lost."""
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for machine in self.live():
+                if now - machine.heard > SILENT_AFTER:
+                    self.lose(machine, f"nothing heard from it for {SILENT_AFTER:g}s")
+
+    def lose(self, machine: Machine, why: str, fault: int | None = None) -> None:
+        """The machine is gone (planned: a machine-loss fault; else unplanned): its hosts are down. The driver
+        is not told: it finds out from its own connections, as it would."""
+        if machine.lost:
+            return
+        planned = fault is not None
+        machine.lost = "machine-loss" if planned else why
+        machine.lost_at = round(self.recorder.now(), 6)
+        hosts = []
+        for index in machine.hosts:
+            host = self.by_index[index]
+            hosts.append(index)
+            if host.state in (State.UP, State.PAUSED):
+                host.state = State.DOWN
+                self._host_went_down()
+            else:
+                host.state = State.DOWN
+            host.kill_expected = machine.lost
+            self._ready_once[index].set()
+        if planned:
+            machine.outbox.send_nowait(("lose",))
+            self.recorder.event("machine-loss", None, None, fault=fault, machine=machine.number + 1,
+                                worker=machine.worker, hosts=hosts)
+        else:
+            self.recorder.event("machine-lost", None, None, machine=machine.number + 1, worker=machine.worker,
+                                hosts=hosts, why=why, unplanned=True)
+            print(f"harness: warning: {machine.label} was lost during the trial ({why}); its hosts "
+                  f"({len(hosts)}) count as down from {machine.lost_at:.1f}s, the load goes on to the others",
+                  file=sys.stderr)
+
+    async def _stop_all(self) -> None:
+        """The trial ends: every live machine stops its hosts, sends its last batch and triage, then done."""
+        for machine in self.live():
+            assert machine.channel is not None
+            try:
+                await machine.channel.send(("stop",))    # (the sender tasks are cancelled by now)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        with trio.move_on_after(FINAL_TIMEOUT) as scope:
+            for machine in self.machines:
+                while not machine.done and not machine.lost:
+                    assert machine.channel is not None
+                    message = await machine.channel.receive()
+                    if message is None:
+                        self.lose(machine, "its link closed while it stopped its hosts")
+                        break
+                    await self._handle(machine, message)
+        if scope.cancelled_caught:
+            for machine in self.live():
+                self.lose(machine, f"it did not finish within {FINAL_TIMEOUT:g}s of the trial's end")
+
+
+class ClusterTrial(Trial):
+    run: ClusterRun    # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.machines: list[Machine] = []
+
+    async def _set_up(self) -> None:
+        scenario, variant, number, run = self.scenario, self.variant, self.number, self.run
+        placement = place_hosts(scenario, len(run.machines))
+        self.machines = machines = [Machine(m.number, m.worker, m.addr) for m in run.machines]
+        for index, where in enumerate(placement):
+            machines[where].hosts.append(index)
+        self.machines = machines = [m for m in machines if m.hosts]
+        self.recorder = recorder = Recorder()
+        try:
+            await self._call_machines()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release_machines()
+            raise
+        ports = [0] * scenario.fleet.hosts
+        addrs = ["127.0.0.1"] * scenario.fleet.hosts
+        for machine in machines:
+            for index, port in machine.ports.items():
+                ports[index], addrs[index] = port, machine.addr
+        for machine in machines:
+            machine.outbox.send_nowait(("table", ports, addrs))
+        self.ports = ports
+        names = host_names(scenario)
+        groups = {index: group for group in scenario.host_groups for index in scenario.hosts_in((group.name,))}
+        self.hosts = hosts = []
+        for machine in machines:
+            for index in machine.hosts:
+                group = groups[index]
+                hosts.append(RemoteHost(index=index, name=names[index], port=ports[index],
+                                        dir=run.run_dir / "machines" / f"m{machine.number + 1}",
+                                        argv=list(group.target.command), env={}, cwd=Path("/"), group=group.name,
+                                        target=group.target, addr=machine.addr, machine=machine.number))
+        hosts.sort(key=lambda h: h.index)
+        self.workers = workers = resolve_workers(scenario.client.workers)
+        expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
+        if workers > 1:
+            self.driver = DriverPool(scenario.target, scenario.client, ports, scenario.fleet.balancer,
+                                     expect_replies, seed=scenario.seed, workers=workers, spawner=self.spawner,
+                                     log_dir=run.run_dir / "hosts" / f"t{number}", on_event=recorder.event,
+                                     addrs=addrs)
+        else:
+            self.driver = Driver(scenario.target, scenario.client, ports, Balancer(len(hosts), scenario.fleet.balancer),
+                                 expect_replies=expect_replies, seed=scenario.seed, on_event=recorder.event, addrs=addrs)
+        self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
+        self.supervisor = RemoteFleet(self, hosts, machines, _Listener(self.driver, recorder, self.rotation))
+        recorder.event("placement", None, None, placement=scenario.fleet.placement,
+                       machines=[m.describe() for m in machines])
+
+    async def _call_machines(self) -> None:
+        """One task per machine; each agent calls back, is given the trial and answers with its ports."""
+        run, machines = self.run, self.machines
+        tokens = {m.number: new_token() for m in machines}
+        address, port = run.listen_address
+
+        def submit() -> None:
+            for m in machines:
+                m.future = run.client.submit(machine_task, address, port, tokens[m.number], m.number,
+                                             workers=[m.worker], allow_other_workers=False, pure=False,
+                                             key=f"harness-{run.run_id}-t{self.number}-m{m.number + 1}")
+        await trio.to_thread.run_sync(submit)
+        by_number = {m.number: m for m in machines}
+        deadline = trio.current_time() + CONNECT_TIMEOUT
+        while tokens:
+            stream = None
+            with trio.move_on_after(1.0):
+                stream = await run.listener.accept()
+            hello = await read_hello(stream, tokens) if stream is not None else None
+            if hello is not None:
+                number, channel = hello
+                del tokens[number]     # one use
+                machine = by_number[number]
+                machine.channel = channel
+                machine.outbox, machine.inbox = trio.open_memory_channel[Any](math.inf)
+            for m in machines:
+                if m.number in tokens and m.future is not None and m.future.done():
+                    raise HarnessError(f"{m.label} could not start its hosts: {_task_failure(m.future)}")
+            if trio.current_time() > deadline:
+                late = ", ".join(by_number[n].label for n in sorted(tokens))
+                raise HarnessError(f"{late} did not call back within {CONNECT_TIMEOUT:g}s (can it reach "
+                                   f"{address}:{port}?)")
+        for m in machines:
+            assert m.channel is not None
+            await m.channel.send(("config", {
+                "scenario": self.scenario, "variant": self.variant, "trial": self.number, "repeat": self.repeat,
+                "total": self.total, "start_at": self.start_at if self.resuming else None, "hosts": m.hosts,
+                "run_id": run.run_id, "run_dir": str(run.run_dir / "machines" / f"m{m.number + 1}"),
+                "clock": trio.current_time(), "umask": self.spawner.child_umask}))
+        for m in machines:
+            assert m.channel is not None
+            message = await m.channel.receive()
+            if message is None or message[0] != "ports":
+                raise HarnessError(f"{m.label} closed its link before it chose its ports")
+            m.ports = message[1]
+
+    async def remote_crash(self, machine: Machine, record: dict[str, Any]) -> None:
+        """A crash record from a machine, completed here as harness.run.trial._on_crash does locally: the
+        load at that moment is this driver's, the hosts alive are the fleet's."""
+        driver, supervisor = self.driver, self.supervisor
+        assert driver is not None and supervisor is not None
+        index = record["host"]
+        await driver.settle(index)
+        record["host_inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
+        record["hosts_alive"] = supervisor.up_count()
+        record.setdefault("detail", {})["machine"] = {"machine": machine.number + 1, "worker": machine.worker,
+                                                      "addr": machine.addr}
+        self.run.metrics.crash(self.hosts[index].name, record["executable"], record["signal_name"],
+                               bool(record["core_path"]), self.variant.name)
+        self.recorder.crash(record)
+
+    def _more_faults(self, nursery: trio.Nursery, recorder: Recorder) -> None:
+        if self.variant.faults and self.scenario.machine_losses:
+            nursery.start_soon(self._machine_losses, recorder)
+
+    async def _machine_losses(self, recorder: Recorder) -> None:
+        fleet = self.supervisor
+        assert isinstance(fleet, RemoteFleet)
+        for fault in sorted(self.scenario.machine_losses, key=lambda f: f.at):
+            if fault.at < self.start_at:
+                continue
+            await trio.sleep_until(recorder.t0 + fault.at)
+            candidates = [m.number for m in fleet.live()]
+            chosen = choose_machines(self.scenario.seed, fault, candidates)
+            by_number = fleet.machines_by_number()
+            for number in chosen:
+                fleet.lose(by_number[number], "machine-loss", fault=fault.index)
+
+    async def _sample_each_second(self, recorder: Recorder, driver: Any, supervisor: Any) -> None:
+        """As a local trial samples, with each host's usage as its machine last reported it."""
+        fleet = self.supervisor
+        assert isinstance(fleet, RemoteFleet)
+        while True:
+            await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
+            usage, cgroups = fleet.usage()
+            counters = await driver.take_counters(recorder.next_second)
+            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage, cgroups)
+            recorder.next_second += 1
+            if recorder.next_second % 5 == 0:
+                await trio.to_thread.run_sync(self.run.metrics.write_textfile)
+
+    def _shim_snapshot(self, host: int) -> dict[str, Any] | None:
+        fleet = self.supervisor
+        return fleet.shim_snapshot(host) if isinstance(fleet, RemoteFleet) else None
+
+    def _detail(self) -> dict[str, Any]:
+        detail = super()._detail()
+        detail["machines"] = [m.describe() for m in self.machines]
+        return detail
+
+    async def _wrap_up(self, began: float) -> None:
+        try:
+            await super()._wrap_up(began)
+        finally:
+            await self._release_machines()
+
+    async def _release_machines(self) -> None:
+        """Every machine's task ended (its agent exits once its link closes; a lost one's was killed)."""
+        for machine in self.machines:
+            if machine.channel is not None:
+                await machine.channel.aclose()
+        futures = [m.future for m in self.machines if m.future is not None]
+        if not futures:
+            return
+
+        def settle() -> None:
+            from distributed import wait
+            wait(futures, timeout=30, return_when="ALL_COMPLETED")
+            self.run.client.cancel([f for f in futures if not f.done()])
+        try:
+            await trio.to_thread.run_sync(settle)
+        except Exception:     # a task that does not end is cancelled; its agent dies with the link
+            pass
+
+
+def _task_failure(future: Any) -> str:
+    try:
+        if future.status == "error":
+            return repr(future.exception(timeout=5))
+        result = future.result(timeout=5)
+        return f"its agent exited {result['returncode']} on {result['host']}: {result['stderr'] or 'no output'}"
+    except Exception as exc:       # noqa: BLE001 - whatever Dask says, said in one line
+        return repr(exc)
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    number: int
+    worker: str
+    addr: str
+
+
+class ClusterRun(Run):
+    def __init__(self, scenario: Scenario, options: RunOptions, client: Any, address: str):
+        super().__init__(scenario, options)
+        self.client = client
+        self.address = address
+        workers = client.scheduler_info()["workers"]
+        self.machines = [MachineSpec(n, worker, info.get("host") or worker.split("://")[-1].rsplit(":", 1)[0])
+                         for n, (worker, info) in enumerate(sorted(workers.items()))]
+        self.listener: trio.SocketListener | None = None
+        self.listen_address = ("", 0)
+
+    async def execute(self) -> RunResult:
+        host = local_address_towards(self.address)
+        listeners = await trio.open_tcp_listeners(0, host=host)
+        self.listener = listeners[0]
+        self.listen_address = (host, self.listener.socket.getsockname()[1])
+        try:
+            return await super().execute()
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    def _new_trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
+                   start_at: int | None) -> Trial:
+        return ClusterTrial(self, number, variant, repeat, spawner, total, start_at=start_at)
+
+
+def run_fleet_on_cluster(scenario: Scenario, options: RunOptions, address: str) -> RunResult:
+    why = refusal(scenario)
+    if why:
+        raise HarnessError(f"--cluster: {why} (docs/cluster.md)")
+    client = connect(address)
+    try:
+        run = ClusterRun(scenario, options, client, address)
+        return trio.run(run.execute)
+    finally:
+        client.close()

@@ -1,0 +1,334 @@
+"""One machine's share of a real fleet spread over a cluster: its hosts, their faults, cores and triage.
+
+A Dask task on the worker (harness.cluster.fleetrun.machine_task) starts this module as a process of its
+own, `python -m harness.cluster.machine PARENT_PID`, with the command's address, port, the machine's number
+and its token on stdin. It connects back (harness.cluster.wire) and runs, for one trial, what a local trial
+runs for its hosts (harness.run.trial: the same supervisor, restart policy, readiness, proof of what runs,
+fault shim, log caps, core collection), with the trial's clock taken from the command's, and everything it
+records sent back: host changes at once (the command's balancer moves a dead host's share to the survivors
+on every machine), events and crash records every second, each host's usage every second, the triage of
+each core once this machine has done it (the core stays here, where it was written).
+
+The conversation (command -> machine / machine -> command):
+  config {scenario, variant, trial, hosts...}  -> ports {host: port}   (free ports here, for its hosts)
+  table (every host's port and address)         (each host's templates may name hosts on other machines)
+  start                                         -> ready / gone (host, incarnation, pid) as they happen,
+                                                   started (when each host was ready once, or failed)
+  load (trial time 0 on the command's clock)    -> usage (every second), batch (events, crashes),
+  kill / pause (a host-loss on one of its hosts)   triage, core-dropped, say (warnings for the user)
+  stop                                          -> the last batch and triage, then done
+  lose (machine-loss)                           -> nothing: this process exits at once and its watchdog
+                                                   SIGKILLs every host it runs (harness.run.reaper)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from harness.base.errors import HarnessError
+from harness.base.safefs import open_trusted_dir
+from harness.cluster.wire import dial
+from harness.present.prometheus import Metrics
+from harness.run.driverpool import Channel
+from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
+from harness.run.faults.network.topology import backends
+from harness.run.hostprep import HostPrep
+from harness.run.options import RunOptions
+from harness.run.procs import Spawner
+from harness.run.runner import Run
+from harness.run.trial import Recorder, Trial, TrialFailed, _usage_and_objects, leaf
+from harness.collect.objects import ObjectStore
+
+PR_SET_PDEATHSIG = 1
+USAGE_INTERVAL = 1.0
+
+
+class ForwardingStore:
+    """Stands in for the run store here: what the trial writes goes to the command, which owns the store."""
+
+    def __init__(self, outbox: trio.MemorySendChannel[Any]):
+        self.outbox = outbox
+
+    def write_batch(self, trial: int, **batch: Any) -> None:
+        self.outbox.send_nowait(("batch", batch["events"], batch["crashes"]))
+
+    def record_triage(self, uid: str, result: dict[str, Any]) -> None:
+        self.outbox.send_nowait(("triage", uid, result))
+
+    def mark_core_dropped(self, uid: str, why: str) -> None:
+        self.outbox.send_nowait(("core-dropped", uid, why))
+
+    def rollup(self, *args: Any) -> None:
+        """Samples are the command's: nothing is rolled up here."""
+
+
+class MachineRun(Run):
+    """What a trial here uses of its run: the command's run id, this machine's folder, the forwarding store,
+    the triage of cores (here, one at a time, as a local run does)."""
+
+    def __init__(self, scenario: Any, run_id: str, run_dir: Path, store: ForwardingStore):
+        super().__init__(scenario, RunOptions(out_dir=run_dir.parent, status=False))
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.objects = ObjectStore(run_dir / "objects")
+        self.store = store  # type: ignore[assignment]
+        self.metrics = Metrics(run_dir / "metrics.prom")     # counted by the command; never served here
+
+    async def store_call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        fn(*args, **kwargs)      # a message queued to the command: no disk, no thread
+
+
+class _NoDriver:
+    """The load is the command's: a crash record's in-flight count is filled in there."""
+
+    class _Balancer:
+        def __init__(self, hosts: int):
+            self.inflight = [0] * hosts
+            self.in_rotation = [False] * hosts
+
+    def __init__(self, hosts: int):
+        self.balancer = self._Balancer(hosts)
+        self.lost_inflight = [0] * hosts
+
+    async def settle(self, host: int) -> None:
+        pass
+
+
+class _Relay:
+    """The supervisor's host changes, sent to the command at once."""
+
+    def __init__(self, outbox: trio.MemorySendChannel[Any]):
+        self.outbox = outbox
+
+    def host_ready(self, host: Host) -> None:
+        self.outbox.send_nowait(("ready", host.index, host.incarnation, host.pid))
+
+    def host_gone(self, host: Host) -> None:
+        self.outbox.send_nowait(("gone", host.index, host.incarnation, host.pid))
+
+
+class MachineTrial(Trial):
+    def __init__(self, run: MachineRun, config: dict[str, Any], spawner: Spawner,
+                 outbox: trio.MemorySendChannel[Any]):
+        super().__init__(run, config["trial"], config["variant"], config["repeat"], spawner, config["total"],
+                         start_at=config["start_at"])
+        self.mine: list[int] = config["hosts"]
+        self.outbox = outbox
+        self.offset = 0.0      # this machine's trio clock minus the command's CLOCK_MONOTONIC
+        self._fleet_done = trio.Event()
+
+    async def plan(self, ports: list[int], addrs: list[str]) -> None:
+        """This machine's hosts, as Trial._set_up plans a local fleet (no fault proxy, no cgroup limits:
+        the command refuses those over a cluster so far)."""
+        scenario, variant, number, spawner = self.scenario, self.variant, self.number, self.spawner
+        self.ports = ports
+        hosts = self.hosts = plan_fleet(scenario.host_groups, variant, self.run.run_dir / "hosts" / f"t{number}",
+                                        ports=ports, addrs=addrs, backends=backends(scenario, ports, {}, addrs=addrs),
+                                        only=set(self.mine))
+        self._isolate(hosts, number, spawner)
+        self.recorder = Recorder()
+        self.shim = await self._prepare_shim(hosts)
+        if self.shim is not None:   # a fault's hosts on other machines are armed there
+            self.shim.targets = {f: [h for h in hs if h in self.shim.files] for f, hs in self.shim.targets.items()}
+        from harness.run.logsink import LogPump
+        pump = self.pump = LogPump()
+        for host in hosts:
+            host.logs = pump.attach(host.dir, (host.target or scenario.target).log_max)
+        self.driver = _NoDriver(len(ports))  # type: ignore[assignment]
+        self.supervisor = FleetSupervisor(hosts, scenario.target, spawner, self.recorder, _Relay(self.outbox),
+                                          on_crash=self._on_crash, prep=HostPrep(scenario), prove=self._prove)
+
+    def by_index(self, index: int) -> Host | None:
+        return next((h for h in self.hosts if h.index == index), None)
+
+    async def serve(self, channel: Channel) -> None:
+        supervisor = self.supervisor
+        assert supervisor is not None
+        recorder = self.recorder
+        async with trio.open_nursery() as nursery:
+            fleet_scope = trio.CancelScope()
+            nursery.start_soon(self._fleet, supervisor, fleet_scope)
+            nursery.start_soon(self._say_started, supervisor)
+            while True:
+                message = await channel.receive()
+                if message is None:
+                    break                      # the command is gone: stop everything here
+                kind = message[0]
+                if kind == "load":
+                    self._clock(message[1])
+                    supervisor.mark_alive_boundary()
+                    nursery.start_soon(self._writer, self.number, recorder)
+                    nursery.start_soon(self._usage, supervisor)
+                    if self.shim is not None and self.variant.faults:
+                        nursery.start_soon(self.shim.run, recorder.t0, recorder, float(self.start_at))
+                elif kind == "kill":
+                    _, index, why, down_for = message
+                    host = self.by_index(index)
+                    if host is not None:
+                        supervisor.kill(host, why, math.inf if down_for is None else down_for)
+                elif kind == "pause":
+                    host = self.by_index(message[1])
+                    if host is not None:
+                        nursery.start_soon(supervisor.pause, host, message[2])
+                elif kind == "stop":
+                    break
+                elif kind == "lose":
+                    # machine-loss: gone at once, without a word; the spawner's watchdog sees this process
+                    # die and SIGKILLs every host it started, as a machine losing power takes them all
+                    os._exit(0)
+            if self.shim is not None:
+                self.shim.finish(recorder)
+            fleet_scope.cancel()              # hosts stopped as at the end of a local trial
+            await self._fleet_done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _fleet(self, supervisor: FleetSupervisor, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await supervisor.run()
+        finally:
+            self._fleet_done.set()
+
+    async def _say_started(self, supervisor: FleetSupervisor) -> None:
+        await supervisor.wait_all_started()
+        self.outbox.send_nowait(("started", supervisor.first_start_failed,
+                                 str(supervisor.first_start_failed_dir) if supervisor.first_start_failed_dir else None))
+
+    def _clock(self, t0_command: float) -> None:
+        """Trial time 0, given on the command's CLOCK_MONOTONIC, on this process's trio clock."""
+        recorder = self.recorder
+        shift = t0_command + self.offset - recorder.t0
+        for item in recorder.events + recorder.crashes:   # what happened before the load: earlier times
+            item["t"] = round(item["t"] - shift, 6)
+        recorder.t0 = t0_command + self.offset
+        recorder.wall0 = time.time() - (trio.current_time() - recorder.t0)
+        recorder.next_second = self.start_at
+
+    async def _usage(self, supervisor: FleetSupervisor) -> None:
+        """Every second: each host's state, process and cgroup usage, what the shim injected; OOM kills of a
+        host's other processes as events (as the local sampler notes them)."""
+        while True:
+            await trio.sleep(USAGE_INTERVAL)
+            usage, cgroups = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self.run.objects)
+            self._note_oom_kills(self.recorder, supervisor.hosts, cgroups)
+            self.outbox.send_nowait(("usage", {h.index: {
+                "state": h.state.value, "pid": h.pid, "incarnation": h.incarnation, "restarts": h.restarts,
+                "crashes": h.crashes, "usage": usage.get(h.index), "cgroup": cgroups.get(h.index),
+                "shim": self._shim_snapshot(h.index)} for h in supervisor.hosts}))
+
+    async def finish(self) -> None:
+        """After the fleet stopped: the hosts' last output, what they wrote over their caps, the last batch;
+        namespaces and cgroups released."""
+        if self.pump is not None:
+            await trio.to_thread.run_sync(self.pump.close)
+        self._log_overflow(self.recorder, self.hosts)
+        await self._flush(self.number, self.recorder)
+        if self.shim is not None:
+            self.shim.close()
+        stuck = await trio.to_thread.run_sync(self.spawner.isolation.release, [h.jail for h in self.hosts if h.jail])
+        if stuck:
+            print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
+
+
+class _Say:
+    """This process's warnings (stderr) go to the command, which prints them for the user."""
+
+    def __init__(self, outbox: trio.MemorySendChannel[Any], machine: int):
+        self.outbox = outbox
+        self.machine = machine
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    self.outbox.send_nowait(("say", line))
+                except (trio.ClosedResourceError, trio.WouldBlock, RuntimeError):
+                    sys.__stderr__.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+async def _sender(channel: Channel, outbox: trio.MemoryReceiveChannel[Any]) -> None:
+    async for message in outbox:
+        try:
+            await channel.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def agent(address: str, port: int, token: bytes, machine: int) -> None:
+    channel = await dial(address, port, token, machine)
+    message = await channel.receive()
+    if message is None or message[0] != "config":
+        return
+    config = message[1]
+    offset = trio.current_time() - config["clock"]     # + the one-way delay of this message (sub-millisecond on a LAN)
+    outbox_send, outbox_receive = trio.open_memory_channel[Any](math.inf)
+    run_dir = Path(config["run_dir"])
+    # made as the run folder is on the command's machine: every folder on the way trusted, 0700
+    os.close(open_trusted_dir(run_dir, create=True, what="this machine's folder for the run"))
+    run = MachineRun(config["scenario"], config["run_id"], run_dir, ForwardingStore(outbox_send))
+    spawner = Spawner()
+    spawner.child_umask = config.get("umask", 0o022)
+    sys.stderr = _Say(outbox_send, machine)  # type: ignore[assignment]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sender, channel, outbox_receive)
+            async with trio.open_nursery() as run._triage_nursery:
+                trial = MachineTrial(run, config, spawner, outbox_send)
+                trial.offset = offset
+                outbox_send.send_nowait(("ports", dict(zip(trial.mine, assign_ports(len(trial.mine))))))
+                table = await channel.receive()
+                if table is None or table[0] != "table":
+                    raise HarnessError("the command closed the link before the fleet was planned")
+                await trial.plan(table[1], table[2])
+                start = await channel.receive()
+                if start is None or start[0] != "start":
+                    raise HarnessError("the command closed the link before the fleet started")
+                try:
+                    await trial.serve(channel)
+                except* TrialFailed as group:    # the proof contradicts the variant: the trial cannot stand
+                    outbox_send.send_nowait(("failed", str(leaf(group))))
+                await trial.finish()
+            # every core triaged (the nursery waited for it): the last of it went out with the batch above
+            outbox_send.send_nowait(("done", [{"host": h.index, "restarts": h.restarts,
+                                               "crashes": h.crashes} for h in trial.hosts]))
+            outbox_send.close()
+    finally:
+        sys.stderr = sys.__stderr__
+        await trio.to_thread.run_sync(spawner.close)
+        await channel.aclose()
+
+
+def main() -> int:
+    parent = int(sys.argv[1]) if len(sys.argv) == 2 and sys.argv[1].isdigit() else -1
+    # dies with the worker's task that started it (a lost worker leaves no agent behind)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        return 70
+    address, port, token, machine = pickle.loads(sys.stdin.buffer.read())
+    os.umask(0o077)
+    try:
+        trio.run(agent, address, port, token, machine)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""--cluster with a real fleet: the hosts on two worker "machines" (each worker in its own network namespace,
+with the address the test gives it), the load, the store and the report on this one.
+
+The echo fleet: 8 hosts spread over both machines; a host killed on one machine, then the other machine lost
+(its agent gone at once, every host on it SIGKILLed): the driver's share moves to the survivors on the other
+machine, every sample is in the one store, `harness report` reads it as any run's. The estats fleet: hosts
+that crash under the fault shim's heap budget on both machines; each crash recorded with its machine, its core
+kept and triaged on the machine that wrote it, the triage in the one store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import netns_machines as netns
+from dask_local import cluster
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = [sys.executable, "-m", "harness"]
+
+ECHO = f"""
+name: cluster-echo
+seed: 7
+target:
+  root: {REPO}
+  build: [make, -s, -C, targets/echo]
+  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
+  ready: {{tcp: "{{port}}", timeout: 10s}}
+  restart: {{policy: always, backoff: 1s}}
+fleet: {{hosts: 8, balancer: least-loaded, placement: spread}}
+client: {{timeout: 500ms, connections: 2}}
+load:
+  - {{ramp: {{from: 300, to: 300, over: 1s}}}}
+  - {{hold: {{for: 13s}}}}
+faults:
+  - {{kind: host-loss, at: 3s, hosts: 1, how: kill, down_for: 2s}}
+  - {{kind: machine-loss, at: 8s, machine: MACHINE}}
+"""
+
+
+def _rows(run_dir: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(str(run_dir / "run.db"))
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def _killed_host(scenario_file: Path) -> int:
+    """Which host the seeded host-loss takes (every host is up at 3 s): the harness's own choice."""
+    from harness.plan.streams import choose_hosts, loss_events
+    from harness.scenario.loader import load_scenario
+    scenario = load_scenario(scenario_file)
+    event = loss_events(scenario.host_losses, scenario.duration)[0]
+    return choose_hosts(scenario.seed, event, list(range(8)), 1)[0]
+
+
+@pytest.fixture(scope="module")
+def machines():
+    reason = netns.available()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("distributed")
+    with netns.machines(2) as made:
+        workers = [(made.exec_prefix(i), address) for i, address in enumerate(made.addresses)]
+        with cluster(made.bridge_address, workers) as address:
+            yield made, address
+
+
+@pytest.mark.slow
+def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: Path, machines) -> None:
+    made, address = machines
+    scenario = tmp_path / "echo.yaml"
+    scenario.write_text(ECHO.replace("MACHINE", "1"), encoding="utf-8")
+    killed = _killed_host(scenario)
+    # spread: host h on machine h % 2 (machines in the order of the workers' addresses, 1-based in YAML)
+    lost_machine = 1 - killed % 2
+    scenario.write_text(ECHO.replace("MACHINE", str(lost_machine + 1)), encoding="utf-8")
+    run = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "results"), "--quiet",
+                          "--cluster", address], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = [p for p in (tmp_path / "results").iterdir() if (p / "run.db").exists()]
+    detail = json.loads(_rows(run_dir, "SELECT detail FROM trials")[0][0])
+    placed = {m["machine"] - 1: m for m in detail["machines"]}
+    assert sorted(placed) == [0, 1]
+    assert {placed[m]["addr"] for m in placed} == set(made.addresses)       # each "machine" ran hosts
+    assert sorted(placed[0]["hosts"]) == [0, 2, 4, 6] and sorted(placed[1]["hosts"]) == [1, 3, 5, 7]
+    assert placed[lost_machine]["lost"] == "machine-loss" and 8 <= placed[lost_machine]["lost_at"] < 9
+    assert placed[1 - lost_machine]["lost"] is None
+    survivors = placed[1 - lost_machine]["hosts"]
+    assert killed in survivors
+
+    events = _rows(run_dir, "SELECT t, kind, host, detail FROM events ORDER BY t")
+    kinds = [kind for _, kind, _, _ in events]
+    assert "placement" in kinds and "machine-loss" in kinds
+    # the host kill happened on its machine: its exit (caused by the host-loss) and its restart there
+    exits = [(t, json.loads(d)) for t, kind, host, d in events if kind == "exit" and host == killed]
+    assert any(d.get("cause", "").startswith("host-loss") and 3 <= t < 4 for t, d in exits)
+    assert len([1 for t, kind, host, _ in events if kind == "start" and host == killed]) >= 2
+    loss = next(json.loads(d) for _, kind, _, d in events if kind == "machine-loss")
+    assert loss["machine"] == lost_machine + 1 and sorted(loss["hosts"]) == sorted(placed[lost_machine]["hosts"])
+    assert _rows(run_dir, "SELECT count(*) FROM crashes")[0][0] == 0      # a kill and a loss are no crashes
+
+    # every second of the load sampled here, from the driver's own counters
+    samples = _rows(run_dir, "SELECT t, offered, ok FROM samples ORDER BY t")
+    assert [t for t, _, _ in samples][:14] == list(range(14))
+    by_host = _rows(run_dir, "SELECT t, host, ok FROM host_samples")
+    def ok_on(hosts: list[int], first: int, last: int) -> int:
+        return sum(ok for t, host, ok in by_host if first <= t < last and host in hosts)
+    lost_hosts = placed[lost_machine]["hosts"]
+    # before: both machines served; after the loss: the survivors served it all, nearly everything offered
+    assert ok_on(lost_hosts, 5, 8) > 0 and ok_on(survivors, 5, 8) > 0
+    assert ok_on(lost_hosts, 10, 14) == 0
+    after = [(offered, ok) for t, offered, ok in samples if 10 <= t < 14]
+    assert sum(ok for _, ok in after) >= 0.97 * sum(offered for offered, _ in after)
+    assert ok_on(survivors, 10, 14) == sum(ok for _, ok in after)
+
+    report = subprocess.run([*HARNESS, "report", str(run_dir)], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "machines (--cluster):" in report.stdout
+    share_line = next(line for line in report.stdout.splitlines() if "share of good replies by machine" in line)
+    assert f"m{lost_machine + 1} 0.0%" in share_line.split("|")[-1]
+    assert f"m{2 - lost_machine} 100.0%" in share_line.split("|")[-1]
+    as_json = json.loads(subprocess.run([*HARNESS, "report", str(run_dir), "--json"], capture_output=True,
+                                        text=True, cwd=REPO, timeout=120).stdout)
+    assert as_json["trials"][0]["machines"]["machines"][lost_machine]["lost"] == "machine-loss"
+    # nothing left behind on the machines: no agent runs any more
+    assert subprocess.run(["pgrep", "-f", "harness.cluster.machine"], capture_output=True).returncode == 1
