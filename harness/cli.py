@@ -562,7 +562,7 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
         from harness.scenario.needs import machine_loss_problem
-        refused = None if args.cluster else machine_loss_problem(scenario)   # a local run has no machines to lose
+        refused = machine_loss_problem(scenario)   # a local run has no machines to lose
         if refused:
             raise HarnessError(refused)
         from harness.run.capacity import rate_warning
