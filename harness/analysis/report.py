@@ -203,15 +203,18 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
         "setup": [{"t": e["t"], "host": e["host"], "kind": e["kind"], **e["detail"]}
                   for e in events if e["kind"] in ("setup", "setup-failed")],
         **_fault_sections(store, tid, events, json.loads(trial["detail"] or "{}"), end, names),
-        **_machines(store, tid, json.loads(trial["detail"] or "{}"), end, names),
+        **_machines(store, tid, json.loads(trial["detail"] or "{}"), end, names, events),
     }
 
 
-def _machines(store: RunStore, tid: int, detail: dict[str, Any], end: float, names: dict[int, str]) -> dict[str, Any]:
+def _machines(store: RunStore, tid: int, detail: dict[str, Any], end: float, names: dict[int, str],
+              events: list[dict[str, Any]]) -> dict[str, Any]:
     """A fleet spread over a cluster's machines (harness/analysis/machines.py); nothing otherwise."""
     if not detail.get("machines"):
         return {}
     section = machines_section(detail, reads.host_samples(store, tid), end, names)
+    if section is not None:
+        section["takeovers"] = [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "driver-takeover"]
     return {"machines": section} if section else {}
 
 

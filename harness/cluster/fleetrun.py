@@ -35,7 +35,8 @@ import trio
 
 from harness.base.errors import HarnessError
 from harness.cluster.connect import connect
-from harness.cluster.wire import local_address_towards, new_token, read_hello
+from harness.cluster.shards import ShardPool
+from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
 from harness.run.balancer import Balancer
@@ -65,11 +66,12 @@ def refusal(scenario: Scenario) -> str | None:
     return None
 
 
-def machine_task(address: str, port: int, token: bytes, machine: int) -> dict[str, Any]:
+def machine_task(address: str, port: int, token: bytes, machine: int, label: str) -> dict[str, Any]:
     """On a worker: this machine's agent for one trial, in a process of its own (it dies with the worker:
     PR_SET_PDEATHSIG). The worker's thread only waits for it."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}   # the nanny's, for itself
-    child = subprocess.run([sys.executable, "-m", "harness.cluster.machine", str(os.getpid())],
+    # `label` (run/trial/machine) is there for ps: which run an agent belongs to
+    child = subprocess.run([sys.executable, "-m", "harness.cluster.machine", str(os.getpid()), label],
                            input=pickle.dumps((address, port, token, machine)), capture_output=True, env=env,
                            check=False)
     tail = child.stderr.decode(errors="replace").strip().splitlines()[-5:]
@@ -92,6 +94,8 @@ class Machine:
     lost_at: float | None = None
     heard: float = 0.0               # trio time of its last message
     ports: dict[int, int] = field(default_factory=dict)
+    offset: float = 0.0              # its agent's trio clock minus the command's (harness.cluster.fleetrun._clock_offsets)
+    perf_offset: float = 0.0         # its CLOCK_MONOTONIC minus this machine's
     usage: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -177,7 +181,6 @@ class RemoteFleet(FleetSupervisor):
                 for machine in self.machines:
                     nursery.start_soon(self._send, machine)
                     nursery.start_soon(self._receive, machine)
-                    machine.outbox.send_nowait(("start",))
                 nursery.start_soon(self._watch_silence)
         finally:
             with trio.CancelScope(shield=True):
@@ -291,6 +294,9 @@ class RemoteFleet(FleetSupervisor):
                 host.state = State.DOWN
             host.kill_expected = machine.lost
             self._ready_once[index].set()
+        if not planned and machine.future is not None and machine.future.done():
+            why = f"{why}; {_task_failure(machine.future)}"     # the agent's own last words, when it died
+            machine.lost = why
         if planned:
             machine.outbox.send_nowait(("lose",))
             self.recorder.event("machine-loss", None, None, fault=fault, machine=machine.number + 1,
@@ -351,7 +357,9 @@ class ClusterTrial(Trial):
             for index, port in machine.ports.items():
                 ports[index], addrs[index] = port, machine.addr
         for machine in machines:
-            machine.outbox.send_nowait(("table", ports, addrs))
+            # queued now, before anything else is (a driver shard's start, from the pool's serve)
+            machine.outbox.send_nowait(("table", ports, addrs, machine.offset))
+            machine.outbox.send_nowait(("start",))
         self.ports = ports
         names = host_names(scenario)
         groups = {index: group for group in scenario.host_groups for index in scenario.hosts_in((group.name,))}
@@ -364,14 +372,25 @@ class ClusterTrial(Trial):
                                         argv=list(group.target.command), env={}, cwd=Path("/"), group=group.name,
                                         target=group.target, addr=machine.addr, machine=machine.number))
         hosts.sort(key=lambda h: h.index)
-        self.workers = workers = resolve_workers(scenario.client.workers)
         expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
-        if workers > 1:
+        workers = resolve_workers(scenario.client.workers)
+        if scenario.client.load_from == "machines":
+            # client.workers shards on each machine (auto: one: this machine cannot count another's cores)
+            per_machine = 1 if scenario.client.workers == "auto" else workers
+            shards = {n: machine for n, machine in enumerate(m for m in machines for _ in range(per_machine))}
+            self.workers = len(shards)
+            self.driver = ShardPool(self, shards, target=scenario.target, client=scenario.client, ports=ports,
+                                    policy=scenario.fleet.balancer, expect_replies=expect_replies, seed=scenario.seed,
+                                    spawner=self.spawner, log_dir=run.run_dir / "hosts" / f"t{number}",
+                                    on_event=recorder.event, addrs=addrs)
+        elif workers > 1:
+            self.workers = workers
             self.driver = DriverPool(scenario.target, scenario.client, ports, scenario.fleet.balancer,
                                      expect_replies, seed=scenario.seed, workers=workers, spawner=self.spawner,
                                      log_dir=run.run_dir / "hosts" / f"t{number}", on_event=recorder.event,
                                      addrs=addrs)
         else:
+            self.workers = 1
             self.driver = Driver(scenario.target, scenario.client, ports, Balancer(len(hosts), scenario.fleet.balancer),
                                  expect_replies=expect_replies, seed=scenario.seed, on_event=recorder.event, addrs=addrs)
         self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
@@ -382,48 +401,47 @@ class ClusterTrial(Trial):
     async def _call_machines(self) -> None:
         """One task per machine; each agent calls back, is given the trial and answers with its ports."""
         run, machines = self.run, self.machines
-        tokens = {m.number: new_token() for m in machines}
+        assert run.callbacks is not None
+        expected = {m.number: run.callbacks.expect() for m in machines}
         address, port = run.listen_address
 
         def submit() -> None:
             for m in machines:
-                m.future = run.client.submit(machine_task, address, port, tokens[m.number], m.number,
+                m.future = run.client.submit(machine_task, address, port, expected[m.number][0], m.number,
+                                             f"{run.run_id}/t{self.number}/m{m.number + 1}",
                                              workers=[m.worker], allow_other_workers=False, pure=False,
                                              key=f"harness-{run.run_id}-t{self.number}-m{m.number + 1}")
         await trio.to_thread.run_sync(submit)
-        by_number = {m.number: m for m in machines}
         deadline = trio.current_time() + CONNECT_TIMEOUT
-        while tokens:
-            stream = None
-            with trio.move_on_after(1.0):
-                stream = await run.listener.accept()
-            hello = await read_hello(stream, tokens) if stream is not None else None
-            if hello is not None:
-                number, channel = hello
-                del tokens[number]     # one use
-                machine = by_number[number]
-                machine.channel = channel
-                machine.outbox, machine.inbox = trio.open_memory_channel[Any](math.inf)
-            for m in machines:
-                if m.number in tokens and m.future is not None and m.future.done():
+        for m in machines:
+            while m.channel is None:
+                with trio.move_on_after(1.0):
+                    _, m.channel = await expected[m.number][1].receive()
+                    m.outbox, m.inbox = trio.open_memory_channel[Any](math.inf)
+                if m.channel is None and m.future is not None and m.future.done():
                     raise HarnessError(f"{m.label} could not start its hosts: {_task_failure(m.future)}")
-            if trio.current_time() > deadline:
-                late = ", ".join(by_number[n].label for n in sorted(tokens))
-                raise HarnessError(f"{late} did not call back within {CONNECT_TIMEOUT:g}s (can it reach "
-                                   f"{address}:{port}?)")
+                if m.channel is None and trio.current_time() > deadline:
+                    raise HarnessError(f"{m.label} did not call back within {CONNECT_TIMEOUT:g}s (can it reach "
+                                       f"{address}:{port}?)")
         for m in machines:
             assert m.channel is not None
             await m.channel.send(("config", {
                 "scenario": self.scenario, "variant": self.variant, "trial": self.number, "repeat": self.repeat,
                 "total": self.total, "start_at": self.start_at if self.resuming else None, "hosts": m.hosts,
                 "run_id": run.run_id, "run_dir": str(run.run_dir / "machines" / f"m{m.number + 1}"),
-                "clock": trio.current_time(), "umask": self.spawner.child_umask}))
+                "umask": self.spawner.child_umask,
+                "listen": run.listen_address}))
         for m in machines:
             assert m.channel is not None
             message = await m.channel.receive()
             if message is None or message[0] != "ports":
                 raise HarnessError(f"{m.label} closed its link before it chose its ports")
             m.ports = message[1]
+            m.offset, m.perf_offset = await _clock_offsets(m.channel)
+
+    def hosts_in_rotation(self) -> list[tuple[int, int]]:
+        """(host, incarnation) of every host up and loaded now: what a driver shard started late is told."""
+        return [(h.index, h.incarnation) for h in self.hosts if h.state == State.UP and h.index in self.rotation]
 
     async def remote_crash(self, machine: Machine, record: dict[str, Any]) -> None:
         """A crash record from a machine, completed here as harness.run.trial._on_crash does locally: the
@@ -504,6 +522,28 @@ class ClusterTrial(Trial):
             pass
 
 
+PINGS = 8
+
+
+async def _clock_offsets(channel: Channel) -> tuple[float, float]:
+    """(its trio clock - ours, its CLOCK_MONOTONIC - ours), from the quickest of a few round trips (as NTP
+    does: the answer was read half-way through the round trip); good to a fraction of a millisecond on a LAN.
+    Everything a machine records is on the trial's clock through this."""
+    best: tuple[float, float, float] | None = None
+    for _ in range(PINGS):
+        sent, sent_perf = trio.current_time(), time.perf_counter()
+        await channel.send(("ping",))
+        reply = await channel.receive()
+        if reply is None or reply[0] != "pong":
+            raise HarnessError("a machine's agent closed its link while its clock was read")
+        back, back_perf = trio.current_time(), time.perf_counter()
+        candidate = (back - sent, reply[1] - (sent + back) / 2, reply[2] - (sent_perf + back_perf) / 2)
+        if best is None or candidate[0] < best[0]:
+            best = candidate
+    assert best is not None
+    return best[1], best[2]
+
+
 def _task_failure(future: Any) -> str:
     try:
         if future.status == "error":
@@ -529,16 +569,24 @@ class ClusterRun(Run):
         workers = client.scheduler_info()["workers"]
         self.machines = [MachineSpec(n, worker, info.get("host") or worker.split("://")[-1].rsplit(":", 1)[0])
                          for n, (worker, info) in enumerate(sorted(workers.items()))]
-        self.listener: trio.SocketListener | None = None
+        for fault in scenario.machine_losses:
+            if fault.machine is not None and fault.machine >= len(self.machines):
+                raise HarnessError(f"{scenario.file}: faults[{fault.index}].machine: machine {fault.machine + 1}, but "
+                                   f"the cluster at {address} has {len(self.machines)} worker(s)")
+        self.callbacks: Callbacks | None = None
         self.listen_address = ("", 0)
 
     async def execute(self) -> RunResult:
         host = local_address_towards(self.address)
         listeners = await trio.open_tcp_listeners(0, host=host)
-        self.listener = listeners[0]
-        self.listen_address = (host, self.listener.socket.getsockname()[1])
+        self.callbacks = Callbacks(listeners[0])
+        self.listen_address = (host, listeners[0].socket.getsockname()[1])
         try:
-            return await super().execute()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.callbacks.serve)
+                result = await super().execute()
+                nursery.cancel_scope.cancel()
+            return result
         finally:
             for listener in listeners:
                 await listener.aclose()

@@ -1,7 +1,7 @@
 """One machine's share of a real fleet spread over a cluster: its hosts, their faults, cores and triage.
 
 A Dask task on the worker (harness.cluster.fleetrun.machine_task) starts this module as a process of its
-own, `python -m harness.cluster.machine PARENT_PID`, with the command's address, port, the machine's number
+own, `python -m harness.cluster.machine PARENT_PID RUN/TRIAL/MACHINE`, with the command's address, port, the machine's number
 and its token on stdin. It connects back (harness.cluster.wire) and runs, for one trial, what a local trial
 runs for its hosts (harness.run.trial: the same supervisor, restart policy, readiness, proof of what runs,
 fault shim, log caps, core collection), with the trial's clock taken from the command's, and everything it
@@ -37,14 +37,15 @@ import trio
 
 from harness.base.errors import HarnessError
 from harness.base.safefs import open_trusted_dir
-from harness.cluster.wire import dial
+import harness
+from harness.cluster.wire import dial, dial_socket
 from harness.present.prometheus import Metrics
 from harness.run.driverpool import Channel
 from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
 from harness.run.faults.network.topology import backends
 from harness.run.hostprep import HostPrep
 from harness.run.options import RunOptions
-from harness.run.procs import Spawner
+from harness.run.procs import Child, Spawner, stop, wait_exit
 from harness.run.runner import Run
 from harness.run.trial import Recorder, Trial, TrialFailed, _usage_and_objects, leaf
 from harness.collect.objects import ObjectStore
@@ -126,6 +127,8 @@ class MachineTrial(Trial):
         self.outbox = outbox
         self.offset = 0.0      # this machine's trio clock minus the command's CLOCK_MONOTONIC
         self._fleet_done = trio.Event()
+        self.listen: tuple[str, int] = config["listen"]
+        self.shards: list[Child] = []      # driver shards started here
 
     async def plan(self, ports: list[int], addrs: list[str]) -> None:
         """This machine's hosts, as Trial._set_up plans a local fleet (no fault proxy, no cgroup limits:
@@ -180,6 +183,8 @@ class MachineTrial(Trial):
                     host = self.by_index(message[1])
                     if host is not None:
                         nursery.start_soon(supervisor.pause, host, message[2])
+                elif kind == "driver":
+                    await self._start_shard(message[1], message[2])
                 elif kind == "stop":
                     break
                 elif kind == "lose":
@@ -191,6 +196,27 @@ class MachineTrial(Trial):
             fleet_scope.cancel()              # hosts stopped as at the end of a local trial
             await self._fleet_done.wait()
             nursery.cancel_scope.cancel()
+
+    async def _start_shard(self, token: bytes, number: int) -> None:
+        """A driver shard here (harness.cluster.shards): it calls the command back itself; its control socket is
+        the connection this process opened for it."""
+        address, port = self.listen
+        log = self.run.run_dir / f"driver-shard-{number}.log"
+        try:
+            sock = await trio.to_thread.run_sync(dial_socket, address, port, token, number)
+        except OSError as exc:
+            print(f"harness: warning: driver shard {number} cannot reach {address}:{port}: {exc}", file=sys.stderr)
+            return
+        try:
+            # the worker imports this very package, wherever it was imported from here
+            source = str(Path(harness.__file__).resolve().parent.parent)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+            env.pop("MALLOC_TRIM_THRESHOLD_", None)
+            self.shards.append(await self.spawner.spawn(
+                [sys.executable, "-m", "harness.run.driverworker", str(sock.fileno())], cwd=self.run.run_dir,
+                env=env, stdout=log, stderr=log, pass_fds=(sock.fileno(),)))
+        finally:
+            sock.close()
 
     async def _fleet(self, supervisor: FleetSupervisor, scope: trio.CancelScope) -> None:
         try:
@@ -229,6 +255,10 @@ class MachineTrial(Trial):
     async def finish(self) -> None:
         """After the fleet stopped: the hosts' last output, what they wrote over their caps, the last batch;
         namespaces and cgroups released."""
+        for shard in self.shards:    # each exits once the command closes its link
+            with trio.move_on_after(10.0):
+                await wait_exit(shard)
+            await stop(shard, grace=2.0)
         if self.pump is not None:
             await trio.to_thread.run_sync(self.pump.close)
         self._log_overflow(self.recorder, self.hosts)
@@ -277,7 +307,6 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
     if message is None or message[0] != "config":
         return
     config = message[1]
-    offset = trio.current_time() - config["clock"]     # + the one-way delay of this message (sub-millisecond on a LAN)
     outbox_send, outbox_receive = trio.open_memory_channel[Any](math.inf)
     run_dir = Path(config["run_dir"])
     # made as the run folder is on the command's machine: every folder on the way trusted, 0700
@@ -291,11 +320,14 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
             nursery.start_soon(_sender, channel, outbox_receive)
             async with trio.open_nursery() as run._triage_nursery:
                 trial = MachineTrial(run, config, spawner, outbox_send)
-                trial.offset = offset
                 outbox_send.send_nowait(("ports", dict(zip(trial.mine, assign_ports(len(trial.mine))))))
                 table = await channel.receive()
+                while table is not None and table[0] == "ping":      # the command reads this machine's clocks
+                    outbox_send.send_nowait(("pong", trio.current_time(), time.perf_counter()))
+                    table = await channel.receive()
                 if table is None or table[0] != "table":
                     raise HarnessError("the command closed the link before the fleet was planned")
+                trial.offset = table[3]
                 await trial.plan(table[1], table[2])
                 start = await channel.receive()
                 if start is None or start[0] != "start":
@@ -316,7 +348,7 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
 
 
 def main() -> int:
-    parent = int(sys.argv[1]) if len(sys.argv) == 2 and sys.argv[1].isdigit() else -1
+    parent = int(sys.argv[1]) if len(sys.argv) == 3 and sys.argv[1].isdigit() else -1
     # dies with the worker's task that started it (a lost worker leaves no agent behind)
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:

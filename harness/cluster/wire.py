@@ -14,6 +14,7 @@ import hmac
 import secrets
 import socket
 import struct
+from collections.abc import Iterable
 
 import trio
 
@@ -42,8 +43,9 @@ def local_address_towards(address: str) -> str:
         return probe.getsockname()[0]
 
 
-async def read_hello(stream: trio.SocketStream, tokens: dict[int, bytes]) -> tuple[int, Channel] | None:
-    """(machine number, its channel) if the peer knows a machine's token; None otherwise (closed)."""
+async def read_hello(stream: trio.SocketStream, tokens: Iterable[bytes]) -> tuple[bytes, int, Channel] | None:
+    """(the token, the number the peer gave, its channel) if the peer knows one of the tokens; None (closed)
+    otherwise."""
     buffer = bytearray()
     with trio.move_on_after(HELLO_TIMEOUT):
         while len(buffer) < HELLO.size:
@@ -55,16 +57,56 @@ async def read_hello(stream: trio.SocketStream, tokens: dict[int, bytes]) -> tup
                 break
             buffer += chunk
     if len(buffer) == HELLO.size:
-        token, machine = HELLO.unpack(bytes(buffer))
-        expected = tokens.get(machine)
-        if expected is not None and hmac.compare_digest(token, expected):
-            return machine, Channel(stream)
+        given, number = HELLO.unpack(bytes(buffer))
+        for token in list(tokens):
+            if hmac.compare_digest(given, token):
+                return token, number, Channel(stream)
     await stream.aclose()
     return None
 
 
-async def dial(address: str, port: int, token: bytes, machine: int) -> Channel:
+class Callbacks:
+    """Connections to the command's listener, each handed to whoever expects its token (a machine's agent,
+    a driver shard); a token is good for one connection. Anything else is closed unread."""
+
+    def __init__(self, listener: trio.SocketListener):
+        self.listener = listener
+        self.waiting: dict[bytes, trio.MemorySendChannel[tuple[int, Channel]]] = {}
+
+    def expect(self) -> tuple[bytes, trio.MemoryReceiveChannel[tuple[int, Channel]]]:
+        token = new_token()
+        send, receive = trio.open_memory_channel[tuple[int, Channel]](1)
+        self.waiting[token] = send
+        return token, receive
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await self.listener.accept()
+                nursery.start_soon(self._hello, stream)
+
+    async def _hello(self, stream: trio.SocketStream) -> None:
+        hello = await read_hello(stream, self.waiting)
+        if hello is None:
+            return
+        token, number, channel = hello
+        waiter = self.waiting.pop(token, None)
+        if waiter is None:
+            await channel.aclose()
+            return
+        waiter.send_nowait((number, channel))
+
+
+async def dial(address: str, port: int, token: bytes, number: int) -> Channel:
     """The agent's side: connect to the command's listener and say who it is."""
     stream = await trio.open_tcp_stream(address, port)
-    await stream.send_all(HELLO.pack(token, machine))
+    await stream.send_all(HELLO.pack(token, number))
     return Channel(stream)
+
+
+def dial_socket(address: str, port: int, token: bytes, number: int, timeout: float = 30.0) -> socket.socket:
+    """The same, as a plain connected socket (handed to a driver shard process as its FD)."""
+    sock = socket.create_connection((address, port), timeout=timeout)
+    sock.settimeout(None)
+    sock.sendall(HELLO.pack(token, number))
+    return sock

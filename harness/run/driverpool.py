@@ -173,6 +173,7 @@ class Worker:
         self.acks: dict[int, tuple[int, int]] = {}      # host -> (host_gone sequence, requests lost)
         self.log: Path | None = None
         self.exited = False
+        self.first_second = 0        # the first second it reports (a shard taking over another's share: later)
 
 
 class DriverPool:
@@ -204,6 +205,7 @@ class DriverPool:
         self._changed = trio.Event()          # set (and replaced) whenever a worker reports anything
         self._closing = False
         self._finals_merged = False
+        self._nursery: trio.Nursery | None = None
 
     # --- the supervisor's callbacks (sync: queued to every worker) ------------------------------
 
@@ -238,6 +240,7 @@ class DriverPool:
         out, collect what every worker gathered, then stop them."""
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for worker in self.workers:
                     await self._spawn(worker)
                     nursery.start_soon(self._watch, worker)
@@ -350,11 +353,13 @@ class DriverPool:
     async def take_counters(self, second: int) -> Counters:
         """The merged counters of one second, once every worker sent it (or finished its load)."""
         deadline = trio.current_time() + REPORT_TIMEOUT
-        while not all(second in w.seconds or w.done.is_set() or w.exited for w in self.workers):
+        while not all(second in w.seconds or w.done.is_set() or w.exited or second < w.first_second
+                      for w in self.workers):
             with trio.move_on_at(deadline) as scope:
                 await self._wait_change()
             if scope.cancelled_caught:
-                late = [w.number for w in self.workers if second not in w.seconds and not w.done.is_set()]
+                late = [w.number for w in self.workers if second not in w.seconds and not w.done.is_set()
+                        and second >= w.first_second]
                 raise HarnessError(f"driver worker(s) {', '.join(map(str, late))} sent nothing for "
                                    f"{REPORT_TIMEOUT:g}s (stuck, or starved of CPU)")
         merged = Counters(self.hosts, self.requests)

@@ -65,6 +65,8 @@ class WorkerRun:
                 elif kind == "eject":
                     self.driver.eject(message[1], message[2])
                 elif kind == "start":
+                    if len(message) > 4:   # a standby taking over a lost shard's share (harness.cluster.shards)
+                        self.number = self.driver.worker = message[4]
                     nursery.start_soon(self._load, message[1], message[2], message[3])
                 elif kind == "stop":
                     if self.load_scope is not None:

@@ -699,7 +699,7 @@ def _cores(top: Reader) -> Cores:
 
 
 def _client(top: Reader) -> Client:
-    r = top.child("client", {"timeout", "connections", "probe_interval", "keys", "workers"})
+    r = top.child("client", {"timeout", "connections", "probe_interval", "keys", "workers", "load_from"})
     keys_r = r.child("keys", {"space", "distribution", "zipf_s"})
     keys = Keys(
         space=keys_r.get("space", as_positive_int, default=10000),
@@ -716,7 +716,8 @@ def _client(top: Reader) -> Client:
         r.problem(("connections",), f"at most 64 connections per host, got {connections}")
     return Client(timeout=r.get("timeout", _positive_duration, default=1.0), connections=connections,
                   probe_interval=r.get("probe_interval", _positive_duration, default=0.25), keys=keys,
-                  workers=r.get("workers", _workers, default=1))
+                  workers=r.get("workers", _workers, default=1),
+                  load_from=r.get("load_from", one_of("machines", "command"), default="machines"))
 
 
 MAX_DRIVER_WORKERS = 64

@@ -146,6 +146,9 @@ class Client:
     probe_interval: float = 0.25      # how often an ejected (timed-out) host is re-probed
     keys: Keys = field(default_factory=Keys)
     workers: int | str = 1            # driver processes sending the load; "auto": one per usable core
+    # over --cluster: the load is sent from every machine that runs hosts (a driver shard on each), or from
+    # the machine that ran the command only (harness.cluster)
+    load_from: str = "machines"
 
 
 @dataclass(frozen=True)

@@ -130,5 +130,6 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
     as_json = json.loads(subprocess.run([*HARNESS, "report", str(run_dir), "--json"], capture_output=True,
                                         text=True, cwd=REPO, timeout=120).stdout)
     assert as_json["trials"][0]["machines"]["machines"][lost_machine]["lost"] == "machine-loss"
-    # nothing left behind on the machines: no agent runs any more
-    assert subprocess.run(["pgrep", "-f", "harness.cluster.machine"], capture_output=True).returncode == 1
+    # nothing left behind on the machines: no agent of this run (its argv names the run) runs any more
+    assert subprocess.run(["pgrep", "-f", f"harness.cluster.machine .* {run_dir.name}/"],
+                          capture_output=True).returncode == 1
