@@ -230,7 +230,9 @@ class RemoteFleet(FleetSupervisor):
             _, failed, directory = message
             machine.started = True
             if failed and self.first_start_failed is None:
-                self.first_start_failed = f"{failed} (on {machine.label})"
+                hint = (f"; over --cluster a host must listen on its machine's address ({machine.addr}): write "
+                        f"{{addr}} where the scenario says 127.0.0.1") if "accept connections" in failed else ""
+                self.first_start_failed = f"{failed} (on {machine.label}){hint}"
                 self.first_start_failed_dir = Path(directory) if directory else None
             for index in machine.hosts:
                 self._ready_once[index].set()
