@@ -158,8 +158,8 @@ def _cluster(args: argparse.Namespace, resuming: bool = False) -> str | None:
         return None
     require_engine()
     if resuming:
-        raise HarnessError("--cluster: resuming a real fleet's run over a cluster is not built yet; resume it "
-                           "without --cluster, or run it again (docs/cluster.md)")
+        raise HarnessError("--cluster: resuming a real fleet's run over a cluster is not built yet (its hosts' cores "
+                           "and logs are on the machines): run the scenario again (docs/cluster.md)")
     return address
 
 

@@ -62,7 +62,8 @@ def machine_lines(section: dict[str, Any]) -> list[str]:
         first, until = takeover.get("counts_lost", [None, None])
         seconds = (f"second {first}" if until == first + 1 else f"seconds {first}-{until - 1}") \
             if first is not None and until > first else None
-        lost = f"; what it counted in {seconds} (since its last report) was lost with it" if seconds else ""
+        lost = f"; what it counted in {seconds} (since its last report) was lost with it: those seconds' " \
+            f"counts are the other shards' only" if seconds else ""
         out.append(f"  driver shard {takeover['shard']} (m{takeover['machine']}) lost at {takeover['t']:.2f}s: its "
                    f"share of the load taken over by a shard on this machine{lost}")
     return out

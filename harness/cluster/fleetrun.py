@@ -95,6 +95,7 @@ class Machine:
     heard: float = 0.0               # trio time of its last message
     ports: dict[int, int] = field(default_factory=dict)
     offset: float = 0.0              # its agent's trio clock minus the command's (harness.cluster.fleetrun._clock_offsets)
+    rtt: float = 0.0                 # the round trip the offsets were read in (their uncertainty: half of it)
     perf_offset: float = 0.0         # its CLOCK_MONOTONIC minus this machine's
     usage: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -104,7 +105,8 @@ class Machine:
 
     def describe(self) -> dict[str, Any]:
         return {"machine": self.number + 1, "worker": self.worker, "addr": self.addr, "hosts": self.hosts,
-                "lost": self.lost, "lost_at": self.lost_at}
+                "lost": self.lost, "lost_at": self.lost_at, "clock_offset_ms": round(self.offset * 1e3, 3),
+                "clock_rtt_ms": round(self.rtt * 1e3, 3)}
 
 
 @dataclass
@@ -127,6 +129,11 @@ class RemoteFleet(FleetSupervisor):
         self.trial = trial
         self.machines = machines
         self.by_index = {h.index: h for h in hosts}
+        self.loading = False          # the load has begun (a machine lost before that fails the trial's set-up)
+        self._nursery: trio.Nursery | None = None
+        # (host, pid) -> what the command saw when that incarnation's exit was reported: its requests in flight
+        # and the hosts up then (a crash record comes up to a second later, in its machine's batch)
+        self.gone_at: dict[tuple[int, int | None], dict[str, Any]] = {}
 
     # --- what the trial asks ----------------------------------------------------------------------
 
@@ -146,6 +153,7 @@ class RemoteFleet(FleetSupervisor):
 
     def mark_alive_boundary(self) -> None:
         super().mark_alive_boundary()
+        self.loading = True
         for machine in self.live():
             machine.outbox.send_nowait(("load", self.trial.recorder.t0))
 
@@ -178,11 +186,14 @@ class RemoteFleet(FleetSupervisor):
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for machine in self.machines:
                     nursery.start_soon(self._send, machine)
                     nursery.start_soon(self._receive, machine)
                 nursery.start_soon(self._watch_silence)
+                nursery.start_soon(self._heartbeat)
         finally:
+            self._nursery = None          # (what comes while the machines stop is handled in line)
             with trio.CancelScope(shield=True):
                 await self._stop_all()
 
@@ -226,6 +237,11 @@ class RemoteFleet(FleetSupervisor):
                 host.state = State.DOWN
                 self._host_went_down()
                 self.listener.host_gone(host)
+                if self._nursery is not None:     # (not while the fleet is being stopped at the end)
+                    seen = self.gone_at[(index, pid)] = {"alive": self.up_count(), "settled": trio.Event()}
+                    self._nursery.start_soon(self._settle, index, seen)
+        elif kind == "alive":
+            pass                          # a heartbeat: heard (above) is what counts
         elif kind == "started":
             _, failed, directory = message
             machine.started = True
@@ -262,11 +278,32 @@ class RemoteFleet(FleetSupervisor):
                   else f"harness: {machine.label}: {line}", file=sys.stderr)
         elif kind == "failed":
             raise TrialFailed(f"{message[1]} (on {machine.label})")
+        elif kind == "error":             # the agent cannot go on; it closes its link next
+            if not self.loading:
+                raise HarnessError(f"{machine.label}: {message[1]}")
+            self.lose(machine, message[1])
         elif kind == "done":
             for summary in message[1]:
                 host = self.by_index[summary["host"]]
                 host.restarts, host.crashes = summary["restarts"], summary["crashes"]
             machine.done = True
+
+    async def _settle(self, index: int, seen: dict[str, Any]) -> None:
+        """Every driver shard's requests in flight to the host when it went (harness.run.driverpool.settle)."""
+        driver = self.trial.driver
+        assert driver is not None
+        try:
+            await driver.settle(index)
+            seen["inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
+        finally:
+            seen["settled"].set()
+
+    async def _heartbeat(self) -> None:
+        """Every second to every machine: an agent that hears nothing for a while stops its hosts itself."""
+        while True:
+            for machine in self.live():
+                machine.outbox.send_nowait(("alive",))
+            await trio.sleep(1.0)
 
     async def _watch_silence(self) -> None:
         """A machine that stops talking (powered off, partitioned: no FIN ever comes) is lost."""
@@ -278,11 +315,16 @@ class RemoteFleet(FleetSupervisor):
                     self.lose(machine, f"nothing heard from it for {SILENT_AFTER:g}s")
 
     def lose(self, machine: Machine, why: str, fault: int | None = None) -> None:
-        """The machine is gone (planned: a machine-loss fault; else unplanned): its hosts are down. The driver
-        is not told: it finds out from its own connections, as it would."""
+        """The machine is gone (planned: a machine-loss fault; else unplanned): its hosts are down, its driver
+        shards' share goes to a standby here (harness.cluster.shards). Planned, the driver is not told: it finds
+        out from its own connections, as it would. Unplanned, the hosts may still run (an agent stuck, a link
+        cut): the driver is told they are gone, as they are recorded, and the link is closed (an agent that can
+        still see it stops its hosts)."""
         if machine.lost:
             return
         planned = fault is not None
+        if not planned and not self.loading:
+            raise HarnessError(f"{machine.label} was lost before the load began: {why}")
         machine.lost = "machine-loss" if planned else why
         machine.lost_at = round(self.recorder.now(), 6)
         hosts = []
@@ -296,9 +338,13 @@ class RemoteFleet(FleetSupervisor):
                 host.state = State.DOWN
             host.kill_expected = machine.lost
             self._ready_once[index].set()
-        if not planned and machine.future is not None and machine.future.done():
-            why = f"{why}; {_task_failure(machine.future)}"     # the agent's own last words, when it died
-            machine.lost = why
+            if not planned:
+                self.listener.host_gone(host)
+        pool = self.trial.driver
+        if isinstance(pool, ShardPool):
+            pool.machine_lost(machine)
+        if not planned and machine.channel is not None and self._nursery is not None:
+            self._nursery.start_soon(machine.channel.aclose)
         if planned:
             machine.outbox.send_nowait(("lose",))
             self.recorder.event("machine-loss", None, None, fault=fault, machine=machine.number + 1,
@@ -421,7 +467,8 @@ class ClusterTrial(Trial):
                     _, m.channel = await expected[m.number][1].receive()
                     m.outbox, m.inbox = trio.open_memory_channel[Any](math.inf)
                 if m.channel is None and m.future is not None and m.future.done():
-                    raise HarnessError(f"{m.label} could not start its hosts: {_task_failure(m.future)}")
+                    why = await trio.to_thread.run_sync(_task_failure, m.future)
+                    raise HarnessError(f"{m.label} could not start its hosts: {why}")
                 if m.channel is None and trio.current_time() > deadline:
                     raise HarnessError(f"{m.label} did not call back within {CONNECT_TIMEOUT:g}s (can it reach "
                                        f"{address}:{port}?)")
@@ -436,10 +483,12 @@ class ClusterTrial(Trial):
         for m in machines:
             assert m.channel is not None
             message = await m.channel.receive()
+            if message is not None and message[0] == "error":
+                raise HarnessError(f"{m.label}: {message[1]}")
             if message is None or message[0] != "ports":
                 raise HarnessError(f"{m.label} closed its link before it chose its ports")
             m.ports = message[1]
-            m.offset, m.perf_offset = await _clock_offsets(m.channel)
+            m.offset, m.perf_offset, m.rtt = await _clock_offsets(m.channel)
 
     def hosts_in_rotation(self) -> list[tuple[int, int]]:
         """(host, incarnation) of every host up and loaded now: what a driver shard started late is told."""
@@ -447,13 +496,21 @@ class ClusterTrial(Trial):
 
     async def remote_crash(self, machine: Machine, record: dict[str, Any]) -> None:
         """A crash record from a machine, completed here as harness.run.trial._on_crash does locally: the
-        load at that moment is this driver's, the hosts alive are the fleet's."""
+        load at that moment is this driver's, the hosts alive are the fleet's, both as they were when the
+        host's exit was reported (the record itself comes up to a second later)."""
         driver, supervisor = self.driver, self.supervisor
-        assert driver is not None and supervisor is not None
+        assert driver is not None and isinstance(supervisor, RemoteFleet)
         index = record["host"]
-        await driver.settle(index)
-        record["host_inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
-        record["hosts_alive"] = supervisor.up_count()
+        seen = supervisor.gone_at.pop((index, record.get("pid")), None)
+        if seen is not None:
+            with trio.move_on_after(5.0):
+                await seen["settled"].wait()
+            record["host_inflight"] = seen.get("inflight")    # None: not known (the shards did not answer)
+            record["hosts_alive"] = seen["alive"]
+        else:     # it was not up when it died (starting, or being stopped): nothing was in flight to it
+            await driver.settle(index)
+            record["host_inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
+            record["hosts_alive"] = supervisor.up_count()
         record.setdefault("detail", {})["machine"] = {"machine": machine.number + 1, "worker": machine.worker,
                                                       "addr": machine.addr}
         self.run.metrics.crash(self.hosts[index].name, record["executable"], record["signal_name"],
@@ -473,6 +530,12 @@ class ClusterTrial(Trial):
             await trio.sleep_until(recorder.t0 + fault.at)
             candidates = [m.number for m in fleet.live()]
             chosen = choose_machines(self.scenario.seed, fault, candidates)
+            if not chosen:
+                named = f"machine {fault.machine + 1}" if fault.machine is not None else "no machine"
+                recorder.event("machine-loss", None, None, fault=fault.index, machine=None, hosts=[],
+                               note=f"{named} runs hosts of this trial any more (placement, or lost already)")
+                print(f"harness: warning: faults[{fault.index}] (machine-loss at {fault.at:g}s): {named} runs "
+                      f"hosts of this trial (placement, or lost already): nothing lost", file=sys.stderr)
             by_number = fleet.machines_by_number()
             for number in chosen:
                 fleet.lose(by_number[number], "machine-loss", fault=fault.index)
@@ -514,20 +577,28 @@ class ClusterTrial(Trial):
         if not futures:
             return
 
-        def settle() -> None:
-            from distributed import wait
-            wait(futures, timeout=30, return_when="ALL_COMPLETED")
-            self.run.client.cancel([f for f in futures if not f.done()])
+        def settle() -> list[str]:
+            deadline = time.monotonic() + 30
+            while not all(f.done() for f in futures) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            late = [f for f in futures if not f.done()]
+            if late:      # its agent, if it still runs, stops once its link is closed or silent
+                self.run.client.cancel(late)
+            # what the agents of machines lost unplanned said last, when their task ended
+            return [f"{m.label}: {_task_failure(m.future)}" for m in self.machines
+                    if m.lost and m.lost != "machine-loss" and m.future is not None and m.future.done()]
         try:
-            await trio.to_thread.run_sync(settle)
-        except Exception:     # a task that does not end is cancelled; its agent dies with the link
-            pass
+            last_words = await trio.to_thread.run_sync(settle)
+        except Exception as exc:     # noqa: BLE001 - the cluster itself may be what failed
+            last_words = [f"the cluster could not say how the machines' tasks ended: {exc!r}"]
+        for words in last_words:
+            print(f"harness: note: {words}", file=sys.stderr)
 
 
 PINGS = 8
 
 
-async def _clock_offsets(channel: Channel) -> tuple[float, float]:
+async def _clock_offsets(channel: Channel) -> tuple[float, float, float]:
     """(its trio clock - ours, its CLOCK_MONOTONIC - ours), from the quickest of a few round trips (as NTP
     does: the answer was read half-way through the round trip); good to a fraction of a millisecond on a LAN.
     Everything a machine records is on the trial's clock through this."""
@@ -543,10 +614,13 @@ async def _clock_offsets(channel: Channel) -> tuple[float, float]:
         if best is None or candidate[0] < best[0]:
             best = candidate
     assert best is not None
-    return best[1], best[2]
+    return best[1], best[2], best[0]
 
 
 def _task_failure(future: Any) -> str:
+    if future.status == "cancelled":
+        return ("its task was cancelled: its agent had not ended 30s after the trial (it stops its hosts itself "
+                "once it hears nothing from this machine for 30s)")
     try:
         if future.status == "error":
             return repr(future.exception(timeout=5))
@@ -579,7 +653,7 @@ class ClusterRun(Run):
         self.listen_address = ("", 0)
 
     async def execute(self) -> RunResult:
-        host = local_address_towards(self.address)
+        host = await trio.to_thread.run_sync(local_address_towards, self.address)
         listeners = await trio.open_tcp_listeners(0, host=host)
         self.callbacks = Callbacks(listeners[0])
         self.listen_address = (host, listeners[0].socket.getsockname()[1])

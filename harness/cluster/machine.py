@@ -52,6 +52,8 @@ from harness.collect.objects import ObjectStore
 
 PR_SET_PDEATHSIG = 1
 USAGE_INTERVAL = 1.0
+LINK_TIMEOUT = 30.0      # the command sends a heartbeat every second while the fleet runs
+SETUP_TIMEOUT = 300.0    # before that it may wait for the slowest machine to call back
 
 
 class ForwardingStore:
@@ -162,10 +164,11 @@ class MachineTrial(Trial):
             fleet_scope = trio.CancelScope()
             nursery.start_soon(self._fleet, supervisor, fleet_scope)
             nursery.start_soon(self._say_started, supervisor)
+            nursery.start_soon(_beat, self.outbox)
             while True:
-                message = await channel.receive()
+                message = await heard(channel, LINK_TIMEOUT)
                 if message is None:
-                    break                      # the command is gone: stop everything here
+                    break                      # the command is gone (or silent): stop everything here
                 kind = message[0]
                 if kind == "load":
                     self._clock(message[1])
@@ -187,6 +190,8 @@ class MachineTrial(Trial):
                     await self._start_shard(message[1], message[2])
                 elif kind == "stop":
                     break
+                elif kind == "alive":
+                    pass
                 elif kind == "lose":
                     # machine-loss: gone at once, without a word; the spawner's watchdog sees this process
                     # die and SIGKILLs every host it started, as a machine losing power takes them all
@@ -301,12 +306,41 @@ async def _sender(channel: Channel, outbox: trio.MemoryReceiveChannel[Any]) -> N
             return
 
 
+async def heard(channel: Channel, timeout: float) -> Any:
+    """The command's next message; None when it closed the link or said nothing for `timeout` (it sends a
+    heartbeat every second once the fleet runs: a partition, or a command that is gone)."""
+    with trio.move_on_after(timeout):
+        return await channel.receive()
+    return None
+
+
+async def _beat(outbox: trio.MemorySendChannel[Any]) -> None:
+    """Every second: this machine is alive (the command takes a machine silent for a while as lost)."""
+    while True:
+        outbox.send_nowait(("alive",))
+        await trio.sleep(1.0)
+
+
 async def agent(address: str, port: int, token: bytes, machine: int) -> None:
     channel = await dial(address, port, token, machine)
-    message = await channel.receive()
+    message = await heard(channel, SETUP_TIMEOUT)
     if message is None or message[0] != "config":
         return
     config = message[1]
+    try:
+        await _run(channel, config, machine)
+    except (HarnessError, OSError) as exc:      # said to the command in one line, which says it to the user
+        why = str(exc) if isinstance(exc, HarnessError) else f"{exc.strerror or exc} ({exc.filename or 'no file'})"
+        try:
+            await channel.send(("error", why))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        raise
+    finally:
+        await channel.aclose()
+
+
+async def _run(channel: Channel, config: dict[str, Any], machine: int) -> None:
     outbox_send, outbox_receive = trio.open_memory_channel[Any](math.inf)
     run_dir = Path(config["run_dir"])
     # made as the run folder is on the command's machine: every folder on the way trusted, 0700
@@ -321,15 +355,15 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
             async with trio.open_nursery() as run._triage_nursery:
                 trial = MachineTrial(run, config, spawner, outbox_send)
                 outbox_send.send_nowait(("ports", dict(zip(trial.mine, assign_ports(len(trial.mine))))))
-                table = await channel.receive()
+                table = await heard(channel, SETUP_TIMEOUT)
                 while table is not None and table[0] == "ping":      # the command reads this machine's clocks
                     outbox_send.send_nowait(("pong", trio.current_time(), time.perf_counter()))
-                    table = await channel.receive()
+                    table = await heard(channel, SETUP_TIMEOUT)
                 if table is None or table[0] != "table":
                     raise HarnessError("the command closed the link before the fleet was planned")
                 trial.offset = table[3]
                 await trial.plan(table[1], table[2])
-                start = await channel.receive()
+                start = await heard(channel, SETUP_TIMEOUT)
                 if start is None or start[0] != "start":
                     raise HarnessError("the command closed the link before the fleet started")
                 try:
@@ -344,7 +378,6 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
     finally:
         sys.stderr = sys.__stderr__
         await trio.to_thread.run_sync(spawner.close)
-        await channel.aclose()
 
 
 def main() -> int:

@@ -47,6 +47,9 @@ class ShardPool(DriverPool):
         self.standby.first_second = IDLE
         self.local.add(id(self.standby))
         self.workers.append(self.standby)
+        # its own row in the fleet-wide view, neutral (in rotation everywhere, nothing in flight) while idle
+        self.balancer.per_worker_rotation.append([True] * self.hosts)
+        self.balancer.per_worker_inflight.append([0] * self.hosts)
         self.last_reported: dict[int, int] = {}                # shard number -> last second it reported
         self._start = 0.0                        # the load's start and end on the trio clock
         self._until: float | None = None
@@ -97,6 +100,7 @@ class ShardPool(DriverPool):
         shard, self.standby = self.standby, None
         if shard is None:        # the standby took over an earlier loss: a new one here, told what is up
             shard = Worker(lost.number)
+            shard.first_second = IDLE        # nothing to wait for from it until it runs
             self.local.add(id(shard))
             self.workers.append(shard)
             nursery = self._nursery
@@ -117,11 +121,20 @@ class ShardPool(DriverPool):
         last = self.last_reported.get(lost.number)
         recorder.event("driver-takeover", None, None, shard=lost.number,
                        machine=self.machine_of[lost.number].number + 1, at=round(at, 6),
-                       counts_lost=[(last + 1 if last is not None else 0), int(at)])
+                       counts_lost=[(last + 1 if last is not None else 0), int(at) + 1])
         if self._plan is not None:
             offset = time.perf_counter() - trio.current_time()
             shard.outbox_send.send_nowait(("start", replace(self._plan, start_at=at), self._start + offset,
                                            None if self._until is None else self._until + offset, lost.number))
+
+    def machine_lost(self, machine: Machine) -> None:
+        """Its machine is lost: its shards' links are closed here too (a partition never closes them), which
+        hands their share to the standby (_receive)."""
+        nursery = self._nursery
+        for worker in self.workers:
+            if id(worker) not in self.local and self.machine_of.get(worker.number) is machine \
+                    and worker.channel is not None and not worker.exited and nursery is not None:
+                nursery.start_soon(worker.channel.aclose)
 
     async def run_load(self, plan: PlanSpec, start: float, until: float | None = None) -> None:
         """As DriverPool's, with each shard's start on its own machine's clock."""

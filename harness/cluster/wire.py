@@ -10,6 +10,7 @@ the connection closed, not code run as root. Then both sides speak harness.run.d
 
 from __future__ import annotations
 
+import errno
 import hmac
 import secrets
 import socket
@@ -24,6 +25,18 @@ from harness.run.driverpool import Channel
 TOKEN_BYTES = 32
 HELLO = struct.Struct(f"!{TOKEN_BYTES}sI")     # token, machine number
 HELLO_TIMEOUT = 10.0
+MAX_PENDING = 64              # connections saying hello at once; more are closed at once
+USER_TIMEOUT_MS = 30_000      # data unacknowledged this long (a partition, a machine gone): the link fails
+
+
+def keep_alive(sock: socket.socket | trio.socket.SocketType) -> None:
+    """A link to another machine fails by itself when that machine goes away without a FIN (powered off,
+    partitioned): keepalive probes when idle, and a bound on unacknowledged data."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 def new_token() -> bytes:
@@ -80,13 +93,24 @@ class Callbacks:
         return token, receive
 
     async def serve(self) -> None:
+        pending = trio.Semaphore(MAX_PENDING)
         async with trio.open_nursery() as nursery:
             while True:
-                stream = await self.listener.accept()
-                nursery.start_soon(self._hello, stream)
+                try:
+                    stream = await self.listener.accept()
+                except OSError as exc:        # out of descriptors (a flood of connections): wait, go on
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        raise
+                    await trio.sleep(0.1)
+                    continue
+                if pending.value == 0:
+                    await stream.aclose()     # more strangers than agents could ever be: not waited for
+                    continue
+                nursery.start_soon(self._hello, stream, pending)
 
-    async def _hello(self, stream: trio.SocketStream) -> None:
-        hello = await read_hello(stream, self.waiting)
+    async def _hello(self, stream: trio.SocketStream, pending: trio.Semaphore) -> None:
+        async with pending:
+            hello = await read_hello(stream, self.waiting)
         if hello is None:
             return
         token, number, channel = hello
@@ -94,12 +118,18 @@ class Callbacks:
         if waiter is None:
             await channel.aclose()
             return
+        keep_alive(stream.socket)
         waiter.send_nowait((number, channel))
+
+    def forget(self, token: bytes) -> None:
+        """A token no longer expected (its trial is over)."""
+        self.waiting.pop(token, None)
 
 
 async def dial(address: str, port: int, token: bytes, number: int) -> Channel:
     """The agent's side: connect to the command's listener and say who it is."""
     stream = await trio.open_tcp_stream(address, port)
+    keep_alive(stream.socket)
     await stream.send_all(HELLO.pack(token, number))
     return Channel(stream)
 
@@ -108,5 +138,6 @@ def dial_socket(address: str, port: int, token: bytes, number: int, timeout: flo
     """The same, as a plain connected socket (handed to a driver shard process as its FD)."""
     sock = socket.create_connection((address, port), timeout=timeout)
     sock.settimeout(None)
+    keep_alive(sock)
     sock.sendall(HELLO.pack(token, number))
     return sock

@@ -320,7 +320,9 @@ load:
         run_dir = wait_for_run(results)
         wait_for(lambda: "harness_hosts_alive 4.0" in scrape(), timeout=30)
         assert crash_count(scrape()) == 0
-        victim = query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1")[0]["pid"]
+        # the store's writer commits once a second: the metric can be ahead of the event rows
+        victim = wait_for(lambda: query(run_dir, "SELECT pid FROM events WHERE kind='ready' ORDER BY host LIMIT 1"),
+                          timeout=30)[0]["pid"]
         os.kill(victim, signal.SIGSEGV)
         text = wait_for(lambda: (lambda t: t if crash_count(t) >= 1 else "")(scrape()), timeout=30)
         assert isinstance(text, str)
