@@ -40,7 +40,7 @@ from harness.base.safefs import open_trusted_dir
 import harness
 from harness.cluster.wire import dial, dial_socket
 from harness.present.prometheus import Metrics
-from harness.run.driverpool import Channel
+from harness.run.driverpool import LINK_ENV, Channel
 from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
 from harness.run.faults.network.topology import backends
 from harness.run.hostprep import HostPrep
@@ -217,6 +217,7 @@ class MachineTrial(Trial):
             source = str(Path(harness.__file__).resolve().parent.parent)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
             env.pop("MALLOC_TRIM_THRESHOLD_", None)
+            env[LINK_ENV] = token.hex()    # its link is sealed too (root-only: /proc/PID/environ is 0400)
             self.shards.append(await self.spawner.spawn(
                 [sys.executable, "-m", "harness.run.driverworker", str(sock.fileno())], cwd=self.run.run_dir,
                 env=env, stdout=log, stderr=log, pass_fds=(sock.fileno(),)))

@@ -5,7 +5,10 @@ the trial, and first sends its secret: a random token per machine and trial, han
 trusted channel: docs/cluster.md, Trust) and the agent's stdin, never on a command line. The listener
 compares it before it unpickles anything: another user on either machine who connects to the port gets
 the connection closed, not code run as root. Then both sides speak harness.run.driverpool's Channel
-(length-prefixed pickles), as the driver workers do over their socketpairs.
+(length-prefixed pickles, as the driver workers do over their socketpairs), each frame sealed with an HMAC
+keyed from the token, one key per direction, over its sequence number: a frame injected, replayed or
+reordered on the way is refused before it is unpickled, on either side. (Not encrypted: the frames can be
+read on the way.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterable
 import trio
 
 from harness.base.errors import HarnessError
-from harness.run.driverpool import Channel
+from harness.run.driverpool import Channel, link_keys
 
 TOKEN_BYTES = 32
 HELLO = struct.Struct(f"!{TOKEN_BYTES}sI")     # token, machine number
@@ -73,7 +76,7 @@ async def read_hello(stream: trio.SocketStream, tokens: Iterable[bytes]) -> tupl
         given, number = HELLO.unpack(bytes(buffer))
         for token in list(tokens):
             if hmac.compare_digest(given, token):
-                return token, number, Channel(stream)
+                return token, number, Channel(stream, keys=link_keys(token, "command"))
     await stream.aclose()
     return None
 
@@ -131,7 +134,7 @@ async def dial(address: str, port: int, token: bytes, number: int) -> Channel:
     stream = await trio.open_tcp_stream(address, port)
     keep_alive(stream.socket)
     await stream.send_all(HELLO.pack(token, number))
-    return Channel(stream)
+    return Channel(stream, keys=link_keys(token, "machine"))
 
 
 def dial_socket(address: str, port: int, token: bytes, number: int, timeout: float = 30.0) -> socket.socket:

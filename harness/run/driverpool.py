@@ -30,6 +30,8 @@ reports, never a silent loss of load.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import pickle
@@ -70,20 +72,57 @@ def resolve_workers(value: int | str) -> int:
 
 # --- the wire: length-prefixed pickles between the harness and its own workers ------------------
 
+LINK_ENV = "HARNESS_LINK_TOKEN"      # a driver shard's token, from the agent that started it (harness.cluster)
+MAC = hashlib.sha256().digest_size
+
+
+def link_keys(token: bytes, side: str) -> tuple[bytes, bytes]:
+    """(key to seal what this side sends, key to check what it receives) on a link between the command
+    (side "command") and a cluster machine (side "machine"), both derived from the link's token."""
+    to_machine = hmac.new(token, b"harness link: command to machine", hashlib.sha256).digest()
+    to_command = hmac.new(token, b"harness link: machine to command", hashlib.sha256).digest()
+    return (to_machine, to_command) if side == "command" else (to_command, to_machine)
+
+
 class Channel:
     """Messages over a Unix stream socket (a socketpair the harness made for a child it started), or over a
-    stream a cluster's machine opened and authenticated (harness.cluster.wire)."""
+    TCP link to or from a cluster's machine (harness.cluster.wire). On such a link every frame is sealed
+    (`keys`): an HMAC-SHA256 over its sequence number and its bytes, checked before it is unpickled, so a frame
+    injected, replayed or reordered on the way is refused, never run."""
 
-    def __init__(self, sock: socket.socket | trio.SocketStream, buffered: bytes = b""):
+    def __init__(self, sock: socket.socket | trio.SocketStream, buffered: bytes = b"",
+                 keys: tuple[bytes, bytes] | None = None):
         self.stream = sock if isinstance(sock, trio.SocketStream) else \
             trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._buffer = bytearray(buffered)
         self._send_lock = trio.Lock()
+        self._keys = keys
+        self._sent = 0
+        self._received = 0
+
+    def _seal(self, data: bytes) -> bytes:
+        if self._keys is None:
+            return data
+        mac = hmac.new(self._keys[0], self._sent.to_bytes(8, "big") + data, hashlib.sha256).digest()
+        self._sent += 1
+        return mac + data
+
+    def _open(self, frame: bytes) -> bytes:
+        if self._keys is None:
+            return frame
+        mac, data = frame[:MAC], frame[MAC:]
+        expected = hmac.new(self._keys[1], self._received.to_bytes(8, "big") + data, hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, expected):
+            raise HarnessError("a message on a cluster link failed its check (injected or corrupted on the way): "
+                               "the link is dropped")
+        self._received += 1
+        return data
 
     async def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         async with self._send_lock:
-            await self.stream.send_all(FRAME.pack(len(data)) + data)
+            payload = self._seal(data)       # in the lock: frames go out in the order they are numbered
+            await self.stream.send_all(FRAME.pack(len(payload)) + payload)
 
     async def receive(self) -> Any:
         """The next message, or None when the other end closed."""
@@ -93,7 +132,7 @@ class Channel:
                 if size > MAX_FRAME:
                     raise HarnessError(f"driver worker channel: a message of {size} bytes")
                 if len(self._buffer) >= FRAME.size + size:
-                    data = bytes(self._buffer[FRAME.size:FRAME.size + size])
+                    data = self._open(bytes(self._buffer[FRAME.size:FRAME.size + size]))
                     del self._buffer[:FRAME.size + size]
                     return pickle.loads(data)
             try:

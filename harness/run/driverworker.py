@@ -9,6 +9,7 @@ the trial, or died).
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import sys
 import time
@@ -18,7 +19,7 @@ import trio
 
 from harness.run.balancer import Balancer
 from harness.run.driver import Driver
-from harness.run.driverpool import Channel, pack_counters
+from harness.run.driverpool import LINK_ENV, Channel, link_keys, pack_counters
 from harness.run.hdrbatch import to_sparse
 from harness.plan.streams import PlanSpec
 
@@ -117,7 +118,8 @@ class WorkerRun:
 
 
 async def main_async(fd: int) -> None:
-    channel = Channel(socket.socket(fileno=fd))
+    token = os.environ.pop(LINK_ENV, None)       # a shard on a cluster machine: its link to the command is sealed
+    channel = Channel(socket.socket(fileno=fd), keys=link_keys(bytes.fromhex(token), "machine") if token else None)
     message = await channel.receive()
     if message is None or message[0] != "config":
         return

@@ -46,3 +46,46 @@ async def _exchange() -> None:
 
 def test_a_known_token_gets_its_channel_and_a_wrong_one_is_closed_unread() -> None:
     trio.run(_exchange)
+
+
+async def _sealed() -> None:
+    import pytest
+
+    from harness.base.errors import HarnessError
+    from harness.run.driverpool import FRAME, Channel, link_keys
+    token = b"t" * 32
+    for attack in ("forged", "replayed", "flipped"):
+        command_end, machine_end = socket.socketpair()
+        command = Channel(command_end, keys=link_keys(token, "command"))
+        machine = Channel(machine_end, keys=link_keys(token, "machine"))
+        await machine.send(("usage", {1: 2}))
+        await command.send(("alive",))
+        assert await command.receive() == ("usage", {1: 2})
+        assert await machine.receive() == ("alive",)
+        raw = trio.socket.from_stdlib_socket(machine_end.dup())
+        evil = pickle.dumps(("say", "run me"))
+        if attack == "forged":      # a frame sealed with a key the sender does not have
+            frame = b"\0" * 32 + evil
+        elif attack == "replayed":  # the first frame again, byte for byte (a right MAC for sequence 0)
+            import hashlib
+            import hmac
+            key = link_keys(token, "machine")[0]
+            first = pickle.dumps(("usage", {1: 2}), protocol=pickle.HIGHEST_PROTOCOL)
+            frame = hmac.new(key, (0).to_bytes(8, "big") + first, hashlib.sha256).digest() + first
+        else:                       # a right frame for sequence 1 with one byte changed on the way
+            import hashlib
+            import hmac
+            key = link_keys(token, "machine")[0]
+            frame = bytearray(hmac.new(key, (1).to_bytes(8, "big") + evil, hashlib.sha256).digest() + evil)
+            frame[-2] ^= 1
+            frame = bytes(frame)
+        await raw.send(FRAME.pack(len(frame)) + frame)
+        with pytest.raises(HarnessError, match="failed its check"):
+            await command.receive()
+        raw.close()
+        for end in (command, machine):
+            await end.aclose()
+
+
+def test_a_sealed_link_refuses_forged_replayed_and_altered_frames() -> None:
+    trio.run(_sealed)
