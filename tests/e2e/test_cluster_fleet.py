@@ -10,7 +10,6 @@ kept and triaged on the machine that wrote it, the triage in the one store."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import netns_machines as netns
+from conftest import query
 from dask_local import cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,14 +41,6 @@ faults:
   - {{kind: host-loss, at: 3s, hosts: 1, how: kill, down_for: 2s}}
   - {{kind: machine-loss, at: 8s, machine: MACHINE}}
 """
-
-
-def _rows(run_dir: Path, sql: str) -> list[tuple]:
-    db = sqlite3.connect(str(run_dir / "run.db"))
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def _killed_host(scenario_file: Path) -> int:
@@ -85,7 +77,7 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
                           "--cluster", address], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stderr
     (run_dir,) = [p for p in (tmp_path / "results").iterdir() if (p / "run.db").exists()]
-    detail = json.loads(_rows(run_dir, "SELECT detail FROM trials")[0][0])
+    detail = json.loads(query(run_dir, "SELECT detail FROM trials")[0][0])
     placed = {m["machine"] - 1: m for m in detail["machines"]}
     assert sorted(placed) == [0, 1]
     assert {placed[m]["addr"] for m in placed} == set(made.addresses)       # each "machine" ran hosts
@@ -95,7 +87,7 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
     survivors = placed[1 - lost_machine]["hosts"]
     assert killed in survivors
 
-    events = _rows(run_dir, "SELECT t, kind, host, detail FROM events ORDER BY t")
+    events = query(run_dir, "SELECT t, kind, host, detail FROM events ORDER BY t")
     kinds = [kind for _, kind, _, _ in events]
     assert "placement" in kinds and "machine-loss" in kinds
     # the host kill happened on its machine: its exit (caused by the host-loss) and its restart there
@@ -104,12 +96,12 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
     assert len([1 for t, kind, host, _ in events if kind == "start" and host == killed]) >= 2
     loss = next(json.loads(d) for _, kind, _, d in events if kind == "machine-loss")
     assert loss["machine"] == lost_machine + 1 and sorted(loss["hosts"]) == sorted(placed[lost_machine]["hosts"])
-    assert _rows(run_dir, "SELECT count(*) FROM crashes")[0][0] == 0      # a kill and a loss are no crashes
+    assert query(run_dir, "SELECT count(*) FROM crashes")[0][0] == 0      # a kill and a loss are no crashes
 
     # every second of the load sampled here, from the driver's own counters
-    samples = _rows(run_dir, "SELECT t, offered, ok FROM samples ORDER BY t")
+    samples = query(run_dir, "SELECT t, offered, ok FROM samples ORDER BY t")
     assert [t for t, _, _ in samples][:14] == list(range(14))
-    by_host = _rows(run_dir, "SELECT t, host, ok FROM host_samples")
+    by_host = query(run_dir, "SELECT t, host, ok FROM host_samples")
     def ok_on(hosts: list[int], first: int, last: int) -> int:
         return sum(ok for t, host, ok in by_host if first <= t < last and host in hosts)
     lost_hosts = placed[lost_machine]["hosts"]
