@@ -105,7 +105,7 @@ class Machine:
 
     def describe(self) -> dict[str, Any]:
         return {"machine": self.number + 1, "worker": self.worker, "addr": self.addr, "hosts": self.hosts,
-                "lost": self.lost, "lost_at": self.lost_at, "clock_offset_ms": round(self.offset * 1e3, 3),
+                "lost": self.lost, "lost_at": self.lost_at, "monotonic_offset_ms": round(self.perf_offset * 1e3, 3),
                 "clock_rtt_ms": round(self.rtt * 1e3, 3)}
 
 
