@@ -347,11 +347,12 @@ class RemoteFleet(FleetSupervisor):
             self._nursery.start_soon(machine.channel.aclose)
         if planned:
             machine.outbox.send_nowait(("lose",))
-            self.recorder.event("machine-loss", None, None, fault=fault, machine=machine.number + 1,
-                                worker=machine.worker, hosts=hosts)
+            self.recorder.event("machine-loss", None, None, happened_at=machine.lost_at, fault=fault,
+                                machine=machine.number + 1, worker=machine.worker, hosts=hosts)
         else:
-            self.recorder.event("machine-lost", None, None, machine=machine.number + 1, worker=machine.worker,
-                                hosts=hosts, why=why, unplanned=True)
+            self.recorder.event("machine-lost", None, None, happened_at=machine.lost_at,
+                                machine=machine.number + 1, worker=machine.worker, hosts=hosts, why=why,
+                                unplanned=True)
             print(f"harness: warning: {machine.label} was lost during the trial ({why}); its hosts "
                   f"({len(hosts)}) count as down from {machine.lost_at:.1f}s, the load goes on to the others",
                   file=sys.stderr)
