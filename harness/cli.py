@@ -289,9 +289,8 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from harness.plan.cut import plan_cut
     report = build_report(run_dir)
     expectations: list[dict[str, Any]] = []
-    saved = run_dir / "scenario.yaml"
     try:
-        scenario = load_scenario(saved)      # the plan as written: a --duration may have cut the run short
+        scenario = _saved_scenario(run_dir)  # the plan as written: a --duration may have cut the run short
         cut = plan_cut(scenario, float(report["duration"]))
         report["plan_cut"] = cut.to_json() if cut.cut else None
         expectations = evaluate(scenario, report, {e.index: why for e, why in cut.expectations})
@@ -301,6 +300,32 @@ def _judge(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         expectations += _judge_comparisons(scenario, run_dir, report)
     report["expectations"] = expectations
     return report, expectations
+
+
+def _saved_scenario(run_dir: Path) -> Any:
+    """The run's copy of its scenario, its relative paths (target.root, files) resolved where the scenario
+    file was when it ran (as the run resolved them: a copy with `files: services/x.vcl` does not validate
+    in the run folder); in the run folder if that is unknown or gone."""
+    from harness.base.yamlsource import parse_source
+    from harness.scenario.loader import build_scenario
+    from harness.store.resume import Invocation
+    from harness.store.runstore import open_run
+    saved = run_dir / "scenario.yaml"
+    try:
+        store = open_run(run_dir)
+        try:
+            invocation = store.meta("invocation")
+        finally:
+            store.close()
+    except Exception:       # noqa: BLE001 - an older or damaged store: the copy where it is
+        invocation = None
+    if invocation is not None:
+        where = Path(Invocation.from_json(invocation).scenario_base) / saved.name
+        try:
+            return build_scenario(parse_source(saved.read_text(encoding="utf-8"), str(saved)), where)
+        except ScenarioError:
+            pass
+    return load_scenario(saved)
 
 
 def _write_junit(path: Path | None, report: dict[str, Any], expectations: list[dict[str, Any]],
