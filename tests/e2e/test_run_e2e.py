@@ -441,3 +441,31 @@ expect:
 """)
     result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_expectations_are_judged_when_the_scenario_names_files_beside_it(targets: Path, tmp_path: Path) -> None:
+    """`files:` (and a relative root) resolve against the scenario's folder: the run folder's copy is judged
+    with them resolved there too, so a failed expectation still fails the run (it was skipped: exit 0)."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "note.txt").write_text("host {host} on {addr}:{port}\n", encoding="utf-8")
+    scenario = write_scenario(tmp_path, """
+name: files-beside
+target:
+  command: ["@REPO@/targets/echo/echo-server", --port, "{port}"]
+  files: {note.txt: templates/note.txt}
+fleet: {hosts: 1}
+load: [{hold: {rate: 20, for: 1s}}]
+expect:
+  - {error_rate: "< 1%"}
+  - {hosts_alive: ">= 2"}
+""")
+    result = run_harness(["run", str(scenario), "--out", str(tmp_path / "r"), "--quiet", "--json"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    judged = {e["text"]: e for e in json.loads(result.stdout)["expectations"]}
+    assert judged["error_rate < 1%"]["held"] and not judged["hosts_alive >= 2"]["held"]
+    run_dir = run_dir_of(tmp_path / "r")
+    assert run_dir is not None
+    assert (run_dir / "hosts" / "t1" / "h0" / "note.txt").read_text().startswith("host h0 on 127.0.0.1:")
+    again = run_harness(["report", str(run_dir)], tmp_path)
+    assert again.returncode == 1 and "hosts_alive >= 2" in again.stdout
