@@ -49,8 +49,8 @@ def machine_lines(section: dict[str, Any]) -> list[str]:
         lost = ""
         if m.get("lost"):
             lost = f"; lost at {m['lost_at']:.2f}s ({m['lost']})"
-        out.append(f"  m{m['machine']} {m['addr']} (worker {m['worker']}): {len(m['hosts'])} hosts "
-                   f"{' '.join(m['host_names'])}{lost}")
+        hosts = f"{len(m['hosts'])} host{'' if len(m['hosts']) == 1 else 's'}"
+        out.append(f"  m{m['machine']} {m['addr']} (worker {m['worker']}): {hosts} {' '.join(m['host_names'])}{lost}")
     stretches = []
     for stretch in section["shares"]:
         shares = " ".join(f"m{machine} {share * 100:.1f}%" if share is not None else f"m{machine} -"
