@@ -111,10 +111,12 @@ def _in_namespaces(made: netns.Machines) -> list[tuple[int, list[str]]]:
 
 
 def _leftovers(made: netns.Machines, *programs: Path) -> list[tuple[int, list[str]]]:
-    """The run's processes still there on the machines: an agent, a watchdog (harness/run/reaper.py) or a target."""
+    """The run's processes still there on the machines: an agent, its driver shard, a watchdog
+    (harness/run/reaper.py) or a target."""
     names = {p.name for p in programs}
     return [(pid, argv) for pid, argv in _in_namespaces(made)
-            if "harness.cluster.machine" in argv or any(a.endswith("reaper.py") for a in argv)
+            if "harness.cluster.machine" in argv or "harness.run.driverworker" in argv
+            or any(a.endswith("reaper.py") for a in argv)
             or Path(argv[0]).name in names]
 
 
