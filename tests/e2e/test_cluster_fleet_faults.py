@@ -251,6 +251,10 @@ def test_a_machine_lost_unplanned_is_recorded_and_the_other_carries_the_load(tmp
     assert sorted(detail["hosts"]) == sorted(lost["hosts"])
     assert event["t"] == pytest.approx(lost["lost_at"], abs=1e-5) and event["t"] >= 2
     assert not query(run_dir, "SELECT * FROM events WHERE kind='machine-loss'")    # (that is the planned one)
+    # its driver shard went with it: the standby here took its share over from then on
+    (takeover,) = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events "
+                                                                  "WHERE kind='driver-takeover'")]
+    assert takeover["machine"] == lost_number and takeover["at"] >= event["t"]
 
     # its hosts count as down from then on; the other machine's served everything offered
     lost_second = int(event["t"])
