@@ -270,8 +270,7 @@ class DriverPool:
         acked = [w for w in self.workers if w.acks.get(host, (0, 0))[0] >= sequence]
         self.lost_inflight[host] = sum(w.acks[host][1] for w in acked)
         for worker in acked:       # nothing is in flight to it there any more (the last second's view is older)
-            if worker.number < len(self.balancer.per_worker_inflight):   # (a shard pool's idle standby has no row)
-                self.balancer.per_worker_inflight[worker.number][host] = 0
+            self.balancer.per_worker_inflight[worker.number][host] = 0
 
     # --- running --------------------------------------------------------------------------------
 
