@@ -294,8 +294,10 @@ class RemoteFleet(FleetSupervisor):
         assert driver is not None
         try:
             await driver.settle(index)
-            seen["inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
         finally:
+            # (also when the trial's end cancels the wait: what the shards had answered by then; the crash
+            # row needs a number, a None there fails the store's write and the run with it)
+            seen["inflight"] = max(driver.balancer.inflight[index], driver.lost_inflight[index])
             seen["settled"].set()
 
     async def _heartbeat(self) -> None:

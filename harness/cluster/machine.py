@@ -117,7 +117,9 @@ class _Relay:
         self.outbox.send_nowait(("ready", host.index, host.incarnation, host.pid))
 
     def host_gone(self, host: Host) -> None:
-        self.outbox.send_nowait(("gone", host.index, host.incarnation, host.pid))
+        # the pid of the process that went (reaped by now: host.pid is None), which its crash record names
+        pid = host.child.pid if host.child is not None else None
+        self.outbox.send_nowait(("gone", host.index, host.incarnation, pid))
 
 
 class MachineTrial(Trial):
