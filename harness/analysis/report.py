@@ -115,6 +115,35 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         store.close()
 
 
+# A finished trial's part of the report, built while later trials still run (a run over a cluster builds each
+# as its trial comes back: the report is then not all built after the last one). Used only if the trial's row,
+# the run's duration and its phases are still what they were when it was built.
+_built: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+
+
+def build_finished_trial(run_dir: Path, trial_id: int) -> None:
+    store = open_run(run_dir)
+    try:
+        run = reads.runs(store)[0]
+        phases = reads.phases(store)
+        trial = next(t for t in reads.trials(store) if t["id"] == trial_id)
+        _built[(str(run_dir), trial_id)] = (_inputs(trial, run, phases), _trial(store, trial, phases, run))
+    finally:
+        store.close()
+
+
+def _inputs(trial: dict[str, Any], run: dict[str, Any], phases: list[dict[str, Any]]) -> Any:
+    return (sorted(trial.items()), run["duration"], [sorted(p.items()) for p in phases])
+
+
+def _trial_part(store: RunStore, run_dir: Path, trial: dict[str, Any], phases: list[dict[str, Any]],
+                run: dict[str, Any]) -> dict[str, Any]:
+    built = _built.pop((str(run_dir), trial["id"]), None)
+    if built is not None and built[0] == _inputs(trial, run, phases):
+        return built[1]
+    return _trial(store, trial, phases, run)
+
+
 def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
     runs = reads.runs(store)
     if not runs:
@@ -133,7 +162,7 @@ def _build(store: RunStore, run_dir: Path) -> dict[str, Any]:
         "trials": [],
     }
     for trial in reads.trials(store):
-        report["trials"].append(_trial(store, trial, phases, run))
+        report["trials"].append(_trial_part(store, run_dir, trial, phases, run))
     return report
 
 

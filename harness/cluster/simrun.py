@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from harness.cluster.connect import connect
+from harness.analysis.report import build_finished_trial
 from harness.cluster.record import replay
 from harness.base.errors import HarnessError
 from harness.plan.trialorder import trial_order
@@ -113,6 +114,8 @@ def _run(client: Any, address: str, scenario: Scenario, options: RunOptions,
                 store.end_trial(number, "interrupted", {"simulated": True})
                 raise
             store.end_trial(number, "complete", outcome["detail"])
+            # its part of the report now, while the workers run the others (not all after the last one)
+            build_finished_trial(run_dir, number)
             placed[str(number)] = {"worker": outcome["worker"], "host": outcome["host"], "pid": outcome["pid"],
                                    "wall_seconds": outcome["detail"]["wall_seconds"],
                                    "cpu_seconds": outcome["cpu_seconds"]}   # the trial process's, imports too
