@@ -130,6 +130,7 @@ class RemoteFleet(FleetSupervisor):
         self.machines = machines
         self.by_index = {h.index: h for h in hosts}
         self.loading = False          # the load has begun (a machine lost before that fails the trial's set-up)
+        self.stopping = False         # the trial is over (or failed): machines are being stopped
         self._nursery: trio.Nursery | None = None
         # (host, pid) -> what the command saw when that incarnation's exit was reported: its requests in flight
         # and the hosts up then (a crash record comes up to a second later, in its machine's batch)
@@ -325,7 +326,7 @@ class RemoteFleet(FleetSupervisor):
         if machine.lost:
             return
         planned = fault is not None
-        if not planned and not self.loading:
+        if not planned and not self.loading and not self.stopping:
             raise HarnessError(f"{machine.label} was lost before the load began: {why}")
         machine.lost = "machine-loss" if planned else why
         machine.lost_at = round(self.recorder.now(), 6)
@@ -361,6 +362,7 @@ class RemoteFleet(FleetSupervisor):
 
     async def _stop_all(self) -> None:
         """The trial ends: every live machine stops its hosts, sends its last batch and triage, then done."""
+        self.stopping = True
         for machine in self.live():
             assert machine.channel is not None
             try:

@@ -332,8 +332,14 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
     config = message[1]
     try:
         await _run(channel, config, machine)
-    except (HarnessError, OSError) as exc:      # said to the command in one line, which says it to the user
-        why = str(exc) if isinstance(exc, HarnessError) else f"{exc.strerror or exc} ({exc.filename or 'no file'})"
+    except Exception as group:    # said to the command in one line, which says it to the user
+        exc = leaf(group)
+        if isinstance(exc, HarnessError):
+            why = str(exc)
+        elif isinstance(exc, OSError):
+            why = f"{exc.strerror or exc} ({exc.filename or 'no file'})"
+        else:                     # a bug: the traceback goes to the task's stderr, the gist to the user
+            why = f"the agent failed: {exc!r}"
         try:
             await channel.send(("error", why))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
