@@ -15,11 +15,20 @@ def fault_windows(events: list[dict[str, Any]], end: float, family: str) -> list
     of its disarm), resource windows what each cgroup took (`applied`)."""
     open_: dict[int, dict[str, Any]] = {}
     windows: list[dict[str, Any]] = []
-    for event in events:
+    # In time order: over a cluster each machine arms its own hosts, and its events may be stored after
+    # another machine's later ones (harness.cluster); the arms of one window are then one window.
+    for event in sorted(events, key=lambda e: e["t"]):
         detail = event["detail"]
         if detail.get("family") != family or event["kind"] not in ("fault-arm", "fault-disarm"):
             continue
         index = detail["fault"]
+        if event["kind"] == "fault-arm" and index in open_:      # another machine's hosts, the same window
+            window = open_[index]
+            window["hosts"] = sorted(set(window["hosts"]) | set(detail.get("hosts", [])))
+            for key in ("applied", "errors"):
+                if key in detail:
+                    window[key] = {**window.get(key, {}), **detail[key]}
+            continue
         if event["kind"] == "fault-arm":
             window = {"fault": index, "kind": detail.get("fault_kind"), "label": detail.get("label") or
                       detail.get("limit") or detail.get("fault_kind"), "from": event["t"], "to": None,

@@ -291,6 +291,8 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
                                           "ended_by", "resumed")} | {"hosts": d.get("hosts", [])})
     armed: dict[int, dict[str, Any]] = {}
     for event in events:     # arms with no closing fault-window: the harness stopped inside the window
+        if event["detail"].get("family") in ("network", "resource"):
+            continue         # (those are the proxy's and the cgroups': harness/analysis/faultreport.py)
         if event["kind"] == "fault-arm":
             armed[event["detail"]["fault"]] = event
         elif event["kind"] in ("fault-disarm", "fault-window"):

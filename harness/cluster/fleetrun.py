@@ -59,8 +59,6 @@ def refusal(scenario: Scenario) -> str | None:
     """What a real fleet over a cluster cannot do yet (one line), or None."""
     if scenario.net_faults:
         return "network faults (the fault proxy) do not run over --cluster yet"
-    if scenario.resource_faults:
-        return "resource faults (cgroup limits) do not run over --cluster yet"
     if any(g.target.isolation.netns for g in scenario.host_groups):
         return "isolation: netns does not run over --cluster yet"
     return None

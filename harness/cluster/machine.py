@@ -44,6 +44,7 @@ from harness.run.driverpool import LINK_ENV, Channel
 from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
 from harness.run.faults.network.topology import backends
 from harness.run.hostprep import HostPrep
+from harness.run.faults.resources import ResourceFaults
 from harness.run.options import RunOptions
 from harness.run.procs import Child, Spawner, stop, wait_exit
 from harness.run.runner import Run
@@ -135,15 +136,21 @@ class MachineTrial(Trial):
         self.shards: list[Child] = []      # driver shards started here
 
     async def plan(self, ports: list[int], addrs: list[str]) -> None:
-        """This machine's hosts, as Trial._set_up plans a local fleet (no fault proxy, no cgroup limits:
-        the command refuses those over a cluster so far)."""
+        """This machine's hosts, as Trial._set_up plans a local fleet, with the resource faults' cgroup limits
+        on them (no fault proxy: the command refuses network faults over a cluster so far)."""
         scenario, variant, number, spawner = self.scenario, self.variant, self.number, self.spawner
         self.ports = ports
         hosts = self.hosts = plan_fleet(scenario.host_groups, variant, self.run.run_dir / "hosts" / f"t{number}",
                                         ports=ports, addrs=addrs, backends=backends(scenario, ports, {}, addrs=addrs),
                                         only=set(self.mine))
         self._isolate(hosts, number, spawner)
-        self.recorder = Recorder()
+        self.recorder = recorder = Recorder()
+        if scenario.resource_faults and variant.faults:   # cgroup limits on this machine's hosts
+            mine = {h.index: h for h in hosts}
+            limits = self.limits = ResourceFaults(scenario, mine)  # type: ignore[arg-type]
+            limits.targets = {f: [h for h in hs if h in mine] for f, hs in limits.targets.items()}
+            for detail in await trio.to_thread.run_sync(limits.initial, self.start_at):
+                recorder.event("fault-disarm" if detail.pop("disarm", False) else "fault-arm", None, None, **detail)
         self.shim = await self._prepare_shim(hosts)
         if self.shim is not None:   # a fault's hosts on other machines are armed there
             self.shim.targets = {f: [h for h in hs if h in self.shim.files] for f, hs in self.shim.targets.items()}
@@ -179,6 +186,8 @@ class MachineTrial(Trial):
                     nursery.start_soon(self._usage, supervisor)
                     if self.shim is not None and self.variant.faults:
                         nursery.start_soon(self.shim.run, recorder.t0, recorder, float(self.start_at))
+                    if self.limits is not None:
+                        nursery.start_soon(self.limits.run, recorder.t0, recorder, self.start_at)
                 elif kind == "kill":
                     _, index, why, down_for = message
                     host = self.by_index(index)

@@ -10,6 +10,7 @@ kept and triaged on the machine that wrote it, the triage in the one store."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,57 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
     # nothing left behind on the machines: no agent of this run (its argv names the run) runs any more
     assert subprocess.run(["pgrep", "-f", f"harness.cluster.machine .* {run_dir.name}/"],
                           capture_output=True).returncode == 1
+
+
+OOM = f"""
+name: cluster-oom
+seed: 3
+target:
+  root: {REPO}
+  build: [make, -s, -C, targets/estats]
+  command: [targets/estats/estats-server, --port, "{{port}}", --host, "{{addr}}", --estats, "off",
+            --service-ms, "100", --scratch-kb, "1024"]
+  restart: {{backoff: 200ms}}
+fleet: {{hosts: 2, placement: spread}}
+client: {{timeout: 1s}}
+load:
+  - {{hold: {{rate: 30, for: 3s, name: quiet}}}}
+  - {{hold: {{rate: 400, for: 3s, name: spike}}}}
+faults:
+  - {{kind: memory, limit: 12MiB}}
+  - {{kind: cpu, quota: 50%, from: 1s, until: 2s}}
+"""
+
+
+@pytest.mark.slow
+def test_cgroup_limits_act_on_each_machine_and_an_oom_kill_there_is_a_crash_here(tmp_path: Path) -> None:
+    """Resource faults over a cluster (two workers on loopback: `ip netns exec` hides the cgroup filesystem
+    from a worker in a namespace): each machine limits its own hosts' cgroups on the one timeline; estats at
+    400/s holds ~40 MiB under a 12 MiB limit, so the kernel OOM-kills hosts on both machines; each kill is a
+    crash of class oom-kill in the one store, with its machine, and the report shows each fault once."""
+    from harness.run.isolation import support
+    if os.geteuid() != 0 or not support().for_controller("memory"):
+        pytest.skip("needs root and a cgroup memory controller")
+    pytest.importorskip("distributed")
+    scenario = tmp_path / "oom.yaml"
+    scenario.write_text(OOM, encoding="utf-8")
+    with cluster("127.0.0.1", [([], "127.0.0.1"), ([], "127.0.0.1")]) as address:
+        run = subprocess.run([*HARNESS, "run", str(scenario), "--out", str(tmp_path / "results"), "--json",
+                              "--quiet", "--cluster", address], capture_output=True, text=True, cwd=REPO,
+                             timeout=600)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = [p for p in (tmp_path / "results").iterdir() if (p / "run.db").exists()]
+    crashes = query(run_dir, "SELECT c.host, c.signal, c.detail, x.crash_class FROM crashes c "
+                             "JOIN triage x ON x.uid = c.uid")
+    assert crashes and {c["crash_class"] for c in crashes} == {"oom-kill"}
+    assert {c["signal"] for c in crashes} == {9}
+    machines = {json.loads(c["detail"])["machine"]["machine"] for c in crashes}
+    assert machines == {1, 2}                                   # the kernel killed on both machines
+    assert all(json.loads(c["detail"])["cgroup"]["oom_kills"] >= 1 for c in crashes)
+    arms = [json.loads(d) for (d,) in query(run_dir, "SELECT detail FROM events WHERE kind='fault-arm'")]
+    assert sorted(tuple(a["hosts"]) for a in arms if a["fault"] == 0) == [(0,), (1,)]   # each machine its own
+    report = json.loads(run.stdout)["trials"][0]
+    assert [(f["fault"], f["hosts"], len(f["windows"])) for f in report["resource_faults"]] == \
+        [(0, ["h0", "h1"], 1), (1, ["h0", "h1"], 1)]
+    assert all(report["cgroups"][h]["oom_kills"] >= 1 for h in ("h0", "h1"))
+    assert not any(w["fault_kind"] in ("memory", "cpu") for w in report["fault_windows"])
