@@ -358,6 +358,14 @@ class RemoteFleet(FleetSupervisor):
                   f"({len(hosts)}) count as down from {machine.lost_at:.1f}s, the load goes on to the others",
                   file=sys.stderr)
 
+    async def force_all(self) -> None:
+        for machine in self.machines:
+            if machine.channel is not None and not machine.lost and not machine.done:
+                try:
+                    await machine.channel.send(("force",))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
     async def _stop_all(self) -> None:
         """The trial ends: every live machine stops its hosts, sends its last batch and triage, then done."""
         self.stopping = True
@@ -673,6 +681,13 @@ class ClusterRun(Run):
     def _new_trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
                    start_at: int | None) -> Trial:
         return ClusterTrial(self, number, variant, repeat, spawner, total, start_at=start_at)
+
+    def _kill_hosts(self) -> None:
+        """A second Ctrl-C: the machines SIGKILL their hosts too, and stop triaging."""
+        super()._kill_hosts()
+        fleet = self.trial.supervisor if self.trial is not None else None
+        if isinstance(fleet, RemoteFleet):
+            trio.lowlevel.spawn_system_task(fleet.force_all)
 
 
 def run_fleet_on_cluster(scenario: Scenario, options: RunOptions, address: str) -> RunResult:

@@ -132,6 +132,7 @@ class MachineTrial(Trial):
         self.outbox = outbox
         self.offset = 0.0      # this machine's trio clock minus the command's CLOCK_MONOTONIC
         self._fleet_done = trio.Event()
+        self.watch_scope = trio.CancelScope()     # the wait for a force once the fleet is stopping
         self.listen: tuple[str, int] = config["listen"]
         self.shards: list[Child] = []      # driver shards started here
 
@@ -165,7 +166,9 @@ class MachineTrial(Trial):
     def by_index(self, index: int) -> Host | None:
         return next((h for h in self.hosts if h.index == index), None)
 
-    async def serve(self, channel: Channel) -> None:
+    async def serve(self, channel: Channel, outer: trio.Nursery) -> None:
+        """Until the command says stop (or is gone): the fleet, its faults, usage and batches; then the fleet
+        stopped as at the end of a local trial, while a second Ctrl-C there can still make it quick (force)."""
         supervisor = self.supervisor
         assert supervisor is not None
         recorder = self.recorder
@@ -200,9 +203,12 @@ class MachineTrial(Trial):
                 elif kind == "driver":
                     await self._start_shard(message[1], message[2])
                 elif kind == "stop":
+                    outer.start_soon(self._until_forced, channel)
                     break
                 elif kind == "alive":
                     pass
+                elif kind == "force":      # a second Ctrl-C there before the stop reached here
+                    self.force()
                 elif kind == "lose":
                     # machine-loss: gone at once, without a word; the spawner's watchdog sees this process
                     # die and SIGKILLs every host it started, as a machine losing power takes them all
@@ -212,6 +218,28 @@ class MachineTrial(Trial):
             fleet_scope.cancel()              # hosts stopped as at the end of a local trial
             await self._fleet_done.wait()
             nursery.cancel_scope.cancel()
+
+    async def _until_forced(self, channel: Channel) -> None:
+        """While the hosts stop and the cores are triaged: the command's second Ctrl-C (force)."""
+        with self.watch_scope:
+            while True:
+                message = await channel.receive()
+                if message is None:
+                    return
+                if message[0] == "force":
+                    self.force()
+                    return
+
+    def force(self) -> None:
+        """No more grace: every host SIGKILLed now, triage left (its cores stay where they were kept)."""
+        supervisor = self.supervisor
+        assert supervisor is not None
+        supervisor.forced = True
+        for host in self.hosts:
+            if host.child is not None and not host.child.reaped:
+                host.child.signal_group(signal.SIGKILL)
+        if self.run._triage_nursery is not None:
+            self.run._triage_nursery.cancel_scope.cancel()
 
     async def _start_shard(self, token: bytes, number: int) -> None:
         """A driver shard here (harness.cluster.shards): it calls the command back itself; its control socket is
@@ -310,6 +338,17 @@ class _Say:
         return False
 
 
+async def _hold_triage(run: MachineRun, trial_over: trio.Event, triage_over: trio.Event, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        async with trio.open_nursery() as triage:
+            run._triage_nursery = triage
+            task_status.started()
+            await trial_over.wait()
+    finally:
+        triage_over.set()
+
+
 async def _sender(channel: Channel, outbox: trio.MemoryReceiveChannel[Any]) -> None:
     async for message in outbox:
         try:
@@ -370,7 +409,11 @@ async def _run(channel: Channel, config: dict[str, Any], machine: int) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sender, channel, outbox_receive)
-            async with trio.open_nursery() as run._triage_nursery:
+            trial_over, triage_over = trio.Event(), trio.Event()
+            # The triage of cores in a nursery of its own, held open until the trial is over and then until
+            # every core is triaged: a second Ctrl-C (force) cancels it alone, not the trial around it.
+            await nursery.start(_hold_triage, run, trial_over, triage_over)
+            try:
                 trial = MachineTrial(run, config, spawner, outbox_send)
                 outbox_send.send_nowait(("ports", dict(zip(trial.mine, assign_ports(len(trial.mine))))))
                 table = await heard(channel, SETUP_TIMEOUT)
@@ -385,14 +428,18 @@ async def _run(channel: Channel, config: dict[str, Any], machine: int) -> None:
                 if start is None or start[0] != "start":
                     raise HarnessError("the command closed the link before the fleet started")
                 try:
-                    await trial.serve(channel)
+                    await trial.serve(channel, nursery)
                 except* TrialFailed as group:    # the proof contradicts the variant: the trial cannot stand
                     outbox_send.send_nowait(("failed", str(leaf(group))))
                 await trial.finish()
-            # every core triaged (the nursery waited for it): the last of it went out with the batch above
+            finally:
+                trial_over.set()
+            await triage_over.wait()
+            # every core triaged (or left, forced): its triage went out as each was done
             outbox_send.send_nowait(("done", [{"host": h.index, "restarts": h.restarts,
                                                "crashes": h.crashes} for h in trial.hosts]))
             outbox_send.close()
+            trial.watch_scope.cancel()
     finally:
         sys.stderr = sys.__stderr__
         await trio.to_thread.run_sync(spawner.close)

@@ -345,3 +345,52 @@ def test_the_shipped_varnish_scenario_runs_over_the_cluster_unchanged(tmp_path: 
     assert judged["error_rate < 0.1%"]["held"], judged
     assert run.returncode == (0 if all(e["held"] for e in judged.values()) else 1), run.stderr
     _assert_nothing_left(made, Path("/usr/sbin/varnishd"))
+
+
+UNRULY = f"""
+name: cluster-unruly
+seed: 5
+target:
+  root: {REPO}
+  build: [make, -s, -C, targets/unruly]
+  command: [targets/unruly/unruly-server, --port, "{{port}}", --host, "{{addr}}", --ignore-sigterm]
+  ready: {{tcp: "{{port}}", timeout: 10s}}
+  stop_grace: 5m
+fleet: {{hosts: 2, placement: spread}}
+load:
+  - {{hold: {{rate: 50, for: 60s}}}}
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_kills_the_hosts_on_every_machine_at_once(tmp_path: Path, machines) -> None:
+    """Hosts that ignore SIGTERM with a 5-minute stop grace: the first Ctrl-C starts the graceful stop on
+    both machines, the second makes each machine SIGKILL its hosts at once (long before the grace ends)."""
+    made, address = machines
+    scenario = tmp_path / "unruly.yaml"
+    scenario.write_text(UNRULY, encoding="utf-8")
+    results = tmp_path / "results"
+    run = subprocess.Popen([*HARNESS, "run", str(scenario), "--out", str(results), "--quiet", "--cluster", address],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        run_dir = wait_for_run(results, samples=2)
+        run.send_signal(signal.SIGINT)
+        assert run.stderr is not None
+        said = []
+        for line in run.stderr:      # the first one was handled (two at once could be one signal)
+            said.append(line)
+            if "SIGINT received" in line:
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=150)     # a grace of 5 minutes would not end before this
+        err = "".join(said) + err
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 128 + signal.SIGINT, err
+    assert "again: killing the hosts now" in err
+    stops = query(run_dir, "SELECT host, detail FROM events WHERE kind='stop'")
+    assert {r["host"] for r in stops} == {0, 1}
+    assert all("SIGKILL" in json.loads(r["detail"])["how"] for r in stops)
+    _assert_nothing_left(made, REPO / "targets" / "unruly" / "unruly-server")
