@@ -41,8 +41,13 @@ variants:
     jemalloc = next(p for _, p in proofs if p["variant"] == "jemalloc")
     assert "libjemalloc.so" in jemalloc["object"] and jemalloc["source"] == "preload"
     assert all(p["source"] == "glibc" for _, p in proofs if p["variant"] == "glibc")
-    # The live GOT was read back and agrees with the dynamic linker's rules, in every host.
-    assert {p["got_check"] for _, p in proofs} == {"agrees"}
+    # The live GOT was read back and agrees with the dynamic linker's rules: never a disagreement; a host whose
+    # allocation slots were not bound yet when it became ready (lazy binding: it had not allocated through its
+    # PLT by then, which depends on when the readiness probe was served) says so, and every variant has hosts
+    # whose slots were read.
+    assert all(p["got_check"] == "agrees" or (p["got_check"] == "not read" and "lazy binding" in p["got_note"])
+               for _, p in proofs), [(p["variant"], p["got_check"], p.get("got_note")) for _, p in proofs]
+    assert {p["variant"] for _, p in proofs if p["got_check"] == "agrees"} == {"glibc", "jemalloc", "tcmalloc"}
     # Trials were interleaved and every variant saw the same arrivals (same seed, same count).
     trials = query(run_dir, "SELECT id, variant FROM trials ORDER BY id")
     assert [t["variant"] for t in trials] == ["glibc", "jemalloc", "tcmalloc"]
