@@ -22,12 +22,11 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,7 @@ from harness.cluster.shards import ShardPool
 from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
-from harness.run.balancer import Balancer
-from harness.run.driver import Driver
-from harness.run.driverpool import Channel, DriverPool, resolve_workers
+from harness.run.driverpool import Channel, resolve_workers
 from harness.run.faults.network.topology import host_names
 from harness.run.fleet import FleetSupervisor, Host, State
 from harness.run.options import RunOptions, RunResult
@@ -86,7 +83,6 @@ class Machine:
     future: Any = None
     outbox: Any = None
     inbox: Any = None
-    started: bool = False
     done: bool = False
     lost: str | None = None          # "planned" | why it was lost unplanned
     lost_at: float | None = None
@@ -243,7 +239,6 @@ class RemoteFleet(FleetSupervisor):
             pass                          # a heartbeat: heard (above) is what counts
         elif kind == "started":
             _, failed, directory = message
-            machine.started = True
             if failed and self.first_start_failed is None:
                 hint = (f"; over --cluster a host must listen on its machine's address ({machine.addr}): write "
                         f"{{addr}} where the scenario says 127.0.0.1") if "accept connections" in failed else ""
@@ -332,11 +327,10 @@ class RemoteFleet(FleetSupervisor):
         for index in machine.hosts:
             host = self.by_index[index]
             hosts.append(index)
-            if host.state in (State.UP, State.PAUSED):
-                host.state = State.DOWN
+            was_up = host.state in (State.UP, State.PAUSED)
+            host.state = State.DOWN
+            if was_up:
                 self._host_went_down()
-            else:
-                host.state = State.DOWN
             host.kill_expected = machine.lost
             self._ready_once[index].set()
             if not planned:
@@ -431,27 +425,19 @@ class ClusterTrial(Trial):
                                         argv=list(group.target.command), env={}, cwd=Path("/"), group=group.name,
                                         target=group.target, addr=machine.addr, machine=machine.number))
         hosts.sort(key=lambda h: h.index)
-        expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
-        workers = resolve_workers(scenario.client.workers)
         if scenario.client.load_from == "machines":
             # client.workers shards on each machine (auto: one: this machine cannot count another's cores)
-            per_machine = 1 if scenario.client.workers == "auto" else workers
+            per_machine = 1 if scenario.client.workers == "auto" else resolve_workers(scenario.client.workers)
             shards = {n: machine for n, machine in enumerate(m for m in machines for _ in range(per_machine))}
             self.workers = len(shards)
             self.driver = ShardPool(self, shards, target=scenario.target, client=scenario.client, ports=ports,
-                                    policy=scenario.fleet.balancer, expect_replies=expect_replies, seed=scenario.seed,
-                                    spawner=self.spawner, log_dir=run.run_dir / "hosts" / f"t{number}",
-                                    on_event=recorder.event, addrs=addrs)
-        elif workers > 1:
-            self.workers = workers
-            self.driver = DriverPool(scenario.target, scenario.client, ports, scenario.fleet.balancer,
-                                     expect_replies, seed=scenario.seed, workers=workers, spawner=self.spawner,
-                                     log_dir=run.run_dir / "hosts" / f"t{number}", on_event=recorder.event,
-                                     addrs=addrs)
+                                    policy=scenario.fleet.balancer,
+                                    expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],
+                                    seed=scenario.seed, spawner=self.spawner,
+                                    log_dir=run.run_dir / "hosts" / f"t{number}", on_event=recorder.event,
+                                    addrs=addrs)
         else:
-            self.workers = 1
-            self.driver = Driver(scenario.target, scenario.client, ports, Balancer(len(hosts), scenario.fleet.balancer),
-                                 expect_replies=expect_replies, seed=scenario.seed, on_event=recorder.event, addrs=addrs)
+            self.driver = self._local_driver(hosts, ports, addrs)
         self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
         self.supervisor = RemoteFleet(self, hosts, machines, _Listener(self.driver, recorder, self.rotation))
         recorder.event("placement", None, None, placement=scenario.fleet.placement,

@@ -37,10 +37,9 @@ import trio
 
 from harness.base.errors import HarnessError
 from harness.base.safefs import open_trusted_dir
-import harness
 from harness.cluster.wire import dial, dial_socket
 from harness.present.prometheus import Metrics
-from harness.run.driverpool import LINK_ENV, Channel
+from harness.run.driverpool import LINK_ENV, Channel, worker_env
 from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
 from harness.run.faults.network.topology import backends
 from harness.run.hostprep import HostPrep
@@ -98,7 +97,6 @@ class _NoDriver:
     class _Balancer:
         def __init__(self, hosts: int):
             self.inflight = [0] * hosts
-            self.in_rotation = [False] * hosts
 
     def __init__(self, hosts: int):
         self.balancer = self._Balancer(hosts)
@@ -252,9 +250,7 @@ class MachineTrial(Trial):
             print(f"harness: warning: driver shard {number} cannot reach {address}:{port}: {exc}", file=sys.stderr)
             return
         try:
-            # the worker imports this very package, wherever it was imported from here
-            source = str(Path(harness.__file__).resolve().parent.parent)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+            env = worker_env()
             env.pop("MALLOC_TRIM_THRESHOLD_", None)
             env[LINK_ENV] = token.hex()    # its link is sealed too (root-only: /proc/PID/environ is 0400)
             self.shards.append(await self.spawner.spawn(
@@ -308,19 +304,14 @@ class MachineTrial(Trial):
             await trio.to_thread.run_sync(self.pump.close)
         self._log_overflow(self.recorder, self.hosts)
         await self._flush(self.number, self.recorder)
-        if self.shim is not None:
-            self.shim.close()
-        stuck = await trio.to_thread.run_sync(self.spawner.isolation.release, [h.jail for h in self.hosts if h.jail])
-        if stuck:
-            print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
+        await self._release_hosts()
 
 
 class _Say:
     """This process's warnings (stderr) go to the command, which prints them for the user."""
 
-    def __init__(self, outbox: trio.MemorySendChannel[Any], machine: int):
+    def __init__(self, outbox: trio.MemorySendChannel[Any]):
         self.outbox = outbox
-        self.machine = machine
 
     def write(self, text: str) -> int:
         for line in text.splitlines():
@@ -379,7 +370,7 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
         return
     config = message[1]
     try:
-        await _run(channel, config, machine)
+        await _run(channel, config)
     except Exception as group:    # said to the command in one line, which says it to the user
         exc = leaf(group)
         if isinstance(exc, HarnessError):
@@ -397,7 +388,7 @@ async def agent(address: str, port: int, token: bytes, machine: int) -> None:
         await channel.aclose()
 
 
-async def _run(channel: Channel, config: dict[str, Any], machine: int) -> None:
+async def _run(channel: Channel, config: dict[str, Any]) -> None:
     outbox_send, outbox_receive = trio.open_memory_channel[Any](math.inf)
     run_dir = Path(config["run_dir"])
     # made as the run folder is on the command's machine: every folder on the way trusted, 0700
@@ -405,7 +396,7 @@ async def _run(channel: Channel, config: dict[str, Any], machine: int) -> None:
     run = MachineRun(config["scenario"], config["run_id"], run_dir, ForwardingStore(outbox_send))
     spawner = Spawner()
     spawner.child_umask = config.get("umask", 0o022)
-    sys.stderr = _Say(outbox_send, machine)  # type: ignore[assignment]
+    sys.stderr = _Say(outbox_send)  # type: ignore[assignment]
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sender, channel, outbox_receive)

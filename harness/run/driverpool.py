@@ -178,6 +178,13 @@ def merge_counters(into: Counters, packed: dict[str, Any]) -> None:
         add_sparse(request.latency, latency)
 
 
+def worker_env() -> dict[str, str]:
+    """A driver worker's environment: this one, with this very package importable (wherever it was imported
+    from here)."""
+    source = str(Path(harness.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+
+
 class PoolView:
     """The fleet-wide balancer state the runner reads (host states and in-flight counts per second)."""
 
@@ -300,9 +307,7 @@ class DriverPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         worker.log = self.log_dir / f"driver-worker-{worker.number}.log"
-        # The worker imports this very package, wherever it was imported from here.
-        source = str(Path(harness.__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+        env = worker_env()
         try:
             worker.child = await self.spawner.spawn(
                 [sys.executable, "-m", "harness.run.driverworker", str(child.fileno())], cwd=self.log_dir, env=env,

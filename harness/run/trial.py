@@ -212,21 +212,26 @@ class Trial:
             raise HarnessError(f"cannot create the host logs under {self.run.run_dir / 'hosts'}: {exc}") from None
         if self.shim is not None:
             self.shim.clock = monotonic_clock(recorder.now)   # injection times on the trial's clock
-        self.workers = workers = resolve_workers(scenario.client.workers)
-        expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
         driver_ports = net.driver_ports(ports) if net else ports   # the fault proxy's, where it is on the path
-        if workers > 1:
-            self.driver = DriverPool(scenario.target, scenario.client, driver_ports, scenario.fleet.balancer,
-                                     expect_replies, seed=scenario.seed, workers=workers, spawner=spawner,
-                                     log_dir=self.run.run_dir / "hosts" / f"t{number}", on_event=recorder.event)
-        else:
-            self.driver = Driver(scenario.target, scenario.client, driver_ports,
-                                 Balancer(len(hosts), scenario.fleet.balancer), expect_replies=expect_replies,
-                                 seed=scenario.seed, on_event=recorder.event)
+        self.driver = self._local_driver(hosts, driver_ports)
         self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
         listener = _Listener(self.driver, recorder, self.rotation)
         self.supervisor = FleetSupervisor(hosts, scenario.target, spawner, recorder, listener,
                                           on_crash=self._on_crash, prep=HostPrep(scenario), prove=self._prove)
+
+    def _local_driver(self, hosts: list[Host], ports: list[int],
+                      addrs: list[str] | None = None) -> Driver | DriverPool:
+        """The load sent from this machine: one driver in this process, or `client.workers` driver processes."""
+        scenario = self.scenario
+        self.workers = workers = resolve_workers(scenario.client.workers)
+        expect_replies = [(h.target or scenario.target).expect_reply for h in hosts]
+        if workers > 1:
+            return DriverPool(scenario.target, scenario.client, ports, scenario.fleet.balancer, expect_replies,
+                              seed=scenario.seed, workers=workers, spawner=self.spawner,
+                              log_dir=self.run.run_dir / "hosts" / f"t{self.number}", on_event=self.recorder.event,
+                              addrs=addrs)
+        return Driver(scenario.target, scenario.client, ports, Balancer(len(hosts), scenario.fleet.balancer),
+                      expect_replies=expect_replies, seed=scenario.seed, on_event=self.recorder.event, addrs=addrs)
 
     async def _load(self) -> None:
         """The fleet started, then the planned load with every task of the trial beside it."""
@@ -299,8 +304,7 @@ class Trial:
 
     async def _wrap_up(self, began: float) -> None:
         """The last partial second, the hosts' last output, the trial's row; faults and namespaces released."""
-        run, recorder, driver, supervisor, hosts, net = self.run, self.recorder, self.driver, self.supervisor, \
-            self.hosts, self.net
+        run, recorder, driver, supervisor, hosts = self.run, self.recorder, self.driver, self.supervisor, self.hosts
         assert driver is not None and supervisor is not None and run.store is not None
         if self.status != "complete":
             await self._final_sample(recorder, driver, supervisor, stopped=True)
@@ -313,11 +317,16 @@ class Trial:
         if run.options.status and sys.stderr.isatty():
             print(CLEAR, end="", file=sys.stderr, flush=True)   # the status line goes, the report follows
         run.trial_walls.append(time.monotonic() - began)
+        await self._release_hosts()
+
+    async def _release_hosts(self) -> None:
+        """What the trial's hosts held here: the shim's control files, the fault proxy, cgroups and namespaces."""
         if self.shim is not None:
             self.shim.close()
-        if net is not None:
-            net.proxy.close()
-        stuck = await trio.to_thread.run_sync(self.spawner.isolation.release, [h.jail for h in hosts if h.jail])
+        if self.net is not None:
+            self.net.proxy.close()
+        stuck = await trio.to_thread.run_sync(self.spawner.isolation.release,
+                                              [h.jail for h in self.hosts if h.jail])
         if stuck:
             print(f"harness: warning: cgroups could not be removed: {' '.join(stuck)}", file=sys.stderr)
 
