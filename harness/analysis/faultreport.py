@@ -12,39 +12,55 @@ FAMILIES = ("network", "resource")
 def fault_windows(events: list[dict[str, Any]], end: float, family: str) -> list[dict[str, Any]]:
     """Each armed stretch of each fault of a family: {fault, kind, label, from, to, hosts, ...}; `to` is the
     trial's end when it was never disarmed. Network windows carry what the fault did in them (`counts`, as
-    of its disarm), resource windows what each cgroup took (`applied`)."""
-    open_: dict[int, dict[str, Any]] = {}
+    of its disarm), resource windows what each cgroup took (`applied`).
+
+    Over a cluster each machine arms the fault on its own hosts (its events say which machine): a machine's
+    n-th arm of a fault is the fault's n-th window, which runs from the first machine's arm to the last one's
+    disarm, over every machine's hosts and links, with their counts summed."""
     windows: list[dict[str, Any]] = []
-    # In time order: over a cluster each machine arms its own hosts, and its events may be stored after
-    # another machine's later ones (harness.cluster); the arms of one window are then one window.
+    by_ordinal: dict[tuple[int, int], dict[str, Any]] = {}      # (fault, n) -> its n-th window
+    arms: dict[tuple[int, Any], int] = {}                        # (fault, machine) -> arms seen
+    open_: dict[tuple[int, Any], dict[str, Any]] = {}            # (fault, machine) -> the window it holds open
     for event in sorted(events, key=lambda e: e["t"]):
         detail = event["detail"]
         if detail.get("family") != family or event["kind"] not in ("fault-arm", "fault-disarm"):
             continue
-        index = detail["fault"]
-        if event["kind"] == "fault-arm" and index in open_:      # another machine's hosts, the same window
-            window = open_[index]
+        index, t = detail["fault"], event["t"]
+        source = (index, detail.get("machine"))
+        if event["kind"] == "fault-arm":
+            if source in open_:          # armed again before its disarm (an older store's machines): one window
+                window = open_[source]
+                window["_open"] -= 1
+            else:
+                ordinal = arms[source] = arms.get(source, -1) + 1
+                window = by_ordinal.get((index, ordinal))
+            if window is None:
+                window = by_ordinal[(index, ordinal)] = {
+                    "fault": index, "kind": detail.get("fault_kind"), "label": detail.get("label") or
+                    detail.get("limit") or detail.get("fault_kind"), "from": t, "to": None, "hosts": [], "_open": 0}
+                windows.append(window)
+            window["from"] = min(window["from"], t)
             window["hosts"] = sorted(set(window["hosts"]) | set(detail.get("hosts", [])))
+            if "links" in detail:
+                window["links"] = sorted(set(window.get("links", [])) | set(detail["links"]))
             for key in ("applied", "errors"):
                 if key in detail:
                     window[key] = {**window.get(key, {}), **detail[key]}
-            continue
-        if event["kind"] == "fault-arm":
-            window = {"fault": index, "kind": detail.get("fault_kind"), "label": detail.get("label") or
-                      detail.get("limit") or detail.get("fault_kind"), "from": event["t"], "to": None,
-                      "hosts": detail.get("hosts", [])}
-            for key in ("links", "applied", "errors", "resumed"):
-                if key in detail:
-                    window[key] = detail[key]
-            open_[index] = window
-            windows.append(window)
-        elif index in open_:
-            window = open_.pop(index)
-            window["to"] = event["t"]
+            if "resumed" in detail:
+                window["resumed"] = detail["resumed"]
+            window["_open"] += 1
+            open_[source] = window
+        elif source in open_:
+            window = open_.pop(source)
+            window["_open"] -= 1
+            window["to"] = t if window["to"] is None else max(window["to"], t)
             if "counts" in detail:
-                window["counts"] = detail["counts"]
-    for window in open_.values():
-        window["to"] = end
+                counts = window.setdefault("counts", {})
+                for key, value in detail["counts"].items():
+                    counts[key] = counts.get(key, 0) + value
+    for window in windows:
+        if window.pop("_open") > 0:
+            window["to"] = end
     return windows
 
 
@@ -107,8 +123,8 @@ def text_lines(trial: dict[str, Any]) -> list[str]:
     """The text report's lines for these sections."""
     out = []
     for fault in trial.get("network_faults") or []:
-        spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f}s" if w["to"] != w["from"] else f"at {w['from']:.1f}s"
-                          for w in fault["windows"])
+        spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f}s" if round(w["to"] - w["from"], 2)
+                          else f"at {w['from']:.1f}s" for w in fault["windows"])
         counts = " ".join(f"{k.replace('_', ' ')} {v}" for k, v in (fault.get("counts") or {}).items())
         where = ", ".join(fault["hosts"]) if fault["hosts"] else "-"
         out.append(f"network fault {fault['fault']}: {fault['label']} on {where} ({spans})"

@@ -39,7 +39,8 @@ from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
 from harness.run.driverpool import Channel, resolve_workers
-from harness.run.faults.network.topology import host_names
+from harness.run.faults.network import describe, merge_summaries
+from harness.run.faults.network.topology import DRIVER, LinkSpec, host_names
 from harness.run.fleet import FleetSupervisor, Host, State
 from harness.run.options import RunOptions, RunResult
 from harness.run.procs import Spawner
@@ -50,15 +51,6 @@ from harness.scenario.model import Scenario, Variant
 CONNECT_TIMEOUT = 120.0     # for every machine's agent to call back (a Dask task, then a Python start-up)
 SILENT_AFTER = 15.0         # a machine that sends nothing this long (it reports every second) is lost
 FINAL_TIMEOUT = 300.0       # for a machine to stop its hosts and finish triaging its cores
-
-
-def refusal(scenario: Scenario) -> str | None:
-    """What a real fleet over a cluster cannot do yet (one line), or None."""
-    if scenario.net_faults:
-        return "network faults (the fault proxy) do not run over --cluster yet"
-    if any(g.target.isolation.netns for g in scenario.host_groups):
-        return "isolation: netns does not run over --cluster yet"
-    return None
 
 
 def machine_task(address: str, port: int, token: bytes, machine: int, label: str) -> dict[str, Any]:
@@ -88,6 +80,8 @@ class Machine:
     lost_at: float | None = None
     heard: float = 0.0               # trio time of its last message
     ports: dict[int, int] = field(default_factory=dict)
+    via: dict[LinkSpec, int] = field(default_factory=dict)   # its fault proxy's port for each link into its hosts
+    network: dict[str, Any] | None = None                    # what its fault proxy did (at the trial's end)
     offset: float = 0.0              # its agent's trio clock minus the command's (harness.cluster.fleetrun._clock_offsets)
     rtt: float = 0.0                 # the round trip the offsets were read in (their uncertainty: half of it)
     perf_offset: float = 0.0         # its CLOCK_MONOTONIC minus this machine's
@@ -259,6 +253,9 @@ class RemoteFleet(FleetSupervisor):
                 self._alive_changed()
         elif kind == "batch":
             _, events, crashes = message
+            for event in events:
+                if event["kind"] in ("fault-arm", "fault-disarm"):   # one window's arms, from several machines
+                    event["detail"]["machine"] = machine.number + 1
             recorder.events.extend(events)
             for record in crashes:
                 await self.trial.remote_crash(machine, record)
@@ -277,6 +274,7 @@ class RemoteFleet(FleetSupervisor):
                 raise HarnessError(f"{machine.label}: {message[1]}")
             self.lose(machine, message[1])
         elif kind == "done":
+            machine.network = message[2]
             for summary in message[1]:
                 host = self.by_index[summary["host"]]
                 host.restarts, host.crashes = summary["restarts"], summary["crashes"]
@@ -406,12 +404,14 @@ class ClusterTrial(Trial):
             raise
         ports = [0] * scenario.fleet.hosts
         addrs = ["127.0.0.1"] * scenario.fleet.hosts
+        via: dict[LinkSpec, int] = {}
         for machine in machines:
             for index, port in machine.ports.items():
                 ports[index], addrs[index] = port, machine.addr
+            via.update(machine.via)
         for machine in machines:
             # queued now, before anything else is (a driver shard's start, from the pool's serve)
-            machine.outbox.send_nowait(("table", ports, addrs, machine.offset))
+            machine.outbox.send_nowait(("table", ports, addrs, machine.offset, via))
             machine.outbox.send_nowait(("start",))
         self.ports = ports
         names = host_names(scenario)
@@ -425,19 +425,21 @@ class ClusterTrial(Trial):
                                         argv=list(group.target.command), env={}, cwd=Path("/"), group=group.name,
                                         target=group.target, addr=machine.addr, machine=machine.number))
         hosts.sort(key=lambda h: h.index)
+        # the driver's links that go through a fault proxy: to that proxy, on the host's machine
+        driver_ports = [via.get(LinkSpec(DRIVER, h), port) for h, port in enumerate(ports)]
         if scenario.client.load_from == "machines":
             # client.workers shards on each machine (auto: one: this machine cannot count another's cores)
             per_machine = 1 if scenario.client.workers == "auto" else resolve_workers(scenario.client.workers)
             shards = {n: machine for n, machine in enumerate(m for m in machines for _ in range(per_machine))}
             self.workers = len(shards)
-            self.driver = ShardPool(self, shards, target=scenario.target, client=scenario.client, ports=ports,
+            self.driver = ShardPool(self, shards, target=scenario.target, client=scenario.client, ports=driver_ports,
                                     policy=scenario.fleet.balancer,
                                     expect_replies=[(h.target or scenario.target).expect_reply for h in hosts],
                                     seed=scenario.seed, spawner=self.spawner,
                                     log_dir=run.run_dir / "hosts" / f"t{number}", on_event=recorder.event,
                                     addrs=addrs)
         else:
-            self.driver = self._local_driver(hosts, ports, addrs)
+            self.driver = self._local_driver(hosts, driver_ports, addrs)
         self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
         self.supervisor = RemoteFleet(self, hosts, machines, _Listener(self.driver, recorder, self.rotation))
         recorder.event("placement", None, None, placement=scenario.fleet.placement,
@@ -475,7 +477,7 @@ class ClusterTrial(Trial):
                 "scenario": self.scenario, "variant": self.variant, "trial": self.number, "repeat": self.repeat,
                 "total": self.total, "start_at": self.start_at if self.resuming else None, "hosts": m.hosts,
                 "run_id": run.run_id, "run_dir": str(run.run_dir / "machines" / f"m{m.number + 1}"),
-                "umask": self.spawner.child_umask,
+                "umask": self.spawner.child_umask, "addr": m.addr, "says_unlinked": m is machines[0],
                 "listen": run.listen_address}))
         for m in machines:
             assert m.channel is not None
@@ -484,7 +486,7 @@ class ClusterTrial(Trial):
                 raise HarnessError(f"{m.label}: {message[1]}")
             if message is None or message[0] != "ports":
                 raise HarnessError(f"{m.label} closed its link before it chose its ports")
-            m.ports = message[1]
+            m.ports, m.via = message[1], message[2]
             m.offset, m.perf_offset, m.rtt = await _clock_offsets(m.channel)
 
     def hosts_in_rotation(self) -> list[tuple[int, int]]:
@@ -557,6 +559,18 @@ class ClusterTrial(Trial):
     def _detail(self) -> dict[str, Any]:
         detail = super()._detail()
         detail["machines"] = [m.describe() for m in self.machines]
+        summaries = []
+        for machine in self.machines:   # (a machine lost takes what its proxy counted with it)
+            if machine.network is not None:
+                for link in machine.network["links"].values():
+                    link["machine"] = machine.number + 1       # where that link's proxy ran
+                summaries.append(machine.network)
+        if summaries:
+            network = merge_summaries(summaries)
+            for index, counts in network["faults"].items():
+                fault = next(f for f in self.scenario.net_faults if f.index == int(index))
+                network["faults"][index] = {"kind": fault.kind, "label": describe(fault), **counts}
+            detail["network"] = network
         return detail
 
     async def _wrap_up(self, began: float) -> None:
@@ -677,9 +691,6 @@ class ClusterRun(Run):
 
 
 def run_fleet_on_cluster(scenario: Scenario, options: RunOptions, address: str) -> RunResult:
-    why = refusal(scenario)
-    if why:
-        raise HarnessError(f"--cluster: {why} (docs/cluster.md)")
     client = connect(address)
     try:
         run = ClusterRun(scenario, options, client, address)

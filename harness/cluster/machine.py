@@ -10,8 +10,10 @@ on every machine), events and crash records every second, each host's usage ever
 each core once this machine has done it (the core stays here, where it was written).
 
 The conversation (command -> machine / machine -> command):
-  config {scenario, variant, trial, hosts...}  -> ports {host: port}   (free ports here, for its hosts)
-  table (every host's port and address)         (each host's templates may name hosts on other machines)
+  config {scenario, variant, trial, hosts...}  -> ports {host: port}, {link: port}   (free ports here for its
+                                                   hosts, and its fault proxy's for the links into them)
+  table (every host's port and address, every   (each host's templates may name hosts on other machines)
+         link's proxy port)
   start                                         -> ready / gone (host, incarnation, pid) as they happen,
                                                    started (when each host was ready once, or failed)
   load (trial time 0 on the command's clock)    -> usage (every second), batch (events, crashes),
@@ -41,7 +43,8 @@ from harness.cluster.wire import dial, dial_socket
 from harness.present.prometheus import Metrics
 from harness.run.driverpool import LINK_ENV, Channel, worker_env
 from harness.run.fleet import FleetSupervisor, Host, assign_ports, plan_fleet
-from harness.run.faults.network.topology import backends
+from harness.run.faults.network import NetFaults
+from harness.run.faults.network.topology import LinkSpec, backends
 from harness.run.hostprep import HostPrep
 from harness.run.faults.resources import ResourceFaults
 from harness.run.options import RunOptions
@@ -132,17 +135,37 @@ class MachineTrial(Trial):
         self._fleet_done = trio.Event()
         self.watch_scope = trio.CancelScope()     # the wait for a force once the fleet is stopping
         self.listen: tuple[str, int] = config["listen"]
+        self.addr: str = config["addr"]            # this machine's address, where its hosts and proxy listen
+        self.says_unlinked: bool = config["says_unlinked"]
+        self.nets: dict[int, Any] = {}             # isolation: netns: a namespace per host of such a group
         self.shards: list[Child] = []      # driver shards started here
 
-    async def plan(self, ports: list[int], addrs: list[str]) -> None:
+    async def prepare(self) -> tuple[dict[int, int], dict[LinkSpec, int]]:
+        """Before the fleet is planned: a port for each of its hosts (a namespaced host's fixed one), and the
+        fault proxy for every link into them, listening on this machine's address (a link's proxy runs beside
+        the host it leads to, wherever its clients are): the ports the other machines' hosts and the driver
+        are given."""
+        scenario = self.scenario
+        ports = [0] * scenario.fleet.hosts
+        for index, port in zip(self.mine, assign_ports(len(self.mine))):
+            ports[index] = port
+        self.nets = await self._networks(ports, self.spawner, only=set(self.mine))
+        if scenario.net_faults or self.nets:
+            upstream = [self.nets[h].inner_ip if h in self.nets else self.addr for h in range(len(ports))]
+            self.net = NetFaults(scenario, ports, upstream, hosts=set(self.mine), listen=self.addr,
+                                 says_unlinked=self.says_unlinked)
+        return {h: ports[h] for h in self.mine}, self.net.proxy.via() if self.net is not None else {}
+
+    async def plan(self, ports: list[int], addrs: list[str], via: dict[LinkSpec, int]) -> None:
         """This machine's hosts, as Trial._set_up plans a local fleet, with the resource faults' cgroup limits
-        on them (no fault proxy: the command refuses network faults over a cluster so far)."""
+        on them. `addrs`: each host's machine, where it (or its links' proxy: `via`) listens."""
         scenario, variant, number, spawner = self.scenario, self.variant, self.number, self.spawner
         self.ports = ports
+        own = [self.nets[h].inner_ip if h in self.nets else addr for h, addr in enumerate(addrs)]
         hosts = self.hosts = plan_fleet(scenario.host_groups, variant, self.run.run_dir / "hosts" / f"t{number}",
-                                        ports=ports, addrs=addrs, backends=backends(scenario, ports, {}, addrs=addrs),
-                                        only=set(self.mine))
-        self._isolate(hosts, number, spawner)
+                                        ports=ports, addrs=own, only=set(self.mine),
+                                        backends=backends(scenario, ports, via, addrs=addrs, proxy_addrs=addrs))
+        self._isolate(hosts, number, spawner, self.nets)
         self.recorder = recorder = Recorder()
         if scenario.resource_faults and variant.faults:   # cgroup limits on this machine's hosts
             mine = {h.index: h for h in hosts}
@@ -171,6 +194,8 @@ class MachineTrial(Trial):
         assert supervisor is not None
         recorder = self.recorder
         async with trio.open_nursery() as nursery:
+            if self.net is not None:
+                await nursery.start(self.net.proxy.serve)    # before any host: frontends connect through it
             fleet_scope = trio.CancelScope()
             nursery.start_soon(self._fleet, supervisor, fleet_scope)
             nursery.start_soon(self._say_started, supervisor)
@@ -189,6 +214,8 @@ class MachineTrial(Trial):
                         nursery.start_soon(self.shim.run, recorder.t0, recorder, float(self.start_at))
                     if self.limits is not None:
                         nursery.start_soon(self.limits.run, recorder.t0, recorder, self.start_at)
+                    if self.net is not None and self.variant.faults:
+                        nursery.start_soon(self.net.run, recorder.t0, recorder, self.start_at)
                 elif kind == "kill":
                     _, index, why, down_for = message
                     host = self.by_index(index)
@@ -406,7 +433,7 @@ async def _run(channel: Channel, config: dict[str, Any]) -> None:
             await nursery.start(_hold_triage, run, trial_over, triage_over)
             try:
                 trial = MachineTrial(run, config, spawner, outbox_send)
-                outbox_send.send_nowait(("ports", dict(zip(trial.mine, assign_ports(len(trial.mine))))))
+                outbox_send.send_nowait(("ports", *await trial.prepare()))
                 table = await heard(channel, SETUP_TIMEOUT)
                 while table is not None and table[0] == "ping":      # the command reads this machine's clocks
                     outbox_send.send_nowait(("pong", trio.current_time(), time.perf_counter()))
@@ -414,7 +441,7 @@ async def _run(channel: Channel, config: dict[str, Any]) -> None:
                 if table is None or table[0] != "table":
                     raise HarnessError("the command closed the link before the fleet was planned")
                 trial.offset = table[3]
-                await trial.plan(table[1], table[2])
+                await trial.plan(table[1], table[2], table[4])
                 start = await heard(channel, SETUP_TIMEOUT)
                 if start is None or start[0] != "start":
                     raise HarnessError("the command closed the link before the fleet started")
@@ -428,7 +455,8 @@ async def _run(channel: Channel, config: dict[str, Any]) -> None:
             await triage_over.wait()
             # every core triaged (or left, forced): its triage went out as each was done
             outbox_send.send_nowait(("done", [{"host": h.index, "restarts": h.restarts,
-                                               "crashes": h.crashes} for h in trial.hosts]))
+                                               "crashes": h.crashes} for h in trial.hosts],
+                                     trial.net.summary() if trial.net is not None else None))
             outbox_send.close()
             trial.watch_scope.cancel()
     finally:

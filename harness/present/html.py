@@ -126,10 +126,10 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
     for index, event in enumerate(events):
         kind, detail = event["kind"], event.get("detail") or {}
         if kind in ("fault-arm", "fault-armed"):
-            key = detail.get("fault", detail.get("slot"))
+            key = (detail.get("fault", detail.get("slot")), detail.get("machine"))
             armed.setdefault(key, (event["t"], _shim_label(detail), _window_kind(detail)))
         elif kind in ("fault-disarm", "fault-disarmed"):
-            key = detail.get("fault", detail.get("slot"))
+            key = (detail.get("fault", detail.get("slot")), detail.get("machine"))
             if key in armed:
                 start, label, family = armed.pop(key)
                 windows.append(Window(start, event["t"], family, label))
@@ -144,7 +144,23 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
             start = float(detail.get("resumed_at", event["t"]))
             windows.append(Window(start, start, "gap", f"resumed after {float(detail.get('down_seconds', 0)):.0f} s down"))
     windows += [Window(start, end, family, label) for start, label, family in armed.values()]
-    return sorted(windows, key=lambda w: (w.start, w.kind))
+    return _joined(sorted(windows, key=lambda w: (w.start, w.kind)))
+
+
+def _joined(windows: list[Window], slack: float = 0.05) -> list[Window]:
+    """A fault armed on several machines (--cluster: each arms its own hosts, its clock read to a fraction of
+    a millisecond) is one window: the same fault's windows that overlap or touch are joined."""
+    out: list[Window] = []
+    last: dict[tuple[str, str], int] = {}
+    for window in windows:
+        key = (window.kind, window.label)
+        earlier = last.get(key)
+        if earlier is not None and window.start <= out[earlier].end + slack and window.kind != "host-loss":
+            out[earlier] = Window(out[earlier].start, max(out[earlier].end, window.end), window.kind, window.label)
+            continue
+        last[key] = len(out)
+        out.append(window)
+    return out
 
 
 def _window_kind(detail: dict[str, Any]) -> str:

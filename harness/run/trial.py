@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 import psutil
 import trio
@@ -342,14 +342,17 @@ class Trial:
                 "resent": driver.resent, "protocol_errors": driver.protocol_errors, "driver_workers": self.workers,
                 **({"network": net.summary()} if net is not None else {})}
 
-    async def _networks(self, ports: list[int], spawner: Spawner) -> dict[int, Any]:
-        """A network namespace per host of a group with isolation: netns; such a host whose readiness port is a
-        number (a target that insists on its port) gets that port."""
+    async def _networks(self, ports: list[int], spawner: Spawner,
+                        only: Collection[int] | None = None) -> dict[int, Any]:
+        """A network namespace per host of a group with isolation: netns (of `only`, the hosts run here, when
+        given); such a host whose readiness port is a number (a target that insists on its port) gets it."""
         nets: dict[int, Any] = {}
         for group in self.scenario.host_groups:
             if not group.target.isolation.netns:
                 continue
             for index in self.scenario.hosts_in((group.name,)):
+                if only is not None and index not in only:
+                    continue
                 try:
                     nets[index] = await trio.to_thread.run_sync(spawner.isolation.network)
                 except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -394,3 +395,106 @@ def test_a_second_ctrl_c_kills_the_hosts_on_every_machine_at_once(tmp_path: Path
     assert {r["host"] for r in stops} == {0, 1}
     assert all("SIGKILL" in json.loads(r["detail"])["how"] for r in stops)
     _assert_nothing_left(made, REPO / "targets" / "unruly" / "unruly-server")
+
+
+@pytest.mark.slow
+def test_network_faults_between_groups_act_on_links_that_cross_machines(tmp_path: Path, machines) -> None:
+    """scenarios/varnish-backends.yaml, unchanged: each Varnish host's backends are both nginx hosts, one on
+    its own machine and one on the other; every link into an nginx host goes through the fault proxy on that
+    host's machine, which slows it, then refuses it, on the one timeline."""
+    made, address = machines
+    run = _run(REPO / "scenarios" / "varnish-backends.yaml", tmp_path / "results", address, "--json")
+    assert "Traceback" not in run.stderr
+    report = json.loads(run.stdout)
+    run_dir = Path(report["run_dir"])
+    (trial,) = report["trials"]
+    assert trial["status"] == "complete", run.stderr
+    placed = _placed(run_dir)
+    machine_of = {h: n for n, m in placed.items() for h in m["hosts"]}
+    names = {"varnish-0": 0, "varnish-1": 1, "nginx-0": 2, "nginx-1": 3}
+    assert machine_of[names["nginx-0"]] != machine_of[names["nginx-1"]]       # spread over both machines
+    # each link's proxy ran on its nginx host's machine, and carried traffic
+    links = trial["detail"]["network"]["links"]
+    assert set(links) == {"varnish->nginx-0", "varnish->nginx-1"}
+    for name, link in links.items():
+        assert link["machine"] == machine_of[names[name.split("->")[1]]]
+        assert link["connections"] > 0 and link["bytes"]["downstream"] > 0
+    # each Varnish host names both nginx hosts at their machine's address and their link's proxy port
+    for varnish in ("varnish-0", "varnish-1"):
+        number = machine_of[names[varnish]]
+        vcl = (run_dir / "machines" / f"m{number}" / "hosts" / "t1" / varnish / "default.vcl").read_text()
+        backends = dict((name, (host, int(port))) for name, host, port in
+                        re.findall(r'backend (nginx_\d) \{ \.host = "([\d.]+)"; \.port = "(\d+)";', vcl))
+        for nginx in ("nginx-0", "nginx-1"):
+            assert backends[nginx.replace("-", "_")] == (made.addresses[machine_of[names[nginx]] - 1],
+                                                         links[f"varnish->{nginx}"]["port"])
+    # one window per fault over both machines' links, with both machines' counts summed
+    latency, partition = trial["network_faults"]
+    assert latency["hosts"] == partition["hosts"] == ["nginx-0", "nginx-1"]
+    assert len(latency["windows"]) == len(partition["windows"]) == 1
+    disarms = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events WHERE kind='fault-disarm'")]
+    assert sorted(d["machine"] for d in disarms if d["fault"] == 0) == [1, 2]
+    summed = sum(d["counts"].get("bytes_delayed", 0) for d in disarms if d["fault"] == 0)
+    assert latency["windows"][0]["counts"]["bytes_delayed"] == summed > 0
+    assert partition["counts"].get("connections_refused", 0) + partition["counts"].get("connections_stalled", 0) > 0
+    # Varnish could not fetch from the cut-off backends: 503s, counted as http_5xx; the driver sent nothing
+    # to the nginx group (all of its traffic came through Varnish, across the machines)
+    assert trial["replies"]["bad_kinds"]["http_5xx"] == trial["replies"]["status"]["503"] > 0
+    assert trial["groups"]["nginx"]["sent"] == 0 and trial["groups"]["varnish"]["sent"] > 0
+    _assert_nothing_left(made, Path("/usr/sbin/varnishd"), Path("/usr/sbin/nginx"))
+
+
+NETNS = f"""
+name: cluster-netns
+seed: 5
+target:
+  root: {REPO}
+  build: [make, -s, -C, targets/echo]
+  command: [targets/echo/echo-server, --port, "7000", --host, "{{addr}}"]
+  ready: {{tcp: 7000, timeout: 10s}}
+  isolation: [pid, netns]
+fleet: {{hosts: 4, balancer: round-robin, placement: spread}}
+client: {{timeout: 1s}}
+load: [{{hold: {{rate: 200, for: 8s}}}}]
+faults:
+  - {{kind: latency, latency: 50ms, from: 2s, until: 5s}}
+  - {{kind: reset, at: 6s}}
+"""
+
+
+@pytest.mark.slow
+def test_hosts_in_namespaces_of_their_own_on_each_machine_share_a_port_behind_its_proxy(tmp_path: Path,
+                                                                                       machines) -> None:
+    """isolation: netns on the machines: each host in a namespace of its own there, all four on port 7000,
+    reached through the fault proxy on their machine; a latency window and a reset act on all of them."""
+    made, address = machines
+    scenario = tmp_path / "netns.yaml"
+    scenario.write_text(NETNS, encoding="utf-8")
+    run = _run(scenario, tmp_path / "results", address, "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    run_dir = Path(report["run_dir"])
+    placed = _placed(run_dir)
+    assert sorted(len(m["hosts"]) for m in placed.values()) == [2, 2]
+    starts = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events WHERE kind='start'")]
+    assert len(starts) == 4 and all("7000" in s["argv"] for s in starts)
+    isolation = [s["isolation"] for s in starts]
+    assert len({i["addr"] for i in isolation}) == 4 and all(i["addr"].startswith("10.213.") for i in isolation)
+    # every reply of seconds 3 and 4 (inside the window, on every host) took at least 50 ms; none before it
+    hists = {r["t"]: r["hist"] for r in query(run_dir, "SELECT t, hist FROM samples")}
+    from hdrh.histogram import HdrHistogram
+
+    def p50_ms(t: int) -> float:
+        return HdrHistogram.decode(hists[t]).get_value_at_percentile(50) / 1e3
+    assert p50_ms(3) >= 50 and p50_ms(4) >= 50 and p50_ms(0) < 50 and p50_ms(1) < 50
+    (latency, reset) = report["trials"][0]["network_faults"]
+    assert latency["hosts"] == reset["hosts"] == ["h0", "h1", "h2", "h3"]
+    resets = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events WHERE kind='fault-disarm'")
+              if json.loads(r["detail"])["fault"] == 1]
+    assert sorted(d["machine"] for d in resets) == [1, 2] and all(d["counts"]["connections_reset"] >= 1
+                                                                  for d in resets)
+    assert reset["counts"]["connections_reset"] == sum(d["counts"]["connections_reset"] for d in resets)
+    assert report["trials"][0]["overall"]["ok"] > 0
+    # the hosts' namespaces are gone with the trial
+    assert not {i["netns"] for i in isolation} & set(os.listdir("/run/netns"))
+    _assert_nothing_left(made, ECHO_SERVER)

@@ -271,6 +271,32 @@ faults:
 """
 
 
+def test_a_machines_proxy_carries_the_links_into_its_own_hosts_and_records_only_its_faults() -> None:
+    """Over --cluster each machine's proxy carries the links into its hosts (listening on its address), and
+    records a fault's arms only where the fault has links; a frontend on one machine reaches a backend on
+    another at the proxy on the backend's machine."""
+    from harness.run.faults.network import NetFaults
+    scenario = load_scenario_text(GROUPED)
+    (stalled,) = fault_links(scenario, scenario.net_faults[1])
+    ports = [1000, 1001, 1002, 1003, 1004]
+    front_host = stalled.host
+    other_front = 1 - front_host
+
+    async def machine() -> None:
+        here = NetFaults(scenario, ports, hosts={other_front, 3})    # this machine: the unstalled front, api-1
+        try:
+            assert set(here.proxy.links) == {LinkSpec(DRIVER, other_front), LinkSpec("front", 3)}
+            assert here.silent == {1}            # the stall's only link is on the other machine
+            assert here.targets[0] == [3]
+        finally:
+            here.proxy.close()
+    trio.run(machine)
+    addrs = ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.1"]     # each host's machine
+    wiring = backends(scenario, ports, {LinkSpec("front", 3): 9003}, addrs=addrs, proxy_addrs=addrs)
+    assert [(b.addr, b.port) for b in wiring["front"]] == [("10.0.0.1", 1002), ("10.0.0.2", 9003),
+                                                           ("10.0.0.1", 1004)]
+
+
 def test_topology_proxies_only_what_a_fault_can_reach_and_renders_backends() -> None:
     scenario = load_scenario_text(GROUPED)
     front, api = scenario.fleet.groups

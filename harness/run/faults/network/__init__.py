@@ -3,7 +3,7 @@ that arms its faults. Only links some network fault may act on go through it (to
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import trio
 
@@ -11,7 +11,7 @@ from harness.run.faults.network.proxy import FaultProxy
 from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_hosts, fault_links, host_names, proxied_links
 from harness.scenario.model import NetFault, Scenario
 
-__all__ = ["NetFaults", "describe"]
+__all__ = ["NetFaults", "describe", "merge_summaries"]
 
 
 def describe(fault: NetFault) -> str:
@@ -37,7 +37,11 @@ def describe(fault: NetFault) -> str:
 class NetFaults:
     """The proxy of one trial and its faults' timeline."""
 
-    def __init__(self, scenario: Scenario, ports: list[int], addrs: list[str] | None = None):
+    def __init__(self, scenario: Scenario, ports: list[int], addrs: list[str] | None = None, *,
+                 hosts: Collection[int] | None = None, listen: str = "127.0.0.1", says_unlinked: bool = True):
+        """`hosts`: the hosts whose links this proxy carries (over a cluster, its machine's: a link's proxy
+        runs beside the host it leads to), listening on `listen`. A fault with no link here records nothing,
+        unless it has no link anywhere and `says_unlinked` (one machine says so for the fleet)."""
         self.scenario = scenario
         self.faults = scenario.net_faults
         names = host_names(scenario)
@@ -47,10 +51,12 @@ class NetFaults:
             return f"{spec.client}->{names[spec.host]}"
         self.link_name = link_name
         links = [(spec, link_name(spec), (addrs[spec.host] if addrs else "127.0.0.1", ports[spec.host]))
-                 for spec in proxied_links(scenario)]
-        self.proxy = FaultProxy(links, {f.index: fault_links(scenario, f) for f in self.faults}, self.faults,
-                                scenario.seed)
+                 for spec in proxied_links(scenario) if hosts is None or spec.host in hosts]
+        everywhere = {f.index: fault_links(scenario, f) for f in self.faults}
+        self.proxy = FaultProxy(links, everywhere, self.faults, scenario.seed, listen)
         self.targets = {f.index: sorted({s.host for s in self.proxy.fault_links[f.index]}) for f in self.faults}
+        self.silent = {f.index for f in self.faults if not self.proxy.fault_links[f.index]
+                       and (everywhere[f.index] or not says_unlinked)}
 
     def detail(self, fault: NetFault) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -87,6 +93,8 @@ class NetFaults:
                     continue
                 await trio.sleep_until(t0 + t)
                 self.proxy.act(action, fault)
+                if fault.index in self.silent:
+                    continue
                 detail = self.detail(fault)
                 if action == "disarm":
                     detail["counts"] = self.proxy.counts(fault.index)
@@ -111,5 +119,14 @@ class NetFaults:
         return self.proxy.driver_ports(ports)
 
 
-def has_driver_link(net: NetFaults | None, host: int) -> bool:
-    return net is not None and LinkSpec(DRIVER, host) in net.proxy.links
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet's summary from each machine's proxy (over a cluster): each fault's counts summed, every link."""
+    merged: dict[str, Any] = {"faults": {}, "links": {}}
+    for summary in summaries:
+        for index, counts in summary["faults"].items():
+            entry = merged["faults"].setdefault(index, {k: v for k, v in counts.items() if not isinstance(v, int)})
+            for key, value in counts.items():
+                if isinstance(value, int):
+                    entry[key] = entry.get(key, 0) + value
+        merged["links"].update(summary["links"])
+    return merged

@@ -93,14 +93,14 @@ async def _connect(addr: tuple[str, int], timeout: float) -> socket.socket | Non
 class Link:
     """One proxied path (a client kind to one host): its listener, its connections, its armed faults."""
 
-    def __init__(self, spec: LinkSpec, name: str, upstream: tuple[str, int], seed: int):
+    def __init__(self, spec: LinkSpec, name: str, upstream: tuple[str, int], seed: int, listen: str = "127.0.0.1"):
         self.spec = spec
         self.name = name
         self.upstream = upstream
         self.seed = seed
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))   # held for the whole trial: no port to lose to anyone
+        self.listener.bind((listen, 0))   # held for the whole trial: no port to lose to anyone
         self.listener.listen(1024)
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
@@ -358,8 +358,9 @@ class FaultProxy:
     """Every proxied link of a trial, and the network faults' timeline."""
 
     def __init__(self, links: Iterable[tuple[LinkSpec, str, tuple[str, int]]], fault_links: dict[int, list[LinkSpec]],
-                 faults: Iterable[NetFault], seed: int):
-        self.links = {spec: Link(spec, name, upstream, seed) for spec, name, upstream in links}
+                 faults: Iterable[NetFault], seed: int, listen: str = "127.0.0.1"):
+        """`listen`: the address the links listen on (over a cluster, the machine's: other machines connect)."""
+        self.links = {spec: Link(spec, name, upstream, seed, listen) for spec, name, upstream in links}
         self.faults = {f.index: f for f in faults}
         self.fault_links = {index: [s for s in specs if s in self.links] for index, specs in fault_links.items()}
 

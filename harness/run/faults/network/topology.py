@@ -109,9 +109,11 @@ def proxied_links(scenario: Scenario) -> list[LinkSpec]:
 
 
 def backends(scenario: Scenario, ports: list[int], via: dict[LinkSpec, int], addr: str = "127.0.0.1",
-             addrs: list[str] | None = None) -> dict[str, list[Backend]]:
+             addrs: list[str] | None = None, proxy_addrs: list[str] | None = None) -> dict[str, list[Backend]]:
     """Each frontend group's backend list, with the port to use: the proxy's (`via`) or the host's own.
-    `addrs`: each host's address when it differs (hosts in their own network namespaces)."""
+    `addrs`: each host's address when it differs (hosts in their own network namespaces, or on other
+    machines); `proxy_addrs`: where each host's links' proxy listens when not on `addr` (over a cluster: the
+    host's machine)."""
     names = host_names(scenario)
     result: dict[str, list[Backend]] = {}
     for group in scenario.fleet.groups:
@@ -122,7 +124,7 @@ def backends(scenario: Scenario, ports: list[int], via: dict[LinkSpec, int], add
                 proxied = link in via
                 entries.append(Backend(
                     name=re.sub(r"[^A-Za-z0-9_]", "_", names[host]), host=names[host],
-                    addr=addr if proxied or addrs is None else addrs[host],
+                    addr=(proxy_addrs[host] if proxy_addrs else addr) if proxied else addrs[host] if addrs else addr,
                     port=via[link] if proxied else ports[host], index=len(entries), group=backend))
         if entries:
             result[group.name] = entries
