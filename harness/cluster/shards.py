@@ -10,9 +10,9 @@ same per-second counters merged exactly. Only the clock differs: each shard's st
 machine's CLOCK_MONOTONIC (the agent measured the offset when it was given the trial).
 
 A lost machine takes its shard with it. Its share of the arrivals is not lost with it: a standby shard on the
-command's machine (started with the others, connected to every host, idle) takes the lost shard's number and
-sends that share from the moment of the loss on (the plan's `start_at`, as a resumed run continues); a second
-loss starts another one here (a Python start-up: about a second, those arrivals going out late, their lateness
+command's machine (started with the others, idle, connected to no host) takes the lost shard's number,
+connects to the hosts up and sends that share from the moment of the loss on (the plan's `start_at`, as a
+resumed run continues); a second loss starts another one here (a Python start-up: about a second, those arrivals going out late, their lateness
 in the send lag). What the lost shard had counted since its last report is gone with it: those seconds'
 samples count only what the other shards saw, and the `driver-takeover` event says which seconds.
 """
@@ -67,7 +67,15 @@ class ShardPool(DriverPool):
             _, worker.channel = await calls.receive()
         if worker.channel is None:
             raise HarnessError(f"the driver shard on {machine.label} did not call back within {READY_TIMEOUT:g}s")
-        await worker.channel.send(("config", {**self.config, "worker": worker.number}))
+        await worker.channel.send(("config", self._config(worker)))
+
+    def _config(self, worker: Worker) -> dict[str, Any]:
+        """Each host gets client.connections in all, as from one driver in a local run (the default there):
+        each shard opens its share of them (at least one); a standby, the largest share it may take over."""
+        shards, connections = len(self.machine_of), self.config["client"].connections
+        number = worker.number if worker.number < shards else 0
+        share = max(1, connections // shards + (number < connections % shards))
+        return {**super()._config(worker), "client": replace(self.config["client"], connections=share)}
 
     async def _watch(self, worker: Worker) -> None:
         if id(worker) in self.local:
@@ -114,8 +122,10 @@ class ShardPool(DriverPool):
             if not shard.ready.is_set():
                 raise HarnessError(f"the driver shard taking over shard {lost.number} did not start within "
                                    f"{READY_TIMEOUT:g}s (log: {shard.log})")
-            for index, incarnation in self.trial.hosts_in_rotation():
-                shard.outbox_send.send_nowait(("host_ready", index, incarnation))
+        # told what is up only now: idle, it held no connection to any host (they would use the hosts'
+        # memory and file descriptors, which a local run's hosts do not spend); it connects before it sends
+        for index, incarnation in self.trial.hosts_in_rotation():
+            shard.outbox_send.send_nowait(("host_ready", index, incarnation))
         shard.number = lost.number
         shard.first_second = int(at)
         last = self.last_reported.get(lost.number)
@@ -125,7 +135,13 @@ class ShardPool(DriverPool):
         if self._plan is not None:
             offset = time.perf_counter() - trio.current_time()
             shard.outbox_send.send_nowait(("start", replace(self._plan, start_at=at), self._start + offset,
-                                           None if self._until is None else self._until + offset, lost.number))
+                                           None if self._until is None else self._until + offset, lost.number,
+                                           True))
+
+    def _relayed(self) -> list[Worker]:
+        """Host changes go to every running shard but the idle standby (it is told what is up when it takes
+        over)."""
+        return [w for w in super()._relayed() if w is not self.standby]
 
     def machine_lost(self, machine: Machine) -> None:
         """Its machine is lost: its shards' links are closed here too (a partition never closes them), which

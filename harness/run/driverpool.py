@@ -263,16 +263,20 @@ class DriverPool:
         self._broadcast(("host_gone", index, self._gone_sequence[index]))
 
     def _broadcast(self, message: Any, skip: int | None = None) -> None:
-        for worker in self.workers:
-            if worker.number != skip and not worker.exited:
+        for worker in self._relayed():
+            if worker.number != skip:
                 worker.outbox_send.send_nowait(message)
+
+    def _relayed(self) -> list[Worker]:
+        """The workers host changes go to: every one still running."""
+        return [w for w in self.workers if not w.exited]
 
     async def settle(self, host: int, timeout: float = 1.0) -> None:
         """Wait (briefly) until every worker has handled the host's exit, so lost_inflight counts what
         every worker had in flight to it."""
         sequence = self._gone_sequence[host]
         with trio.move_on_after(timeout):
-            while not all(w.exited or w.acks.get(host, (0, 0))[0] >= sequence for w in self.workers):
+            while not all(w.acks.get(host, (0, 0))[0] >= sequence for w in self._relayed()):
                 await self._wait_change()
         acked = [w for w in self.workers if w.acks.get(host, (0, 0))[0] >= sequence]
         self.lost_inflight[host] = sum(w.acks[host][1] for w in acked)
@@ -318,7 +322,11 @@ class DriverPool:
         finally:
             child.close()
         worker.channel = Channel(parent)
-        await worker.channel.send(("config", {**self.config, "worker": worker.number}))
+        await worker.channel.send(("config", self._config(worker)))
+
+    def _config(self, worker: Worker) -> dict[str, Any]:
+        """What a worker is configured with: the pool's, and its number (each opens client.connections per host)."""
+        return {**self.config, "worker": worker.number}
 
     async def _send(self, worker: Worker) -> None:
         assert worker.channel is not None

@@ -36,6 +36,7 @@ class WorkerRun:
                              worker=self.number, on_eject=self._eject, addrs=config.get("addrs"))
         self.load_scope: trio.CancelScope | None = None
         self.done = False
+        self.told_up: set[int] = set()       # hosts the harness said are up (and not gone since)
 
     def _event(self, kind: str, host: int | None, pid: int | None, **detail: Any) -> None:
         self.outbox_send.send_nowait(("event", kind, host, pid, detail))
@@ -58,17 +59,20 @@ class WorkerRun:
                     break             # the harness closed the socket (or died): nothing left to do
                 kind = message[0]
                 if kind == "host_ready":
+                    self.told_up.add(message[1])
                     self.driver.host_ready(message[1], message[2])
                 elif kind == "host_gone":
                     _, host, sequence = message
+                    self.told_up.discard(host)
                     self.driver.host_gone(host)
                     self.outbox_send.send_nowait(("gone-ack", host, sequence, self.driver.lost_inflight[host]))
                 elif kind == "eject":
                     self.driver.eject(message[1], message[2])
                 elif kind == "start":
-                    if len(message) > 4:   # a standby taking over a lost shard's share (harness.cluster.shards)
+                    if len(message) > 4:     # a shard: its number (a standby's: the lost shard's)
                         self.number = self.driver.worker = message[4]
-                    nursery.start_soon(self._load, message[1], message[2], message[3])
+                    taking_over = len(message) > 5 and message[5]   # (harness.cluster.shards)
+                    nursery.start_soon(self._load, message[1], message[2], message[3], taking_over)
                 elif kind == "stop":
                     if self.load_scope is not None:
                         self.load_scope.cancel()
@@ -83,10 +87,13 @@ class WorkerRun:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return            # the harness closed its end: the main loop sees it and ends
 
-    async def _load(self, plan: PlanSpec, start_monotonic: float, until_monotonic: float | None) -> None:
+    async def _load(self, plan: PlanSpec, start_monotonic: float, until_monotonic: float | None,
+                    taking_over: bool = False) -> None:
         offset = trio.current_time() - time.perf_counter()          # CLOCK_MONOTONIC -> trio clock
         start = start_monotonic + offset
         until = None if until_monotonic is None else until_monotonic + offset
+        if taking_over:
+            await self._connected()
         with trio.CancelScope() as self.load_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reporter, start, int(plan.start_at))
@@ -96,6 +103,14 @@ class WorkerRun:
                 nursery.cancel_scope.cancel()
         self.load_scope = None
         self._finish()
+
+    async def _connected(self, bound: float = 1.0) -> None:
+        """A standby taking over was told the hosts up just now: its first arrivals wait (a bounded while)
+        for its connections to them, going out late rather than finding nobody in rotation (their lateness
+        is measured: latency runs from each arrival's intended time)."""
+        with trio.move_on_after(bound):
+            while not all(self.driver.balancer.in_rotation[h] for h in self.told_up):
+                await trio.sleep(0.001)
 
     async def _reporter(self, t0: float, first: int) -> None:
         """Each second's counters at the same boundaries as the harness's sampler (t0 + k + 1)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,15 @@ def test_an_echo_fleet_over_two_machines_loses_a_host_then_a_machine(tmp_path: P
     after = [(offered, ok) for t, offered, ok in samples if settled <= t < 14]
     assert sum(ok for _, ok in after) >= 0.97 * sum(offered for offered, _ in after)
     assert ok_on(survivors, settled, 14) == sum(ok for _, ok in after)
+
+    # client.connections (2) per host in all, as from one driver: a connection from each machine's shard,
+    # one from the standby once it took over (idle, it held none), and the readiness check's
+    served = []
+    for host in survivors:
+        if host != killed:
+            log = run_dir / "machines" / f"m{2 - lost_machine}" / "hosts" / "t1" / f"h{host}" / "stderr.log"
+            served += [int(n) for n in re.findall(r"exiting \((\d+) connections served", log.read_text())]
+    assert len(served) == 3 and min(served) == 4, served    # (a host ejected and probed again has more)
 
     report = subprocess.run([*HARNESS, "report", str(run_dir)], capture_output=True, text=True, cwd=REPO,
                             timeout=120)
