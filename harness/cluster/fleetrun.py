@@ -40,7 +40,7 @@ from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
 from harness.run.driverpool import Channel, resolve_workers
 from harness.run.faults.network import describe, merge_summaries
-from harness.run.faults.network.topology import DRIVER, LinkSpec, host_names
+from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_links, host_names
 from harness.run.fleet import FleetSupervisor, Host, State
 from harness.run.options import RunOptions, RunResult
 from harness.run.procs import Spawner
@@ -82,6 +82,8 @@ class Machine:
     ports: dict[int, int] = field(default_factory=dict)
     via: dict[LinkSpec, int] = field(default_factory=dict)   # its fault proxy's port for each link into its hosts
     network: dict[str, Any] | None = None                    # what its fault proxy did (at the trial's end)
+    disarmed: dict[int, tuple[float, dict[str, int]]] = field(default_factory=dict)  # network fault -> its last
+    # disarm here: when, and its proxy's counts for the fault then (all that is known of a machine lost later)
     offset: float = 0.0              # its agent's trio clock minus the command's (harness.cluster.fleetrun._clock_offsets)
     rtt: float = 0.0                 # the round trip the offsets were read in (their uncertainty: half of it)
     perf_offset: float = 0.0         # its CLOCK_MONOTONIC minus this machine's
@@ -256,6 +258,8 @@ class RemoteFleet(FleetSupervisor):
             for event in events:
                 if event["kind"] in ("fault-arm", "fault-disarm"):   # one window's arms, from several machines
                     event["detail"]["machine"] = machine.number + 1
+                    if event["kind"] == "fault-disarm" and "counts" in event["detail"]:
+                        machine.disarmed[event["detail"]["fault"]] = (event["t"], event["detail"]["counts"])
             recorder.events.extend(events)
             for record in crashes:
                 await self.trial.remote_crash(machine, record)
@@ -559,19 +563,41 @@ class ClusterTrial(Trial):
     def _detail(self) -> dict[str, Any]:
         detail = super()._detail()
         detail["machines"] = [m.describe() for m in self.machines]
+        network = self._network_detail()
+        if network is not None:
+            detail["network"] = network
+        return detail
+
+    def _network_detail(self) -> dict[str, Any] | None:
+        """What every machine's fault proxy did. A machine lost takes its proxy's counts with it: of such a
+        machine, what its last disarm of each fault said, and for each fault with links there, from when its
+        counts there are unknown."""
+        if not self.scenario.net_faults and not any(m.via for m in self.machines):
+            return None
         summaries = []
-        for machine in self.machines:   # (a machine lost takes what its proxy counted with it)
+        unknown: dict[int, list[dict[str, Any]]] = {}
+        for machine in self.machines:
             if machine.network is not None:
                 for link in machine.network["links"].values():
                     link["machine"] = machine.number + 1       # where that link's proxy ran
                 summaries.append(machine.network)
-        if summaries:
-            network = merge_summaries(summaries)
-            for index, counts in network["faults"].items():
-                fault = next(f for f in self.scenario.net_faults if f.index == int(index))
-                network["faults"][index] = {"kind": fault.kind, "label": describe(fault), **counts}
-            detail["network"] = network
-        return detail
+                continue
+            summaries.append({"faults": {str(i): counts for i, (_, counts) in machine.disarmed.items()},
+                              "links": {}})
+            for fault in self.scenario.net_faults:
+                known = machine.disarmed.get(fault.index)
+                if set(fault_links(self.scenario, fault)) & set(machine.via) and \
+                        _unreported(fault, self.scenario.duration, machine.lost_at, known[0] if known else None):
+                    unknown.setdefault(fault.index, []).append({
+                        "machine": machine.number + 1, "lost_at": machine.lost_at,
+                        "known_until": known[0] if known is not None else None})
+        network = merge_summaries(summaries)
+        for fault in self.scenario.net_faults:
+            counts = network["faults"].get(str(fault.index), {})
+            network["faults"][str(fault.index)] = {"kind": fault.kind, "label": describe(fault), **counts,
+                                                   **({"unknown": unknown[fault.index]} if fault.index in unknown
+                                                      else {})}
+        return network
 
     async def _wrap_up(self, began: float) -> None:
         try:
@@ -604,6 +630,16 @@ class ClusterTrial(Trial):
             last_words = [f"the cluster could not say how the machines' tasks ended: {exc!r}"]
         for words in last_words:
             print(f"harness: note: {words}", file=sys.stderr)
+
+
+def _unreported(fault: Any, duration: float, lost_at: float | None, known_until: float | None) -> bool:
+    """Whether a machine lost at `lost_at` may have done more for a network fault than its last disarm there
+    (at `known_until`) said: a window of the fault began before the loss and was not disarmed there by then."""
+    if lost_at is None:
+        return True
+    windows = [(fault.window.start, fault.window.start)] if fault.instant else fault.window.intervals(duration)
+    return any(start < lost_at and (known_until is None or end - known_until > 0.1 or end >= duration)
+               for start, end in windows)
 
 
 PINGS = 8

@@ -34,6 +34,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.store.crashcounts import Crashes, read_crashes  # noqa: E402
 from harness.base.outcomes import ERROR_KINDS  # noqa: E402
+from harness.analysis.faultreport import armed_stretches, unknown_counts  # noqa: E402
 from harness.analysis.report import build_report  # noqa: E402
 from harness.store import reads  # noqa: E402
 from harness.base.safefs import write_replace  # noqa: E402
@@ -121,19 +122,12 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
     next start (a kill, restarted after down_for) or resume (a pause); an instant loss (no host
     chosen) is a zero-width window. Gaps of a resumed run: detail from .. to."""
     events = sorted(events, key=lambda e: e["t"])
-    windows: list[Window] = []
-    armed: dict[Any, tuple[float, str]] = {}
+    # a fault armed on several machines (--cluster) is one window (harness.analysis.faultreport)
+    windows = [Window(stretch["from"], stretch["to"], _window_kind(stretch["arms"][0]), _shim_label(stretch["arms"][0]))
+               for stretch in armed_stretches(events, end)]
     for index, event in enumerate(events):
         kind, detail = event["kind"], event.get("detail") or {}
-        if kind in ("fault-arm", "fault-armed"):
-            key = (detail.get("fault", detail.get("slot")), detail.get("machine"))
-            armed.setdefault(key, (event["t"], _shim_label(detail), _window_kind(detail)))
-        elif kind in ("fault-disarm", "fault-disarmed"):
-            key = (detail.get("fault", detail.get("slot")), detail.get("machine"))
-            if key in armed:
-                start, label, family = armed.pop(key)
-                windows.append(Window(start, event["t"], family, label))
-        elif kind == "host-loss":
+        if kind == "host-loss":
             hosts = detail.get("hosts") or []
             how = detail.get("how", "loss")
             back = [_next_return(events[index + 1:], host, how, end) for host in hosts]
@@ -143,24 +137,7 @@ def fault_windows(events: Iterable[dict[str, Any]], end: float) -> list[Window]:
             # The load timeline continues where it stopped (harness resume): a mark, with the time down.
             start = float(detail.get("resumed_at", event["t"]))
             windows.append(Window(start, start, "gap", f"resumed after {float(detail.get('down_seconds', 0)):.0f} s down"))
-    windows += [Window(start, end, family, label) for start, label, family in armed.values()]
-    return _joined(sorted(windows, key=lambda w: (w.start, w.kind)))
-
-
-def _joined(windows: list[Window], slack: float = 0.05) -> list[Window]:
-    """A fault armed on several machines (--cluster: each arms its own hosts, its clock read to a fraction of
-    a millisecond) is one window: the same fault's windows that overlap or touch are joined."""
-    out: list[Window] = []
-    last: dict[tuple[str, str], int] = {}
-    for window in windows:
-        key = (window.kind, window.label)
-        earlier = last.get(key)
-        if earlier is not None and window.start <= out[earlier].end + slack and window.kind != "host-loss":
-            out[earlier] = Window(out[earlier].start, max(out[earlier].end, window.end), window.kind, window.label)
-            continue
-        last[key] = len(out)
-        out.append(window)
-    return out
+    return sorted(windows, key=lambda w: (w.start, w.kind))
 
 
 def _window_kind(detail: dict[str, Any]) -> str:
@@ -896,9 +873,11 @@ def _faults_section(report: dict[str, Any]) -> str:
     for trial in report["trials"]:
         label = f"{trial['variant']} #{trial['repeat'] + 1}"
         for fault in trial.get("network_faults") or []:
-            spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f} s" if w["to"] != w["from"] else f"at {w['from']:.1f} s"
-                              for w in fault["windows"])
+            spans = ", ".join(f"{w['from']:.1f}-{w['to']:.1f} s" if round(w["to"] - w["from"], 2)
+                              else f"at {w['from']:.1f} s" for w in fault["windows"])
             counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (fault.get("counts") or {}).items())
+            if fault.get("unknown"):      # a machine lost took its proxy's counts with it (--cluster)
+                counts = f"at least {counts or 'nothing'}{unknown_counts(fault['unknown'])}"
             rows.append((trial["id"], label, "network", fault["label"], ", ".join(fault["hosts"]), spans, counts))
         cgroups = trial.get("cgroups") or {}
         for fault in trial.get("resource_faults") or []:

@@ -279,7 +279,8 @@ def lane_events(store: RunStore, trial: int, max_lanes: int) -> list[dict[str, A
 
 def fault_timeline_events(store: RunStore, trial: int) -> list[dict[str, Any]]:
     return _dicts(store, "SELECT t, kind, host, detail FROM events WHERE trial=? AND kind IN ('fault-arm', "
-                         "'fault-disarm', 'fault-armed', 'fault-disarmed', 'host-loss', 'gap') ORDER BY id", (trial,))
+                         "'fault-disarm', 'fault-armed', 'fault-disarmed', 'host-loss', 'gap', 'machine-loss', "
+                         "'machine-lost') ORDER BY id", (trial,))
 
 
 def start_resume_events(store: RunStore, trial: int) -> list[dict[str, Any]]:

@@ -419,6 +419,8 @@ def test_network_faults_between_groups_act_on_links_that_cross_machines(tmp_path
     for name, link in links.items():
         assert link["machine"] == machine_of[names[name.split("->")[1]]]
         assert link["connections"] > 0 and link["bytes"]["downstream"] > 0
+        # its clients: the Varnish hosts, one on each machine (from that machine's address), and nobody else
+        assert set(link["peers"]) == set(made.addresses), link["peers"]
     # each Varnish host names both nginx hosts at their machine's address and their link's proxy port
     for varnish in ("varnish-0", "varnish-1"):
         number = machine_of[names[varnish]]
@@ -497,4 +499,29 @@ def test_hosts_in_namespaces_of_their_own_on_each_machine_share_a_port_behind_it
     assert report["trials"][0]["overall"]["ok"] > 0
     # the hosts' namespaces are gone with the trial
     assert not {i["netns"] for i in isolation} & set(os.listdir("/run/netns"))
+    _assert_nothing_left(made, ECHO_SERVER)
+
+
+@pytest.mark.slow
+def test_a_machine_lost_in_a_network_faults_window_ends_its_part_and_its_counts_are_said_unknown(
+        tmp_path: Path, machines) -> None:
+    made, address = machines
+    scenario = tmp_path / "lost.yaml"
+    scenario.write_text(NETNS.replace('"7000"', '"{port}"').replace("tcp: 7000", 'tcp: "{port}"')
+                        .replace("isolation: [pid, netns]", "isolation: [pid]")
+                        .replace("{kind: reset, at: 6s}", "{kind: machine-loss, at: 3.5s, machine: 2}")
+                        .replace("from: 2s, until: 5s", "from: 2s, until: 6s"), encoding="utf-8")
+    run = _run(scenario, tmp_path / "results", address, "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    (trial,) = report["trials"]
+    (latency,) = trial["network_faults"]
+    (window,) = latency["windows"]
+    assert 2 <= window["from"] < 2.5 and 6 <= window["to"] < 6.5      # machine 1's disarm, not the trial's end
+    assert [u["machine"] for u in latency["unknown"]] == [2] and latency["unknown"][0]["known_until"] is None
+    assert latency["counts"]["bytes_delayed"] > 0                    # machine 1's: at least that
+    text = subprocess.run([*HARNESS, "report", report["run_dir"]], capture_output=True, text=True, cwd=REPO,
+                          timeout=120).stdout
+    line = next(line for line in text.splitlines() if line.startswith("network fault 0"))
+    assert ": at least bytes delayed" in line and line.endswith("m2 lost at 3.5s: its counts unknown"), line
     _assert_nothing_left(made, ECHO_SERVER)

@@ -65,3 +65,28 @@ def test_network_summaries_of_two_machines_sum_their_counts_and_keep_every_link(
     merged = merge_summaries([one, two])
     assert merged["faults"] == {"0": {"bytes_delayed": 15, "connections_reset": 3}, "1": {"connections_refused": 4}}
     assert set(merged["links"]) == {"driver->h0", "driver->h1"}
+
+
+def test_a_machine_lost_while_armed_ends_its_part_of_the_window_there() -> None:
+    events = [
+        _net(2.0, "fault-arm", 1, [0]), _net(2.001, "fault-arm", 2, [1]),
+        {"t": 4.0, "kind": "machine-loss", "host": None, "detail": {"machine": 2, "hosts": [1]}},
+        _net(6.001, "fault-disarm", 1, [0], counts={"chunks": 3}),
+    ]
+    (window,) = fault_windows(events, end=11.0, family="network")
+    assert (window["from"], window["to"]) == (2.0, 6.001) and window["lost"] == [2]
+    assert window["counts"] == {"chunks": 3}          # machine 2's part is not known: not made up
+    assert [(w.start, w.end) for w in html_windows(events, end=11.0)] == [(2.0, 6.001)]
+    # every machine holding it lost: the window ends with the last loss
+    events = [_net(2.0, "fault-arm", 2, [1]),
+              {"t": 4.5, "kind": "machine-lost", "host": None, "detail": {"machine": 2, "hosts": [1]}}]
+    (window,) = fault_windows(events, end=11.0, family="network")
+    assert (window["from"], window["to"]) == (2.0, 4.5)
+
+
+def test_two_faults_with_one_label_stay_two_windows_in_the_html_timeline() -> None:
+    one = _net(2.0, "fault-arm", None, [0])
+    other = {**_net(4.0, "fault-arm", None, [1]), "detail": {**_net(4.0, "fault-arm", None, [1])["detail"], "fault": 1}}
+    events = [one, other, _net(5.0, "fault-disarm", None, [0]),
+              {**other, "t": 9.0, "kind": "fault-disarm"}]
+    assert sorted((w.start, w.end) for w in html_windows(events, end=10.0)) == [(2.0, 5.0), (4.0, 9.0)]

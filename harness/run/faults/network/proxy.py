@@ -33,6 +33,7 @@ DIRECTIONS = ("upstream", "downstream")
 MAX_QUEUED = 4 * 1024 * 1024     # bytes a direction holds before the proxy stops reading it
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
+MAX_PEERS = 32                   # client addresses a link counts one by one (the rest: "other")
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -114,7 +115,8 @@ class Link:
         self.accepted = 0
         self.upstream_failures = 0
         self.bytes = {d: 0 for d in DIRECTIONS}
-        self._serial = 0
+        self.peers: dict[str, int] = {}      # connections by client address (over a cluster it listens on
+        self._serial = 0                     # the machine's address: whoever could reach it is seen here)
 
     def count(self, fault: NetFault) -> Counts:
         return self.counts.setdefault(fault.index, Counts())
@@ -172,14 +174,19 @@ class Link:
                         await trio.lowlevel.wait_readable(self.listener)
                     except trio.ClosedResourceError:
                         return   # closed (the trial is over)
+                    starved = False
                     while True:
                         try:
-                            sock, _ = self.listener.accept()
+                            sock, peer = self.listener.accept()
                         except BlockingIOError:
                             break
                         except OSError:
-                            break   # out of fds, say: the client sees its connection fail
+                            starved = True   # out of fds, say: the client sees its connection wait or fail
+                            break
+                        self._count_peer(peer[0])
                         self._admit(sock, nursery)
+                    if starved:            # (still readable: without a pause this would spin)
+                        await trio.sleep(0.05)
         finally:
             _close(self.listener)
             for connection in list(self.connections):
@@ -201,6 +208,12 @@ class Link:
         connection = Connection(self, sock, random.Random(f"{self.seed}:{self.name}:{self._serial}"))
         self.connections.add(connection)
         nursery.start_soon(connection.run)
+
+    def _count_peer(self, addr: str) -> None:
+        if addr in self.peers or len(self.peers) < MAX_PEERS:
+            self.peers[addr] = self.peers.get(addr, 0) + 1
+        else:
+            self.peers["other"] = self.peers.get("other", 0) + 1
 
     def close(self) -> None:
         _close(self.listener)
@@ -399,6 +412,6 @@ class FaultProxy:
     def summary(self) -> dict[str, Any]:
         """Per fault what it did, and per link what went through (for the trial's detail)."""
         return {"faults": {str(i): self.counts(i) for i in self.faults},
-                "links": {link.name: {"port": link.port, "connections": link.accepted,
+                "links": {link.name: {"port": link.port, "connections": link.accepted, "peers": dict(link.peers),
                                       "upstream_failures": link.upstream_failures, "bytes": dict(link.bytes)}
                           for link in self.links.values()}}
