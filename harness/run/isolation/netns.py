@@ -46,11 +46,19 @@ def _ip(*args: str) -> None:
 
 
 def _used_blocks() -> set[int]:
-    """The /30 blocks of the pool already holding an address on this machine (another harness's hosts)."""
+    """The /30 blocks of the pool already holding an address on this machine (another harness's hosts), or
+    inside a route of this machine's (a network that uses part of 10.213.0.0/16: its addresses stay reachable)."""
     result = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30)
     used = set()
     for match in re.finditer(r"inet (10\.213\.\d+\.\d+)/", result.stdout):
         used.add((int(ipaddress.ip_address(match.group(1))) - int(POOL.network_address)) // 4)
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True,
+                            timeout=30)
+    for match in re.finditer(r"^(?:\S+ )?(10\.213\.\d+\.\d+(?:/\d+)?) ", routes.stdout, re.MULTILINE):
+        network = ipaddress.ip_network(match.group(1), strict=False)
+        if network.subnet_of(POOL) and network.prefixlen < 30:    # (the harness's own veth routes are /30)
+            first = (int(network.network_address) - int(POOL.network_address)) // 4
+            used.update(range(first, first + max(1, network.num_addresses // 4)))
     return used
 
 
