@@ -543,18 +543,14 @@ class ClusterTrial(Trial):
             for number in chosen:
                 fleet.lose(by_number[number], "machine-loss", fault=fault.index)
 
-    async def _sample_each_second(self, recorder: Recorder, driver: Any, supervisor: Any) -> None:
-        """As a local trial samples, with each host's usage as its machine last reported it."""
-        fleet = self.supervisor
-        assert isinstance(fleet, RemoteFleet)
-        while True:
-            await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
-            usage, cgroups = fleet.usage()
-            counters = await driver.take_counters(recorder.next_second)
-            self._add_sample(recorder, recorder.next_second, counters, driver, supervisor, usage, cgroups)
-            recorder.next_second += 1
-            if recorder.next_second % 5 == 0:
-                await trio.to_thread.run_sync(self.run.metrics.write_textfile)
+    async def _host_usage(self, supervisor: FleetSupervisor) -> tuple[dict[int, tuple[int, int, int]],
+                                                                      dict[int, dict[str, Any]]]:
+        """Each host's usage as its machine last reported it (every second)."""
+        assert isinstance(supervisor, RemoteFleet)
+        return supervisor.usage()
+
+    def _note_oom_kills(self, recorder: Recorder, hosts: list[Host], cgroups: dict[int, dict[str, Any]]) -> None:
+        """Each machine notes its own hosts' (harness.cluster.machine)."""
 
     def _shim_snapshot(self, host: int) -> dict[str, Any] | None:
         fleet = self.supervisor

@@ -492,10 +492,7 @@ class Trial:
             await trio.sleep_until(recorder.t0 + recorder.next_second + 1)
             # All waiting first: once the counters are swapped, nothing may await (a cancellation
             # there would lose a second of outcomes).
-            usage, cgroups = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self.run.objects)
-            # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
-            # taken these counters and the hosts are stopping, so this second must not be recorded.
-            await trio.lowlevel.checkpoint_if_cancelled()
+            usage, cgroups = await self._host_usage(supervisor)
             # Driver workers' seconds may still be on their way: wait for them (a cancellation while
             # waiting takes nothing; the final sample gathers it).
             counters = await driver.take_counters(recorder.next_second)
@@ -504,6 +501,15 @@ class Trial:
             recorder.next_second += 1
             if recorder.next_second % 5 == 0:
                 await trio.to_thread.run_sync(self.run.metrics.write_textfile)
+
+    async def _host_usage(self, supervisor: FleetSupervisor) -> tuple[dict[int, tuple[int, int, int]],
+                                                                      dict[int, dict[str, Any]]]:
+        """Each host's process usage and cgroup counters now (over a cluster: as its machine last said)."""
+        usage, cgroups = await trio.to_thread.run_sync(_usage_and_objects, supervisor.hosts, self.run.objects)
+        # A thread finishes even when cancelled: if the load ended meanwhile, the final sample has
+        # taken these counters and the hosts are stopping, so this second must not be recorded.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return usage, cgroups
 
     async def _prove(self, host: Host, child: Any, stage: str) -> None:
         """Proof of what this incarnation runs (harness.collect.proof): from the files at exec, from the live process
