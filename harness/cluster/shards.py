@@ -111,12 +111,7 @@ class ShardPool(DriverPool):
             shard.first_second = IDLE        # nothing to wait for from it until it runs
             self.local.add(id(shard))
             self.workers.append(shard)
-            nursery = self._nursery
-            assert nursery is not None
-            await self._spawn(shard)
-            nursery.start_soon(self._watch, shard)
-            nursery.start_soon(self._receive, shard)
-            nursery.start_soon(self._send, shard)
+            await self._launch(shard)
             with trio.move_on_after(READY_TIMEOUT):
                 await shard.ready.wait()
             if not shard.ready.is_set():

@@ -292,10 +292,7 @@ class DriverPool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for worker in self.workers:
-                    await self._spawn(worker)
-                    nursery.start_soon(self._watch, worker)
-                    nursery.start_soon(self._receive, worker)
-                    nursery.start_soon(self._send, worker)
+                    await self._launch(worker)
                 with trio.move_on_after(READY_TIMEOUT) as scope:
                     for worker in self.workers:
                         await worker.ready.wait()
@@ -323,6 +320,15 @@ class DriverPool:
             child.close()
         worker.channel = Channel(parent)
         await worker.channel.send(("config", self._config(worker)))
+
+    async def _launch(self, worker: Worker) -> None:
+        """A worker started, and its tasks here (watching it, hearing it, telling it) in the pool's nursery."""
+        nursery = self._nursery
+        assert nursery is not None
+        await self._spawn(worker)
+        nursery.start_soon(self._watch, worker)
+        nursery.start_soon(self._receive, worker)
+        nursery.start_soon(self._send, worker)
 
     def _config(self, worker: Worker) -> dict[str, Any]:
         """What a worker is configured with: the pool's, and its number (each opens client.connections per host)."""
