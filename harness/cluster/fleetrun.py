@@ -39,7 +39,7 @@ from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
 from harness.run.driverpool import Channel, resolve_workers
-from harness.run.faults.network import describe, merge_summaries
+from harness.run.faults.network import NetFaults, describe, merge_summaries
 from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_links, host_names
 from harness.run.fleet import FleetSupervisor, Host, State
 from harness.run.options import RunOptions, RunResult
@@ -481,7 +481,7 @@ class ClusterTrial(Trial):
                 "scenario": self.scenario, "variant": self.variant, "trial": self.number, "repeat": self.repeat,
                 "total": self.total, "start_at": self.start_at if self.resuming else None, "hosts": m.hosts,
                 "run_id": run.run_id, "run_dir": str(run.run_dir / "machines" / f"m{m.number + 1}"),
-                "umask": self.spawner.child_umask, "addr": m.addr, "says_unlinked": m is machines[0],
+                "umask": self.spawner.child_umask, "addr": m.addr,
                 "listen": run.listen_address}))
         for m in machines:
             assert m.channel is not None
@@ -523,6 +523,11 @@ class ClusterTrial(Trial):
     def _more_faults(self, nursery: trio.Nursery, recorder: Recorder) -> None:
         if self.variant.faults and self.scenario.machine_losses:
             nursery.start_soon(self._machine_losses, recorder)
+        if self.variant.faults and any(not fault_links(self.scenario, f) for f in self.scenario.net_faults):
+            # a network fault with no link anywhere: its windows, said here as a local run says them
+            # (no proxy: hosts=() opens no listener); the others are each machine's
+            nursery.start_soon(NetFaults(self.scenario, self.ports, hosts=()).run, recorder.t0, recorder,
+                               self.start_at)
 
     async def _machine_losses(self, recorder: Recorder) -> None:
         fleet = self.supervisor

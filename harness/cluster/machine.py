@@ -136,7 +136,6 @@ class MachineTrial(Trial):
         self.watch_scope = trio.CancelScope()     # the wait for a force once the fleet is stopping
         self.listen: tuple[str, int] = config["listen"]
         self.addr: str = config["addr"]            # this machine's address, where its hosts and proxy listen
-        self.says_unlinked: bool = config["says_unlinked"]
         self.nets: dict[int, Any] = {}             # isolation: netns: a namespace per host of such a group
         self.shards: list[Child] = []      # driver shards started here
 
@@ -153,7 +152,7 @@ class MachineTrial(Trial):
         if scenario.net_faults or self.nets:
             upstream = [self.nets[h].inner_ip if h in self.nets else self.addr for h in range(len(ports))]
             self.net = NetFaults(scenario, ports, upstream, hosts=set(self.mine), listen=self.addr,
-                                 says_unlinked=self.says_unlinked)
+                                 says_unlinked=False)    # (the command says those)
         return {h: ports[h] for h in self.mine}, self.net.proxy.via() if self.net is not None else {}
 
     async def plan(self, ports: list[int], addrs: list[str], via: dict[LinkSpec, int]) -> None:

@@ -290,6 +290,8 @@ def test_a_machines_proxy_carries_the_links_into_its_own_hosts_and_records_only_
             assert here.targets[0] == [3]
         finally:
             here.proxy.close()
+        command = NetFaults(scenario, ports, hosts=())      # the command: no link, says only unlinked faults
+        assert not command.proxy.links and command.silent == {0, 1}
     trio.run(machine)
     addrs = ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.1"]     # each host's machine
     wiring = backends(scenario, ports, {LinkSpec("front", 3): 9003}, addrs=addrs, proxy_addrs=addrs)

@@ -41,7 +41,7 @@ class NetFaults:
                  hosts: Collection[int] | None = None, listen: str = "127.0.0.1", says_unlinked: bool = True):
         """`hosts`: the hosts whose links this proxy carries (over a cluster, its machine's: a link's proxy
         runs beside the host it leads to), listening on `listen`. A fault with no link here records nothing,
-        unless it has no link anywhere and `says_unlinked` (one machine says so for the fleet)."""
+        unless it has no link anywhere and `says_unlinked` (over a cluster the command says those: hosts=())."""
         self.scenario = scenario
         self.faults = scenario.net_faults
         names = host_names(scenario)
