@@ -207,6 +207,9 @@ class MachineTrial(Trial):
                 if kind == "load":
                     self._clock(message[1])
                     supervisor.mark_alive_boundary()
+                    # what happened in the set-up (starts, proofs) goes now: a machine lost in the first
+                    # second would take it with it
+                    await self._flush(self.number, recorder)
                     nursery.start_soon(self._writer, self.number, recorder)
                     nursery.start_soon(self._usage, supervisor)
                     if self.shim is not None and self.variant.faults:
