@@ -283,12 +283,23 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
     and last injection (trial seconds). From the controller's `fault-window` events; a window still open when
     the harness died is read from the last per-host sample inside it (its end is then null)."""
     out = []
+    joined: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
     for event in events:
         if event["kind"] != "fault-window":
             continue
         d = event["detail"]
-        out.append({k: d.get(k) for k in ("fault", "slot", "fault_kind", "mode", "window", "start", "end",
-                                          "ended_by", "resumed")} | {"hosts": d.get("hosts", [])})
+        key = (d.get("fault"), d.get("slot"), d.get("window"))
+        if d.get("window") is not None and key in joined:
+            # over a cluster each machine closes the window on its own hosts: one window, every host
+            window = joined[key]
+            window["hosts"] = sorted(window["hosts"] + d.get("hosts", []), key=lambda h: h["host"])
+            window["start"] = min(w for w in (window["start"], d.get("start")) if w is not None) \
+                if d.get("start") is not None else window["start"]
+            window["end"] = max(window["end"], d["end"]) if None not in (window["end"], d.get("end")) else None
+            continue
+        window = joined[key] = {k: d.get(k) for k in ("fault", "slot", "fault_kind", "mode", "window", "start",
+                                                      "end", "ended_by", "resumed")} | {"hosts": d.get("hosts", [])}
+        out.append(window)
     armed: dict[int, dict[str, Any]] = {}
     for event in events:     # arms with no closing fault-window: the harness stopped inside the window
         if event["detail"].get("family") in ("network", "resource"):

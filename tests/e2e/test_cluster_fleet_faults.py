@@ -206,6 +206,9 @@ def test_crashes_on_both_machines_come_back_with_their_cores_and_triage(tmp_path
     assert len(trial["crashes"]) == len(crashes)
     assert {c["crash_class"] for c in trial["crashes"]} == {"null-deref"}
     assert sum(b["count"] for b in trial["buckets"]) == len(crashes)
+    # the budget's window, closed by each machine on its own hosts, is one window over all four
+    (window,) = trial["fault_windows"]
+    assert [h["host"] for h in window["hosts"]] == [0, 1, 2, 3] and window["injected"] > 0
     _assert_nothing_left(made, ESTATS)
 
 
