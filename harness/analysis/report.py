@@ -289,28 +289,39 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
             continue
         d = event["detail"]
         key = (d.get("fault"), d.get("slot"), d.get("window"))
-        if d.get("window") is not None and key in joined:
-            # over a cluster each machine closes the window on its own hosts: one window, every host
+        machine = d.get("machine")
+        if machine is not None and key in joined and machine not in joined[key]["_machines"]:
+            # over a cluster each machine closes the window on its own hosts: one window, every host (a
+            # resumed run's window of the same number, closed twice by one machine, stays two)
             window = joined[key]
+            window["_machines"].add(machine)
             window["hosts"] = sorted(window["hosts"] + d.get("hosts", []), key=lambda h: h["host"])
             window["start"] = min(w for w in (window["start"], d.get("start")) if w is not None) \
                 if d.get("start") is not None else window["start"]
             window["end"] = max(window["end"], d["end"]) if None not in (window["end"], d.get("end")) else None
             continue
         window = joined[key] = {k: d.get(k) for k in ("fault", "slot", "fault_kind", "mode", "window", "start",
-                                                      "end", "ended_by", "resumed")} | {"hosts": d.get("hosts", [])}
+                                                      "end", "ended_by", "resumed")} | {"hosts": d.get("hosts", []),
+                                                                                        "_machines": {machine}}
         out.append(window)
-    armed: dict[int, dict[str, Any]] = {}
+    for window in out:
+        window.pop("_machines")
+    armed: dict[tuple[int, Any], dict[str, Any]] = {}
+    lost: dict[Any, float] = {}
     for event in events:     # arms with no closing fault-window: the harness stopped inside the window
+        if event["kind"] in ("machine-loss", "machine-lost"):
+            lost[event["detail"].get("machine")] = event["t"]
         if event["detail"].get("family") in ("network", "resource"):
             continue         # (those are the proxy's and the cgroups': harness/analysis/faultreport.py)
+        source = (event["detail"].get("fault"), event["detail"].get("machine"))    # (machine: over a cluster)
         if event["kind"] == "fault-arm":
-            armed[event["detail"]["fault"]] = event
+            armed[source] = event
         elif event["kind"] in ("fault-disarm", "fault-window"):
-            armed.pop(event["detail"].get("fault"), None)
-    for index, event in armed.items():
+            armed.pop(source, None)
+    for (index, machine), event in armed.items():
         d = event["detail"]
-        if any(w["fault"] == index and w["start"] is not None and abs(w["start"] - event["t"]) < 1e-3 for w in out):
+        if machine is None and any(w["fault"] == index and w["start"] is not None
+                                   and abs(w["start"] - event["t"]) < 1e-3 for w in out):
             continue
         hosts = []
         for host in d.get("hosts", []):
@@ -326,7 +337,9 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
                           "first": at("first_injected"), "last": at("last_injected")})
         out.append({"fault": index, "slot": d.get("slot"), "fault_kind": d.get("fault_kind"), "mode": d.get("mode"),
                     "window": None, "start": event["t"], "end": None, "resumed": False,
-                    "ended_by": "unknown (the harness stopped inside the window; counts as of its last second)",
+                    "ended_by": (f"unknown (its machine, m{machine}, was lost inside the window at {lost[machine]:.1f}s; "
+                                 f"counts as of its last second)") if machine in lost else
+                                "unknown (the harness stopped inside the window; counts as of its last second)",
                     "hosts": hosts})
     for window in out:
         for host in window["hosts"]:

@@ -256,7 +256,7 @@ class RemoteFleet(FleetSupervisor):
         elif kind == "batch":
             _, events, crashes = message
             for event in events:
-                if event["kind"] in ("fault-arm", "fault-disarm"):   # one window's arms, from several machines
+                if event["kind"] in ("fault-arm", "fault-disarm", "fault-window"):   # one window's, from several machines
                     event["detail"]["machine"] = machine.number + 1
                     if event["kind"] == "fault-disarm" and "counts" in event["detail"]:
                         machine.disarmed[event["detail"]["fault"]] = (event["t"], event["detail"]["counts"])
@@ -492,10 +492,6 @@ class ClusterTrial(Trial):
                 raise HarnessError(f"{m.label} closed its link before it chose its ports")
             m.ports, m.via = message[1], message[2]
             m.offset, m.perf_offset, m.rtt = await _clock_offsets(m.channel)
-
-    def hosts_in_rotation(self) -> list[tuple[int, int]]:
-        """(host, incarnation) of every host up and loaded now: what a driver shard started late is told."""
-        return [(h.index, h.incarnation) for h in self.hosts if h.state == State.UP and h.index in self.rotation]
 
     async def remote_crash(self, machine: Machine, record: dict[str, Any]) -> None:
         """A crash record from a machine, completed here as harness.run.trial._on_crash does locally: the

@@ -53,6 +53,8 @@ class ShardPool(DriverPool):
         self.last_reported: dict[int, int] = {}                # shard number -> last second it reported
         self._start = 0.0                        # the load's start and end on the trio clock
         self._until: float | None = None
+        # host -> [its generation, whether a shard ejected it since]: what a shard taking over is told
+        self.hosts_seen: dict[int, list[Any]] = {}
 
     async def _spawn(self, worker: Worker) -> None:
         if id(worker) in self.local:
@@ -72,10 +74,21 @@ class ShardPool(DriverPool):
     def _config(self, worker: Worker) -> dict[str, Any]:
         """Each host gets client.connections in all, as from one driver in a local run (the default there):
         each shard opens its share of them (at least one); a standby, the largest share it may take over."""
-        shards, connections = len(self.machine_of), self.config["client"].connections
-        number = worker.number if worker.number < shards else 0
-        share = max(1, connections // shards + (number < connections % shards))
+        share = self._share(worker.number if worker.number < len(self.machine_of) else 0)
         return {**super()._config(worker), "client": replace(self.config["client"], connections=share)}
+
+    def _share(self, number: int) -> int:
+        """Shard `number`'s connections per host: client.connections split among the shards, at least one."""
+        shards, connections = len(self.machine_of), self.config["client"].connections
+        return max(1, connections // shards + (number < connections % shards))
+
+    def host_ready(self, index: int, generation: int) -> None:
+        self.hosts_seen[index] = [generation, False]
+        super().host_ready(index, generation)
+
+    def host_gone(self, index: int) -> None:
+        self.hosts_seen.pop(index, None)
+        super().host_gone(index)
 
     async def _watch(self, worker: Worker) -> None:
         if id(worker) in self.local:
@@ -111,16 +124,20 @@ class ShardPool(DriverPool):
             shard.first_second = IDLE        # nothing to wait for from it until it runs
             self.local.add(id(shard))
             self.workers.append(shard)
+            self.standby = shard             # (told no host change while it starts: all of it comes below)
             await self._launch(shard)
             with trio.move_on_after(READY_TIMEOUT):
                 await shard.ready.wait()
+            self.standby = None
             if not shard.ready.is_set():
                 raise HarnessError(f"the driver shard taking over shard {lost.number} did not start within "
                                    f"{READY_TIMEOUT:g}s (log: {shard.log})")
         # told what is up only now: idle, it held no connection to any host (they would use the hosts'
-        # memory and file descriptors, which a local run's hosts do not spend); it connects before it sends
-        for index, incarnation in self.trial.hosts_in_rotation():
-            shard.outbox_send.send_nowait(("host_ready", index, incarnation))
+        # memory and file descriptors, which a local run's hosts do not spend); it connects before it sends,
+        # with the lost shard's connections, and probes first a host another shard ejected (it may hang)
+        shard.outbox_send.send_nowait(("connections", self._share(lost.number)))
+        for index, (generation, ejected) in self.hosts_seen.items():
+            shard.outbox_send.send_nowait(("host_ready", index, generation, ejected))
         shard.number = lost.number
         shard.first_second = int(at)
         last = self.last_reported.get(lost.number)
@@ -167,6 +184,10 @@ class ShardPool(DriverPool):
         self._merge_stats()
 
     def _handle(self, worker: Worker, message: Any) -> None:
+        if message[0] == "eject":
+            seen = self.hosts_seen.get(message[1])
+            if seen is not None and seen[0] == message[2]:
+                seen[1] = True
         if worker is self.standby and message[0] == "done":    # stopped unused: it has nothing to give
             worker.done.set()
             self._notify()

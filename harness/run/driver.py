@@ -232,12 +232,14 @@ class Driver:
 
     # --- the supervisor's callbacks ---------------------------------------------------------
 
-    def host_ready(self, index: int, generation: int) -> None:
+    def host_ready(self, index: int, generation: int, probe: bool = False) -> None:
+        """The host is up: connect and put it in rotation (`probe`: once it answers a probe, as a host that
+        another worker ejected and this one has not seen answer yet)."""
         link = self.links[index]
         link.generation = generation
         self.lost_inflight[index] = 0
         if self._nursery is not None:
-            self._nursery.start_soon(self._bring_up, link, generation, False)
+            self._nursery.start_soon(self._bring_up, link, generation, probe)
 
     def host_gone(self, index: int) -> None:
         link = self.links[index]

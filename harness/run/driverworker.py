@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -59,8 +60,12 @@ class WorkerRun:
                     break             # the harness closed the socket (or died): nothing left to do
                 kind = message[0]
                 if kind == "host_ready":
-                    self.told_up.add(message[1])
-                    self.driver.host_ready(message[1], message[2])
+                    probe = len(message) > 3 and message[3]
+                    if not probe:         # (one to probe first may not answer: nothing waits for it)
+                        self.told_up.add(message[1])
+                    self.driver.host_ready(message[1], message[2], probe=probe)
+                elif kind == "connections":   # a standby taking a lost shard's share: that shard's connections
+                    self.driver.client = replace(self.driver.client, connections=message[1])
                 elif kind == "host_gone":
                     _, host, sequence = message
                     self.told_up.discard(host)
@@ -92,9 +97,9 @@ class WorkerRun:
         offset = trio.current_time() - time.perf_counter()          # CLOCK_MONOTONIC -> trio clock
         start = start_monotonic + offset
         until = None if until_monotonic is None else until_monotonic + offset
-        if taking_over:
-            await self._connected()
-        with trio.CancelScope() as self.load_scope:
+        with trio.CancelScope() as self.load_scope:     # (a stop while it connects ends it too)
+            if taking_over:
+                await self._connected()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reporter, start, int(plan.start_at))
                 await self.driver.send_all(plan, start, until, worker=self.number, workers=self.workers)

@@ -528,3 +528,68 @@ def test_a_machine_lost_in_a_network_faults_window_ends_its_part_and_its_counts_
     line = next(line for line in text.splitlines() if line.startswith("network fault 0"))
     assert ": at least bytes delayed" in line and line.endswith("m2 lost at 3.5s: its counts unknown"), line
     _assert_nothing_left(made, ECHO_SERVER)
+
+
+TAKEOVER = f"""
+name: cluster-takeover
+seed: 5
+target:
+  root: {REPO}
+  build: [make, -s, -C, targets/echo]
+  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
+  ready: {{tcp: "{{port}}", timeout: 10s}}
+fleet: {{hosts: 4, balancer: round-robin, placement: spread}}
+client: {{timeout: 1s}}
+load: [{{hold: {{rate: 400, for: 10s}}}}]
+faults:
+  - FAULT
+  - {{kind: machine-loss, at: LOSS, machine: 2}}
+"""
+
+
+def _by_second(run_dir: Path) -> dict[int, dict[int, dict]]:
+    rows = query(run_dir, "SELECT t, host, sent, ok, errors FROM host_samples")
+    out: dict[int, dict[int, dict]] = {}
+    for row in rows:
+        out.setdefault(row["t"], {})[row["host"]] = row
+    return out
+
+
+@pytest.mark.slow
+def test_the_standby_takes_over_with_what_the_shards_knew_of_paused_and_ejected_hosts(tmp_path: Path,
+                                                                                       machines) -> None:
+    """The standby holds no connection while idle and is told the hosts when it takes over: a host paused at
+    that moment still gets its share once it is back; a host the other shards ejected (stalled) is probed
+    before anything is sent to it, never sent requests that time out."""
+    made, address = machines
+    # machine 2 (h1, h3) lost while h0 is paused: after the pause h0 and h2 share the load evenly
+    scenario = tmp_path / "pause.yaml"
+    scenario.write_text(TAKEOVER.replace("FAULT", "{kind: host-loss, at: 2s, hosts: 3, how: pause, for: 3s}")
+                        .replace("LOSS", "3.5s"), encoding="utf-8")
+    run = _run(scenario, tmp_path / "paused", address)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = [p for p in (tmp_path / "paused").iterdir() if (p / "run.db").exists()]
+    paused = {h for d in (json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events "
+                                                                   "WHERE kind='host-loss'")) for h in d["hosts"]}
+    assert 0 in paused or 2 in paused, paused        # a host of the surviving machine was paused then
+    seconds = _by_second(run_dir)
+    for t in (6, 7, 8):
+        total = seconds[t][0]["sent"] + seconds[t][2]["sent"]
+        assert total > 0 and min(seconds[t][0]["sent"], seconds[t][2]["sent"]) >= 0.35 * total, seconds[t]
+    # half the hosts stalled (ejected by the shards) when machine 2 is lost: the standby probes them first
+    scenario = tmp_path / "stall.yaml"
+    scenario.write_text(TAKEOVER.replace("FAULT", "{kind: stall, hosts: 50%, from: 1s, until: 9.5s}")
+                        .replace("LOSS", "4s"), encoding="utf-8")
+    run = _run(scenario, tmp_path / "stalled", address, "--json")
+    assert run.returncode in (0, 1), run.stderr
+    run_dir = Path(json.loads(run.stdout)["run_dir"])
+    stalled = {h for d in (json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events "
+                                                                    "WHERE kind='fault-arm'")) for h in d["hosts"]}
+    seconds = _by_second(run_dir)
+    assert stalled & {0, 2}                          # a host of the surviving machine was stalled
+    # ejected by about 2 s (1 s timeouts); from the takeover at 4 s on, nothing sent to them, nothing timed out
+    assert all(seconds[t][h]["sent"] == 0 and seconds[t][h]["errors"] == 0
+               for t in range(4, 9) for h in (0, 2) if h in stalled), seconds
+    timeouts = query(run_dir, "SELECT sum(timeout) FROM samples WHERE t BETWEEN 4 AND 8")[0][0]
+    assert timeouts == 0                              # nothing sent to a host that would not answer
+    _assert_nothing_left(made, ECHO_SERVER)
