@@ -150,16 +150,13 @@ def _cluster_engine_needed(args: argparse.Namespace) -> bool:
     return cluster_address(args.cluster) is not None
 
 
-def _cluster(args: argparse.Namespace, resuming: bool = False) -> str | None:
+def _cluster(args: argparse.Namespace) -> str | None:
     """The cluster to run on (--cluster, else $HARNESS_CLUSTER), checked before anything starts."""
     from harness.cluster.connect import cluster_address, require_engine
     address = cluster_address(args.cluster)
     if address is None:
         return None
     require_engine()
-    if resuming:
-        raise HarnessError("--cluster: resuming a real fleet's run over a cluster is not built yet (its hosts' cores "
-                           "and logs are on the machines): run the scenario again (docs/cluster.md)")
     return address
 
 
@@ -561,7 +558,7 @@ def _resume_locked(args: argparse.Namespace, argv: list[str], run_dir: Path, loc
                               duration_override=invocation.duration, seed_override=invocation.seed)
     if scenario.fleet.simulated is not None:
         raise HarnessError("a simulated run is deterministic and quick: run it again instead of resuming it")
-    args.cluster = _cluster(args, resuming=True)
+    args.cluster = _cluster(args)
     _say_cut(build_scenario(parse_source(point.scenario_text, invocation.scenario_file), where), scenario.duration)
     from harness.present.prometheus import parse_address
     options = RunOptions(out_dir=run_dir.parent, variant=invocation.variant, trials=invocation.trials,
@@ -587,9 +584,11 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
         from harness.scenario.needs import machine_loss_problem
-        refused = machine_loss_problem(scenario)   # a local run has no machines to lose
+        resumed_from = _resumed_from(scenario, options)
+        refused = machine_loss_problem(scenario, resumed_from)   # a local run has no machines to lose
         if refused:
-            raise HarnessError(refused)
+            raise HarnessError(refused + (f": resume it with --cluster (it goes on from {resumed_from}s)"
+                                          if resumed_from else ""))
         from harness.run.capacity import rate_warning
         warning = rate_warning(scenario)
         if warning:
@@ -602,6 +601,15 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         if result.lock is not None:
             result.lock.release()   # held until the verdict is in the store
     return code
+
+
+def _resumed_from(scenario: Any, options: Any) -> int:
+    """The earliest second a resumed run's unfinished trials go on from (0: not resuming, or a trial that had not
+    begun): what is on the timeline before it is past."""
+    if options.resume is None:
+        return 0
+    from harness.plan.trialorder import trial_order
+    return options.resume.goes_on_from(len(trial_order(scenario, options.variant, options.trials or scenario.trials)))
 
 
 def _record_exit_code(run_dir: Path, code: int) -> None:

@@ -9,17 +9,18 @@ import math
 from typing import Any
 
 
-def machine_shares(machines: list[dict[str, Any]], host_rows: list[dict[str, Any]], end: float) -> list[dict[str, Any]]:
-    """Per stretch between machine losses: each machine's good replies and share of them. The second a
-    machine was lost in belongs to neither side (part before, part after), so it is left out."""
+def machine_shares(machines: list[dict[str, Any]], host_rows: list[dict[str, Any]], end: float,
+                   start: float = 0.0) -> list[dict[str, Any]]:
+    """Per stretch between machine losses, from `start` (a resumed trial's machines hold from the resumed
+    second) to `end`: each machine's good replies and share of them. The second a machine was lost in belongs to
+    neither side (part before, part after), so it is left out."""
     machine_of = {host: m["machine"] for m in machines for host in m["hosts"]}
     losses = sorted(m["lost_at"] for m in machines if m.get("lost_at") is not None)
     stretches: list[tuple[float, float]] = []
-    start = 0.0
     for lost in losses:
         if math.floor(lost) > start:
             stretches.append((start, float(math.floor(lost))))
-        start = float(math.floor(lost) + 1)
+        start = max(start, float(math.floor(lost) + 1))
     if end > start:
         stretches.append((start, end))
     out = []
@@ -35,29 +36,89 @@ def machine_shares(machines: list[dict[str, Any]], host_rows: list[dict[str, Any
 
 
 def machines_section(detail: dict[str, Any], host_rows: list[dict[str, Any]], end: float,
-                     names: dict[int, str]) -> dict[str, Any] | None:
-    machines = detail.get("machines")
-    if not machines:
+                     names: dict[int, str], events: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The trial's machines (its `machines` detail: the last attempt's), and, for a trial resumed (`gap`
+    events), where each earlier stretch ran: on machines (its `placement` event and the losses recorded in it)
+    or on the command's machine (a local attempt)."""
+    events = events or []
+    machines = detail.get("machines") or []
+    start = float(detail.get("machines_from") or 0)
+    earlier = _earlier_attempts(events, host_rows, start if machines else _last_start(events), names,
+                                bool(machines))
+    if not machines and not earlier:
         return None
     listed = [{**m, "host_names": [names.get(h, f"h{h}") for h in m["hosts"]]} for m in machines]
-    return {"machines": listed, "shares": machine_shares(machines, host_rows, end)}
+    return {"machines": listed, "from": start, "local_from": None if machines else _last_start(events),
+            "shares": machine_shares(machines, host_rows, end, start) if machines else [],
+            "earlier": earlier}
+
+
+def _attempt_starts(events: list[dict[str, Any]]) -> list[float]:
+    """Where each attempt of the trial began: 0, then each resume's second."""
+    return sorted({0.0} | {float(e["detail"]["resumed_at"]) for e in events if e["kind"] == "gap"})
+
+
+def _last_start(events: list[dict[str, Any]]) -> float:
+    return _attempt_starts(events)[-1]
+
+
+def _earlier_attempts(events: list[dict[str, Any]], host_rows: list[dict[str, Any]], until: float,
+                      names: dict[int, str], last_on_machines: bool) -> list[dict[str, Any]]:
+    """The stretches before `until` (the last attempt's start), each with its machines (None: it ran on the
+    command's machine); [] when no attempt ran on machines."""
+    placements = {float(e["detail"].get("from", 0)): e["detail"]["machines"]
+                  for e in events if e["kind"] == "placement"}      # the last one for a second wins
+    starts = [s for s in _attempt_starts(events) if s < until]
+    if not last_on_machines and not any(s in placements for s in starts):
+        return []
+    out = []
+    for first, last in zip(starts, starts[1:] + [until]):
+        placed = placements.get(first)
+        if placed is None:
+            out.append({"from": first, "to": last, "machines": None, "shares": []})
+            continue
+        lost = {e["detail"].get("machine"): (e["t"], e["detail"].get("why") or e["kind"]) for e in events
+                if e["kind"] in ("machine-loss", "machine-lost") and first <= e["t"] < last}
+        machines = [{**m, "lost": lost[m["machine"]][1] if m["machine"] in lost else None,
+                     "lost_at": lost[m["machine"]][0] if m["machine"] in lost else None,
+                     "host_names": [names.get(h, f"h{h}") for h in m["hosts"]]} for m in placed]
+        out.append({"from": first, "to": last, "machines": machines,
+                    "shares": machine_shares(machines, host_rows, last, first)})
+    return out
+
+
+def _machine_line(m: dict[str, Any], indent: str) -> str:
+    lost = f"; lost at {m['lost_at']:.2f}s ({m['lost']})" if m.get("lost") else ""
+    hosts = f"{len(m['hosts'])} host{'' if len(m['hosts']) == 1 else 's'}"
+    return f"{indent}m{m['machine']} {m['addr']} (worker {m['worker']}): {hosts} {' '.join(m['host_names'])}{lost}"
+
+
+def _share_line(shares: list[dict[str, Any]], indent: str) -> list[str]:
+    stretches = []
+    for stretch in shares:
+        text = " ".join(f"m{machine} {share * 100:.1f}%" if share is not None else f"m{machine} -"
+                        for machine, share in stretch["share"].items())
+        stretches.append(f"{stretch['from']:g}-{stretch['to']:g}s: {text}")
+    return [f"{indent}share of good replies by machine: " + " | ".join(stretches)] if stretches else []
 
 
 def machine_lines(section: dict[str, Any]) -> list[str]:
     out = ["machines (--cluster):"]
-    for m in section["machines"]:
-        lost = ""
-        if m.get("lost"):
-            lost = f"; lost at {m['lost_at']:.2f}s ({m['lost']})"
-        hosts = f"{len(m['hosts'])} host{'' if len(m['hosts']) == 1 else 's'}"
-        out.append(f"  m{m['machine']} {m['addr']} (worker {m['worker']}): {hosts} {' '.join(m['host_names'])}{lost}")
-    stretches = []
-    for stretch in section["shares"]:
-        shares = " ".join(f"m{machine} {share * 100:.1f}%" if share is not None else f"m{machine} -"
-                          for machine, share in stretch["share"].items())
-        stretches.append(f"{stretch['from']:g}-{stretch['to']:g}s: {shares}")
-    if stretches:
-        out.append("  share of good replies by machine: " + " | ".join(stretches))
+    for attempt in section.get("earlier", []):
+        span = f"{attempt['from']:g}-{attempt['to']:g}s"
+        if attempt["machines"] is None:
+            out.append(f"  {span} (before a resume): on the command's machine (a local run)")
+            continue
+        out.append(f"  {span} (before a resume):")
+        out += [_machine_line(m, "    ") for m in attempt["machines"]]
+        out += _share_line(attempt["shares"], "    ")
+    if section.get("local_from") is not None:
+        out.append(f"  from {section['local_from']:g}s (resumed without --cluster): on the command's machine")
+    elif section.get("earlier"):
+        out.append(f"  from {section['from']:g}s (resumed over the cluster):")
+    indent = "    " if section.get("earlier") else "  "
+    out += [_machine_line(m, indent) for m in section["machines"]]
+    out += _share_line(section["shares"], indent)
     for takeover in section.get("takeovers", []):
         first, until = takeover.get("counts_lost", [None, None])
         seconds = (f"second {first}" if until == first + 1 else f"seconds {first}-{until - 1}") \

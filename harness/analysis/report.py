@@ -239,9 +239,9 @@ def _trial(store: RunStore, trial: dict[str, Any], phases: list[dict[str, Any]],
 def _machines(store: RunStore, tid: int, detail: dict[str, Any], end: float, names: dict[int, str],
               events: list[dict[str, Any]]) -> dict[str, Any]:
     """A fleet spread over a cluster's machines (harness/analysis/machines.py); nothing otherwise."""
-    if not detail.get("machines"):
+    if not detail.get("machines") and not any(e["kind"] == "placement" for e in events):
         return {}
-    section = machines_section(detail, reads.host_samples(store, tid), end, names)
+    section = machines_section(detail, reads.host_samples(store, tid), end, names, events)
     if section is not None:
         section["takeovers"] = [{"t": e["t"], **e["detail"]} for e in events if e["kind"] == "driver-takeover"]
     return {"machines": section} if section else {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import secrets
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from harness.cluster.shards import ShardPool
 from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
+from harness.plan.trialorder import trial_order
 from harness.run.driverpool import Channel, resolve_workers
 from harness.run.faults.network import NetFaults, describe, merge_summaries
 from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_links, host_names
@@ -417,6 +419,8 @@ class ClusterTrial(Trial):
             # queued now, before anything else is (a driver shard's start, from the pool's serve)
             machine.outbox.send_nowait(("table", ports, addrs, machine.offset, via))
             machine.outbox.send_nowait(("start",))
+            for crash in run.take_left_on(machine.addr):   # a stopped attempt's cores, triaged where they are
+                machine.outbox.send_nowait(("triage", crash["uid"], crash["core_path"], crash["executable"] or ""))
         self.ports = ports
         names = host_names(scenario)
         groups = {index: group for group in scenario.host_groups for index in scenario.hosts_in((group.name,))}
@@ -447,7 +451,7 @@ class ClusterTrial(Trial):
         self.rotation = {h for g in scenario.host_groups if g.rotation for h in scenario.hosts_in((g.name,))}
         self.supervisor = RemoteFleet(self, hosts, machines, _Listener(self.driver, recorder, self.rotation))
         recorder.event("placement", None, None, placement=scenario.fleet.placement,
-                       machines=[m.describe() for m in machines])
+                       machines=[m.describe() for m in machines], **{"from": self.start_at})
 
     async def _call_machines(self) -> None:
         """One task per machine; each agent calls back, is given the trial and answers with its ports."""
@@ -456,12 +460,16 @@ class ClusterTrial(Trial):
         expected = {m.number: run.callbacks.expect() for m in machines}
         address, port = run.listen_address
 
+        # A resumed trial's tasks have keys of their own: the interrupted attempt's task may still be running
+        # there (its agent stopping its hosts), and Dask would take a key it knows for that task.
+        attempt = f"-from{self.start_at}s-{secrets.token_hex(4)}" if self.resuming else ""
+
         def submit() -> None:
             for m in machines:
                 m.future = run.client.submit(machine_task, address, port, expected[m.number][0], m.number,
                                              f"{run.run_id}/t{self.number}/m{m.number + 1}",
                                              workers=[m.worker], allow_other_workers=False, pure=False,
-                                             key=f"harness-{run.run_id}-t{self.number}-m{m.number + 1}")
+                                             key=f"harness-{run.run_id}-t{self.number}-m{m.number + 1}{attempt}")
         await trio.to_thread.run_sync(submit)
         deadline = trio.current_time() + CONNECT_TIMEOUT
         for m in machines:
@@ -480,6 +488,7 @@ class ClusterTrial(Trial):
             await m.channel.send(("config", {
                 "scenario": self.scenario, "variant": self.variant, "trial": self.number, "repeat": self.repeat,
                 "total": self.total, "start_at": self.start_at if self.resuming else None, "hosts": m.hosts,
+                "trial_dir": self.trial_dir(),
                 "run_id": run.run_id, "run_dir": str(run.run_dir / "machines" / f"m{m.number + 1}"),
                 "umask": self.spawner.child_umask, "addr": m.addr,
                 "listen": run.listen_address}))
@@ -492,6 +501,12 @@ class ClusterTrial(Trial):
                 raise HarnessError(f"{m.label} closed its link before it chose its ports")
             m.ports, m.via = message[1], message[2]
             m.offset, m.perf_offset, m.rtt = await _clock_offsets(m.channel)
+
+    def trial_dir(self) -> str:
+        """The trial's folder under each machine's hosts/: a resumed attempt's is its own (t1-from12s), so what
+        the interrupted one left on that machine (logs, cores, triage) stays as it was, whichever machine
+        ran which host then."""
+        return f"t{self.number}-from{self.start_at}s" if self.resuming else f"t{self.number}"
 
     async def remote_crash(self, machine: Machine, record: dict[str, Any]) -> None:
         """A crash record from a machine, completed here as harness.run.trial._on_crash does locally: the
@@ -560,6 +575,7 @@ class ClusterTrial(Trial):
     def _detail(self) -> dict[str, Any]:
         detail = super()._detail()
         detail["machines"] = [m.describe() for m in self.machines]
+        detail["machines_from"] = self.start_at     # a resumed trial's machines: from the resumed second on
         network = self._network_detail()
         if network is not None:
             detail["network"] = network
@@ -689,12 +705,27 @@ class ClusterRun(Run):
         workers = client.scheduler_info()["workers"]
         self.machines = [MachineSpec(n, worker, info.get("host") or worker.split("://")[-1].rsplit(":", 1)[0])
                          for n, (worker, info) in enumerate(sorted(workers.items()))]
+        past = 0 if self.resume is None else self.resume.goes_on_from(
+            len(trial_order(scenario, options.variant, options.trials or scenario.trials)))
         for fault in scenario.machine_losses:
-            if fault.machine is not None and fault.machine >= len(self.machines):
+            if fault.machine is not None and fault.machine >= len(self.machines) and fault.at >= past:
                 raise HarnessError(f"{scenario.file}: faults[{fault.index}].machine: machine {fault.machine + 1}, but "
                                    f"the cluster at {address} has {len(self.machines)} worker(s)")
         self.callbacks: Callbacks | None = None
         self.listen_address = ("", 0)
+        self.left_on_machines: list[dict[str, Any]] = []   # cores a stopped attempt left untriaged on machines
+
+    def _triage_left(self, crash: dict[str, Any]) -> None:
+        """A core kept on a machine is triaged there, by the agent a resumed trial starts at that address."""
+        if crash.get("machine"):
+            self.left_on_machines.append(crash)
+        else:
+            super()._triage_left(crash)
+
+    def take_left_on(self, addr: str) -> list[dict[str, Any]]:
+        taken = [c for c in self.left_on_machines if c["machine"].get("addr") == addr]
+        self.left_on_machines = [c for c in self.left_on_machines if c not in taken]
+        return taken
 
     async def execute(self) -> RunResult:
         host = await trio.to_thread.run_sync(local_address_towards, self.address)
@@ -706,6 +737,11 @@ class ClusterRun(Run):
                 nursery.start_soon(self.callbacks.serve)
                 result = await super().execute()
                 nursery.cancel_scope.cancel()
+            for crash in self.left_on_machines:   # no trial ran hosts at its machine's address
+                machine = crash["machine"]
+                print(f"harness: note: the core of crash {crash['uid']} is kept on machine m{machine.get('machine')} "
+                      f"({machine.get('addr')}) at {crash['core_path']}; no worker of this cluster at that address "
+                      f"ran hosts, so it is left untriaged", file=sys.stderr)
             return result
         finally:
             for listener in listeners:

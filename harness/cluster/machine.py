@@ -138,6 +138,7 @@ class MachineTrial(Trial):
         self.addr: str = config["addr"]            # this machine's address, where its hosts and proxy listen
         self.nets: dict[int, Any] = {}             # isolation: netns: a namespace per host of such a group
         self.shards: list[Child] = []      # driver shards started here
+        self.trial_dir: str = config.get("trial_dir", f"t{self.number}")   # a resumed attempt's is its own
 
     async def prepare(self) -> tuple[dict[int, int], dict[LinkSpec, int]]:
         """Before the fleet is planned: a port for each of its hosts (a namespaced host's fixed one), and the
@@ -161,7 +162,7 @@ class MachineTrial(Trial):
         scenario, variant, number, spawner = self.scenario, self.variant, self.number, self.spawner
         self.ports = ports
         own = [self.nets[h].inner_ip if h in self.nets else addr for h, addr in enumerate(addrs)]
-        hosts = self.hosts = plan_fleet(scenario.host_groups, variant, self.run.run_dir / "hosts" / f"t{number}",
+        hosts = self.hosts = plan_fleet(scenario.host_groups, variant, self.run.run_dir / "hosts" / self.trial_dir,
                                         ports=ports, addrs=own, only=set(self.mine),
                                         backends=backends(scenario, ports, via, addrs=addrs, proxy_addrs=addrs))
         self._isolate(hosts, number, spawner, self.nets)
@@ -229,6 +230,8 @@ class MachineTrial(Trial):
                         nursery.start_soon(supervisor.pause, host, message[2])
                 elif kind == "driver":
                     await self._start_shard(message[1], message[2])
+                elif kind == "triage":     # a core a stopped attempt kept here, never triaged (resume)
+                    self._triage_left(*message[1:])
                 elif kind == "stop":
                     outer.start_soon(self._until_forced, channel)
                     break
@@ -245,6 +248,13 @@ class MachineTrial(Trial):
             fleet_scope.cancel()              # hosts stopped as at the end of a local trial
             await self._fleet_done.wait()
             nursery.cancel_scope.cancel()
+
+    def _triage_left(self, uid: str, core: str, executable: str) -> None:
+        if Path(core).exists():
+            self.run.triage_later(uid, Path(core), Path(executable))
+        else:
+            print(f"harness: note: the core of crash {uid} is not at {core} on this machine any more: left "
+                  f"untriaged", file=sys.stderr)
 
     async def _until_forced(self, channel: Channel) -> None:
         """While the hosts stop and the cores are triaged: the command's second Ctrl-C (force)."""

@@ -152,10 +152,7 @@ class Run:
                 # Triage of cores runs beside the trials and is waited for at the end.
                 async with trio.open_nursery() as self._triage_nursery:
                     for crash in self.resume.untriaged if self.resume else ():
-                        # Killed before these were triaged: the cores are still where they were put.
-                        if Path(crash["core_path"]).exists():
-                            self._triage_nursery.start_soon(self._triage, crash["uid"], Path(crash["core_path"]),
-                                                            Path(crash["executable"] or ""))
+                        self._triage_left(crash)
                     with trio.CancelScope() as self.main_scope:
                         for number, (variant, repeat) in enumerate(trials, start=1):
                             before = self.resume.trials.get(number) if self.resume else None
@@ -189,6 +186,18 @@ class Run:
             self.store.close()
         return RunResult(self.run_id, self.run_dir, status, self.interrupted, self.failed_trials, lock=self.lock,
                          forced=self.forced)
+
+    def _triage_left(self, crash: dict[str, Any]) -> None:
+        """A core whose triage the stopped run never finished: triaged now, where it was put, if that is here."""
+        assert self._triage_nursery is not None
+        if Path(crash["core_path"]).exists():
+            self._triage_nursery.start_soon(self._triage, crash["uid"], Path(crash["core_path"]),
+                                            Path(crash["executable"] or ""))
+        elif crash.get("machine"):
+            machine = crash["machine"]
+            print(f"harness: note: the core of crash {crash['uid']} was kept on machine m{machine.get('machine')} "
+                  f"({machine.get('addr')}) at {crash['core_path']}, not found here: left untriaged (resume with "
+                  f"--cluster triages it on its machine)", file=sys.stderr)
 
     def _new_trial(self, number: int, variant: Variant, repeat: int, spawner: Spawner, total: int,
                    start_at: int | None) -> Trial:

@@ -59,6 +59,13 @@ class ResumePoint:
     kept_cores: list[KeptCore]          # cores kept so far, oldest first
     untriaged: list[dict[str, Any]]     # crashes with a core whose triage never finished
 
+    def goes_on_from(self, total_trials: int) -> int:
+        """The earliest second any unfinished trial of the run goes on from (0: one had not begun): what is on
+        the timeline before it is past for every trial still to run."""
+        starts = [self.trials[n][1] if n in self.trials else 0 for n in range(1, total_trials + 1)
+                  if n not in self.trials or self.trials[n][0] not in FINISHED]
+        return min(starts, default=0)
+
 
 def resume_point(run_dir: Path) -> ResumePoint:
     """Read what a stopped run left; refuses a finished run or one whose harness is still alive."""
@@ -104,8 +111,10 @@ def _read(store: RunStore, run_dir: Path) -> ResumePoint:
                 kept.append(KeptCore(row["uid"], Path(data["core_file"]), os.stat(data["core_file"]).st_size, key))
             except OSError:
                 pass
-    untriaged = [dict(r) for r in store.query(
-        "SELECT c.uid, c.core_path, c.executable FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
+    untriaged = [{"uid": r["uid"], "core_path": r["core_path"], "executable": r["executable"],
+                  # over --cluster: the machine that wrote (and kept) the core
+                  "machine": json.loads(r["detail"] or "{}").get("machine")} for r in store.query(
+        "SELECT c.uid, c.core_path, c.executable, c.detail FROM crashes c LEFT JOIN triage x ON x.uid = c.uid "
         "WHERE x.uid IS NULL AND c.core_path IS NOT NULL AND c.uid IS NOT NULL")]
     return ResumePoint(run_id=run["id"], run_dir=run_dir, invocation=Invocation.from_json(invocation),
                        scenario_text=_read_no_follow(run_dir / "scenario.yaml"), trials=trials,

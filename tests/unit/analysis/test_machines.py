@@ -38,3 +38,51 @@ def test_text_names_hosts_the_loss_and_a_takeover() -> None:
     assert "0-4s: m1 50.0% m2 50.0% | 5-8s: m1 100.0% m2 0.0%" in text
     assert "driver shard 1 (m2) lost at 4.31s" in text and "seconds 3-4" in text
     assert machines_section({}, [], 8.0, {}) is None
+
+
+def _placement(start: float, machines: list[dict]) -> dict:
+    return {"kind": "placement", "t": start - 0.5, "detail": {"from": start, "machines": machines}}
+
+
+def _gap(at: int) -> dict:
+    return {"kind": "gap", "t": at - 0.05, "detail": {"resumed_at": at}}
+
+
+PLACED = [dict(m, lost=None, lost_at=None) for m in MACHINES]
+
+
+def test_a_trial_resumed_over_the_cluster_shows_each_stretch_where_it_ran() -> None:
+    """Attempt 1 on the machines (m2 lost at 2.4 s), attempt 2 locally, attempt 3 on the machines with the
+    hosts placed the other way round: each stretch with its own machines and shares, the last from 6 s."""
+    swapped = [dict(PLACED[0], hosts=[1, 3]), dict(PLACED[1], hosts=[0, 2])]
+    events = [_placement(0, PLACED), {"kind": "machine-loss", "t": 2.4, "detail": {"machine": 2}}, _gap(4),
+              _gap(6), _placement(6, swapped)]
+    rows = _rows({1: [5, 5, 5, 5], 3: [9, 0, 9, 0], 5: [1, 1, 1, 1], 7: [2, 3, 2, 3]})
+    section = machines_section({"machines": swapped, "machines_from": 6}, rows, 8.0,
+                               {0: "h0", 1: "h1", 2: "h2", 3: "h3"}, events)
+    assert section is not None
+    assert [(a["from"], a["to"], a["machines"] is None) for a in section["earlier"]] == \
+        [(0.0, 4.0, False), (4.0, 6.0, True)]
+    first = section["earlier"][0]
+    assert [m["lost_at"] for m in first["machines"]] == [None, 2.4]
+    assert [(s["from"], s["to"], s["ok"]) for s in first["shares"]] == [(0.0, 2.0, {1: 10, 2: 10}),
+                                                                        (3.0, 4.0, {1: 18, 2: 0})]
+    assert [(s["from"], s["to"], s["ok"]) for s in section["shares"]] == [(6.0, 8.0, {1: 6, 2: 4})]
+    text = "\n".join(machine_lines(section))
+    assert "0-4s (before a resume):\n    m1 10.0.0.11" in text
+    assert "lost at 2.40s (machine-loss)" in text
+    assert "4-6s (before a resume): on the command's machine (a local run)" in text
+    assert "from 6s (resumed over the cluster):\n    m1 10.0.0.11 (worker tcp://10.0.0.11:1): 2 hosts h1 h3" in text
+    assert "share of good replies by machine: 6-8s: m1 60.0% m2 40.0%" in text
+
+
+def test_a_cluster_trial_resumed_locally_and_a_local_run_have_no_machines_of_their_own() -> None:
+    events = [_placement(0, PLACED), _gap(3)]
+    section = machines_section({}, _rows({1: [5, 5, 5, 5]}), 8.0, {}, events)
+    assert section is not None and section["machines"] == [] and section["local_from"] == 3.0
+    assert [(a["from"], a["to"]) for a in section["earlier"]] == [(0.0, 3.0)]
+    assert "from 3s (resumed without --cluster): on the command's machine" in "\n".join(machine_lines(section))
+    assert machines_section({}, [], 8.0, {}, [_gap(3)]) is None          # a local run resumed locally
+    # a trial run over the cluster from the start and never resumed: as before (no stretches of attempts)
+    plain = machines_section({"machines": PLACED}, [], 8.0, {}, [_placement(0, PLACED)])
+    assert plain is not None and plain["earlier"] == [] and "before a resume" not in "\n".join(machine_lines(plain))

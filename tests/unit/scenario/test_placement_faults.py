@@ -65,6 +65,10 @@ def test_machine_loss_problem_names_the_first_machine_loss():
                                              "  - {kind: machine-loss, at: 8s}\n")
     assert machine_loss_problem(placed) == ("faults[1]: machine-loss needs --cluster (the hosts spread over "
                                             "cluster workers' machines)")
+    # a resumed run going on from 7 s: the loss at 6 s is past, the one at 8 s still ahead; from 9 s none is
+    assert machine_loss_problem(placed, after=7).startswith("faults[2]: ")
+    assert machine_loss_problem(placed, after=8).startswith("faults[2]: ")
+    assert machine_loss_problem(placed, after=9) is None
 
 
 def write(tmp_path: Path, text: str) -> Path:
