@@ -235,48 +235,97 @@ def test_a_cluster_run_killed_mid_run_is_finished_over_the_cluster(tmp_path: Pat
     assert not any(pid_alive(p) for p in first_pids | later_starts if p)
 
 
+def _run_then_kill(scenario: Path, out: Path, *extra: str) -> Path:
+    """The scenario run (with 3 seconds of load committed) until SIGKILLed."""
+    return _kill_when(_start(["run", str(scenario), "--out", str(out), *extra]), out,
+                      lambda d: len(query(d, "SELECT t FROM samples")) >= 3)
+
+
+def _gap(run_dir: Path) -> dict:
+    (gap,) = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events WHERE kind='gap'")]
+    return gap
+
+
 @pytest.mark.slow
-def test_a_local_run_resumed_over_the_cluster_and_a_cluster_run_resumed_locally(tmp_path: Path, machines) -> None:
-    """The scenario is the same either way: a local run can be finished over the cluster, and a cluster run
-    locally once no machine-loss is ahead (before that, one line says to resume it with --cluster)."""
+def test_a_local_run_is_finished_over_the_cluster(tmp_path: Path, machines) -> None:
+    """The scenario is the same: a run stopped on one machine goes on on the cluster's machines, from the second
+    after its last committed one; the host-loss already past is not done again."""
     made, address = machines
     scenario = tmp_path / "echo.yaml"
-    scenario.write_text(ECHO.replace("FAULTS", ""), encoding="utf-8")
-    local = _kill_when(_start(["run", str(scenario), "--out", str(tmp_path / "local")]), tmp_path / "local",
-                       lambda d: len(query(d, "SELECT t FROM samples")) >= 3)
+    scenario.write_text(ECHO.replace("FAULTS", "faults:\n  - {kind: host-loss, at: 1s, hosts: 1, how: kill, "
+                                               "down_for: 1s}"), encoding="utf-8")
+    local = _run_then_kill(scenario, tmp_path / "local")
     resumed = _resume(local, "--cluster", address)
     assert resumed.returncode == 0, resumed.stderr
-    (gap,) = [json.loads(r["detail"]) for r in query(local, "SELECT detail FROM events WHERE kind='gap'")]
+    gap = _gap(local)
     assert _covered(local, 8), _seconds(local)
+    _assert_the_plan_goes_on(scenario, local, gap["resumed_at"])
     detail = json.loads(query(local, "SELECT detail FROM trials")[0]["detail"])
     assert detail["machines_from"] == gap["resumed_at"] and len(detail["machines"]) == 2
-    _assert_the_plan_goes_on(scenario, local, gap["resumed_at"])
     by_host = query(local, "SELECT t, host, ok FROM host_samples WHERE t >= ?", (gap["resumed_at"],))
     assert {r["host"] for r in by_host if r["ok"]} == {0, 1}        # the machines' hosts served the rest
+    losses = query(local, "SELECT t FROM events WHERE kind='host-loss'")
+    assert [round(r["t"]) for r in losses] == [1]                   # once, before the kill
     assert f"0-{gap['resumed_at']}s (before a resume): on the command's machine (a local run)" in resumed.stdout
+    assert f"from {gap['resumed_at']}s (resumed over the cluster):" in resumed.stdout
+    _nothing_left(made, ECHO_SERVER)
 
-    # over the cluster, with a machine-loss at 7 s: killed before it, a local resume cannot lose a machine
+
+@pytest.mark.slow
+def test_a_machine_loss_still_ahead_needs_the_cluster_and_happens_there(tmp_path: Path, machines) -> None:
+    """Killed before its machine-loss (7 s): a local resume cannot lose a machine and says so in one line; over
+    the cluster the loss comes in the resumed attempt, on the trial's clock, and the survivors take the load."""
+    made, address = machines
+    scenario = tmp_path / "echo.yaml"
     scenario.write_text(ECHO.replace("FAULTS", "faults:\n  - {kind: machine-loss, at: 7s, machine: 2}"),
                         encoding="utf-8")
-    over = _kill_when(_start(["run", str(scenario), "--out", str(tmp_path / "cluster"), "--cluster", address]),
-                      tmp_path / "cluster", lambda d: len(query(d, "SELECT t FROM samples")) >= 3)
-    refused = _resume(over)
+    run_dir = _run_then_kill(scenario, tmp_path / "results", "--cluster", address)
+    refused = _resume(run_dir)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines() == [
         "harness: error: faults[0]: machine-loss needs --cluster (the hosts spread over cluster workers' machines): "
-        f"resume it with --cluster (it goes on from {_seconds(over)[-1] + 1}s)"]
-    # locally once the loss is past: the other order of the same scenario's timeline (no machines left to lose)
+        f"resume it with --cluster (it goes on from {_seconds(run_dir)[-1] + 1}s)"]
+    resumed = _resume(run_dir, "--cluster", address)
+    assert resumed.returncode == 0, resumed.stderr
+    gap = _gap(run_dir)
+    assert _covered(run_dir, 8), _seconds(run_dir)
+    # what the lost machine's shard had counted since its last report went with it (the takeover says which
+    # seconds): every other arrival of the plan from the resumed second on was sent and counted once
+    (takeover,) = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events "
+                                                                  "WHERE kind='driver-takeover'")]
+    first, until = takeover["counts_lost"]
+    assert gap["resumed_at"] <= first <= 7 < until
+    plan = load_scenario(scenario)
+    planned = [a.t for a in arrivals(plan.load, plan.client.keys, plan.seed) if a.t >= gap["resumed_at"]]
+    sent = query(run_dir, "SELECT SUM(offered) AS n FROM samples WHERE t >= ?", (gap["resumed_at"],))[0]["n"]
+    assert len(planned) - sum(1 for t in planned if first <= t < until + 1) <= sent <= len(planned)
+    (loss,) = query(run_dir, "SELECT t, detail FROM events WHERE kind='machine-loss'")
+    assert 7 <= loss["t"] < 8 and json.loads(loss["detail"])["machine"] == 2
+    placed = {m["machine"]: m for m in json.loads(query(run_dir, "SELECT detail FROM trials")[0]["detail"])
+              ["machines"]}
+    assert placed[2]["lost"] == "machine-loss" and placed[1]["lost"] is None
+    assert "m1 100.0% m2 0.0%" in resumed.stdout.split("from ")[-1]     # after the loss, in the resumed stretch
+    _nothing_left(made, ECHO_SERVER)
+
+
+@pytest.mark.slow
+def test_a_cluster_run_is_finished_locally_once_its_machine_loss_is_past(tmp_path: Path, machines) -> None:
+    made, address = machines
+    scenario = tmp_path / "echo.yaml"
     scenario.write_text(ECHO.replace("FAULTS", "faults:\n  - {kind: machine-loss, at: 1s, machine: 2}"),
                         encoding="utf-8")
-    past = _kill_when(_start(["run", str(scenario), "--out", str(tmp_path / "past"), "--cluster", address]),
-                      tmp_path / "past", lambda d: len(query(d, "SELECT t FROM samples")) >= 3)
-    back = _resume(past)
+    run_dir = _run_then_kill(scenario, tmp_path / "results", "--cluster", address)
+    back = _resume(run_dir)
     assert back.returncode == 0, back.stderr
-    assert _covered(past, 8), _seconds(past)
-    (gap,) = [json.loads(r["detail"]) for r in query(past, "SELECT detail FROM events WHERE kind='gap'")]
+    assert _covered(run_dir, 8), _seconds(run_dir)
+    gap = _gap(run_dir)
+    _assert_the_plan_goes_on(scenario, run_dir, gap["resumed_at"])
+    by_host = query(run_dir, "SELECT t, host, ok FROM host_samples WHERE t >= ?", (gap["resumed_at"],))
+    assert {r["host"] for r in by_host if r["ok"]} == {0, 1}        # both hosts again, here
+    assert len(query(run_dir, "SELECT * FROM events WHERE kind='machine-loss'")) == 1
     # the stretch on the machines (with its loss) and the local one after it, in the report
     assert f"0-{gap['resumed_at']}s (before a resume):" in back.stdout
+    assert "lost at 1." in back.stdout
     assert f"from {gap['resumed_at']}s (resumed without --cluster): on the command's machine" in back.stdout
     assert "(before a resume): on the command's machine" not in back.stdout
-    assert "lost at 1." in back.stdout
     _nothing_left(made, ECHO_SERVER)
