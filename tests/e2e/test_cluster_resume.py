@@ -277,18 +277,19 @@ def test_a_machine_loss_still_ahead_needs_the_cluster_and_happens_there(tmp_path
     the cluster the loss comes in the resumed attempt, on the trial's clock, and the survivors take the load."""
     made, address = machines
     scenario = tmp_path / "echo.yaml"
-    scenario.write_text(ECHO.replace("FAULTS", "faults:\n  - {kind: machine-loss, at: 7s, machine: 2}"),
-                        encoding="utf-8")
+    scenario.write_text(ECHO.replace("FAULTS", "faults:\n  - {kind: machine-loss, at: 7s, machine: 2}")
+                        .replace("for: 8s", "for: 10s"), encoding="utf-8")
     run_dir = _run_then_kill(scenario, tmp_path / "results", "--cluster", address)
+    assert _seconds(run_dir)[-1] + 1 <= 7, "killed after the machine-loss: nothing is ahead"
     refused = _resume(run_dir)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines() == [
         "harness: error: faults[0]: machine-loss needs --cluster (the hosts spread over cluster workers' machines): "
         f"resume it with --cluster (it goes on from {_seconds(run_dir)[-1] + 1}s)"]
-    resumed = _resume(run_dir, "--cluster", address)
+    resumed = _resume(run_dir, "--cluster", address, "--json")
     assert resumed.returncode == 0, resumed.stderr
     gap = _gap(run_dir)
-    assert _covered(run_dir, 8), _seconds(run_dir)
+    assert _covered(run_dir, 10), _seconds(run_dir)
     # what the lost machine's shard had counted since its last report went with it (the takeover says which
     # seconds): every other arrival of the plan from the resumed second on was sent and counted once
     (takeover,) = [json.loads(r["detail"]) for r in query(run_dir, "SELECT detail FROM events "
@@ -304,7 +305,12 @@ def test_a_machine_loss_still_ahead_needs_the_cluster_and_happens_there(tmp_path
     placed = {m["machine"]: m for m in json.loads(query(run_dir, "SELECT detail FROM trials")[0]["detail"])
               ["machines"]}
     assert placed[2]["lost"] == "machine-loss" and placed[1]["lost"] is None
-    assert "m1 100.0% m2 0.0%" in resumed.stdout.split("from ")[-1]     # after the loss, in the resumed stretch
+    # in the report: the resumed stretch's shares split at the loss; after it, m1's hosts served it all
+    section = json.loads(resumed.stdout)["trials"][0]["machines"]
+    assert section["from"] == gap["resumed_at"] and section["earlier"][0]["from"] == 0
+    (before, after) = section["shares"]
+    assert before["from"] == gap["resumed_at"] and before["to"] == 7 and after["from"] == 8
+    assert after["share"] == {"1": 1.0, "2": 0.0} and before["share"]["2"] > 0
     _nothing_left(made, ECHO_SERVER)
 
 
