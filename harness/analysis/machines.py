@@ -41,14 +41,19 @@ def machines_section(detail: dict[str, Any], host_rows: list[dict[str, Any]], en
     events), where each earlier stretch ran: on machines (its `placement` event and the losses recorded in it)
     or on the command's machine (a local attempt)."""
     events = events or []
+    start = _last_start(events)
     machines = detail.get("machines") or []
-    start = float(detail.get("machines_from") or 0)
-    earlier = _earlier_attempts(events, host_rows, start if machines else _last_start(events), names,
-                                bool(machines))
+    if not machines or float(detail.get("machines_from") or 0) != start:
+        # the stored detail is an earlier attempt's (the last one stopped before writing its own): the last
+        # attempt's machines are its placement event's, with the losses recorded since (none: a local attempt)
+        placed = [e["detail"]["machines"] for e in events
+                  if e["kind"] == "placement" and float(e["detail"].get("from", 0)) == start]
+        machines = _with_losses(placed[-1], events, start, math.inf, names) if placed else []
+    earlier = _earlier_attempts(events, host_rows, start, names, bool(machines))
     if not machines and not earlier:
         return None
     listed = [{**m, "host_names": [names.get(h, f"h{h}") for h in m["hosts"]]} for m in machines]
-    return {"machines": listed, "from": start, "local_from": None if machines else _last_start(events),
+    return {"machines": listed, "from": start, "local_from": None if machines else start,
             "shares": machine_shares(machines, host_rows, end, start) if machines else [],
             "earlier": earlier}
 
@@ -77,14 +82,20 @@ def _earlier_attempts(events: list[dict[str, Any]], host_rows: list[dict[str, An
         if placed is None:
             out.append({"from": first, "to": last, "machines": None, "shares": []})
             continue
-        lost = {e["detail"].get("machine"): (e["t"], e["detail"].get("why") or e["kind"]) for e in events
-                if e["kind"] in ("machine-loss", "machine-lost") and first <= e["t"] < last}
-        machines = [{**m, "lost": lost[m["machine"]][1] if m["machine"] in lost else None,
-                     "lost_at": lost[m["machine"]][0] if m["machine"] in lost else None,
-                     "host_names": [names.get(h, f"h{h}") for h in m["hosts"]]} for m in placed]
+        machines = _with_losses(placed, events, first, last, names)
         out.append({"from": first, "to": last, "machines": machines,
                     "shares": machine_shares(machines, host_rows, last, first)})
     return out
+
+
+def _with_losses(placed: list[dict[str, Any]], events: list[dict[str, Any]], first: float, last: float,
+                 names: dict[int, str]) -> list[dict[str, Any]]:
+    """An attempt's machines as its placement event named them, with the losses recorded in [first, last)."""
+    lost = {e["detail"].get("machine"): (e["t"], e["detail"].get("why") or e["kind"]) for e in events
+            if e["kind"] in ("machine-loss", "machine-lost") and first <= e["t"] < last}
+    return [{**m, "lost": lost[m["machine"]][1] if m["machine"] in lost else None,
+             "lost_at": lost[m["machine"]][0] if m["machine"] in lost else None,
+             "host_names": [names.get(h, f"h{h}") for h in m["hosts"]]} for m in placed]
 
 
 def _machine_line(m: dict[str, Any], indent: str) -> str:

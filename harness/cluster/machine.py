@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -139,6 +140,10 @@ class MachineTrial(Trial):
         self.nets: dict[int, Any] = {}             # isolation: netns: a namespace per host of such a group
         self.shards: list[Child] = []      # driver shards started here
         self.trial_dir: str = config.get("trial_dir", f"t{self.number}")   # a resumed attempt's is its own
+        taken = 1      # (resumed from the same second twice: the second attempt's is its own too)
+        while self.resuming and (run.run_dir / "hosts" / self.trial_dir).exists():
+            taken += 1
+            self.trial_dir = f"{config.get('trial_dir')}-{taken}"
 
     async def prepare(self) -> tuple[dict[int, int], dict[LinkSpec, int]]:
         """Before the fleet is planned: a port for each of its hosts (a namespaced host's fixed one), and the
@@ -202,8 +207,9 @@ class MachineTrial(Trial):
             nursery.start_soon(_beat, self.outbox)
             while True:
                 message = await heard(channel, LINK_TIMEOUT)
-                if message is None:
-                    break                      # the command is gone (or silent): stop everything here
+                if message is None:            # the command is gone (or silent): stop everything here, and
+                    self._leave_triage()       # leave the cores untriaged (a resume triages them: not twice)
+                    break
                 kind = message[0]
                 if kind == "load":
                     self._clock(message[1])
@@ -250,18 +256,32 @@ class MachineTrial(Trial):
             nursery.cancel_scope.cancel()
 
     def _triage_left(self, uid: str, core: str, executable: str) -> None:
-        if Path(core).exists():
-            self.run.triage_later(uid, Path(core), Path(executable))
+        """A core a stopped attempt kept here: triaged if it is still a regular file in this run's folder on
+        this machine (its retention may remove or compress it afterwards: nothing else is touched)."""
+        path = Path(core)
+        try:
+            inside = path.resolve().is_relative_to(self.run.run_dir.resolve()) and \
+                stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            inside = False
+        if inside:
+            self.run.triage_later(uid, path, Path(executable))
         else:
-            print(f"harness: note: the core of crash {uid} is not at {core} on this machine any more: left "
-                  f"untriaged", file=sys.stderr)
+            print(f"harness: note: the core of crash {uid} is not at {core} in this run's folder on this machine "
+                  f"any more: left untriaged", file=sys.stderr)
+
+    def _leave_triage(self) -> None:
+        """The command is gone: the cores not triaged yet stay where they were kept, for a resume to triage."""
+        if self.run._triage_nursery is not None:
+            self.run._triage_nursery.cancel_scope.cancel()
 
     async def _until_forced(self, channel: Channel) -> None:
         """While the hosts stop and the cores are triaged: the command's second Ctrl-C (force)."""
         with self.watch_scope:
             while True:
                 message = await channel.receive()
-                if message is None:
+                if message is None:            # the command is gone: nobody to tell the triage to
+                    self._leave_triage()
                     return
                 if message[0] == "force":
                     self.force()

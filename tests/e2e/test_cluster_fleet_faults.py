@@ -401,13 +401,16 @@ def test_a_second_ctrl_c_kills_the_hosts_on_every_machine_at_once(tmp_path: Path
 
 
 @pytest.mark.slow
+# Serial: the heaviest run of the suite (Varnish and nginx, two of each, a scheduler, two workers, their agents and
+# proxies); beside three busy test workers it once ended in a traceback not seen since (its stderr is now said).
+@pytest.mark.serial
 def test_network_faults_between_groups_act_on_links_that_cross_machines(tmp_path: Path, machines) -> None:
     """scenarios/varnish-backends.yaml, unchanged: each Varnish host's backends are both nginx hosts, one on
     its own machine and one on the other; every link into an nginx host goes through the fault proxy on that
     host's machine, which slows it, then refuses it, on the one timeline."""
     made, address = machines
     run = _run(REPO / "scenarios" / "varnish-backends.yaml", tmp_path / "results", address, "--json")
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-6000:]
     report = json.loads(run.stdout)
     run_dir = Path(report["run_dir"])
     (trial,) = report["trials"]

@@ -86,3 +86,20 @@ def test_a_cluster_trial_resumed_locally_and_a_local_run_have_no_machines_of_the
     # a trial run over the cluster from the start and never resumed: as before (no stretches of attempts)
     plain = machines_section({"machines": PLACED}, [], 8.0, {}, [_placement(0, PLACED)])
     assert plain is not None and plain["earlier"] == [] and "before a resume" not in "\n".join(machine_lines(plain))
+
+
+def test_an_attempt_stopped_before_writing_its_detail_is_read_from_its_placement_event() -> None:
+    """The trial's stored detail is written when a trial ends: after a resumed attempt was killed, it is still
+    an earlier attempt's (or empty). The last attempt is the last gap's, where it ran its placement event's."""
+    # attempt 1 on the machines, ended by Ctrl-C (its detail stored); attempt 2 locally from 5 s, killed
+    stale = {"machines": PLACED, "machines_from": 0}
+    section = machines_section(stale, [], 10.0, {}, [_placement(0, PLACED), _gap(5)])
+    assert section is not None and section["machines"] == [] and section["local_from"] == 5.0
+    assert [(a["from"], a["to"], a["machines"] is None) for a in section["earlier"]] == [(0.0, 5.0, False)]
+    # attempt 1 locally, stopped; attempt 2 on the machines from 5 s, killed (no detail of its own), m2 lost
+    events = [_gap(5), _placement(5, PLACED), {"kind": "machine-lost", "t": 7.5,
+                                                "detail": {"machine": 2, "why": "its link closed"}}]
+    section = machines_section({}, [], 10.0, {}, events)
+    assert section is not None and section["from"] == 5.0 and section["local_from"] is None
+    assert [(m["machine"], m["lost"]) for m in section["machines"]] == [(1, None), (2, "its link closed")]
+    assert [(a["from"], a["to"], a["machines"]) for a in section["earlier"]] == [(0.0, 5.0, None)]
