@@ -16,7 +16,30 @@ from pathlib import Path
 
 import pytest
 
+import netns_machines as netns
 from conftest import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def echo_target(port: str = "{port}", ready: str = '"{port}"') -> str:
+    """The `target:` block of an echo fleet for --cluster (it listens on its machine's {addr}), for a scenario's
+    YAML text; `port`/`ready`: a fixed port instead ("7000", "7000")."""
+    return (f"target:\n  root: {REPO}\n  build: [make, -s, -C, targets/echo]\n"
+            f"  command: [targets/echo/echo-server, --port, \"{port}\", --host, \"{{addr}}\"]\n"
+            f"  ready: {{tcp: {ready}, timeout: 10s}}\n")
+
+
+@contextmanager
+def namespaced_cluster(count: int = 2) -> Iterator[tuple[netns.Machines, str]]:
+    """`count` "machines" (network namespaces, netns_machines), a Dask worker in each and the scheduler here."""
+    reason = netns.available()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("distributed")
+    with netns.machines(count) as made:
+        with cluster(made.bridge_address, [(made.exec_prefix(i), a) for i, a in enumerate(made.addresses)]) as address:
+            yield made, address
 
 
 def _dask() -> list[str]:

@@ -14,13 +14,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import netns_machines as netns
 from conftest import query
-from dask_local import cluster
+from dask_local import cluster, echo_target, namespaced_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = [sys.executable, "-m", "harness"]
@@ -28,12 +29,7 @@ HARNESS = [sys.executable, "-m", "harness"]
 ECHO = f"""
 name: cluster-echo
 seed: 7
-target:
-  root: {REPO}
-  build: [make, -s, -C, targets/echo]
-  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
-  ready: {{tcp: "{{port}}", timeout: 10s}}
-  restart: {{policy: always, backoff: 1s}}
+{echo_target()}  restart: {{policy: always, backoff: 1s}}
 fleet: {{hosts: 8, balancer: least-loaded, placement: spread}}
 client: {{timeout: 500ms, connections: 2}}
 load:
@@ -55,15 +51,9 @@ def _killed_host(scenario_file: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def machines():
-    reason = netns.available()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("distributed")
-    with netns.machines(2) as made:
-        workers = [(made.exec_prefix(i), address) for i, address in enumerate(made.addresses)]
-        with cluster(made.bridge_address, workers) as address:
-            yield made, address
+def machines() -> Iterator[tuple[netns.Machines, str]]:
+    with namespaced_cluster() as made_and_address:
+        yield made_and_address
 
 
 @pytest.mark.slow

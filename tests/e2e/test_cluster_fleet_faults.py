@@ -21,7 +21,7 @@ import pytest
 
 import netns_machines as netns
 from conftest import query, wait_for, wait_for_run
-from dask_local import cluster
+from dask_local import cluster, echo_target
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = [sys.executable, "-m", "harness"]
@@ -54,12 +54,7 @@ faults:
 ECHO = f"""
 name: cluster-echo-faults
 seed: 7
-target:
-  root: {REPO}
-  build: [make, -s, -C, targets/echo]
-  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
-  ready: {{tcp: "{{port}}", timeout: 10s}}
-  restart: {{policy: always, backoff: 1s}}
+{echo_target()}  restart: {{policy: always, backoff: 1s}}
 fleet: {{hosts: 4, balancer: least-loaded, placement: spread}}
 client: {{timeout: 500ms, connections: 2}}
 load:
@@ -455,12 +450,7 @@ def test_network_faults_between_groups_act_on_links_that_cross_machines(tmp_path
 NETNS = f"""
 name: cluster-netns
 seed: 5
-target:
-  root: {REPO}
-  build: [make, -s, -C, targets/echo]
-  command: [targets/echo/echo-server, --port, "7000", --host, "{{addr}}"]
-  ready: {{tcp: 7000, timeout: 10s}}
-  isolation: [pid, netns]
+{echo_target("7000", "7000")}  isolation: [pid, netns]
 fleet: {{hosts: 4, balancer: round-robin, placement: spread}}
 client: {{timeout: 1s}}
 load: [{{hold: {{rate: 200, for: 8s}}}}]
@@ -536,12 +526,7 @@ def test_a_machine_lost_in_a_network_faults_window_ends_its_part_and_its_counts_
 TAKEOVER = f"""
 name: cluster-takeover
 seed: 5
-target:
-  root: {REPO}
-  build: [make, -s, -C, targets/echo]
-  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
-  ready: {{tcp: "{{port}}", timeout: 10s}}
-fleet: {{hosts: 4, balancer: round-robin, placement: spread}}
+{echo_target()}fleet: {{hosts: 4, balancer: round-robin, placement: spread}}
 client: {{timeout: 1s}}
 load: [{{hold: {{rate: 400, for: 10s}}}}]
 faults:

@@ -25,7 +25,7 @@ from harness.scenario.loader import load_scenario
 
 import netns_machines as netns
 from conftest import pid_alive, query, wait_for, wait_for_run
-from dask_local import cluster
+from dask_local import echo_target, namespaced_cluster
 from test_cluster_fleet_faults import _leftovers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,12 +59,7 @@ faults:
 ECHO = f"""
 name: cluster-resume-echo
 seed: 21
-target:
-  root: {REPO}
-  build: [make, -s, -C, targets/echo]
-  command: [targets/echo/echo-server, --port, "{{port}}", --host, "{{addr}}"]
-  ready: {{tcp: "{{port}}", timeout: 10s}}
-fleet: {{hosts: 2, placement: spread}}
+{echo_target()}fleet: {{hosts: 2, placement: spread}}
 client: {{timeout: 500ms}}
 load:
   - {{hold: {{rate: 200, for: 8s}}}}
@@ -74,14 +69,8 @@ FAULTS
 
 @pytest.fixture(scope="module")
 def machines() -> Iterator[tuple[netns.Machines, str]]:
-    reason = netns.available()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("distributed")
-    with netns.machines(2) as made:
-        workers = [(made.exec_prefix(i), address) for i, address in enumerate(made.addresses)]
-        with cluster(made.bridge_address, workers) as address:
-            yield made, address
+    with namespaced_cluster() as made_and_address:
+        yield made_and_address
 
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
