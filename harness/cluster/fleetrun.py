@@ -210,7 +210,10 @@ class RemoteFleet(FleetSupervisor):
             machine.heard = trio.current_time()
             if machine.lost:
                 continue                  # lost: what still arrives did not come from a live machine
-            await self._handle(machine, message)
+            # handled whole even when the trial ends meanwhile: a batch's crash rows wait (boundedly) for the
+            # shards' in-flight counts, and one cut off there was a crash seen but never recorded
+            with trio.CancelScope(shield=True):
+                await self._handle(machine, message)
 
     async def _handle(self, machine: Machine, message: Any) -> None:
         kind = message[0]

@@ -58,8 +58,8 @@ def cluster(scheduler_host: str, workers: list[tuple[list[str], str]]) -> Iterat
                                "--scheduler-file", str(scheduler_file)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        wait_for(scheduler_file.exists, timeout=120)
-        address = json.loads(scheduler_file.read_text())["address"]
+        wait_for(lambda: _address(scheduler_file) is not None, timeout=120)   # (written after it is created)
+        address = _address(scheduler_file)
         for prefix, host in workers:
             # --death-timeout: a worker whose scheduler is gone exits by itself
             procs.append(subprocess.Popen(
@@ -80,6 +80,13 @@ def cluster(scheduler_host: str, workers: list[tuple[list[str], str]]) -> Iterat
             signal_group(proc, signal.SIGKILL)    # nanny and worker share the group
             proc.wait()
         shutil.rmtree(folder)
+
+
+def _address(scheduler_file: Path) -> str | None:
+    try:
+        return json.loads(scheduler_file.read_text())["address"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
