@@ -584,7 +584,7 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         result = run_simulation(scenario, options)     # a model fleet in virtual time (docs/simulation.md)
     else:
         from harness.scenario.needs import machine_loss_problem
-        resumed_from = _resumed_from(scenario, options)
+        resumed_from = options.resumed_from(scenario)
         refused = machine_loss_problem(scenario, resumed_from)   # a local run has no machines to lose
         if refused:
             raise HarnessError(refused + (f": resume it with --cluster (it goes on from {resumed_from}s)"
@@ -601,15 +601,6 @@ def _execute(scenario: Any, options: Any, args: argparse.Namespace, command: str
         if result.lock is not None:
             result.lock.release()   # held until the verdict is in the store
     return code
-
-
-def _resumed_from(scenario: Any, options: Any) -> int:
-    """The earliest second a resumed run's unfinished trials go on from (0: not resuming, or a trial that had not
-    begun): what is on the timeline before it is past."""
-    if options.resume is None:
-        return 0
-    from harness.plan.trialorder import trial_order
-    return options.resume.goes_on_from(len(trial_order(scenario, options.variant, options.trials or scenario.trials)))
 
 
 def _record_exit_code(run_dir: Path, code: int) -> None:

@@ -296,8 +296,8 @@ def fault_windows(store: RunStore, trial: int, events: list[dict[str, Any]],
             window = joined[key]
             window["_machines"].add(machine)
             window["hosts"] = sorted(window["hosts"] + d.get("hosts", []), key=lambda h: h["host"])
-            window["start"] = min(w for w in (window["start"], d.get("start")) if w is not None) \
-                if d.get("start") is not None else window["start"]
+            starts = [s for s in (window["start"], d.get("start")) if s is not None]
+            window["start"] = min(starts) if starts else None
             window["end"] = max(window["end"], d["end"]) if None not in (window["end"], d.get("end")) else None
             continue
         window = joined[key] = {k: d.get(k) for k in ("fault", "slot", "fault_kind", "mode", "window", "start",

@@ -39,9 +39,8 @@ from harness.cluster.shards import ShardPool
 from harness.cluster.wire import Callbacks, local_address_towards
 from harness.plan.placement import place_hosts
 from harness.plan.streams import choose_machines
-from harness.plan.trialorder import trial_order
 from harness.run.driverpool import Channel, resolve_workers
-from harness.run.faults.network import NetFaults, describe, merge_summaries
+from harness.run.faults.network import NetFaults, armed_spans, describe, merge_summaries
 from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_links, host_names
 from harness.run.fleet import FleetSupervisor, Host, State
 from harness.run.options import RunOptions, RunResult
@@ -653,9 +652,8 @@ def _unreported(fault: Any, duration: float, lost_at: float | None, known_until:
     (at `known_until`) said: a window of the fault began before the loss and was not disarmed there by then."""
     if lost_at is None:
         return True
-    windows = [(fault.window.start, fault.window.start)] if fault.instant else fault.window.intervals(duration)
     return any(start < lost_at and (known_until is None or end - known_until > 0.1 or end >= duration)
-               for start, end in windows)
+               for start, end in armed_spans(fault, duration))
 
 
 PINGS = 8
@@ -708,8 +706,7 @@ class ClusterRun(Run):
         workers = client.scheduler_info()["workers"]
         self.machines = [MachineSpec(n, worker, info.get("host") or worker.split("://")[-1].rsplit(":", 1)[0])
                          for n, (worker, info) in enumerate(sorted(workers.items()))]
-        past = 0 if self.resume is None else self.resume.goes_on_from(
-            len(trial_order(scenario, options.variant, options.trials or scenario.trials)))
+        past = options.resumed_from(scenario)
         for fault in scenario.machine_losses:
             if fault.machine is not None and fault.machine >= len(self.machines) and fault.at >= past:
                 raise HarnessError(f"{scenario.file}: faults[{fault.index}].machine: machine {fault.machine + 1}, but "

@@ -12,8 +12,8 @@ machine's CLOCK_MONOTONIC (the agent measured the offset when it was given the t
 A lost machine takes its shard with it. Its share of the arrivals is not lost with it: a standby shard on the
 command's machine (started with the others, idle, connected to no host) takes the lost shard's number,
 connects to the hosts up and sends that share from the moment of the loss on (the plan's `start_at`, as a
-resumed run continues); a second loss starts another one here (a Python start-up: about a second, those arrivals going out late, their lateness
-in the send lag). What the lost shard had counted since its last report is gone with it: those seconds'
+resumed run continues); a second loss starts another one here (a Python start-up: about a second, those
+arrivals going out late, their lateness in the send lag). What the lost shard had counted since its last report is gone with it: those seconds'
 samples count only what the other shards saw, and the `driver-takeover` event says which seconds.
 """
 
@@ -73,7 +73,8 @@ class ShardPool(DriverPool):
 
     def _config(self, worker: Worker) -> dict[str, Any]:
         """Each host gets client.connections in all, as from one driver in a local run (the default there):
-        each shard opens its share of them (at least one); a standby, the largest share it may take over."""
+        each shard opens its share of them (at least one); a standby is told the lost shard's when it takes
+        over (until then it connects to nothing)."""
         share = self._share(worker.number if worker.number < len(self.machine_of) else 0)
         return {**super()._config(worker), "client": replace(self.config["client"], connections=share)}
 

@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.plan.trialorder import trial_order
+from harness.scenario.model import Scenario
 from harness.store.resume import Invocation, ResumePoint
 from harness.base.safefs import RunLock
 
@@ -29,6 +31,13 @@ class RunOptions:
     rollup_every: int = 60                       # ... one row per this many seconds
     self_sample_every: float = 10.0              # the harness's own RSS/fds/threads, for soaks
     lock: RunLock | None = None                  # resume: the run folder's lock, taken before reading it
+
+    def resumed_from(self, scenario: Scenario) -> int:
+        """The earliest second a resumed run's unfinished trials go on from (0: not resuming, or a trial that
+        had not begun): what is on the timeline before it is past."""
+        if self.resume is None:
+            return 0
+        return self.resume.goes_on_from(len(trial_order(scenario, self.variant, self.trials or scenario.trials)))
 
 
 @dataclass

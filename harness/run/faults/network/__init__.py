@@ -11,7 +11,15 @@ from harness.run.faults.network.proxy import FaultProxy
 from harness.run.faults.network.topology import DRIVER, LinkSpec, fault_hosts, fault_links, host_names, proxied_links
 from harness.scenario.model import NetFault, Scenario
 
-__all__ = ["NetFaults", "describe", "merge_summaries"]
+__all__ = ["NetFaults", "armed_spans", "describe", "merge_summaries"]
+
+
+def armed_spans(fault: NetFault, duration: float) -> list[tuple[float, float]]:
+    """When a fault is armed in a trial of `duration`: (start, end) each; an instant fault's has no length;
+    an end at or past `duration` is the trial's end (never disarmed)."""
+    if fault.instant:
+        return [(fault.window.start, fault.window.start)] if fault.window.start < duration else []
+    return fault.window.intervals(duration)
 
 
 def describe(fault: NetFault) -> str:
@@ -70,13 +78,9 @@ class NetFaults:
     def timeline(self) -> list[tuple[float, str, NetFault]]:
         actions: list[tuple[float, str, NetFault]] = []
         for fault in self.faults:
-            if fault.instant:
-                if fault.window.start < self.scenario.duration:
-                    actions += [(fault.window.start, "arm", fault), (fault.window.start, "disarm", fault)]
-                continue
-            for start, end in fault.window.intervals(self.scenario.duration):
+            for start, end in armed_spans(fault, self.scenario.duration):
                 actions.append((start, "arm", fault))
-                if end < self.scenario.duration:
+                if fault.instant or end < self.scenario.duration:
                     actions.append((end, "disarm", fault))
         order = {"arm": 0, "disarm": 1}
         return sorted(actions, key=lambda a: (a[0], a[2].index, order[a[1]]))
